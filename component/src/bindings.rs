@@ -1,0 +1,370 @@
+//! The thin layer between the WIT contract and the plain-Rust logic: imports
+//! become a [`Host`], exports call the [`Keeper`].
+
+use crate::error::{ErrorClass, RefreshError};
+use crate::model::{self, HttpAnswer, Key, ProviderConfig, SealedRow, StorageError};
+use crate::refresh::{Host, Keeper};
+use crate::validity::TokenState;
+use secrecy::{ExposeSecret, SecretString};
+
+wit_bindgen::generate!({
+    world: "keeper",
+    path: "../wit",
+    with: {
+        "wasi:http/types@0.2.12": wasip2::http::types,
+        "wasi:http/outgoing-handler@0.2.12": wasip2::http::outgoing_handler,
+        "wasi:io/poll@0.2.12": wasip2::io::poll,
+        "wasi:io/error@0.2.12": wasip2::io::error,
+        "wasi:io/streams@0.2.12": wasip2::io::streams,
+        "wasi:clocks/monotonic-clock@0.2.12": wasip2::clocks::monotonic_clock,
+    },
+});
+
+use exports::tokenkeep::oauth::token_store::Guest;
+use tokenkeep::oauth::{keyring, providers, storage, types as wit};
+
+struct Component;
+export!(Component);
+
+/// The imports, as the logic sees them.
+struct Imports;
+
+struct Txn(storage::Transaction);
+
+impl crate::refresh::Transaction for Txn {
+    fn load_for_update(
+        &self,
+        provider: &str,
+        user_id: &str,
+    ) -> Result<Option<SealedRow>, StorageError> {
+        Ok(self
+            .0
+            .load_for_update(provider, user_id)
+            .map_err(storage_error)?
+            .map(row_from_wit))
+    }
+    fn compare_and_set(
+        &self,
+        row: &SealedRow,
+        expected_generation: u64,
+    ) -> Result<bool, StorageError> {
+        self.0
+            .compare_and_set(&row_to_wit(row), expected_generation)
+            .map_err(storage_error)
+    }
+    fn commit(self) -> Result<(), StorageError> {
+        self.0.commit().map_err(storage_error)
+    }
+}
+
+impl Host for Imports {
+    type Txn = Txn;
+
+    fn now(&self) -> i64 {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+    }
+
+    fn nonce(&self) -> [u8; crate::seal::NONCE_LEN] {
+        let bytes = wasip2::random::random::get_random_bytes(crate::seal::NONCE_LEN as u64);
+        let mut nonce = [0; crate::seal::NONCE_LEN];
+        nonce.copy_from_slice(&bytes[..crate::seal::NONCE_LEN]);
+        nonce
+    }
+
+    fn provider(&self, name: &str) -> Option<ProviderConfig> {
+        providers::lookup(name).map(|c| ProviderConfig {
+            name: c.name,
+            token_url: c.token_url,
+            extra_params: c.extra_params,
+            refresh_threshold_seconds: c.refresh_threshold_seconds,
+            timeout_ms: c.timeout_ms,
+            max_response_bytes: c.max_response_bytes,
+        })
+    }
+
+    fn active_key_id(&self) -> String {
+        keyring::active_key_id()
+    }
+
+    fn key(&self, id: &str) -> Option<Key> {
+        keyring::key(id).map(Key::from)
+    }
+
+    fn read(&self, provider: &str, user_id: &str) -> Result<Option<SealedRow>, StorageError> {
+        Ok(storage::read(provider, user_id)
+            .map_err(storage_error)?
+            .map(row_from_wit))
+    }
+
+    fn list(&self) -> Result<Vec<SealedRow>, StorageError> {
+        Ok(storage::list_rows()
+            .map_err(storage_error)?
+            .into_iter()
+            .map(row_from_wit)
+            .collect())
+    }
+
+    fn upsert(&self, row: &SealedRow) -> Result<u64, StorageError> {
+        storage::upsert(&row_to_wit(row)).map_err(storage_error)
+    }
+
+    fn delete(&self, provider: &str, user_id: &str) -> Result<bool, StorageError> {
+        storage::delete(provider, user_id).map_err(storage_error)
+    }
+
+    fn begin(&self) -> Result<Txn, StorageError> {
+        storage::begin().map(Txn).map_err(storage_error)
+    }
+
+    fn post_form(
+        &self,
+        provider: &ProviderConfig,
+        body: &SecretString,
+    ) -> Result<HttpAnswer, RefreshError> {
+        crate::http::post_form(provider, body)
+    }
+}
+
+impl Guest for Component {
+    fn store_tokens(
+        provider: String,
+        user_id: String,
+        tokens: wit::TokenSet,
+    ) -> Result<wit::TokenRecord, wit::RefreshError> {
+        keeper()
+            .store_tokens(&provider, &user_id, tokens_from_wit(tokens))
+            .map(record_to_wit)
+            .map_err(error_to_wit)
+    }
+
+    fn load_tokens(
+        provider: String,
+        user_id: String,
+        for_update: bool,
+    ) -> Result<Option<wit::TokenRecord>, wit::RefreshError> {
+        keeper()
+            .load_tokens(&provider, &user_id, for_update)
+            .map(|r| r.map(record_to_wit))
+            .map_err(error_to_wit)
+    }
+
+    fn is_access_token_valid(record: wit::TokenRecord, clock_skew_seconds: u32) -> bool {
+        crate::validity::is_access_token_valid(
+            record.tokens.access_token_expires_at,
+            Imports.now(),
+            clock_skew_seconds,
+        )
+    }
+
+    fn is_refresh_token_valid(record: wit::TokenRecord) -> bool {
+        crate::validity::is_refresh_token_valid(
+            record.tokens.refresh_token.is_some(),
+            record.tokens.refresh_token_expires_at,
+            Imports.now(),
+        )
+    }
+
+    fn classify(record: wit::TokenRecord, refresh_threshold_seconds: u32) -> wit::TokenState {
+        state_to_wit(keeper().token_state(&record_from_wit(record), refresh_threshold_seconds))
+    }
+
+    fn ensure_fresh(
+        provider: String,
+        user_id: String,
+    ) -> Result<wit::TokenRecord, wit::RefreshError> {
+        keeper()
+            .ensure_fresh(&provider, &user_id)
+            .map(record_to_wit)
+            .map_err(error_to_wit)
+    }
+
+    fn delete_tokens(provider: String, user_id: String) -> Result<bool, wit::RefreshError> {
+        keeper()
+            .delete_tokens(&provider, &user_id)
+            .map_err(error_to_wit)
+    }
+
+    fn list_tokens() -> Result<Vec<wit::TokenSummary>, wit::RefreshError> {
+        let list = keeper().list_tokens().map_err(error_to_wit)?;
+        Ok(list
+            .into_iter()
+            .map(|s| wit::TokenSummary {
+                has_refresh_token: s.row.refresh_token.is_some(),
+                provider: s.row.provider,
+                user_id: s.row.user_id,
+                access_token_expires_at: s.row.access_token_expires_at,
+                refresh_token_expires_at: s.row.refresh_token_expires_at,
+                scopes: s.row.scopes,
+                obtained_at: s.row.obtained_at,
+                generation: s.row.generation,
+                key_id: s.row.key_id,
+                state: state_to_wit(s.state),
+                health: health_to_wit(&s.row.health),
+            })
+            .collect())
+    }
+}
+
+fn keeper() -> Keeper<Imports> {
+    Keeper::new(Imports)
+}
+
+fn storage_error(e: storage::StorageError) -> StorageError {
+    match e {
+        storage::StorageError::LockTimeout => StorageError::LockTimeout,
+        storage::StorageError::Unavailable(m) => StorageError::Unavailable(m),
+    }
+}
+
+fn row_from_wit(r: storage::SealedRow) -> SealedRow {
+    SealedRow {
+        provider: r.provider,
+        user_id: r.user_id,
+        key_id: r.key_id,
+        access_token: r.access_token,
+        refresh_token: r.refresh_token,
+        access_token_expires_at: r.access_token_expires_at,
+        refresh_token_expires_at: r.refresh_token_expires_at,
+        scopes: r.scopes,
+        obtained_at: r.obtained_at,
+        generation: r.generation,
+        health: health_from_wit(r.health),
+    }
+}
+
+fn row_to_wit(r: &SealedRow) -> storage::SealedRow {
+    storage::SealedRow {
+        provider: r.provider.clone(),
+        user_id: r.user_id.clone(),
+        key_id: r.key_id.clone(),
+        access_token: r.access_token.clone(),
+        refresh_token: r.refresh_token.clone(),
+        access_token_expires_at: r.access_token_expires_at,
+        refresh_token_expires_at: r.refresh_token_expires_at,
+        scopes: r.scopes.clone(),
+        obtained_at: r.obtained_at,
+        generation: r.generation,
+        health: health_to_wit(&r.health),
+    }
+}
+
+fn health_from_wit(h: wit::TokenHealth) -> model::Health {
+    model::Health {
+        failed_attempts: h.failed_attempts,
+        last_failure_at: h.last_failure_at,
+        last_failure: h.last_failure.map(class_from_wit),
+        last_success_at: h.last_success_at,
+        refresh_started_at: h.refresh_started_at,
+    }
+}
+
+fn health_to_wit(h: &model::Health) -> wit::TokenHealth {
+    wit::TokenHealth {
+        failed_attempts: h.failed_attempts,
+        last_failure_at: h.last_failure_at,
+        last_failure: h.last_failure.map(class_to_wit),
+        last_success_at: h.last_success_at,
+        refresh_started_at: h.refresh_started_at,
+    }
+}
+
+fn tokens_from_wit(t: wit::TokenSet) -> model::TokenSet {
+    model::TokenSet {
+        access_token: t.access_token.into(),
+        refresh_token: t.refresh_token.map(SecretString::from),
+        access_token_expires_at: t.access_token_expires_at,
+        refresh_token_expires_at: t.refresh_token_expires_at,
+        scopes: t.scopes,
+    }
+}
+
+fn record_from_wit(r: wit::TokenRecord) -> model::TokenRecord {
+    model::TokenRecord {
+        provider: r.provider,
+        user_id: r.user_id,
+        tokens: tokens_from_wit(r.tokens),
+        obtained_at: r.obtained_at,
+        generation: r.generation,
+        health: health_from_wit(r.health),
+    }
+}
+
+fn record_to_wit(r: model::TokenRecord) -> wit::TokenRecord {
+    wit::TokenRecord {
+        provider: r.provider,
+        user_id: r.user_id,
+        tokens: wit::TokenSet {
+            access_token: r.tokens.access_token.expose_secret().to_string(),
+            refresh_token: r
+                .tokens
+                .refresh_token
+                .map(|t| t.expose_secret().to_string()),
+            access_token_expires_at: r.tokens.access_token_expires_at,
+            refresh_token_expires_at: r.tokens.refresh_token_expires_at,
+            scopes: r.tokens.scopes,
+        },
+        obtained_at: r.obtained_at,
+        generation: r.generation,
+        health: health_to_wit(&r.health),
+    }
+}
+
+fn state_to_wit(s: TokenState) -> wit::TokenState {
+    match s {
+        TokenState::Fresh => wit::TokenState::Fresh,
+        TokenState::RefreshDue => wit::TokenState::RefreshDue,
+        TokenState::RefreshTokenExpiring => wit::TokenState::RefreshTokenExpiring,
+        TokenState::ReauthorizationRequired => wit::TokenState::ReauthorizationRequired,
+    }
+}
+
+fn class_to_wit(c: ErrorClass) -> wit::ErrorClass {
+    match c {
+        ErrorClass::NotFound => wit::ErrorClass::NotFound,
+        ErrorClass::ReauthorizationRequired => wit::ErrorClass::ReauthorizationRequired,
+        ErrorClass::ProviderUnavailable => wit::ErrorClass::ProviderUnavailable,
+        ErrorClass::ProviderRejectedClient => wit::ErrorClass::ProviderRejectedClient,
+        ErrorClass::ScopeMismatch => wit::ErrorClass::ScopeMismatch,
+        ErrorClass::LockTimeout => wit::ErrorClass::LockTimeout,
+        ErrorClass::Storage => wit::ErrorClass::Storage,
+        ErrorClass::Decryption => wit::ErrorClass::Decryption,
+        ErrorClass::InvalidProviderResponse => wit::ErrorClass::InvalidProviderResponse,
+        ErrorClass::UnknownProvider => wit::ErrorClass::UnknownProvider,
+        ErrorClass::InvalidInput => wit::ErrorClass::InvalidInput,
+    }
+}
+
+fn class_from_wit(c: wit::ErrorClass) -> ErrorClass {
+    match c {
+        wit::ErrorClass::NotFound => ErrorClass::NotFound,
+        wit::ErrorClass::ReauthorizationRequired => ErrorClass::ReauthorizationRequired,
+        wit::ErrorClass::ProviderUnavailable => ErrorClass::ProviderUnavailable,
+        wit::ErrorClass::ProviderRejectedClient => ErrorClass::ProviderRejectedClient,
+        wit::ErrorClass::ScopeMismatch => ErrorClass::ScopeMismatch,
+        wit::ErrorClass::LockTimeout => ErrorClass::LockTimeout,
+        wit::ErrorClass::Storage => ErrorClass::Storage,
+        wit::ErrorClass::Decryption => ErrorClass::Decryption,
+        wit::ErrorClass::InvalidProviderResponse => ErrorClass::InvalidProviderResponse,
+        wit::ErrorClass::UnknownProvider => ErrorClass::UnknownProvider,
+        wit::ErrorClass::InvalidInput => ErrorClass::InvalidInput,
+    }
+}
+
+fn error_to_wit(e: RefreshError) -> wit::RefreshError {
+    match e {
+        RefreshError::NotFound => wit::RefreshError::NotFound,
+        RefreshError::ReauthorizationRequired(m) => wit::RefreshError::ReauthorizationRequired(m),
+        RefreshError::ProviderUnavailable(m) => wit::RefreshError::ProviderUnavailable(m),
+        RefreshError::ProviderRejectedClient(m) => wit::RefreshError::ProviderRejectedClient(m),
+        RefreshError::ScopeMismatch(m) => wit::RefreshError::ScopeMismatch(m),
+        RefreshError::LockTimeout => wit::RefreshError::LockTimeout,
+        RefreshError::Storage(m) => wit::RefreshError::Storage(m),
+        RefreshError::Decryption(m) => wit::RefreshError::Decryption(m),
+        RefreshError::InvalidProviderResponse(m) => wit::RefreshError::InvalidProviderResponse(m),
+        RefreshError::UnknownProvider(m) => wit::RefreshError::UnknownProvider(m),
+        RefreshError::InvalidInput(m) => wit::RefreshError::InvalidInput(m),
+    }
+}

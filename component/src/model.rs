@@ -1,0 +1,98 @@
+//! The component's own view of tokens, rows and configuration, independent of
+//! the generated bindings so that the logic is testable natively.
+
+use crate::error::ErrorClass;
+use secrecy::{SecretSlice, SecretString};
+
+/// What a provider granted (WIT `token-set`).
+#[derive(Debug, Clone)]
+pub struct TokenSet {
+    pub access_token: SecretString,
+    pub refresh_token: Option<SecretString>,
+    pub access_token_expires_at: Option<i64>,
+    pub refresh_token_expires_at: Option<i64>,
+    pub scopes: Vec<String>,
+}
+
+/// Refresh bookkeeping kept on each row (WIT `token-health`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Health {
+    pub failed_attempts: u32,
+    pub last_failure_at: Option<i64>,
+    pub last_failure: Option<ErrorClass>,
+    pub last_success_at: Option<i64>,
+    pub refresh_started_at: Option<i64>,
+}
+
+/// A decrypted token with its metadata (WIT `token-record`).
+#[derive(Debug, Clone)]
+pub struct TokenRecord {
+    pub provider: String,
+    pub user_id: String,
+    pub tokens: TokenSet,
+    pub obtained_at: i64,
+    pub generation: u64,
+    pub health: Health,
+}
+
+/// A row as the host stores it: ciphertexts plus plain metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedRow {
+    pub provider: String,
+    pub user_id: String,
+    pub key_id: String,
+    pub access_token: Vec<u8>,
+    pub refresh_token: Option<Vec<u8>>,
+    pub access_token_expires_at: Option<i64>,
+    pub refresh_token_expires_at: Option<i64>,
+    pub scopes: Vec<String>,
+    pub obtained_at: i64,
+    pub generation: u64,
+    pub health: Health,
+}
+
+/// A stored token without secrets (WIT `token-summary`).
+#[derive(Debug, Clone)]
+pub struct TokenSummary {
+    pub row: SealedRow,
+    pub state: crate::validity::TokenState,
+}
+
+/// Per-provider settings the host supplies (WIT `provider-config`).
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub token_url: String,
+    pub extra_params: Vec<(String, String)>,
+    pub refresh_threshold_seconds: u32,
+    pub timeout_ms: u32,
+    pub max_response_bytes: u32,
+}
+
+/// A data-encryption key, kept secret in memory.
+pub type Key = SecretSlice<u8>;
+
+/// A token endpoint's raw answer.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub content_type: Option<String>,
+    /// May hold tokens: never logged or quoted.
+    pub body: SecretSlice<u8>,
+}
+
+/// Storage failures as the host reports them (WIT `storage-error`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageError {
+    LockTimeout,
+    Unavailable(String),
+}
+
+impl From<StorageError> for crate::error::RefreshError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::LockTimeout => Self::LockTimeout,
+            StorageError::Unavailable(m) => Self::Storage(m),
+        }
+    }
+}

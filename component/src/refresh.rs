@@ -1,0 +1,421 @@
+//! The token store's operations and the double-checked, row-locked refresh.
+//!
+//! Written against [`Host`], the imports as plain Rust, so the same code runs
+//! in the component and in native tests.
+
+use crate::error::{ErrorClass, RefreshError};
+use crate::model::{
+    HttpAnswer, Key, ProviderConfig, SealedRow, StorageError, TokenRecord, TokenSet, TokenSummary,
+};
+use crate::provider::{parse_token_response, refresh_request_body};
+use crate::seal::{self, Binding, Field, NONCE_LEN};
+use crate::validity::{self, Timing};
+use secrecy::{ExposeSecret, SecretString};
+
+/// Longest provider name accepted: names are configuration keys.
+pub const MAX_PROVIDER_LEN: usize = 64;
+/// Longest user id accepted, in bytes.
+pub const MAX_USER_ID_LEN: usize = 1024;
+/// Longest token accepted, in bytes (JWT access tokens can be a few KiB).
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// Everything the logic needs from its host: the WIT imports plus clock,
+/// randomness and HTTP.
+pub trait Host {
+    type Txn: Transaction;
+    /// Seconds since the epoch.
+    fn now(&self) -> i64;
+    /// A fresh random nonce.
+    fn nonce(&self) -> [u8; NONCE_LEN];
+    fn provider(&self, name: &str) -> Option<ProviderConfig>;
+    fn active_key_id(&self) -> String;
+    fn key(&self, id: &str) -> Option<Key>;
+    fn read(&self, provider: &str, user_id: &str) -> Result<Option<SealedRow>, StorageError>;
+    fn list(&self) -> Result<Vec<SealedRow>, StorageError>;
+    fn upsert(&self, row: &SealedRow) -> Result<u64, StorageError>;
+    fn delete(&self, provider: &str, user_id: &str) -> Result<bool, StorageError>;
+    fn begin(&self) -> Result<Self::Txn, StorageError>;
+    /// POSTs a form to the provider's token URL.
+    fn post_form(
+        &self,
+        provider: &ProviderConfig,
+        body: &SecretString,
+    ) -> Result<HttpAnswer, RefreshError>;
+}
+
+/// A storage transaction (WIT `storage.transaction`); dropping it rolls back.
+pub trait Transaction {
+    fn load_for_update(
+        &self,
+        provider: &str,
+        user_id: &str,
+    ) -> Result<Option<SealedRow>, StorageError>;
+    fn compare_and_set(
+        &self,
+        row: &SealedRow,
+        expected_generation: u64,
+    ) -> Result<bool, StorageError>;
+    fn commit(self) -> Result<(), StorageError>;
+}
+
+/// The token store over a host.
+pub struct Keeper<H> {
+    host: H,
+}
+
+impl<H: Host> Keeper<H> {
+    pub fn new(host: H) -> Self {
+        Self { host }
+    }
+
+    /// Seals and upserts a provider's tokens (WIT `store-tokens`).
+    pub fn store_tokens(
+        &self,
+        provider: &str,
+        user_id: &str,
+        tokens: TokenSet,
+    ) -> Result<TokenRecord, RefreshError> {
+        self.config(provider)?;
+        check_user_id(user_id)?;
+        check_tokens(&tokens)?;
+        let now = self.host.now();
+        let mut row = self.seal_row(provider, user_id, &tokens, now)?;
+        row.health.last_success_at = Some(now);
+        row.generation = self.host.upsert(&row)?;
+        Ok(TokenRecord {
+            provider: provider.into(),
+            user_id: user_id.into(),
+            tokens,
+            obtained_at: now,
+            generation: row.generation,
+            health: row.health,
+        })
+    }
+
+    /// Loads and decrypts a user's tokens (WIT `load-tokens`).
+    pub fn load_tokens(
+        &self,
+        provider: &str,
+        user_id: &str,
+        for_update: bool,
+    ) -> Result<Option<TokenRecord>, RefreshError> {
+        check_provider_name(provider)?;
+        check_user_id(user_id)?;
+        let row = if for_update {
+            let txn = self.host.begin()?;
+            let row = txn.load_for_update(provider, user_id)?;
+            txn.commit()?;
+            row
+        } else {
+            self.host.read(provider, user_id)?
+        };
+        row.map(|r| self.open_row(&r)).transpose()
+    }
+
+    /// Returns a record whose access token is valid beyond its refresh window,
+    /// refreshing it under the row lock when needed (WIT `ensure-fresh`).
+    pub fn ensure_fresh(&self, provider: &str, user_id: &str) -> Result<TokenRecord, RefreshError> {
+        let config = self.config(provider)?;
+        check_user_id(user_id)?;
+        let threshold = config.refresh_threshold_seconds;
+
+        // 1. The hot path: one unlocked read.
+        let row = self
+            .host
+            .read(provider, user_id)?
+            .ok_or(RefreshError::NotFound)?;
+        if !due(&row, self.host.now(), threshold) {
+            return self.open_row(&row);
+        }
+
+        // 2. Lock the row and look again: another runtime may have refreshed it
+        //    while we waited for the lock.
+        let txn = self.host.begin()?;
+        let row = txn
+            .load_for_update(provider, user_id)?
+            .ok_or(RefreshError::NotFound)?;
+        let now = self.host.now();
+        if !due(&row, now, threshold) {
+            txn.commit()?;
+            return self.open_row(&row);
+        }
+        let current = self.open_row(&row)?;
+
+        // 3. Refresh, or say why not.
+        let outcome = self.refresh_locked(&config, &current, now);
+        match outcome {
+            Ok(tokens) => {
+                let mut next = self.seal_row(provider, user_id, &tokens, now)?;
+                next.generation = row.generation + 1;
+                next.health = crate::model::Health {
+                    last_success_at: Some(now),
+                    ..Default::default()
+                };
+                if !txn.compare_and_set(&next, row.generation)? {
+                    return Err(RefreshError::Storage("row changed while locked".into()));
+                }
+                txn.commit()?;
+                Ok(TokenRecord {
+                    tokens,
+                    obtained_at: now,
+                    generation: next.generation,
+                    health: next.health,
+                    ..current
+                })
+            }
+            Err(err) => {
+                let mut failed = row.clone();
+                failed.health.failed_attempts = failed.health.failed_attempts.saturating_add(1);
+                failed.health.last_failure_at = Some(now);
+                failed.health.last_failure = Some(err.class());
+                failed.health.refresh_started_at = None;
+                // Bookkeeping only: the tokens and the generation stay as they were.
+                if txn.compare_and_set(&failed, row.generation)? {
+                    txn.commit()?;
+                }
+                let still_valid = validity::is_access_token_valid(
+                    current.tokens.access_token_expires_at,
+                    now,
+                    validity::DEFAULT_CLOCK_SKEW_SECONDS,
+                );
+                if err.is_transient() && still_valid {
+                    // Refreshed early and the provider is down: the token we
+                    // have is still valid, so it is not stale. Serve it.
+                    return Ok(current);
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Spends the refresh token; the caller holds the row lock.
+    fn refresh_locked(
+        &self,
+        config: &ProviderConfig,
+        current: &TokenRecord,
+        now: i64,
+    ) -> Result<TokenSet, RefreshError> {
+        let old = &current.tokens;
+        let refresh_token = old.refresh_token.as_ref().ok_or_else(|| {
+            RefreshError::ReauthorizationRequired("no refresh token stored".into())
+        })?;
+        if !validity::is_refresh_token_valid(true, old.refresh_token_expires_at, now) {
+            return Err(RefreshError::ReauthorizationRequired(
+                "refresh token expired".into(),
+            ));
+        }
+        let body = refresh_request_body(refresh_token, &config.extra_params);
+        // Lifetimes count from when the request was sent, not when it came back.
+        let sent_at = self.host.now();
+        let answer = self.host.post_form(config, &body)?;
+        let response = parse_token_response(
+            answer.status,
+            answer.content_type.as_deref(),
+            answer.body.expose_secret(),
+        )?;
+        let rotated = response.refresh_token.is_some();
+        let tokens = TokenSet {
+            access_token: response.access_token,
+            access_token_expires_at: response.expires_in.map(|s| sent_at + s),
+            refresh_token_expires_at: match (response.refresh_token_expires_in, rotated) {
+                (Some(s), _) => Some(sent_at + s),
+                (None, true) => None,
+                // No new refresh token: the old one and its expiry stay.
+                (None, false) => old.refresh_token_expires_at,
+            },
+            refresh_token: response.refresh_token.or_else(|| old.refresh_token.clone()),
+            scopes: response.scopes.unwrap_or_else(|| old.scopes.clone()),
+        };
+        check_tokens(&tokens)?;
+        Ok(tokens)
+    }
+
+    /// Deletes a user's tokens (WIT `delete-tokens`).
+    pub fn delete_tokens(&self, provider: &str, user_id: &str) -> Result<bool, RefreshError> {
+        check_provider_name(provider)?;
+        check_user_id(user_id)?;
+        Ok(self.host.delete(provider, user_id)?)
+    }
+
+    /// Every row without secrets (WIT `list-tokens`).
+    pub fn list_tokens(&self) -> Result<Vec<TokenSummary>, RefreshError> {
+        let now = self.host.now();
+        Ok(self
+            .host
+            .list()?
+            .into_iter()
+            .map(|row| {
+                let threshold = self
+                    .host
+                    .provider(&row.provider)
+                    .map_or(0, |c| c.refresh_threshold_seconds);
+                let state = validity::token_state(&timing(&row), now, threshold);
+                TokenSummary { row, state }
+            })
+            .collect())
+    }
+
+    /// Where a record stands (WIT `token-state`).
+    pub fn token_state(&self, record: &TokenRecord, threshold: u32) -> validity::TokenState {
+        let t = Timing {
+            obtained_at: record.obtained_at,
+            access_expires_at: record.tokens.access_token_expires_at,
+            refresh_expires_at: record.tokens.refresh_token_expires_at,
+            has_refresh_token: record.tokens.refresh_token.is_some(),
+            reauthorization_recorded: record.health.last_failure
+                == Some(ErrorClass::ReauthorizationRequired),
+        };
+        validity::token_state(&t, self.host.now(), threshold)
+    }
+
+    /// Seconds since the epoch, from the host's clock.
+    pub fn now(&self) -> i64 {
+        self.host.now()
+    }
+
+    fn config(&self, provider: &str) -> Result<ProviderConfig, RefreshError> {
+        check_provider_name(provider)?;
+        self.host
+            .provider(provider)
+            .ok_or_else(|| RefreshError::UnknownProvider(provider.into()))
+    }
+
+    fn seal_row(
+        &self,
+        provider: &str,
+        user_id: &str,
+        tokens: &TokenSet,
+        now: i64,
+    ) -> Result<SealedRow, RefreshError> {
+        let key_id = self.host.active_key_id();
+        let key = self.host.key(&key_id).ok_or_else(|| {
+            RefreshError::Decryption(format!("active key {key_id} is not in the keyring"))
+        })?;
+        let seal_field = |field, value: &SecretString| {
+            let binding = Binding {
+                provider,
+                user_id,
+                field,
+                key_id: &key_id,
+            };
+            seal::seal(key.expose_secret(), self.host.nonce(), &binding, value)
+                .map_err(|e| RefreshError::Decryption(e.to_string()))
+        };
+        Ok(SealedRow {
+            provider: provider.into(),
+            user_id: user_id.into(),
+            access_token: seal_field(Field::AccessToken, &tokens.access_token)?,
+            refresh_token: tokens
+                .refresh_token
+                .as_ref()
+                .map(|t| seal_field(Field::RefreshToken, t))
+                .transpose()?,
+            key_id: key_id.clone(),
+            access_token_expires_at: tokens.access_token_expires_at,
+            refresh_token_expires_at: tokens.refresh_token_expires_at,
+            scopes: tokens.scopes.clone(),
+            obtained_at: now,
+            generation: 0,
+            health: Default::default(),
+        })
+    }
+
+    fn open_row(&self, row: &SealedRow) -> Result<TokenRecord, RefreshError> {
+        let key = self.host.key(&row.key_id).ok_or_else(|| {
+            RefreshError::Decryption(format!("key {} is not in the keyring", row.key_id))
+        })?;
+        let open_field = |field, sealed: &[u8]| {
+            let binding = Binding {
+                provider: &row.provider,
+                user_id: &row.user_id,
+                field,
+                key_id: &row.key_id,
+            };
+            seal::open(key.expose_secret(), &binding, sealed)
+                .map_err(|e| RefreshError::Decryption(format!("{field:?}: {e}")))
+        };
+        Ok(TokenRecord {
+            provider: row.provider.clone(),
+            user_id: row.user_id.clone(),
+            tokens: TokenSet {
+                access_token: open_field(Field::AccessToken, &row.access_token)?,
+                refresh_token: row
+                    .refresh_token
+                    .as_deref()
+                    .map(|s| open_field(Field::RefreshToken, s))
+                    .transpose()?,
+                access_token_expires_at: row.access_token_expires_at,
+                refresh_token_expires_at: row.refresh_token_expires_at,
+                scopes: row.scopes.clone(),
+            },
+            obtained_at: row.obtained_at,
+            generation: row.generation,
+            health: row.health.clone(),
+        })
+    }
+}
+
+fn due(row: &SealedRow, now: i64, threshold: u32) -> bool {
+    validity::needs_refresh(row.obtained_at, row.access_token_expires_at, now, threshold)
+}
+
+fn timing(row: &SealedRow) -> Timing {
+    Timing {
+        obtained_at: row.obtained_at,
+        access_expires_at: row.access_token_expires_at,
+        refresh_expires_at: row.refresh_token_expires_at,
+        has_refresh_token: row.refresh_token.is_some(),
+        reauthorization_recorded: row.health.last_failure
+            == Some(ErrorClass::ReauthorizationRequired),
+    }
+}
+
+/// Provider names are configuration keys: short and plain.
+pub fn check_provider_name(name: &str) -> Result<(), RefreshError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_PROVIDER_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RefreshError::InvalidInput(format!(
+            "provider name must be 1-{MAX_PROVIDER_LEN} characters of [A-Za-z0-9._-]"
+        )))
+    }
+}
+
+/// User ids are stored verbatim: any text without control characters.
+pub fn check_user_id(user_id: &str) -> Result<(), RefreshError> {
+    if user_id.is_empty() || user_id.len() > MAX_USER_ID_LEN {
+        return Err(RefreshError::InvalidInput(format!(
+            "user id must be 1-{MAX_USER_ID_LEN} bytes"
+        )));
+    }
+    if user_id.chars().any(char::is_control) {
+        return Err(RefreshError::InvalidInput(
+            "user id contains control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_tokens(tokens: &TokenSet) -> Result<(), RefreshError> {
+    let bad = |what: &str| Err(RefreshError::InvalidInput(what.into()));
+    let access = tokens.access_token.expose_secret();
+    if access.is_empty() || access.len() > MAX_TOKEN_LEN {
+        return bad("access token must be 1-16384 bytes");
+    }
+    if tokens
+        .refresh_token
+        .as_ref()
+        .is_some_and(|r| r.expose_secret().is_empty() || r.expose_secret().len() > MAX_TOKEN_LEN)
+    {
+        return bad("refresh token must be 1-16384 bytes");
+    }
+    if tokens.scopes.len() > 256 || tokens.scopes.iter().any(|s| s.len() > 256) {
+        return bad("too many or too long scopes");
+    }
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! AES-256-GCM sealing of tokens at rest.
+//!
+//! A sealed value is `version (1) || nonce (12) || ciphertext || tag (16)`.
+//! The associated data binds it to its provider, user, field and key id, so a
+//! ciphertext copied to another row or column, or relabelled with another key,
+//! fails to open instead of yielding somebody else's token.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use secrecy::{ExposeSecret, SecretString};
+use thiserror::Error;
+
+const VERSION: u8 = 1;
+/// Bytes of the nonce; callers draw it fresh from a CSPRNG for every seal.
+pub const NONCE_LEN: usize = 12;
+/// Bytes of an AES-256 key.
+pub const KEY_LEN: usize = 32;
+const TAG_LEN: usize = 16;
+
+/// Which column a ciphertext belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    AccessToken,
+    RefreshToken,
+}
+
+impl Field {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Field::AccessToken => b"access_token",
+            Field::RefreshToken => b"refresh_token",
+        }
+    }
+}
+
+/// Where a sealed value belongs: the associated data of the AEAD.
+#[derive(Debug, Clone, Copy)]
+pub struct Binding<'a> {
+    pub provider: &'a str,
+    pub user_id: &'a str,
+    pub field: Field,
+    pub key_id: &'a str,
+}
+
+impl Binding<'_> {
+    fn associated_data(&self) -> Vec<u8> {
+        let mut aad = b"tokenkeep/v1\0".to_vec();
+        for part in [
+            self.provider.as_bytes(),
+            self.user_id.as_bytes(),
+            self.field.label(),
+            self.key_id.as_bytes(),
+        ] {
+            // Length prefixes keep ("ab","c") and ("a","bc") apart.
+            aad.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            aad.extend_from_slice(part);
+        }
+        aad
+    }
+}
+
+/// Why a sealed value did not open. Says nothing about the plaintext.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SealError {
+    #[error("key must be {KEY_LEN} bytes")]
+    BadKey,
+    #[error("sealed value is malformed")]
+    Malformed,
+    #[error("sealed value failed authentication (tampered, moved, or wrong key)")]
+    Authentication,
+    #[error("sealed value is not UTF-8")]
+    NotUtf8,
+}
+
+/// Seals `plaintext` for `binding` under `key` with the given fresh nonce.
+pub fn seal(
+    key: &[u8],
+    nonce: [u8; NONCE_LEN],
+    binding: &Binding<'_>,
+    plaintext: &SecretString,
+) -> Result<Vec<u8>, SealError> {
+    let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| SealError::BadKey)?;
+    let aad = binding.associated_data();
+    let ct = cipher
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext.expose_secret().as_bytes(),
+                aad: &aad,
+            },
+        )
+        .map_err(|_| SealError::BadKey)?;
+    let mut out = Vec::with_capacity(1 + NONCE_LEN + ct.len());
+    out.push(VERSION);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    Ok(out)
+}
+
+/// Opens a value sealed by [`seal`] for the same binding.
+pub fn open(key: &[u8], binding: &Binding<'_>, sealed: &[u8]) -> Result<SecretString, SealError> {
+    let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| SealError::BadKey)?;
+    if sealed.len() < 1 + NONCE_LEN + TAG_LEN || sealed[0] != VERSION {
+        return Err(SealError::Malformed);
+    }
+    let (nonce, ct) = sealed[1..].split_at(NONCE_LEN);
+    let aad = binding.associated_data();
+    let plain = cipher
+        .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: &aad })
+        .map_err(|_| SealError::Authentication)?;
+    String::from_utf8(plain)
+        .map(SecretString::from)
+        .map_err(|_| SealError::NotUtf8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: [u8; 32] = [7; 32];
+
+    fn binding<'a>(user: &'a str, field: Field) -> Binding<'a> {
+        Binding {
+            provider: "github",
+            user_id: user,
+            field,
+            key_id: "k1",
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let b = binding("alice", Field::AccessToken);
+        let sealed = seal(&KEY, [1; 12], &b, &"gho_secret".into()).unwrap();
+        assert_eq!(
+            open(&KEY, &b, &sealed).unwrap().expose_secret(),
+            "gho_secret"
+        );
+        assert!(!sealed.windows(10).any(|w| w == b"gho_secret"));
+    }
+
+    #[test]
+    fn a_ciphertext_moved_to_another_row_or_field_fails() {
+        let sealed = seal(
+            &KEY,
+            [1; 12],
+            &binding("alice", Field::AccessToken),
+            &"t".into(),
+        )
+        .unwrap();
+        assert_eq!(
+            open(&KEY, &binding("bob", Field::AccessToken), &sealed),
+            Err(SealError::Authentication)
+        );
+        assert_eq!(
+            open(&KEY, &binding("alice", Field::RefreshToken), &sealed),
+            Err(SealError::Authentication)
+        );
+        let relabelled = Binding {
+            key_id: "k2",
+            ..binding("alice", Field::AccessToken)
+        };
+        assert_eq!(
+            open(&KEY, &relabelled, &sealed),
+            Err(SealError::Authentication)
+        );
+    }
+
+    #[test]
+    fn tampering_and_wrong_keys_fail() {
+        let b = binding("alice", Field::AccessToken);
+        let mut sealed = seal(&KEY, [1; 12], &b, &"token".into()).unwrap();
+        assert_eq!(open(&[8; 32], &b, &sealed), Err(SealError::Authentication));
+        let last = sealed.len() - 1;
+        sealed[last] ^= 1;
+        assert_eq!(open(&KEY, &b, &sealed), Err(SealError::Authentication));
+        assert_eq!(open(&KEY, &b, &sealed[..5]), Err(SealError::Malformed));
+        assert_eq!(open(&KEY[..16], &b, &sealed), Err(SealError::BadKey));
+    }
+}

@@ -1,0 +1,76 @@
+//! Builds the guest component for wasm32-wasip2 and hands its path to the
+//! host crate, so `cargo build`, `cargo run` and `cargo test` need nothing else.
+//!
+//! The guest is built by a nested cargo into its own target directory
+//! (`target/wasm`): the outer cargo holds the lock on `target/`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    let manifest_dir =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = manifest_dir
+        .parent()
+        .expect("host/ lives in the workspace")
+        .to_path_buf();
+    for watched in ["component/src", "component/Cargo.toml", "wit", "Cargo.lock"] {
+        println!("cargo:rerun-if-changed={}", root.join(watched).display());
+    }
+    println!("cargo:rerun-if-env-changed=TOKENKEEP_COMPONENT");
+
+    // A prebuilt component (e.g. from CI's artifact cache) can be supplied.
+    if let Ok(path) = std::env::var("TOKENKEEP_COMPONENT") {
+        println!("cargo:rustc-env=TOKENKEEP_COMPONENT_PATH={path}");
+        return;
+    }
+
+    let target_dir = root.join("target").join("wasm");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root)
+        .args([
+            "build",
+            "-p",
+            "tokenkeep-component",
+            "--target",
+            "wasm32-wasip2",
+            "--profile",
+            "component",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir);
+    // Flags meant for the host build must not leak into the guest build.
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+    ] {
+        cmd.env_remove(var);
+    }
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CARGO_FEATURE_")
+            || key.starts_with("CARGO_CFG_")
+            || key.starts_with("DEP_")
+        {
+            cmd.env_remove(key);
+        }
+    }
+    let status = cmd
+        .status()
+        .expect("failed to run cargo for the guest component");
+    if !status.success() {
+        panic!(
+            "building the guest component failed; is the target installed? \
+             run `rustup target add wasm32-wasip2`"
+        );
+    }
+    let wasm = target_dir.join("wasm32-wasip2/component/tokenkeep_component.wasm");
+    println!(
+        "cargo:rustc-env=TOKENKEEP_COMPONENT_PATH={}",
+        wasm.display()
+    );
+}

@@ -1,0 +1,370 @@
+//! The `tokenkeep` command line: parsing, wiring and printing only; every
+//! decision is the [`Keeper`]'s.
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::keeper::{Keeper, Options, TokenSet, TokenState, TokenSummary};
+use crate::keyring::Keyring;
+use crate::runtime::SandboxLimits;
+use clap::{Parser, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Largest token response accepted on standard input.
+const MAX_STDIN_BYTES: u64 = 1 << 20;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tokenkeep",
+    version,
+    about = "Keeps OAuth tokens valid for agent runtimes"
+)]
+pub struct Cli {
+    /// Database URL: postgres://… or sqlite:PATH (default: sqlite in the data directory).
+    #[arg(long, global = true, env = "TOKENKEEP_DATABASE")]
+    database: Option<String>,
+    /// Provider configuration (TOML).
+    #[arg(long, global = true, env = "TOKENKEEP_CONFIG")]
+    config: Option<PathBuf>,
+    /// Key file: lines of id=base64(32 bytes), the first is active. TOKENKEEP_KEYS may hold the same inline.
+    #[arg(long, global = true, env = "TOKENKEEP_KEYS_FILE")]
+    keys: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Store, read and list tokens.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+    /// Watch several runtimes share one expiring token (SQLite, local test provider).
+    Demo {
+        /// How many runtime processes ask at once.
+        #[arg(long, default_value_t = 8)]
+        runtimes: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokensCommand {
+    /// Store a provider's token response (RFC 6749 section 5.1 JSON) read from standard input.
+    Put { provider: String, user: String },
+    /// Print a valid access token, refreshing it first if needed.
+    Get { provider: String, user: String },
+    /// List stored tokens without secrets.
+    List {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a user's tokens for a provider.
+    Delete { provider: String, user: String },
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tokenkeep: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokenkeep: {}: {e}", e.class());
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOKENKEEP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(cli: Cli) -> Result<(), Error> {
+    match &cli.command {
+        Command::Demo { runtimes } => crate::demo::run(*runtimes).await,
+        Command::Tokens(cmd) => {
+            let keeper = open(&cli).await?;
+            tokens(&keeper, cmd).await
+        }
+    }
+}
+
+async fn tokens(keeper: &Keeper, cmd: &TokensCommand) -> Result<(), Error> {
+    match cmd {
+        TokensCommand::Put { provider, user } => {
+            let tokens = read_token_response()?;
+            let record = keeper.store_tokens(provider, user, &tokens).await?;
+            eprintln!(
+                "stored {provider}/{user} (generation {})",
+                record.generation
+            );
+        }
+        TokensCommand::Get { provider, user } => {
+            let record = keeper.ensure_fresh(provider, user).await?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", record.tokens.access_token.expose_secret())
+                .and_then(|()| out.flush())
+                .map_err(|e| Error::Config(format!("cannot write to standard output: {e}")))?;
+        }
+        TokensCommand::List { json } => {
+            let list = keeper.list_tokens().await?;
+            print_list(&list, *json);
+        }
+        TokensCommand::Delete { provider, user } => {
+            if !keeper.delete_tokens(provider, user).await? {
+                return Err(Error::NotFound {
+                    provider: provider.clone(),
+                    user_id: user.clone(),
+                });
+            }
+            eprintln!("deleted {provider}/{user}");
+        }
+    }
+    Ok(())
+}
+
+/// Reads an RFC 6749 section 5.1 token response from standard input.
+fn read_token_response() -> Result<TokenSet, Error> {
+    let mut raw = Vec::new();
+    std::io::stdin()
+        .take(MAX_STDIN_BYTES + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| Error::InvalidInput(format!("cannot read standard input: {e}")))?;
+    if raw.len() as u64 > MAX_STDIN_BYTES {
+        return Err(Error::InvalidInput(
+            "token response on standard input exceeds 1 MiB".into(),
+        ));
+    }
+    let raw = secrecy::SecretSlice::from(raw);
+    token_set_from_response(raw.expose_secret(), now())
+}
+
+/// Turns a provider's token response into a token set, expiries counted from `now`.
+pub fn token_set_from_response(body: &[u8], now: i64) -> Result<TokenSet, Error> {
+    use tokenkeep_component::provider::parse_token_response;
+    let r = parse_token_response(200, Some("application/json"), body)
+        .map_err(|e| Error::InvalidInput(format!("standard input: {e}")))?;
+    Ok(TokenSet {
+        access_token: r.access_token,
+        refresh_token: r.refresh_token,
+        access_token_expires_at: r.expires_in.map(|s| now + s),
+        refresh_token_expires_at: r.refresh_token_expires_in.map(|s| now + s),
+        scopes: r.scopes.unwrap_or_default(),
+    })
+}
+
+fn print_list(list: &[TokenSummary], json: bool) {
+    let now = now();
+    let mut out = std::io::stdout().lock();
+    if !json {
+        let _ = writeln!(
+            out,
+            "{:<12} {:<24} {:<26} {:<34} {:<34} {:>4} {:<6} {}",
+            "PROVIDER",
+            "USER",
+            "STATE",
+            "ACCESS EXPIRES",
+            "REFRESH EXPIRES",
+            "GEN",
+            "KEY",
+            "LAST FAILURE"
+        );
+    }
+    for s in list {
+        let state = state_name(s.state);
+        if json {
+            let v = serde_json::json!({
+                "provider": s.provider,
+                "user_id": s.user_id,
+                "state": state,
+                "access_token_expires_at": s.access_token_expires_at,
+                "refresh_token_expires_at": s.refresh_token_expires_at,
+                "has_refresh_token": s.has_refresh_token,
+                "scopes": s.scopes,
+                "obtained_at": s.obtained_at,
+                "generation": s.generation,
+                "key_id": s.key_id,
+                "failed_attempts": s.health.failed_attempts,
+                "last_failure_at": s.health.last_failure_at,
+                "last_success_at": s.health.last_success_at,
+            });
+            let _ = writeln!(out, "{v}");
+        } else {
+            let failure = match (s.health.last_failure, s.health.last_failure_at) {
+                (Some(class), Some(at)) => format!(
+                    "{class:?} {} ({} attempts)",
+                    relative(at, now),
+                    s.health.failed_attempts
+                ),
+                _ => "-".into(),
+            };
+            let refresh = if s.has_refresh_token {
+                when(s.refresh_token_expires_at, now)
+            } else {
+                "no refresh token".into()
+            };
+            let _ = writeln!(
+                out,
+                "{:<12} {:<24} {:<26} {:<34} {:<34} {:>4} {:<6} {}",
+                s.provider,
+                s.user_id,
+                state,
+                when(s.access_token_expires_at, now),
+                refresh,
+                s.generation,
+                s.key_id,
+                failure
+            );
+        }
+    }
+}
+
+fn state_name(s: TokenState) -> &'static str {
+    match s {
+        TokenState::Fresh => "fresh",
+        TokenState::RefreshDue => "refresh-due",
+        TokenState::RefreshTokenExpiring => "refresh-token-expiring",
+        TokenState::ReauthorizationRequired => "reauthorization-required",
+    }
+}
+
+fn when(at: Option<i64>, now: i64) -> String {
+    match at {
+        None => "never".into(),
+        Some(at) => format!("{} ({})", utc(at), relative(at, now)),
+    }
+}
+
+fn relative(at: i64, now: i64) -> String {
+    let d = at - now;
+    let a = d.unsigned_abs();
+    let span = if a < 120 {
+        format!("{a}s")
+    } else if a < 7200 {
+        format!("{}m", a / 60)
+    } else if a < 172_800 {
+        format!("{}h", a / 3600)
+    } else {
+        format!("{}d", a / 86_400)
+    };
+    if d >= 0 {
+        format!("in {span}")
+    } else {
+        format!("{span} ago")
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, proleptic Gregorian).
+fn utc(ts: i64) -> String {
+    let days = ts.div_euclid(86_400);
+    let secs = ts.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+/// Where the embedded default keeps its database and key.
+fn data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TOKENKEEP_HOME") {
+        return PathBuf::from(d);
+    }
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("tokenkeep")
+}
+
+async fn open(cli: &Cli) -> Result<Arc<Keeper>, Error> {
+    let database_url = cli
+        .database
+        .clone()
+        .unwrap_or_else(|| format!("sqlite:{}", data_dir().join("tokenkeep.db").display()));
+    let config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => {
+            let default = data_dir().join("config.toml");
+            if default.exists() {
+                Config::load(&default)?
+            } else {
+                Config::default()
+            }
+        }
+    };
+    let keyring = keyring(cli, &database_url)?;
+    Keeper::open(Options {
+        database_url,
+        config,
+        keyring,
+        limits: SandboxLimits::default(),
+        max_connections: 16,
+    })
+    .await
+}
+
+/// Keys from TOKENKEEP_KEYS, a key file, or (SQLite only) a key file created
+/// beside the database on first use.
+fn keyring(cli: &Cli, database_url: &str) -> Result<Keyring, Error> {
+    if let Ok(inline) = std::env::var("TOKENKEEP_KEYS") {
+        return Keyring::parse(&SecretString::from(inline));
+    }
+    if let Some(path) = &cli.keys {
+        return Keyring::load(path);
+    }
+    let Some(db) = database_url
+        .strip_prefix("sqlite://")
+        .or_else(|| database_url.strip_prefix("sqlite:"))
+    else {
+        return Err(Error::Config(
+            "Postgres needs a configured key: --keys FILE, TOKENKEEP_KEYS_FILE or TOKENKEEP_KEYS"
+                .into(),
+        ));
+    };
+    let path = Path::new(db).with_extension("key");
+    if path.exists() {
+        return Keyring::load(&path);
+    }
+    let ring = Keyring::create(&path)?;
+    eprintln!(
+        "tokenkeep: created encryption key {} (mode 0600); back it up: without it the stored tokens cannot be read",
+        path.display()
+    );
+    Ok(ring)
+}

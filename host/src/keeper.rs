@@ -1,0 +1,243 @@
+//! [`Keeper`]: the host API that the CLI, services and tests all use.
+
+use crate::bindings::tokenkeep::oauth::types as wit;
+use crate::config::Config;
+use crate::error::Error;
+use crate::keyring::Keyring;
+use crate::runtime::{Runtime, SandboxLimits, Shared};
+use crate::storage::{Store, StoreOptions};
+use secrecy::{ExposeSecret, SecretString};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use crate::bindings::tokenkeep::oauth::types::{
+    ErrorClass, TokenHealth, TokenState, TokenSummary,
+};
+
+/// What a provider granted. Debug redacts the tokens.
+#[derive(Debug, Clone)]
+pub struct TokenSet {
+    pub access_token: SecretString,
+    pub refresh_token: Option<SecretString>,
+    pub access_token_expires_at: Option<i64>,
+    pub refresh_token_expires_at: Option<i64>,
+    pub scopes: Vec<String>,
+}
+
+/// A stored token with its metadata. Debug redacts the tokens.
+#[derive(Debug, Clone)]
+pub struct TokenRecord {
+    pub provider: String,
+    pub user_id: String,
+    pub tokens: TokenSet,
+    pub obtained_at: i64,
+    pub generation: u64,
+    pub health: TokenHealth,
+}
+
+/// How to open a [`Keeper`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `postgres://…` or `sqlite:path`.
+    pub database_url: String,
+    pub config: Config,
+    pub keyring: Keyring,
+    pub limits: SandboxLimits,
+    /// Database connections per process.
+    pub max_connections: u32,
+}
+
+/// The token keeper of one process: a sandboxed component over a database.
+/// Cheap to share (`Arc`); every call runs in a fresh component instance.
+pub struct Keeper {
+    runtime: Runtime,
+}
+
+impl Keeper {
+    /// Connects to the database, migrates it and compiles (or loads) the component.
+    pub async fn open(options: Options) -> Result<Arc<Self>, Error> {
+        let store_options = StoreOptions {
+            lock_wait: Duration::from_millis(u64::from(options.config.lock_wait_ms)),
+            max_connections: options.max_connections,
+        };
+        let store = Store::open(&options.database_url, store_options).await?;
+        let shared = Shared {
+            store,
+            config: Arc::new(options.config),
+            keyring: options.keyring,
+        };
+        // Compiling (or loading the cached machine code) happens once per process.
+        let runtime = Runtime::new(shared, options.limits)?;
+        Ok(Arc::new(Self { runtime }))
+    }
+
+    /// The configuration this keeper runs with.
+    pub fn config(&self) -> &Config {
+        &self.runtime.shared().config
+    }
+
+    /// Seals and stores a provider's tokens for a user, replacing older ones.
+    pub async fn store_tokens(
+        &self,
+        provider: &str,
+        user_id: &str,
+        tokens: &TokenSet,
+    ) -> Result<TokenRecord, Error> {
+        let tokens = tokens_to_wit(tokens);
+        let r = self
+            .runtime
+            .call(async |k, s| {
+                k.tokenkeep_oauth_token_store()
+                    .call_store_tokens(s, provider, user_id, &tokens)
+                    .await
+            })
+            .await?;
+        r.map(record_from_wit)
+            .map_err(|e| error_from_wit(e, provider, user_id))
+    }
+
+    /// Loads a user's tokens; with `for_update`, after any refresh in flight.
+    pub async fn load_tokens(
+        &self,
+        provider: &str,
+        user_id: &str,
+        for_update: bool,
+    ) -> Result<Option<TokenRecord>, Error> {
+        let r = self
+            .runtime
+            .call(async |k, s| {
+                k.tokenkeep_oauth_token_store()
+                    .call_load_tokens(s, provider, user_id, for_update)
+                    .await
+            })
+            .await?;
+        r.map(|o| o.map(record_from_wit))
+            .map_err(|e| error_from_wit(e, provider, user_id))
+    }
+
+    /// A record whose access token is valid beyond its refresh window,
+    /// refreshed first if needed; one provider call however many runtimes ask.
+    pub async fn ensure_fresh(&self, provider: &str, user_id: &str) -> Result<TokenRecord, Error> {
+        let r = self
+            .runtime
+            .call(async |k, s| {
+                k.tokenkeep_oauth_token_store()
+                    .call_ensure_fresh(s, provider, user_id)
+                    .await
+            })
+            .await?;
+        r.map(record_from_wit)
+            .map_err(|e| error_from_wit(e, provider, user_id))
+    }
+
+    /// Deletes a user's tokens; false when there were none.
+    pub async fn delete_tokens(&self, provider: &str, user_id: &str) -> Result<bool, Error> {
+        let r = self
+            .runtime
+            .call(async |k, s| {
+                k.tokenkeep_oauth_token_store()
+                    .call_delete_tokens(s, provider, user_id)
+                    .await
+            })
+            .await?;
+        r.map_err(|e| error_from_wit(e, provider, user_id))
+    }
+
+    /// Every stored token, without secrets.
+    pub async fn list_tokens(&self) -> Result<Vec<TokenSummary>, Error> {
+        let r = self
+            .runtime
+            .call(async |k, s| k.tokenkeep_oauth_token_store().call_list_tokens(s).await)
+            .await?;
+        r.map_err(|e| error_from_wit(e, "", ""))
+    }
+
+    /// The seed's `is_access_token_valid`, evaluated by the component.
+    pub async fn is_access_token_valid(
+        &self,
+        record: &TokenRecord,
+        clock_skew_seconds: u32,
+    ) -> Result<bool, Error> {
+        let record = record_to_wit(record);
+        self.runtime
+            .call(async |k, s| {
+                k.tokenkeep_oauth_token_store()
+                    .call_is_access_token_valid(s, &record, clock_skew_seconds)
+                    .await
+            })
+            .await
+    }
+
+    /// The seed's `is_refresh_token_valid`, evaluated by the component.
+    pub async fn is_refresh_token_valid(&self, record: &TokenRecord) -> Result<bool, Error> {
+        let record = record_to_wit(record);
+        self.runtime
+            .call(async |k, s| {
+                k.tokenkeep_oauth_token_store()
+                    .call_is_refresh_token_valid(s, &record)
+                    .await
+            })
+            .await
+    }
+}
+
+fn tokens_to_wit(t: &TokenSet) -> wit::TokenSet {
+    wit::TokenSet {
+        access_token: t.access_token.expose_secret().to_string(),
+        refresh_token: t
+            .refresh_token
+            .as_ref()
+            .map(|r| r.expose_secret().to_string()),
+        access_token_expires_at: t.access_token_expires_at,
+        refresh_token_expires_at: t.refresh_token_expires_at,
+        scopes: t.scopes.clone(),
+    }
+}
+
+fn record_to_wit(r: &TokenRecord) -> wit::TokenRecord {
+    wit::TokenRecord {
+        provider: r.provider.clone(),
+        user_id: r.user_id.clone(),
+        tokens: tokens_to_wit(&r.tokens),
+        obtained_at: r.obtained_at,
+        generation: r.generation,
+        health: r.health,
+    }
+}
+
+fn record_from_wit(r: wit::TokenRecord) -> TokenRecord {
+    TokenRecord {
+        provider: r.provider,
+        user_id: r.user_id,
+        tokens: TokenSet {
+            access_token: r.tokens.access_token.into(),
+            refresh_token: r.tokens.refresh_token.map(SecretString::from),
+            access_token_expires_at: r.tokens.access_token_expires_at,
+            refresh_token_expires_at: r.tokens.refresh_token_expires_at,
+            scopes: r.tokens.scopes,
+        },
+        obtained_at: r.obtained_at,
+        generation: r.generation,
+        health: r.health,
+    }
+}
+
+fn error_from_wit(e: wit::RefreshError, provider: &str, user_id: &str) -> Error {
+    use wit::RefreshError as R;
+    match e {
+        R::NotFound => Error::NotFound {
+            provider: provider.into(),
+            user_id: user_id.into(),
+        },
+        R::ReauthorizationRequired(m) => Error::ReauthorizationRequired(m),
+        R::ProviderUnavailable(m) => Error::ProviderUnavailable(m),
+        R::ProviderRejectedClient(m) => Error::ProviderRejectedClient(m),
+        R::ScopeMismatch(m) => Error::ScopeMismatch(m),
+        R::LockTimeout => Error::LockTimeout,
+        R::Storage(m) => Error::Storage(m),
+        R::Decryption(m) => Error::Decryption(m),
+        R::InvalidProviderResponse(m) => Error::InvalidProviderResponse(m),
+        R::UnknownProvider(m) => Error::UnknownProvider(m),
+        R::InvalidInput(m) => Error::InvalidInput(m),
+    }
+}

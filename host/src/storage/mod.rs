@@ -1,0 +1,372 @@
+//! Durable storage of sealed rows with row locks: Postgres for fleets of
+//! runtimes, SQLite as the zero-setup default.
+//!
+//! Both backends speak the same SQL for rows (see [`rows!`]); they differ in
+//! how they connect, migrate, lock and report lock timeouts.
+
+pub mod postgres;
+pub mod sqlite;
+
+use crate::bindings::tokenkeep::oauth::storage::SealedRow;
+use crate::bindings::tokenkeep::oauth::types::ErrorClass;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Storage failures, as the component sees them (WIT `storage-error`).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum StorageError {
+    #[error("row lock not granted within the lock wait")]
+    LockTimeout,
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Where the tokens live.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Postgres(postgres::PgStore),
+    Sqlite(sqlite::SqliteStore),
+}
+
+/// The component's handle on a transaction: empty once committed, so a
+/// second commit is an error rather than a crash.
+pub struct TxnSlot(pub Option<Transaction>);
+
+/// An open transaction; dropping it rolls back and releases its locks.
+pub enum Transaction {
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+}
+
+/// Connection settings shared by the backends.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// How long a runtime waits for another's row lock.
+    pub lock_wait: Duration,
+    /// Connections per process.
+    pub max_connections: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            lock_wait: Duration::from_millis(u64::from(crate::config::DEFAULT_LOCK_WAIT_MS)),
+            max_connections: 16,
+        }
+    }
+}
+
+impl Store {
+    /// Connects to `url` (`postgres://…`, `sqlite://path` or `sqlite:path`)
+    /// and brings its schema up to date.
+    pub async fn open(url: &str, options: StoreOptions) -> Result<Self, StorageError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Store::Postgres(
+                postgres::PgStore::open(url, options).await?,
+            ))
+        } else if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            Ok(Store::Sqlite(
+                sqlite::SqliteStore::open(path, options).await?,
+            ))
+        } else {
+            Err(StorageError::Unavailable(
+                "database URL must start with postgres://, postgresql:// or sqlite:".into(),
+            ))
+        }
+    }
+
+    /// True for the embedded SQLite backend.
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self, Store::Sqlite(_))
+    }
+
+    pub async fn read(
+        &self,
+        provider: &str,
+        user_id: &str,
+    ) -> Result<Option<SealedRow>, StorageError> {
+        match self {
+            Store::Postgres(s) => postgres::rows::read(&s.pool, provider, user_id).await,
+            Store::Sqlite(s) => sqlite::rows::read(&s.pool, provider, user_id).await,
+        }
+    }
+
+    pub async fn list(&self) -> Result<Vec<SealedRow>, StorageError> {
+        match self {
+            Store::Postgres(s) => postgres::rows::list(&s.pool).await,
+            Store::Sqlite(s) => sqlite::rows::list(&s.pool).await,
+        }
+    }
+
+    pub async fn upsert(&self, row: &SealedRow) -> Result<u64, StorageError> {
+        match self {
+            Store::Postgres(s) => postgres::rows::upsert(&s.pool, row).await,
+            Store::Sqlite(s) => sqlite::rows::upsert(&s.pool, row).await,
+        }
+    }
+
+    pub async fn delete(&self, provider: &str, user_id: &str) -> Result<bool, StorageError> {
+        match self {
+            Store::Postgres(s) => postgres::rows::delete(&s.pool, provider, user_id).await,
+            Store::Sqlite(s) => sqlite::rows::delete(&s.pool, provider, user_id).await,
+        }
+    }
+
+    /// Opens a transaction whose row loads lock (Postgres: `FOR UPDATE` with
+    /// a `lock_timeout`; SQLite: the write lock taken up front).
+    pub async fn begin(&self) -> Result<Transaction, StorageError> {
+        match self {
+            Store::Postgres(s) => s.begin().await.map(Transaction::Postgres),
+            Store::Sqlite(s) => s.begin().await.map(Transaction::Sqlite),
+        }
+    }
+}
+
+impl Transaction {
+    pub async fn load_for_update(
+        &mut self,
+        provider: &str,
+        user_id: &str,
+    ) -> Result<Option<SealedRow>, StorageError> {
+        match self {
+            Transaction::Postgres(tx) => {
+                postgres::rows::load_for_update(tx, provider, user_id).await
+            }
+            Transaction::Sqlite(tx) => sqlite::rows::load_for_update(tx, provider, user_id).await,
+        }
+    }
+
+    pub async fn compare_and_set(
+        &mut self,
+        row: &SealedRow,
+        expected: u64,
+    ) -> Result<bool, StorageError> {
+        match self {
+            Transaction::Postgres(tx) => postgres::rows::compare_and_set(tx, row, expected).await,
+            Transaction::Sqlite(tx) => sqlite::rows::compare_and_set(tx, row, expected).await,
+        }
+    }
+
+    pub async fn commit(self) -> Result<(), StorageError> {
+        match self {
+            Transaction::Postgres(tx) => tx.commit().await.map_err(postgres::error),
+            Transaction::Sqlite(tx) => tx.commit().await.map_err(sqlite::error),
+        }
+    }
+}
+
+const COLUMNS: &str = "provider, user_id, key_id, access_token, refresh_token, access_token_expires_at, \
+     refresh_token_expires_at, scopes, obtained_at, generation, failed_attempts, last_failure_at, \
+     last_failure, last_success_at, refresh_started_at";
+
+fn class_name(c: ErrorClass) -> &'static str {
+    match c {
+        ErrorClass::NotFound => "not-found",
+        ErrorClass::ReauthorizationRequired => "reauthorization-required",
+        ErrorClass::ProviderUnavailable => "provider-unavailable",
+        ErrorClass::ProviderRejectedClient => "provider-rejected-client",
+        ErrorClass::ScopeMismatch => "scope-mismatch",
+        ErrorClass::LockTimeout => "lock-timeout",
+        ErrorClass::Storage => "storage",
+        ErrorClass::Decryption => "decryption",
+        ErrorClass::InvalidProviderResponse => "invalid-provider-response",
+        ErrorClass::UnknownProvider => "unknown-provider",
+        ErrorClass::InvalidInput => "invalid-input",
+    }
+}
+
+fn class_from_name(s: &str) -> Option<ErrorClass> {
+    Some(match s {
+        "not-found" => ErrorClass::NotFound,
+        "reauthorization-required" => ErrorClass::ReauthorizationRequired,
+        "provider-unavailable" => ErrorClass::ProviderUnavailable,
+        "provider-rejected-client" => ErrorClass::ProviderRejectedClient,
+        "scope-mismatch" => ErrorClass::ScopeMismatch,
+        "lock-timeout" => ErrorClass::LockTimeout,
+        "storage" => ErrorClass::Storage,
+        "decryption" => ErrorClass::Decryption,
+        "invalid-provider-response" => ErrorClass::InvalidProviderResponse,
+        "unknown-provider" => ErrorClass::UnknownProvider,
+        "invalid-input" => ErrorClass::InvalidInput,
+        _ => return None,
+    })
+}
+
+fn now_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+fn to_i64(v: u64) -> Result<i64, StorageError> {
+    i64::try_from(v).map_err(|_| StorageError::Unavailable("generation out of range".into()))
+}
+
+/// The row queries, written once in SQL both backends accept and expanded
+/// for each backend's types. `$FOR_UPDATE` is what the backend appends to
+/// a locking read.
+macro_rules! rows {
+    ($db:ty, $for_update:literal, $error:path) => {
+        use crate::storage::{class_from_name, class_name, now_seconds, to_i64, COLUMNS};
+        use crate::bindings::tokenkeep::oauth::storage::SealedRow;
+        use crate::bindings::tokenkeep::oauth::types::TokenHealth;
+        use crate::storage::StorageError;
+        use sqlx::Row as _;
+
+        type Db = $db;
+
+        fn select_sql(suffix: &str) -> String {
+            format!("SELECT {COLUMNS} FROM tokenkeep_tokens WHERE provider = $1 AND user_id = $2{suffix}")
+        }
+
+        fn decode(r: &<Db as sqlx::Database>::Row) -> Result<SealedRow, sqlx::Error> {
+            let scopes: String = r.try_get("scopes")?;
+            let last_failure: Option<String> = r.try_get("last_failure")?;
+            Ok(SealedRow {
+                provider: r.try_get("provider")?,
+                user_id: r.try_get("user_id")?,
+                key_id: r.try_get("key_id")?,
+                access_token: r.try_get("access_token")?,
+                refresh_token: r.try_get("refresh_token")?,
+                access_token_expires_at: r.try_get("access_token_expires_at")?,
+                refresh_token_expires_at: r.try_get("refresh_token_expires_at")?,
+                scopes: serde_json::from_str(&scopes).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                obtained_at: r.try_get("obtained_at")?,
+                generation: r.try_get::<i64, _>("generation")? as u64,
+                health: TokenHealth {
+                    failed_attempts: r.try_get::<i64, _>("failed_attempts")?.clamp(0, i64::from(u32::MAX)) as u32,
+                    last_failure_at: r.try_get("last_failure_at")?,
+                    last_failure: last_failure.as_deref().and_then(class_from_name),
+                    last_success_at: r.try_get("last_success_at")?,
+                    refresh_started_at: r.try_get("refresh_started_at")?,
+                },
+            })
+        }
+
+        fn scopes_json(row: &SealedRow) -> String {
+            serde_json::to_string(&row.scopes).unwrap_or_else(|_| "[]".into())
+        }
+
+        pub async fn read(pool: &sqlx::Pool<Db>, provider: &str, user_id: &str) -> Result<Option<SealedRow>, StorageError> {
+            let row = sqlx::query(&select_sql(""))
+                .bind(provider)
+                .bind(user_id)
+                .fetch_optional(pool)
+                .await
+                .map_err($error)?;
+            row.as_ref().map(decode).transpose().map_err($error)
+        }
+
+        pub async fn load_for_update(
+            tx: &mut sqlx::Transaction<'static, Db>,
+            provider: &str,
+            user_id: &str,
+        ) -> Result<Option<SealedRow>, StorageError> {
+            let row = sqlx::query(&select_sql($for_update))
+                .bind(provider)
+                .bind(user_id)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err($error)?;
+            row.as_ref().map(decode).transpose().map_err($error)
+        }
+
+        pub async fn list(pool: &sqlx::Pool<Db>) -> Result<Vec<SealedRow>, StorageError> {
+            let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM tokenkeep_tokens ORDER BY provider, user_id"))
+                .fetch_all(pool)
+                .await
+                .map_err($error)?;
+            rows.iter().map(decode).collect::<Result<_, _>>().map_err($error)
+        }
+
+        pub async fn upsert(pool: &sqlx::Pool<Db>, row: &SealedRow) -> Result<u64, StorageError> {
+            let sql = format!(
+                "INSERT INTO tokenkeep_tokens ({COLUMNS}, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12, $13, $14, $15) \
+                 ON CONFLICT (provider, user_id) DO UPDATE SET \
+                 key_id = excluded.key_id, access_token = excluded.access_token, \
+                 refresh_token = excluded.refresh_token, \
+                 access_token_expires_at = excluded.access_token_expires_at, \
+                 refresh_token_expires_at = excluded.refresh_token_expires_at, \
+                 scopes = excluded.scopes, obtained_at = excluded.obtained_at, \
+                 generation = tokenkeep_tokens.generation + 1, \
+                 failed_attempts = excluded.failed_attempts, last_failure_at = excluded.last_failure_at, \
+                 last_failure = excluded.last_failure, last_success_at = excluded.last_success_at, \
+                 refresh_started_at = excluded.refresh_started_at, updated_at = excluded.updated_at \
+                 RETURNING generation"
+            );
+            let generation: i64 = sqlx::query(&sql)
+                .bind(&row.provider)
+                .bind(&row.user_id)
+                .bind(&row.key_id)
+                .bind(&row.access_token)
+                .bind(&row.refresh_token)
+                .bind(row.access_token_expires_at)
+                .bind(row.refresh_token_expires_at)
+                .bind(scopes_json(row))
+                .bind(row.obtained_at)
+                .bind(i64::from(row.health.failed_attempts))
+                .bind(row.health.last_failure_at)
+                .bind(row.health.last_failure.map(class_name))
+                .bind(row.health.last_success_at)
+                .bind(row.health.refresh_started_at)
+                .bind(now_seconds())
+                .fetch_one(pool)
+                .await
+                .map_err($error)?
+                .try_get(0)
+                .map_err($error)?;
+            Ok(generation as u64)
+        }
+
+        pub async fn compare_and_set(
+            tx: &mut sqlx::Transaction<'static, Db>,
+            row: &SealedRow,
+            expected: u64,
+        ) -> Result<bool, StorageError> {
+            let done = sqlx::query(
+                "UPDATE tokenkeep_tokens SET key_id = $1, access_token = $2, refresh_token = $3, \
+                 access_token_expires_at = $4, refresh_token_expires_at = $5, scopes = $6, \
+                 obtained_at = $7, generation = $8, failed_attempts = $9, last_failure_at = $10, \
+                 last_failure = $11, last_success_at = $12, refresh_started_at = $13, updated_at = $14 \
+                 WHERE provider = $15 AND user_id = $16 AND generation = $17",
+            )
+            .bind(&row.key_id)
+            .bind(&row.access_token)
+            .bind(&row.refresh_token)
+            .bind(row.access_token_expires_at)
+            .bind(row.refresh_token_expires_at)
+            .bind(scopes_json(row))
+            .bind(row.obtained_at)
+            .bind(to_i64(row.generation)?)
+            .bind(i64::from(row.health.failed_attempts))
+            .bind(row.health.last_failure_at)
+            .bind(row.health.last_failure.map(class_name))
+            .bind(row.health.last_success_at)
+            .bind(row.health.refresh_started_at)
+            .bind(now_seconds())
+            .bind(&row.provider)
+            .bind(&row.user_id)
+            .bind(to_i64(expected)?)
+            .execute(&mut **tx)
+            .await
+            .map_err($error)?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        pub async fn delete(pool: &sqlx::Pool<Db>, provider: &str, user_id: &str) -> Result<bool, StorageError> {
+            let done = sqlx::query("DELETE FROM tokenkeep_tokens WHERE provider = $1 AND user_id = $2")
+                .bind(provider)
+                .bind(user_id)
+                .execute(pool)
+                .await
+                .map_err($error)?;
+            Ok(done.rows_affected() > 0)
+        }
+    };
+}
+pub(crate) use rows;

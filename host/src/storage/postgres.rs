@@ -1,0 +1,126 @@
+//! Postgres: one database shared by every runtime on every machine.
+//!
+//! Row locks are `SELECT … FOR UPDATE` inside a transaction whose
+//! `lock_timeout` is the configured lock wait; a runtime that dies drops its
+//! connection and Postgres rolls its transaction back, releasing the lock.
+
+use super::{StorageError, StoreOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use std::str::FromStr;
+
+/// Schema migrations, applied in order under an advisory lock.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE tokenkeep_tokens (
+        provider TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        access_token BYTEA NOT NULL,
+        refresh_token BYTEA,
+        access_token_expires_at BIGINT,
+        refresh_token_expires_at BIGINT,
+        scopes TEXT NOT NULL,
+        obtained_at BIGINT NOT NULL,
+        generation BIGINT NOT NULL,
+        failed_attempts BIGINT NOT NULL DEFAULT 0,
+        last_failure_at BIGINT,
+        last_failure TEXT,
+        last_success_at BIGINT,
+        refresh_started_at BIGINT,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (provider, user_id)
+    )",
+)];
+
+/// Any constant distinct from other applications' advisory locks.
+const MIGRATION_LOCK: i64 = 0x746f_6b65_6e6b;
+
+/// A Postgres connection pool.
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pub(crate) pool: PgPool,
+    lock_wait_ms: u128,
+}
+
+pub(crate) mod rows {
+    super::super::rows!(sqlx::Postgres, " FOR UPDATE", super::error);
+}
+
+impl PgStore {
+    pub async fn open(url: &str, options: StoreOptions) -> Result<Self, StorageError> {
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|_| StorageError::Unavailable("the Postgres URL is not valid".into()))?
+            .application_name("tokenkeep");
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            // Callers queue for a connection while others hold row locks.
+            .acquire_timeout(options.lock_wait * 2)
+            .connect_with(connect)
+            .await
+            .map_err(error)?;
+        let store = Self {
+            pool,
+            lock_wait_ms: options.lock_wait.as_millis(),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StorageError> {
+        let mut tx = self.pool.begin().await.map_err(error)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(error)?;
+        sqlx::query("CREATE TABLE IF NOT EXISTS tokenkeep_schema (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+            .execute(&mut *tx)
+            .await
+            .map_err(error)?;
+        let current: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM tokenkeep_schema")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(error)?;
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| Some(*v) > current) {
+            sqlx::query(sql).execute(&mut *tx).await.map_err(error)?;
+            sqlx::query("INSERT INTO tokenkeep_schema (version) VALUES ($1)")
+                .bind(version)
+                .execute(&mut *tx)
+                .await
+                .map_err(error)?;
+        }
+        tx.commit().await.map_err(error)
+    }
+
+    pub(crate) async fn begin(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StorageError> {
+        let mut tx = self.pool.begin().await.map_err(error)?;
+        // SET cannot take a bind parameter; the value is our own integer.
+        sqlx::query(&format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            self.lock_wait_ms
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(error)?;
+        Ok(tx)
+    }
+}
+
+/// Maps a Postgres failure onto the storage taxonomy.
+pub(crate) fn error(e: sqlx::Error) -> StorageError {
+    if let sqlx::Error::Database(db) = &e {
+        // 55P03 lock_not_available (lock_timeout), 40P01 deadlock_detected.
+        if matches!(db.code().as_deref(), Some("55P03") | Some("40P01")) {
+            return StorageError::LockTimeout;
+        }
+        return StorageError::Unavailable(format!("postgres: {}", db.message()));
+    }
+    StorageError::Unavailable(match e {
+        sqlx::Error::PoolTimedOut => "postgres: no connection free within the wait".into(),
+        sqlx::Error::Io(io) => format!("postgres unreachable: {}", io.kind()),
+        sqlx::Error::Tls(_) => "postgres: TLS failure".into(),
+        other => format!("postgres: {other}"),
+    })
+}

@@ -1,0 +1,120 @@
+//! SQLite: the zero-setup default, one file shared by the runtimes of a machine.
+//!
+//! WAL lets readers proceed while a refresh holds the write lock; a locking
+//! read takes that lock up front (`BEGIN IMMEDIATE`) and waits for it at most
+//! the lock wait (the busy timeout).
+
+use super::{StorageError, StoreOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE tokenkeep_tokens (
+        provider TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        access_token BLOB NOT NULL,
+        refresh_token BLOB,
+        access_token_expires_at INTEGER,
+        refresh_token_expires_at INTEGER,
+        scopes TEXT NOT NULL,
+        obtained_at INTEGER NOT NULL,
+        generation INTEGER NOT NULL,
+        failed_attempts INTEGER NOT NULL DEFAULT 0,
+        last_failure_at INTEGER,
+        last_failure TEXT,
+        last_success_at INTEGER,
+        refresh_started_at INTEGER,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (provider, user_id)
+    ) WITHOUT ROWID",
+)];
+
+/// A pool over one SQLite file.
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pub(crate) pool: SqlitePool,
+}
+
+pub(crate) mod rows {
+    super::super::rows!(sqlx::Sqlite, "", super::error);
+}
+
+impl SqliteStore {
+    pub async fn open(path: &str, options: StoreOptions) -> Result<Self, StorageError> {
+        if let Some(dir) = std::path::Path::new(path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StorageError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let connect = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(options.lock_wait);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(options.max_connections.min(8))
+            .acquire_timeout(options.lock_wait * 2)
+            .connect_with(connect)
+            .await
+            .map_err(error)?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StorageError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(error)?;
+        sqlx::query("CREATE TABLE IF NOT EXISTS tokenkeep_schema (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
+            .execute(&mut *tx)
+            .await
+            .map_err(error)?;
+        let current: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM tokenkeep_schema")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(error)?;
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| Some(*v) > current) {
+            sqlx::query(sql).execute(&mut *tx).await.map_err(error)?;
+            sqlx::query("INSERT INTO tokenkeep_schema (version, applied_at) VALUES ($1, $2)")
+                .bind(version)
+                .bind(super::now_seconds())
+                .execute(&mut *tx)
+                .await
+                .map_err(error)?;
+        }
+        tx.commit().await.map_err(error)
+    }
+
+    pub(crate) async fn begin(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StorageError> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(error)
+    }
+}
+
+/// Maps a SQLite failure onto the storage taxonomy.
+pub(crate) fn error(e: sqlx::Error) -> StorageError {
+    if let sqlx::Error::Database(db) = &e {
+        // SQLITE_BUSY (5) and its extended codes: the busy timeout ran out.
+        let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(-1);
+        if code & 0xff == 5 || code & 0xff == 6 {
+            return StorageError::LockTimeout;
+        }
+        return StorageError::Unavailable(format!("sqlite: {}", db.message()));
+    }
+    StorageError::Unavailable(match e {
+        sqlx::Error::PoolTimedOut => "sqlite: no connection free within the wait".into(),
+        sqlx::Error::Io(io) => format!("sqlite: {}", io.kind()),
+        other => format!("sqlite: {other}"),
+    })
+}
