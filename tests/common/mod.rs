@@ -1,0 +1,184 @@
+//! Shared test harness: a real Postgres cluster started by the tests, SQLite
+//! files, the loopback token endpoint and keepers wired to them.
+#![allow(dead_code)]
+
+pub mod pg;
+
+use secrecy::SecretString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use tokenkeep::devprovider::{Behaviour, DevProvider};
+use tokenkeep::{Config, Keeper, Keyring, Options, SandboxLimits, TokenSet};
+
+/// Fixed test keys: k1 active, k0 an older key.
+pub const KEYS: &str = "k1=AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\nk0=AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=\n";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// A scratch directory removed at the end of the test.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tokenkeep-test-{}-{}-{name}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Everything one test needs: a database, a provider, a config and a keeper.
+pub struct World {
+    pub scratch: Scratch,
+    pub database_url: String,
+    pub provider: DevProvider,
+    pub config_path: PathBuf,
+    pub keys_path: PathBuf,
+    pub keeper: Arc<Keeper>,
+}
+
+impl World {
+    pub async fn new(backend: Backend, name: &str) -> Self {
+        Self::with(backend, name, Behaviour::default(), "").await
+    }
+
+    /// A world whose provider config gets `extra` TOML lines.
+    pub async fn with(backend: Backend, name: &str, behaviour: Behaviour, extra: &str) -> Self {
+        let scratch = Scratch::new(name);
+        let database_url = match backend {
+            Backend::Postgres => pg::fresh_database().await,
+            Backend::Sqlite => format!("sqlite:{}", scratch.0.join("tokens.db").display()),
+        };
+        let provider = DevProvider::start(behaviour, "rt-0").await.unwrap();
+        let config_path = scratch.0.join("config.toml");
+        std::fs::write(
+            &config_path,
+            format!(
+                "[providers.acme]\ntoken_url = \"{}\"\nclient_id = \"dev-client\"\nclient_secret = \"dev-secret\"\n{extra}",
+                provider.token_url()
+            ),
+        )
+        .unwrap();
+        let keys_path = scratch.0.join("keys");
+        std::fs::write(&keys_path, KEYS).unwrap();
+        let keeper = open_keeper(&database_url, &config_path).await;
+        World {
+            scratch,
+            database_url,
+            provider,
+            config_path,
+            keys_path,
+            keeper,
+        }
+    }
+
+    /// Another runtime on the same database and configuration.
+    pub async fn another_keeper(&self) -> Arc<Keeper> {
+        open_keeper(&self.database_url, &self.config_path).await
+    }
+
+    /// Stores tokens for acme/`user` whose access token expires in `expires_in` seconds.
+    pub async fn store(&self, user: &str, access: &str, refresh: Option<&str>, expires_in: i64) {
+        self.keeper
+            .store_tokens(
+                "acme",
+                user,
+                &token_set(access, refresh, Some(now() + expires_in)),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Runs the `tokenkeep` binary against this world.
+    pub fn cli(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tokenkeep"));
+        cmd.env("TOKENKEEP_DATABASE", &self.database_url)
+            .env("TOKENKEEP_CONFIG", &self.config_path)
+            .env("TOKENKEEP_KEYS_FILE", &self.keys_path)
+            .env_remove("TOKENKEEP_KEYS")
+            .env_remove("TOKENKEEP_LOG");
+        cmd
+    }
+}
+
+pub async fn open_keeper(database_url: &str, config_path: &Path) -> Arc<Keeper> {
+    Keeper::open(Options {
+        database_url: database_url.into(),
+        config: Config::load(config_path).unwrap(),
+        keyring: Keyring::parse(&SecretString::from(KEYS.to_string())).unwrap(),
+        limits: SandboxLimits::default(),
+        max_connections: 8,
+    })
+    .await
+    .unwrap()
+}
+
+pub fn token_set(access: &str, refresh: Option<&str>, expires_at: Option<i64>) -> TokenSet {
+    TokenSet {
+        access_token: access.to_string().into(),
+        refresh_token: refresh.map(|r| SecretString::from(r.to_string())),
+        access_token_expires_at: expires_at,
+        refresh_token_expires_at: None,
+        scopes: vec!["repo".into(), "read:user".into()],
+    }
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Runs raw SQL against the test database (to tamper with rows as an attacker could).
+pub async fn raw_sql(database_url: &str, sql: &str) {
+    use sqlx::Connection;
+    if database_url.starts_with("postgres") {
+        let mut c = sqlx::PgConnection::connect(database_url).await.unwrap();
+        sqlx::query(sql).execute(&mut c).await.unwrap();
+    } else {
+        let path = database_url.trim_start_matches("sqlite:");
+        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{path}"))
+            .await
+            .unwrap();
+        sqlx::query(sql).execute(&mut c).await.unwrap();
+    }
+}
+
+/// Expands one scenario into a Postgres test and a SQLite test.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+            )*
+        }
+    };
+}

@@ -1,0 +1,421 @@
+//! The token store's promises, each checked against a real Postgres started
+//! by the harness and against SQLite, with a real loopback token endpoint.
+
+mod common;
+
+use common::{Backend, World, now, raw_sql, token_set};
+use secrecy::ExposeSecret;
+use std::io::Write;
+use std::process::Stdio;
+use std::time::Duration;
+use tokenkeep::devprovider::Behaviour;
+use tokenkeep::{Error, TokenState};
+
+on_both_backends!(
+    a_fresh_token_is_returned_without_calling_the_provider,
+    an_expired_token_is_refreshed_once_and_the_rotated_refresh_token_persisted,
+    the_old_refresh_token_is_kept_when_the_answer_has_none,
+    expiry_counts_from_when_the_request_was_sent,
+    a_ciphertext_moved_to_another_row_fails_to_decrypt,
+    a_revoked_refresh_token_requires_reauthorisation_and_keeps_the_row,
+    a_provider_outage_is_transient_and_keeps_the_token,
+    unknown_providers_and_hostile_ids_get_typed_errors,
+    two_processes_refresh_an_expired_token_once,
+    the_cli_reports_each_failure_class_with_its_exit_code,
+    tokens_never_reach_the_logs,
+);
+
+async fn a_fresh_token_is_returned_without_calling_the_provider(b: Backend) {
+    let w = World::new(b, "fresh").await;
+    w.store("alice", "at-fresh", Some("rt-0"), 3600).await;
+    let r = w.keeper.ensure_fresh("acme", "alice").await.unwrap();
+    assert_eq!(r.tokens.access_token.expose_secret(), "at-fresh");
+    assert_eq!(r.generation, 1);
+    assert_eq!(w.provider.calls(), 0);
+    assert!(w.keeper.is_access_token_valid(&r, 60).await.unwrap());
+    assert!(w.keeper.is_refresh_token_valid(&r).await.unwrap());
+}
+
+async fn an_expired_token_is_refreshed_once_and_the_rotated_refresh_token_persisted(b: Backend) {
+    let w = World::with(
+        b,
+        "expired",
+        Behaviour {
+            delay: Duration::from_millis(200),
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    // Four runtimes (own engine, own pool each), eight concurrent callers each.
+    let mut keepers = vec![w.keeper.clone()];
+    for _ in 0..3 {
+        keepers.push(w.another_keeper().await);
+    }
+    let mut tasks = Vec::new();
+    for k in &keepers {
+        for _ in 0..8 {
+            let k = k.clone();
+            tasks.push(tokio::spawn(async move {
+                k.ensure_fresh("acme", "alice").await
+            }));
+        }
+    }
+    let mut tokens = Vec::new();
+    for t in tasks {
+        let r = t.await.unwrap().unwrap();
+        tokens.push(r.tokens.access_token.expose_secret().to_string());
+    }
+    tokens.dedup();
+    assert_eq!(tokens.len(), 1, "every caller gets the one refreshed token");
+    assert_ne!(tokens[0], "at-old");
+    assert_eq!(
+        w.provider.calls(),
+        1,
+        "exactly one provider call for 32 callers"
+    );
+    assert!(!w.provider.revoked());
+    let stored = w
+        .keeper
+        .load_tokens("acme", "alice", true)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.generation, 2);
+    assert_eq!(
+        stored.tokens.refresh_token.unwrap().expose_secret(),
+        &w.provider.current_refresh_token().unwrap(),
+        "the rotated refresh token is what is stored"
+    );
+    // And now it is fresh: no further call.
+    w.keeper.ensure_fresh("acme", "alice").await.unwrap();
+    assert_eq!(w.provider.calls(), 1);
+}
+
+async fn the_old_refresh_token_is_kept_when_the_answer_has_none(b: Backend) {
+    let w = World::with(
+        b,
+        "keep-rt",
+        Behaviour {
+            rotate: false,
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    let r = w.keeper.ensure_fresh("acme", "alice").await.unwrap();
+    assert_ne!(r.tokens.access_token.expose_secret(), "at-old");
+    let stored = w
+        .keeper
+        .load_tokens("acme", "alice", false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.tokens.refresh_token.unwrap().expose_secret(), "rt-0");
+    assert_eq!(
+        stored.tokens.scopes,
+        vec!["repo", "read:user"],
+        "scopes kept when the answer has none"
+    );
+    assert_eq!(w.provider.calls(), 1);
+}
+
+async fn expiry_counts_from_when_the_request_was_sent(b: Backend) {
+    let w = World::with(
+        b,
+        "sent-at",
+        Behaviour {
+            delay: Duration::from_secs(2),
+            expires_in: 3600,
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    let before = now();
+    let r = w.keeper.ensure_fresh("acme", "alice").await.unwrap();
+    let at = r.tokens.access_token_expires_at.unwrap();
+    assert!(
+        at >= before + 3600 && at <= before + 3601,
+        "expiry {at} counts from the send at ~{before}, not the answer 2 s later"
+    );
+}
+
+async fn a_ciphertext_moved_to_another_row_fails_to_decrypt(b: Backend) {
+    let w = World::new(b, "moved").await;
+    w.store("alice", "at-alice", Some("rt-a"), 3600).await;
+    w.store("bob", "at-bob", Some("rt-b"), 3600).await;
+    raw_sql(
+        &w.database_url,
+        "UPDATE tokenkeep_tokens SET access_token = (SELECT access_token FROM tokenkeep_tokens WHERE user_id = 'alice') WHERE user_id = 'bob'",
+    )
+    .await;
+    let e = w.keeper.ensure_fresh("acme", "bob").await.unwrap_err();
+    assert!(matches!(e, Error::Decryption(_)), "{e:?}");
+    assert!(matches!(
+        w.keeper.load_tokens("acme", "bob", false).await,
+        Err(Error::Decryption(_))
+    ));
+    // A refresh token swapped into the access token column fails too.
+    raw_sql(
+        &w.database_url,
+        "UPDATE tokenkeep_tokens SET access_token = refresh_token WHERE user_id = 'alice'",
+    )
+    .await;
+    assert!(matches!(
+        w.keeper.ensure_fresh("acme", "alice").await,
+        Err(Error::Decryption(_))
+    ));
+    // Nothing was deleted.
+    assert_eq!(w.keeper.list_tokens().await.unwrap().len(), 2);
+}
+
+async fn a_revoked_refresh_token_requires_reauthorisation_and_keeps_the_row(b: Backend) {
+    let w = World::new(b, "revoked").await;
+    w.store("alice", "at-old", Some("rt-not-in-chain"), -10)
+        .await;
+    let e = w.keeper.ensure_fresh("acme", "alice").await.unwrap_err();
+    assert!(matches!(e, Error::ReauthorizationRequired(_)), "{e:?}");
+    let list = w.keeper.list_tokens().await.unwrap();
+    assert_eq!(
+        list.len(),
+        1,
+        "a dead token is reported, never silently deleted"
+    );
+    assert_eq!(list[0].state, TokenState::ReauthorizationRequired);
+    assert_eq!(list[0].health.failed_attempts, 1);
+    assert_eq!(list[0].generation, 1);
+    // Storing a new authorisation heals it.
+    w.provider.reset_chain("rt-new");
+    w.store("alice", "at-new", Some("rt-new"), -10).await;
+    assert!(w.keeper.ensure_fresh("acme", "alice").await.is_ok());
+}
+
+async fn a_provider_outage_is_transient_and_keeps_the_token(b: Backend) {
+    let w = World::new(b, "outage").await;
+    w.provider
+        .set(|b| b.canned = Some((503, "text/html".into(), "<html>down</html>".into())));
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    let e = w.keeper.ensure_fresh("acme", "alice").await.unwrap_err();
+    assert!(matches!(e, Error::ProviderUnavailable(_)), "{e:?}");
+    let row = w
+        .keeper
+        .load_tokens("acme", "alice", false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.tokens.refresh_token.unwrap().expose_secret(), "rt-0");
+    assert_eq!(row.health.failed_attempts, 1);
+
+    // Inside the window but still valid: the outage does not take it away.
+    w.store("bob", "at-bob", Some("rt-0"), 300).await;
+    let r = w.keeper.ensure_fresh("acme", "bob").await.unwrap();
+    assert_eq!(r.tokens.access_token.expose_secret(), "at-bob");
+
+    // The provider comes back: the kept refresh token still works.
+    w.provider.set(|b| b.canned = None);
+    let r = w.keeper.ensure_fresh("acme", "alice").await.unwrap();
+    assert_ne!(r.tokens.access_token.expose_secret(), "at-old");
+    assert_eq!(r.health.failed_attempts, 0);
+}
+
+async fn unknown_providers_and_hostile_ids_get_typed_errors(b: Backend) {
+    let w = World::new(b, "hostile").await;
+    assert!(matches!(
+        w.keeper.ensure_fresh("nope", "alice").await,
+        Err(Error::UnknownProvider(_))
+    ));
+    assert!(matches!(
+        w.keeper.ensure_fresh("acme", "").await,
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        w.keeper.ensure_fresh("acme", "a\0b").await,
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        w.keeper.ensure_fresh("ac'me", "alice").await,
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        w.keeper.ensure_fresh("acme", &"x".repeat(5000)).await,
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        w.keeper.ensure_fresh("acme", "nobody").await,
+        Err(Error::NotFound { .. })
+    ));
+    for user in [
+        "x'; DROP TABLE tokenkeep_tokens; --",
+        "ユーザー🙂",
+        "$1 %s \\",
+    ] {
+        w.keeper
+            .store_tokens(
+                "acme",
+                user,
+                &token_set("at-h", Some("rt-h"), Some(now() + 3600)),
+            )
+            .await
+            .unwrap();
+        let r = w.keeper.ensure_fresh("acme", user).await.unwrap();
+        assert_eq!(r.user_id, user, "stored verbatim");
+    }
+    assert_eq!(w.keeper.list_tokens().await.unwrap().len(), 3);
+}
+
+async fn two_processes_refresh_an_expired_token_once(b: Backend) {
+    let w = World::with(
+        b,
+        "processes",
+        Behaviour {
+            delay: Duration::from_millis(300),
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            w.cli()
+                .args(["tokens", "get", "acme", "alice"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = tokio::task::spawn_blocking(move || {
+        children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect()
+    })
+    .await
+    .unwrap();
+    let mut tokens: Vec<String> = outputs
+        .iter()
+        .map(|o| {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            String::from_utf8(o.stdout.clone()).unwrap()
+        })
+        .collect();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 1);
+    assert!(
+        tokens[0].starts_with("dev-at-")
+            && tokens[0].ends_with('\n')
+            && tokens[0].lines().count() == 1
+    );
+    assert_eq!(w.provider.calls(), 1, "four processes, one provider call");
+}
+
+async fn the_cli_reports_each_failure_class_with_its_exit_code(b: Backend) {
+    let w = World::new(b, "exit-codes").await;
+    let code = |args: &[&str]| {
+        let o = w.cli().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.stdout.is_empty(), "nothing on stdout on failure");
+        assert_eq!(stderr.lines().count(), 1, "one-line error: {stderr}");
+        o.status.code().unwrap()
+    };
+    assert_eq!(code(&["tokens", "get", "nope", "alice"]), 12);
+    assert_eq!(code(&["tokens", "get", "acme", "nobody"]), 3);
+    w.store("alice", "at-old", Some("rt-dead"), -10).await;
+    assert_eq!(code(&["tokens", "get", "acme", "alice"]), 4);
+    w.provider
+        .set(|b| b.canned = Some((502, "text/plain".into(), "bad gateway".into())));
+    w.provider.reset_chain("rt-dead");
+    assert_eq!(code(&["tokens", "get", "acme", "alice"]), 5);
+    w.provider
+        .set(|b| b.canned = Some((200, "application/json".into(), "{\"token\":1}".into())));
+    assert_eq!(code(&["tokens", "get", "acme", "alice"]), 11);
+    w.provider.set(|b| {
+        b.canned = Some((
+            401,
+            "application/json".into(),
+            "{\"error\":\"invalid_client\"}".into(),
+        ))
+    });
+    assert_eq!(code(&["tokens", "get", "acme", "alice"]), 6);
+}
+
+async fn tokens_never_reach_the_logs(b: Backend) {
+    let w = World::new(b, "logs").await;
+    let mut captured = String::new();
+    let mut run = |args: &[&str], stdin: Option<&str>, keep_stdout: bool| {
+        let mut child = w
+            .cli()
+            .env("TOKENKEEP_LOG", "trace")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        }
+        drop(child.stdin.take());
+        let o = child.wait_with_output().unwrap();
+        captured.push_str(&String::from_utf8_lossy(&o.stderr));
+        if keep_stdout {
+            captured.push_str(&String::from_utf8_lossy(&o.stdout));
+        }
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    run(
+        &["tokens", "put", "acme", "alice"],
+        Some(r#"{"access_token":"at-PUT-SECRET","refresh_token":"rt-0","expires_in":5}"#),
+        true,
+    );
+    let refreshed = run(&["tokens", "get", "acme", "alice"], None, false);
+    run(&["tokens", "list"], None, true);
+    run(
+        &["tokens", "put", "acme", "bob"],
+        Some(r#"{"access_token":"at-BOB-SECRET","refresh_token":"rt-BOB-DEAD","expires_in":5}"#),
+        true,
+    );
+    run(&["tokens", "get", "acme", "bob"], None, true);
+    w.provider
+        .set(|b| b.canned = Some((500, "text/plain".into(), "boom".into())));
+    run(&["tokens", "get", "acme", "bob"], None, true);
+
+    assert!(
+        refreshed.starts_with("dev-at-"),
+        "the refresh happened: {refreshed}"
+    );
+    assert!(
+        captured.contains("TRACE") || captured.contains("DEBUG"),
+        "trace logging was on"
+    );
+    let rotated = w.provider.current_refresh_token().unwrap();
+    let key_material = common::KEYS
+        .lines()
+        .map(|l| l.split_once('=').unwrap().1.to_string());
+    let secrets = [
+        "at-PUT-SECRET",
+        "at-BOB-SECRET",
+        "rt-BOB-DEAD",
+        "dev-secret",
+        &refreshed,
+        &rotated,
+    ]
+    .into_iter()
+    .map(str::to_string)
+    .chain(key_material);
+    for secret in secrets {
+        assert!(!captured.contains(&secret), "a secret reached the output");
+    }
+    // rt-0 is a prefix of nothing else in the output; check it separately.
+    assert!(!captured.contains("\"rt-0\"") && !captured.contains("rt-0&"));
+}
