@@ -25,6 +25,7 @@ fn main() {
         return;
     }
 
+    ensure_wasm_target();
     let target_dir = root.join("target").join("wasm");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
@@ -73,4 +74,30 @@ fn main() {
         "cargo:rustc-env=TOKENKEEP_COMPONENT_PATH={}",
         wasm.display()
     );
+}
+
+/// The guest needs the wasm32-wasip2 standard library. rust-toolchain.toml
+/// names the target, but rustup adds it only when it installs the toolchain
+/// (and never with RUSTUP_AUTO_INSTALL=0), so add it here if it is missing.
+fn ensure_wasm_target() {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let sysroot = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| PathBuf::from(s.trim()));
+    let installed = sysroot.as_ref().is_some_and(|s| s.join("lib/rustlib/wasm32-wasip2").exists());
+    if installed {
+        return;
+    }
+    let toolchain = std::env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| "1.95.0".into());
+    println!("cargo:warning=adding the wasm32-wasip2 target to {toolchain} (rustup target add wasm32-wasip2)");
+    let added = Command::new("rustup")
+        .args(["target", "add", "wasm32-wasip2", "--toolchain", &toolchain])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !added {
+        panic!("the wasm32-wasip2 target is missing: run `rustup target add wasm32-wasip2`");
+    }
 }
