@@ -87,12 +87,16 @@ fn ensure_wasm_target() {
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .map(|s| PathBuf::from(s.trim()));
-    let installed = sysroot.as_ref().is_some_and(|s| s.join("lib/rustlib/wasm32-wasip2").exists());
+    let installed = sysroot
+        .as_ref()
+        .is_some_and(|s| s.join("lib/rustlib/wasm32-wasip2").exists());
     if installed {
         return;
     }
     let toolchain = std::env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| "1.95.0".into());
-    println!("cargo:warning=adding the wasm32-wasip2 target to {toolchain} (rustup target add wasm32-wasip2)");
+    println!(
+        "cargo:warning=adding the wasm32-wasip2 target to {toolchain} (rustup target add wasm32-wasip2)"
+    );
     let added = Command::new("rustup")
         .args(["target", "add", "wasm32-wasip2", "--toolchain", &toolchain])
         .status()

@@ -148,24 +148,45 @@ mod tests {
             &"t".into(),
         )
         .unwrap();
-        assert_eq!(open(&KEY, &binding("bob", Field::AccessToken), &sealed).unwrap_err(), SealError::Authentication);
-        assert_eq!(open(&KEY, &binding("alice", Field::RefreshToken), &sealed).unwrap_err(), SealError::Authentication);
+        assert_eq!(
+            open(&KEY, &binding("bob", Field::AccessToken), &sealed).unwrap_err(),
+            SealError::Authentication
+        );
+        assert_eq!(
+            open(&KEY, &binding("alice", Field::RefreshToken), &sealed).unwrap_err(),
+            SealError::Authentication
+        );
         let relabelled = Binding {
             key_id: "k2",
             ..binding("alice", Field::AccessToken)
         };
-        assert_eq!(open(&KEY, &relabelled, &sealed).unwrap_err(), SealError::Authentication);
+        assert_eq!(
+            open(&KEY, &relabelled, &sealed).unwrap_err(),
+            SealError::Authentication
+        );
     }
 
     #[test]
     fn tampering_and_wrong_keys_fail() {
         let b = binding("alice", Field::AccessToken);
         let mut sealed = seal(&KEY, [1; 12], &b, &"token".into()).unwrap();
-        assert_eq!(open(&[8; 32], &b, &sealed).unwrap_err(), SealError::Authentication);
+        assert_eq!(
+            open(&[8; 32], &b, &sealed).unwrap_err(),
+            SealError::Authentication
+        );
         let last = sealed.len() - 1;
         sealed[last] ^= 1;
-        assert_eq!(open(&KEY, &b, &sealed).unwrap_err(), SealError::Authentication);
-        assert_eq!(open(&KEY, &b, &sealed[..5]).unwrap_err(), SealError::Malformed);
-        assert_eq!(open(&KEY[..16], &b, &sealed).unwrap_err(), SealError::BadKey);
+        assert_eq!(
+            open(&KEY, &b, &sealed).unwrap_err(),
+            SealError::Authentication
+        );
+        assert_eq!(
+            open(&KEY, &b, &sealed[..5]).unwrap_err(),
+            SealError::Malformed
+        );
+        assert_eq!(
+            open(&KEY[..16], &b, &sealed).unwrap_err(),
+            SealError::BadKey
+        );
     }
 }
