@@ -419,3 +419,51 @@ async fn tokens_never_reach_the_logs(b: Backend) {
     // rt-0 is a prefix of nothing else in the output; check it separately.
     assert!(!captured.contains("\"rt-0\"") && !captured.contains("rt-0&"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_default_creates_a_private_key_file_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new(Backend::Sqlite, "keyfile").await;
+    let db = w.scratch.0.join("fresh.db");
+    let run = || {
+        w.cli()
+            .env("TOKENKEEP_DATABASE", format!("sqlite:{}", db.display()))
+            .env_remove("TOKENKEEP_KEYS_FILE")
+            .args(["tokens", "list"])
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(String::from_utf8_lossy(&first.stderr).contains("created encryption key"));
+    let key = db.with_extension("key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let second = run();
+    assert!(second.status.success());
+    assert!(second.stderr.is_empty(), "said once only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_refuses_to_start_without_a_configured_key() {
+    let w = World::new(Backend::Postgres, "pg-no-key").await;
+    let o = w
+        .cli()
+        .env_remove("TOKENKEEP_KEYS_FILE")
+        .args(["tokens", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(14),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Postgres needs a configured key"));
+}

@@ -182,3 +182,78 @@ fn attach_client_credentials(
 fn form_encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Arc<Config> {
+        Arc::new(
+            Config::parse(
+                "[providers.acme]\ntoken_url = \"https://auth.example/oauth/token\"\nclient_id = \"the client\"\nclient_secret = \"s3cret&=\"\n\
+                 [providers.basic]\ntoken_url = \"https://auth.example/basic\"\nclient_id = \"id\"\nclient_secret = \"pw\"\nclient_auth = \"basic\"\n",
+            )
+            .unwrap(),
+        )
+    }
+
+    fn request(provider: Option<&str>, method: &str, url: &str) -> http::Request<WasiBody> {
+        let mut r = http::Request::builder().method(method).uri(url);
+        if let Some(p) = provider {
+            r = r.header(PROVIDER_HEADER, p);
+        }
+        r.body(
+            Full::new(Bytes::from_static(b"grant_type=refresh_token"))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_a_configured_providers_token_url_is_reachable() {
+        let config = config();
+        let denied = [
+            (Some("acme"), "POST", "https://evil.example/oauth/token"),
+            (Some("acme"), "POST", "https://auth.example/oauth/token2"),
+            (Some("acme"), "POST", "http://auth.example/oauth/token"),
+            (
+                Some("acme"),
+                "POST",
+                "https://auth.example:8443/oauth/token",
+            ),
+            (Some("acme"), "POST", "https://auth.example/oauth/token?x=1"),
+            (Some("acme"), "GET", "https://auth.example/oauth/token"),
+            (Some("basic"), "POST", "https://auth.example/oauth/token"),
+            (Some("nope"), "POST", "https://auth.example/oauth/token"),
+            (None, "POST", "https://auth.example/oauth/token"),
+        ];
+        for (provider, method, url) in denied {
+            let outcome = send(&config, request(provider, method, url), None).await;
+            assert!(
+                matches!(outcome, Err(Error::HttpRequestDenied)),
+                "{method} {url} for {provider:?} must be denied"
+            );
+        }
+    }
+
+    #[test]
+    fn client_credentials_are_attached_by_the_host() {
+        let config = config();
+        let mut headers = http::HeaderMap::new();
+        let mut form = b"grant_type=refresh_token".to_vec();
+        attach_client_credentials(&config.providers["acme"], &mut headers, &mut form);
+        assert_eq!(
+            String::from_utf8(form).unwrap(),
+            "grant_type=refresh_token&client_id=the+client&client_secret=s3cret%26%3D"
+        );
+        assert!(headers.get(http::header::AUTHORIZATION).is_none());
+
+        let mut form = b"grant_type=refresh_token".to_vec();
+        attach_client_credentials(&config.providers["basic"], &mut headers, &mut form);
+        assert_eq!(form, b"grant_type=refresh_token");
+        let auth = headers.get(http::header::AUTHORIZATION).unwrap();
+        assert!(auth.is_sensitive());
+        assert_eq!(auth.to_str().unwrap(), "Basic aWQ6cHc=");
+    }
+}
