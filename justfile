@@ -16,6 +16,7 @@ test:
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy -p tokenkeep-component --target wasm32-wasip2 --target-dir target/wasm -- -D warnings
 
 # Show the built component's world (needs `cargo install wasm-tools`).
 wit: build

@@ -91,10 +91,8 @@ pub fn parse_token_response(
     body: &[u8],
 ) -> Result<TokenResponse, RefreshError> {
     let fields = decode_body(content_type, body);
-    if let Some(fields) = &fields {
-        if let Some(code) = error_code(fields) {
-            return Err(classify_error_code(&code, status));
-        }
+    if let Some(code) = fields.as_ref().and_then(error_code) {
+        return Err(classify_error_code(&code, status));
     }
     if !(200..300).contains(&status) {
         return Err(classify_status(status));

@@ -177,15 +177,8 @@ fn print_list(list: &[TokenSummary], json: bool) {
     if !json {
         let _ = writeln!(
             out,
-            "{:<12} {:<24} {:<26} {:<34} {:<34} {:>4} {:<6} {}",
-            "PROVIDER",
-            "USER",
-            "STATE",
-            "ACCESS EXPIRES",
-            "REFRESH EXPIRES",
-            "GEN",
-            "KEY",
-            "LAST FAILURE"
+            "{:<12} {:<24} {:<26} {:<34} {:<34} {:>4} {:<6} LAST FAILURE",
+            "PROVIDER", "USER", "STATE", "ACCESS EXPIRES", "REFRESH EXPIRES", "GEN", "KEY"
         );
     }
     for s in list {

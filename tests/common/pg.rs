@@ -95,7 +95,8 @@ fn start() -> Cluster {
         ))
         .args(["-w", "start"]);
     run(ctl, "pg_ctl start");
-    // Stop the cluster when this test process ends, however it ends.
+    // Stop the cluster when this test process ends, however it ends. The
+    // watchdog outlives us on purpose, so it is never waited for.
     let stop = format!(
         "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {runuser} pg_ctl -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
         pid = std::process::id(),
@@ -107,6 +108,7 @@ fn start() -> Cluster {
         data = data.display(),
         dir = dir.display(),
     );
+    #[allow(clippy::zombie_processes)]
     Command::new("sh")
         .args(["-c", &stop])
         .stdin(std::process::Stdio::null())
