@@ -2,7 +2,7 @@
 //! become a [`Host`], exports call the [`Keeper`].
 
 use crate::error::{ErrorClass, RefreshError};
-use crate::model::{self, HttpAnswer, Key, ProviderConfig, SealedRow, StorageError};
+use crate::model::{self, HttpAnswer, Key, ProviderConfig, RowKey, SealedRow, StorageError};
 use crate::refresh::{Host, Keeper};
 use crate::validity::TokenState;
 use secrecy::{ExposeSecret, SecretString};
@@ -99,8 +99,8 @@ impl Host for Imports {
             .map(row_from_wit))
     }
 
-    fn list(&self) -> Result<Vec<SealedRow>, StorageError> {
-        Ok(storage::list_rows()
+    fn list(&self, after: Option<&RowKey>, limit: u32) -> Result<Vec<SealedRow>, StorageError> {
+        Ok(storage::list_rows(after.map(key_to_wit).as_ref(), limit)
             .map_err(storage_error)?
             .into_iter()
             .map(row_from_wit)
@@ -129,6 +129,21 @@ impl Host for Imports {
 }
 
 impl Guest for Component {
+    fn reseal_batch(
+        after: Option<wit::RowKey>,
+        limit: u32,
+    ) -> Result<wit::ResealProgress, wit::RefreshError> {
+        let p = keeper()
+            .reseal_batch(after.map(key_from_wit).as_ref(), limit)
+            .map_err(error_to_wit)?;
+        Ok(wit::ResealProgress {
+            examined: p.examined,
+            resealed: p.resealed,
+            undecryptable: p.undecryptable.iter().map(key_to_wit).collect(),
+            next: p.next.as_ref().map(key_to_wit),
+        })
+    }
+
     fn store_tokens(
         provider: String,
         user_id: String,
@@ -205,6 +220,20 @@ impl Guest for Component {
                 health: health_to_wit(&s.row.health),
             })
             .collect())
+    }
+}
+
+fn key_to_wit(k: &RowKey) -> wit::RowKey {
+    wit::RowKey {
+        provider: k.provider.clone(),
+        user_id: k.user_id.clone(),
+    }
+}
+
+fn key_from_wit(k: wit::RowKey) -> RowKey {
+    RowKey {
+        provider: k.provider,
+        user_id: k.user_id,
     }
 }
 

@@ -51,6 +51,32 @@ pub struct SealedRow {
     pub health: Health,
 }
 
+/// Identifies a row; the cursor of paginated scans (WIT `row-key`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RowKey {
+    pub provider: String,
+    pub user_id: String,
+}
+
+impl SealedRow {
+    /// This row's key.
+    pub fn key(&self) -> RowKey {
+        RowKey {
+            provider: self.provider.clone(),
+            user_id: self.user_id.clone(),
+        }
+    }
+}
+
+/// One batch of a key rotation (WIT `reseal-progress`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResealProgress {
+    pub examined: u32,
+    pub resealed: u32,
+    pub undecryptable: Vec<RowKey>,
+    pub next: Option<RowKey>,
+}
+
 /// A stored token without secrets (WIT `token-summary`).
 #[derive(Debug, Clone)]
 pub struct TokenSummary {

@@ -5,7 +5,8 @@
 
 use crate::error::{ErrorClass, RefreshError};
 use crate::model::{
-    HttpAnswer, Key, ProviderConfig, SealedRow, StorageError, TokenRecord, TokenSet, TokenSummary,
+    Health, HttpAnswer, Key, ProviderConfig, ResealProgress, RowKey, SealedRow, StorageError,
+    TokenRecord, TokenSet, TokenSummary,
 };
 use crate::provider::{parse_token_response, refresh_request_body};
 use crate::seal::{self, Binding, Field, NONCE_LEN};
@@ -18,6 +19,8 @@ pub const MAX_PROVIDER_LEN: usize = 64;
 pub const MAX_USER_ID_LEN: usize = 1024;
 /// Longest token accepted, in bytes (JWT access tokens can be a few KiB).
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// Rows fetched per page when listing.
+const LIST_PAGE: u32 = 500;
 
 /// Everything the logic needs from its host: the WIT imports plus clock,
 /// randomness and HTTP.
@@ -31,7 +34,8 @@ pub trait Host {
     fn active_key_id(&self) -> String;
     fn key(&self, id: &str) -> Option<Key>;
     fn read(&self, provider: &str, user_id: &str) -> Result<Option<SealedRow>, StorageError>;
-    fn list(&self) -> Result<Vec<SealedRow>, StorageError>;
+    /// Up to `limit` rows after `after`, ordered by provider then user.
+    fn list(&self, after: Option<&RowKey>, limit: u32) -> Result<Vec<SealedRow>, StorageError>;
     fn upsert(&self, row: &SealedRow) -> Result<u64, StorageError>;
     fn delete(&self, provider: &str, user_id: &str) -> Result<bool, StorageError>;
     fn begin(&self) -> Result<Self::Txn, StorageError>;
@@ -142,19 +146,36 @@ impl<H: Host> Keeper<H> {
         let current = self.open_row(&row)?;
 
         // 3. Refresh, or say why not.
-        let outcome = self.refresh_locked(&config, &current, now);
-        match outcome {
+        match self.refresh_locked(&config, &current, now) {
             Ok(tokens) => {
+                // Scopes the provider silently dropped. The new tokens are kept
+                // all the same: a rotating provider has already spent the old
+                // refresh token, so dropping the answer would kill the chain.
+                let missing: Vec<String> = current
+                    .tokens
+                    .scopes
+                    .iter()
+                    .filter(|s| !tokens.scopes.contains(s))
+                    .cloned()
+                    .collect();
                 let mut next = self.seal_row(provider, user_id, &tokens, now)?;
                 next.generation = row.generation + 1;
-                next.health = crate::model::Health {
+                next.health = Health {
                     last_success_at: Some(now),
                     ..Default::default()
                 };
+                if !missing.is_empty() {
+                    next.health.failed_attempts = 1;
+                    next.health.last_failure_at = Some(now);
+                    next.health.last_failure = Some(ErrorClass::ScopeMismatch);
+                }
                 if !txn.compare_and_set(&next, row.generation)? {
                     return Err(RefreshError::Storage("row changed while locked".into()));
                 }
                 txn.commit()?;
+                if !missing.is_empty() {
+                    return Err(RefreshError::ScopeMismatch(missing));
+                }
                 Ok(TokenRecord {
                     tokens,
                     obtained_at: now,
@@ -168,10 +189,19 @@ impl<H: Host> Keeper<H> {
                 failed.health.failed_attempts = failed.health.failed_attempts.saturating_add(1);
                 failed.health.last_failure_at = Some(now);
                 failed.health.last_failure = Some(err.class());
-                failed.health.refresh_started_at = None;
                 // Bookkeeping only: the tokens and the generation stay as they were.
                 if txn.compare_and_set(&failed, row.generation)? {
                     txn.commit()?;
+                }
+                if matches!(err, RefreshError::ReauthorizationRequired(_)) {
+                    // Race or revocation? If someone wrote a newer token while
+                    // we spent ours (a writer outside our lock, a new
+                    // authorisation), the rejection was a race: use theirs.
+                    if let Some(newer) =
+                        self.newer_fresh_row(provider, user_id, row.generation, threshold)?
+                    {
+                        return Ok(newer);
+                    }
                 }
                 let still_valid = validity::is_access_token_valid(
                     current.tokens.access_token_expires_at,
@@ -185,6 +215,28 @@ impl<H: Host> Keeper<H> {
                 }
                 Err(err)
             }
+        }
+    }
+
+    /// After a definitive rejection: the row as it stands once every writer
+    /// queued on its lock is done, if it holds a newer, fresh token.
+    fn newer_fresh_row(
+        &self,
+        provider: &str,
+        user_id: &str,
+        spent_generation: u64,
+        threshold: u32,
+    ) -> Result<Option<TokenRecord>, RefreshError> {
+        let txn = self.host.begin()?;
+        let row = txn.load_for_update(provider, user_id)?;
+        txn.commit()?;
+        match row {
+            Some(row)
+                if row.generation != spent_generation && !due(&row, self.host.now(), threshold) =>
+            {
+                self.open_row(&row).map(Some)
+            }
+            _ => Ok(None),
         }
     }
 
@@ -240,9 +292,18 @@ impl<H: Host> Keeper<H> {
     /// Every row without secrets (WIT `list-tokens`).
     pub fn list_tokens(&self) -> Result<Vec<TokenSummary>, RefreshError> {
         let now = self.host.now();
-        Ok(self
-            .host
-            .list()?
+        let mut rows = Vec::new();
+        loop {
+            let page = self
+                .host
+                .list(rows.last().map(SealedRow::key).as_ref(), LIST_PAGE)?;
+            let done = page.len() < LIST_PAGE as usize;
+            rows.extend(page);
+            if done {
+                break;
+            }
+        }
+        Ok(rows
             .into_iter()
             .map(|row| {
                 let threshold = self
@@ -253,6 +314,47 @@ impl<H: Host> Keeper<H> {
                 TokenSummary { row, state }
             })
             .collect())
+    }
+
+    /// Re-encrypts one batch of rows to the active key (WIT `reseal-batch`).
+    pub fn reseal_batch(
+        &self,
+        after: Option<&RowKey>,
+        limit: u32,
+    ) -> Result<ResealProgress, RefreshError> {
+        let limit = limit.clamp(1, 10_000);
+        let rows = self.host.list(after, limit)?;
+        let active = self.host.active_key_id();
+        let mut progress = ResealProgress {
+            examined: rows.len() as u32,
+            next: (rows.len() == limit as usize)
+                .then(|| rows.last().map(SealedRow::key))
+                .flatten(),
+            ..Default::default()
+        };
+        for listed in rows.iter().filter(|r| r.key_id != active) {
+            let txn = self.host.begin()?;
+            // Look again under the lock: a refresh may have resealed it already.
+            let Some(row) = txn.load_for_update(&listed.provider, &listed.user_id)? else {
+                continue;
+            };
+            if row.key_id == active {
+                continue;
+            }
+            let Ok(record) = self.open_row(&row) else {
+                progress.undecryptable.push(row.key());
+                continue;
+            };
+            let mut resealed =
+                self.seal_row(&row.provider, &row.user_id, &record.tokens, row.obtained_at)?;
+            resealed.generation = row.generation;
+            resealed.health = row.health.clone();
+            if txn.compare_and_set(&resealed, row.generation)? {
+                txn.commit()?;
+                progress.resealed += 1;
+            }
+        }
+        Ok(progress)
     }
 
     /// Where a record stands (WIT `token-state`).

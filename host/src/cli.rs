@@ -41,12 +41,27 @@ enum Command {
     /// Store, read and list tokens.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// Encryption keys: status and rotation.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Watch several runtimes share one expiring token (SQLite, local test provider).
     Demo {
         /// How many runtime processes ask at once.
         #[arg(long, default_value_t = 8)]
         runtimes: usize,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Re-encrypt every row sealed with an older key to the active key (online, resumable).
+    Rotate {
+        /// Rows per batch.
+        #[arg(long, default_value_t = 200)]
+        batch: u32,
+    },
+    /// Show the active key and how many rows each key seals.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -104,6 +119,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let keeper = open(&cli).await?;
             tokens(&keeper, cmd).await
         }
+        Command::Keys(cmd) => {
+            let keeper = open(&cli).await?;
+            keys(&keeper, cmd).await
+        }
     }
 }
 
@@ -136,6 +155,42 @@ async fn tokens(keeper: &Keeper, cmd: &TokensCommand) -> Result<(), Error> {
                 });
             }
             eprintln!("deleted {provider}/{user}");
+        }
+    }
+    Ok(())
+}
+
+async fn keys(keeper: &Keeper, cmd: &KeysCommand) -> Result<(), Error> {
+    match cmd {
+        KeysCommand::Rotate { batch } => {
+            let r = keeper.rotate_keys(*batch).await?;
+            println!(
+                "examined {} rows, re-encrypted {} to the active key",
+                r.examined, r.resealed
+            );
+            if !r.undecryptable.is_empty() {
+                for (provider, user) in &r.undecryptable {
+                    println!("undecryptable, left as it was: {provider}/{user}");
+                }
+                return Err(Error::Decryption(format!(
+                    "{} rows did not decrypt and were not re-encrypted",
+                    r.undecryptable.len()
+                )));
+            }
+        }
+        KeysCommand::Status => {
+            let s = keeper.key_status().await?;
+            println!("active key: {}", s.active);
+            for (id, rows) in &s.rows_per_key {
+                let note = if *id == s.active {
+                    " (active)"
+                } else if s.missing_keys.contains(id) {
+                    " (NOT IN KEYRING: unreadable)"
+                } else {
+                    " (rotate to move these to the active key)"
+                };
+                println!("{id}: {rows} rows{note}");
+            }
         }
     }
     Ok(())
@@ -328,6 +383,7 @@ async fn open(cli: &Cli) -> Result<Arc<Keeper>, Error> {
         keyring,
         limits: SandboxLimits::default(),
         max_connections: 16,
+        clock: Default::default(),
     })
     .await
 }

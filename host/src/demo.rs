@@ -58,6 +58,7 @@ async fn run_in(dir: &std::path::Path, runtimes: usize) -> Result<(), Error> {
         keyring,
         limits: SandboxLimits::default(),
         max_connections: 4,
+        clock: Default::default(),
     })
     .await?;
     let now = now();

@@ -24,6 +24,10 @@ pub struct Behaviour {
     /// Client credentials the endpoint requires (body or HTTP Basic).
     pub client_id: String,
     pub client_secret: String,
+    /// Sent as `refresh_token_expires_in` when set.
+    pub refresh_expires_in: Option<i64>,
+    /// Sent as `scope` when set.
+    pub scope: Option<String>,
 }
 
 impl Default for Behaviour {
@@ -35,6 +39,8 @@ impl Default for Behaviour {
             canned: None,
             client_id: "dev-client".into(),
             client_secret: "dev-secret".into(),
+            refresh_expires_in: None,
+            scope: None,
         }
     }
 }
@@ -53,7 +59,9 @@ struct Chain {
 struct Inner {
     behaviour: Behaviour,
     chain: Chain,
-    /// Refresh requests received (well-formed or not).
+    /// Requests that have arrived (counted before any delay).
+    arrived: u64,
+    /// Refresh requests answered (well-formed or not).
     calls: u64,
     /// Reuses of spent refresh tokens detected.
     reuses: u64,
@@ -103,7 +111,12 @@ impl DevProvider {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Refresh requests received so far.
+    /// Requests that have arrived so far, answered or still delayed.
+    pub fn arrived(&self) -> u64 {
+        self.lock().arrived
+    }
+
+    /// Refresh requests answered so far.
     pub fn calls(&self) -> u64 {
         self.lock().calls
     }
@@ -183,11 +196,11 @@ async fn serve(mut socket: tokio::net::TcpStream, state: Arc<Mutex<Inner>>) -> s
         buf.extend_from_slice(&chunk[..n]);
     }
     let body = String::from_utf8_lossy(&buf[header_end..]).to_string();
-    let delay = state
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .behaviour
-        .delay;
+    let delay = {
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        s.arrived += 1;
+        s.behaviour.delay
+    };
     tokio::time::sleep(delay).await;
     let (status, content_type, answer) = respond(&state, &body, authorization);
     let reply = format!(
@@ -263,6 +276,12 @@ fn respond(
         "token_type": "bearer",
         "expires_in": s.behaviour.expires_in,
     });
+    if let Some(secs) = s.behaviour.refresh_expires_in {
+        answer["refresh_token_expires_in"] = serde_json::Value::from(secs);
+    }
+    if let Some(scope) = &s.behaviour.scope {
+        answer["scope"] = serde_json::Value::String(scope.clone());
+    }
     if s.behaviour.rotate {
         let next = format!("dev-rt-{n}-{}", nonce());
         s.chain.spent.insert(presented);

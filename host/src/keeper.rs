@@ -4,7 +4,7 @@ use crate::bindings::tokenkeep::oauth::types as wit;
 use crate::config::Config;
 use crate::error::Error;
 use crate::keyring::Keyring;
-use crate::runtime::{Runtime, SandboxLimits, Shared};
+use crate::runtime::{Clock, Runtime, SandboxLimits, Shared};
 use crate::storage::{Store, StoreOptions};
 use secrecy::{ExposeSecret, SecretString};
 use std::sync::Arc;
@@ -45,6 +45,27 @@ pub struct Options {
     pub limits: SandboxLimits,
     /// Database connections per process.
     pub max_connections: u32,
+    /// The component's wall clock (tests use a manual one).
+    pub clock: Clock,
+}
+
+/// The outcome of a key rotation run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rotation {
+    pub examined: u64,
+    pub resealed: u64,
+    /// Rows that did not decrypt and were left as they were.
+    pub undecryptable: Vec<(String, String)>,
+}
+
+/// Which keys the stored rows are sealed with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyStatus {
+    pub active: String,
+    /// Row counts per key id, including keys the keyring no longer holds.
+    pub rows_per_key: std::collections::BTreeMap<String, u64>,
+    /// Key ids rows use that the keyring does not hold: those rows cannot be read.
+    pub missing_keys: Vec<String>,
 }
 
 /// The token keeper of one process: a sandboxed component over a database.
@@ -65,6 +86,7 @@ impl Keeper {
             store,
             config: Arc::new(options.config),
             keyring: options.keyring,
+            clock: options.clock,
         };
         // Compiling (or loading the cached machine code) happens once per process.
         let runtime = Runtime::new(shared, options.limits)?;
@@ -150,6 +172,76 @@ impl Keeper {
             .call(async |k, s| k.tokenkeep_oauth_token_store().call_list_tokens(s).await)
             .await?;
         r.map_err(|e| error_from_wit(e, "", ""))
+    }
+
+    /// Re-encrypts every row sealed with an older key to the active key, in
+    /// batches of `batch` rows, each row in its own short transaction. Safe to
+    /// interrupt and rerun; readers never wait.
+    pub async fn rotate_keys(&self, batch: u32) -> Result<Rotation, Error> {
+        let mut total = Rotation::default();
+        let mut after = None;
+        loop {
+            let (r, next) = self.reseal_batch(after, batch).await?;
+            total.examined += r.examined;
+            total.resealed += r.resealed;
+            total.undecryptable.extend(r.undecryptable);
+            tracing::info!(
+                examined = total.examined,
+                resealed = total.resealed,
+                "key rotation progress"
+            );
+            match next {
+                Some(next) => after = Some(next),
+                None => return Ok(total),
+            }
+        }
+    }
+
+    /// One batch of [`Keeper::rotate_keys`]: rows after `after`, at most `limit`.
+    pub async fn reseal_batch(
+        &self,
+        after: Option<(String, String)>,
+        limit: u32,
+    ) -> Result<(Rotation, Option<(String, String)>), Error> {
+        let cursor = after.map(|(provider, user_id)| wit::RowKey { provider, user_id });
+        let r = self
+            .runtime
+            .call(async |k, s| {
+                k.tokenkeep_oauth_token_store()
+                    .call_reseal_batch(s, cursor.as_ref(), limit)
+                    .await
+            })
+            .await?
+            .map_err(|e| error_from_wit(e, "", ""))?;
+        let rotation = Rotation {
+            examined: u64::from(r.examined),
+            resealed: u64::from(r.resealed),
+            undecryptable: r
+                .undecryptable
+                .into_iter()
+                .map(|k| (k.provider, k.user_id))
+                .collect(),
+        };
+        Ok((rotation, r.next.map(|k| (k.provider, k.user_id))))
+    }
+
+    /// Row counts per key id.
+    pub async fn key_status(&self) -> Result<KeyStatus, Error> {
+        let keyring = &self.runtime.shared().keyring;
+        let mut status = KeyStatus {
+            active: keyring.active_id().to_string(),
+            ..Default::default()
+        };
+        for s in self.list_tokens().await? {
+            *status.rows_per_key.entry(s.key_id).or_default() += 1;
+        }
+        status.missing_keys = status
+            .rows_per_key
+            .keys()
+            .filter(|id| keyring.key(id).is_none())
+            .cloned()
+            .collect();
+        Ok(status)
     }
 
     /// The seed's `is_access_token_valid`, evaluated by the component.

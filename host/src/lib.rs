@@ -18,6 +18,8 @@ pub mod storage;
 
 pub use config::Config;
 pub use error::Error;
-pub use keeper::{Keeper, Options, TokenRecord, TokenSet, TokenState, TokenSummary};
+pub use keeper::{
+    Keeper, KeyStatus, Options, Rotation, TokenRecord, TokenSet, TokenState, TokenSummary,
+};
 pub use keyring::Keyring;
-pub use runtime::{COMPONENT, SandboxLimits};
+pub use runtime::{COMPONENT, Clock, SandboxLimits};

@@ -13,6 +13,7 @@ use secrecy::ExposeSecret;
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, StoreLimits, StoreLimitsBuilder};
@@ -43,11 +44,64 @@ impl Default for SandboxLimits {
     }
 }
 
+/// The wall clock the component sees: the system's, or one that tests set
+/// and move to check expiry boundaries to the second.
+#[derive(Clone, Debug, Default)]
+pub enum Clock {
+    #[default]
+    System,
+    Manual(Arc<AtomicI64>),
+}
+
+impl Clock {
+    /// A clock frozen at `seconds` since the epoch until moved.
+    pub fn manual(seconds: i64) -> Self {
+        Clock::Manual(Arc::new(AtomicI64::new(seconds)))
+    }
+
+    /// Moves a manual clock by `seconds` (no-op on the system clock).
+    pub fn advance(&self, seconds: i64) {
+        if let Clock::Manual(t) = self {
+            t.fetch_add(seconds, Ordering::SeqCst);
+        }
+    }
+
+    /// Seconds since the epoch.
+    pub fn now(&self) -> i64 {
+        match self {
+            Clock::System => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or_default(),
+            Clock::Manual(t) => t.load(Ordering::SeqCst),
+        }
+    }
+}
+
+impl wasmtime_wasi::HostWallClock for Clock {
+    fn resolution(&self) -> Duration {
+        match self {
+            Clock::System => Duration::from_nanos(1),
+            Clock::Manual(_) => Duration::from_secs(1),
+        }
+    }
+
+    fn now(&self) -> Duration {
+        match self {
+            Clock::System => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+            Clock::Manual(t) => Duration::from_secs(t.load(Ordering::SeqCst).max(0) as u64),
+        }
+    }
+}
+
 /// What every store of a process shares.
 pub(crate) struct Shared {
     pub store: Store,
     pub config: Arc<Config>,
     pub keyring: Keyring,
+    pub clock: Clock,
 }
 
 /// The state of one store: one call into the component.
@@ -153,7 +207,9 @@ impl Runtime {
     {
         let state = State {
             shared: self.shared.clone(),
-            wasi: WasiCtx::builder().build(),
+            wasi: WasiCtx::builder()
+                .wall_clock(self.shared.clock.clone())
+                .build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             egress: Egress::new(self.shared.config.clone()),
@@ -269,8 +325,15 @@ impl storage::Host for State {
 
     async fn list_rows(
         &mut self,
+        after: Option<types::RowKey>,
+        limit: u32,
     ) -> wasmtime::Result<Result<Vec<storage::SealedRow>, storage::StorageError>> {
-        Ok(self.shared.store.list().await.map_err(to_wit))
+        Ok(self
+            .shared
+            .store
+            .list(after.as_ref(), limit)
+            .await
+            .map_err(to_wit))
     }
 
     async fn upsert(

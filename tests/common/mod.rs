@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use tokenkeep::devprovider::{Behaviour, DevProvider};
-use tokenkeep::{Config, Keeper, Keyring, Options, SandboxLimits, TokenSet};
+use tokenkeep::{Clock, Config, Keeper, Keyring, Options, SandboxLimits, TokenSet};
 
 /// Fixed test keys: k1 active, k0 an older key.
 pub const KEYS: &str = "k1=AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\nk0=AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=\n";
@@ -49,6 +49,7 @@ pub struct World {
     pub provider: DevProvider,
     pub config_path: PathBuf,
     pub keys_path: PathBuf,
+    pub clock: Clock,
     pub keeper: Arc<Keeper>,
 }
 
@@ -59,6 +60,17 @@ impl World {
 
     /// A world whose provider config gets `extra` TOML lines.
     pub async fn with(backend: Backend, name: &str, behaviour: Behaviour, extra: &str) -> Self {
+        Self::build(backend, name, behaviour, extra, Clock::System).await
+    }
+
+    /// A world whose component sees `clock`.
+    pub async fn build(
+        backend: Backend,
+        name: &str,
+        behaviour: Behaviour,
+        extra: &str,
+        clock: Clock,
+    ) -> Self {
         let scratch = Scratch::new(name);
         let database_url = match backend {
             Backend::Postgres => pg::fresh_database().await,
@@ -76,20 +88,37 @@ impl World {
         .unwrap();
         let keys_path = scratch.0.join("keys");
         std::fs::write(&keys_path, KEYS).unwrap();
-        let keeper = open_keeper(&database_url, &config_path).await;
+        let keeper = open_keeper(&database_url, &config_path, KEYS, clock.clone()).await;
         World {
             scratch,
             database_url,
             provider,
             config_path,
             keys_path,
+            clock,
             keeper,
         }
     }
 
     /// Another runtime on the same database and configuration.
     pub async fn another_keeper(&self) -> Arc<Keeper> {
-        open_keeper(&self.database_url, &self.config_path).await
+        self.keeper_with_keys(KEYS).await
+    }
+
+    /// Another runtime with its own keyring.
+    pub async fn keeper_with_keys(&self, keys: &str) -> Arc<Keeper> {
+        open_keeper(
+            &self.database_url,
+            &self.config_path,
+            keys,
+            self.clock.clone(),
+        )
+        .await
+    }
+
+    /// Seconds since the epoch on this world's clock.
+    pub fn now(&self) -> i64 {
+        self.clock.now()
     }
 
     /// Stores tokens for acme/`user` whose access token expires in `expires_in` seconds.
@@ -98,7 +127,7 @@ impl World {
             .store_tokens(
                 "acme",
                 user,
-                &token_set(access, refresh, Some(now() + expires_in)),
+                &token_set(access, refresh, Some(self.now() + expires_in)),
             )
             .await
             .unwrap();
@@ -116,13 +145,19 @@ impl World {
     }
 }
 
-pub async fn open_keeper(database_url: &str, config_path: &Path) -> Arc<Keeper> {
+pub async fn open_keeper(
+    database_url: &str,
+    config_path: &Path,
+    keys: &str,
+    clock: Clock,
+) -> Arc<Keeper> {
     Keeper::open(Options {
         database_url: database_url.into(),
         config: Config::load(config_path).unwrap(),
-        keyring: Keyring::parse(&SecretString::from(KEYS.to_string())).unwrap(),
+        keyring: Keyring::parse(&SecretString::from(keys.to_string())).unwrap(),
         limits: SandboxLimits::default(),
         max_connections: 8,
+        clock,
     })
     .await
     .unwrap()

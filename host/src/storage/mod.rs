@@ -8,7 +8,7 @@ pub mod postgres;
 pub mod sqlite;
 
 use crate::bindings::tokenkeep::oauth::storage::SealedRow;
-use crate::bindings::tokenkeep::oauth::types::ErrorClass;
+use crate::bindings::tokenkeep::oauth::types::{ErrorClass, RowKey};
 use std::time::Duration;
 use thiserror::Error;
 
@@ -94,10 +94,15 @@ impl Store {
         }
     }
 
-    pub async fn list(&self) -> Result<Vec<SealedRow>, StorageError> {
+    /// Up to `limit` rows after `after`, ordered by provider then user.
+    pub async fn list(
+        &self,
+        after: Option<&RowKey>,
+        limit: u32,
+    ) -> Result<Vec<SealedRow>, StorageError> {
         match self {
-            Store::Postgres(s) => postgres::rows::list(&s.pool).await,
-            Store::Sqlite(s) => sqlite::rows::list(&s.pool).await,
+            Store::Postgres(s) => postgres::rows::list(&s.pool, after, limit).await,
+            Store::Sqlite(s) => sqlite::rows::list(&s.pool, after, limit).await,
         }
     }
 
@@ -213,7 +218,7 @@ macro_rules! rows {
     ($db:ty, $for_update:literal, $error:path) => {
         use crate::storage::{class_from_name, class_name, now_seconds, to_i64, COLUMNS};
         use crate::bindings::tokenkeep::oauth::storage::SealedRow;
-        use crate::bindings::tokenkeep::oauth::types::TokenHealth;
+        use crate::bindings::tokenkeep::oauth::types::{RowKey, TokenHealth};
         use crate::storage::StorageError;
         use sqlx::Row as _;
 
@@ -275,11 +280,30 @@ macro_rules! rows {
             row.as_ref().map(decode).transpose().map_err($error)
         }
 
-        pub async fn list(pool: &sqlx::Pool<Db>) -> Result<Vec<SealedRow>, StorageError> {
-            let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM tokenkeep_tokens ORDER BY provider, user_id"))
+        pub async fn list(
+            pool: &sqlx::Pool<Db>,
+            after: Option<&RowKey>,
+            limit: u32,
+        ) -> Result<Vec<SealedRow>, StorageError> {
+            let limit = i64::from(limit);
+            let rows = match after {
+                Some(k) => sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM tokenkeep_tokens WHERE (provider, user_id) > ($1, $2) \
+                     ORDER BY provider, user_id LIMIT $3"
+                ))
+                .bind(&k.provider)
+                .bind(&k.user_id)
+                .bind(limit)
                 .fetch_all(pool)
-                .await
-                .map_err($error)?;
+                .await,
+                None => sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM tokenkeep_tokens ORDER BY provider, user_id LIMIT $1"
+                ))
+                .bind(limit)
+                .fetch_all(pool)
+                .await,
+            }
+            .map_err($error)?;
             rows.iter().map(decode).collect::<Result<_, _>>().map_err($error)
         }
 

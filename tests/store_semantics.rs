@@ -1,0 +1,512 @@
+//! The seed's AuthTokenStore, line by line: validity to the second, the
+//! refresh window, idempotency, typed failures, compare-and-set, race versus
+//! revocation and key rotation. On the harness's Postgres and on SQLite.
+
+mod common;
+
+use common::{Backend, KEYS, World, raw_sql, token_set};
+use secrecy::ExposeSecret;
+use std::time::Duration;
+use tokenkeep::devprovider::Behaviour;
+use tokenkeep::storage::{Store, StoreOptions};
+use tokenkeep::{Clock, Error};
+
+const T0: i64 = 1_900_000_000;
+/// k2 is a new active key; k1 and k0 stay readable.
+const ROTATED_KEYS: &str = "k2=AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=\nk1=AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\nk0=AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=\n";
+
+async fn frozen(b: Backend, name: &str, behaviour: Behaviour, extra: &str) -> World {
+    World::build(b, name, behaviour, extra, Clock::manual(T0)).await
+}
+
+on_both_backends!(
+    the_clock_skew_is_exact_at_59_60_and_61_seconds,
+    refresh_tokens_with_and_without_expiry,
+    the_window_is_the_threshold_or_half_the_lifetime,
+    refreshing_a_fresh_token_is_a_no_op,
+    a_waiter_that_outlasts_the_lock_wait_gets_a_lock_timeout_and_readers_never_wait,
+    a_slow_writer_loses_the_compare_and_set_to_a_newer_write,
+    a_narrowed_scope_is_reported_and_the_rotated_chain_kept,
+    keys_rotate_online_and_an_interrupted_rotation_finishes_on_rerun,
+    tampered_rows_and_unknown_keys_fail_to_decrypt_and_stay_as_they_were,
+    the_cli_lists_states_and_deletes,
+);
+
+async fn the_clock_skew_is_exact_at_59_60_and_61_seconds(b: Backend) {
+    let w = frozen(b, "skew", Behaviour::default(), "").await;
+    let check = async |secs: i64| {
+        let user = format!("u{secs}");
+        let r = w
+            .keeper
+            .store_tokens("acme", &user, &token_set("at", Some("rt"), Some(T0 + secs)))
+            .await
+            .unwrap();
+        w.keeper.is_access_token_valid(&r, 60).await.unwrap()
+    };
+    assert!(check(61).await);
+    assert!(!check(60).await);
+    assert!(!check(59).await);
+    let never = w
+        .keeper
+        .store_tokens("acme", "never", &token_set("at", None, None))
+        .await
+        .unwrap();
+    assert!(
+        w.keeper.is_access_token_valid(&never, 60).await.unwrap(),
+        "no expiry: valid"
+    );
+}
+
+async fn refresh_tokens_with_and_without_expiry(b: Backend) {
+    let w = frozen(
+        b,
+        "rt-expiry",
+        Behaviour {
+            refresh_expires_in: Some(15_897_600),
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    let mut set = token_set("at", Some("rt-0"), Some(T0 - 10));
+    let r = w.keeper.store_tokens("acme", "alice", &set).await.unwrap();
+    assert!(
+        w.keeper.is_refresh_token_valid(&r).await.unwrap(),
+        "no expiry stored: never expires"
+    );
+    w.clock.advance(10 * 365 * 86_400);
+    let refreshed = w.keeper.ensure_fresh("acme", "alice").await.unwrap();
+    assert_eq!(
+        w.provider.calls(),
+        1,
+        "a non-expiring refresh token still refreshes ten years on"
+    );
+    assert_eq!(
+        refreshed.tokens.refresh_token_expires_at,
+        Some(w.now() + 15_897_600),
+        "refresh_token_expires_in is tracked"
+    );
+
+    set.refresh_token_expires_at = Some(w.now());
+    set.access_token_expires_at = Some(w.now() - 10);
+    let r = w.keeper.store_tokens("acme", "bob", &set).await.unwrap();
+    assert!(!w.keeper.is_refresh_token_valid(&r).await.unwrap());
+    let e = w.keeper.ensure_fresh("acme", "bob").await.unwrap_err();
+    assert!(
+        matches!(e, Error::ReauthorizationRequired(ref m) if m.contains("expired")),
+        "{e:?}"
+    );
+    assert_eq!(
+        w.provider.calls(),
+        1,
+        "an expired refresh token is not even sent"
+    );
+    let none = w
+        .keeper
+        .store_tokens("acme", "carol", &token_set("at", None, Some(w.now() - 1)))
+        .await
+        .unwrap();
+    assert!(!w.keeper.is_refresh_token_valid(&none).await.unwrap());
+    assert!(matches!(
+        w.keeper.ensure_fresh("acme", "carol").await,
+        Err(Error::ReauthorizationRequired(_))
+    ));
+}
+
+async fn the_window_is_the_threshold_or_half_the_lifetime(b: Backend) {
+    let w = frozen(
+        b,
+        "window",
+        Behaviour::default(),
+        "refresh_threshold_seconds = 14400\n",
+    )
+    .await;
+    // A 2-hour token under a 4-hour threshold: refreshed at half-life, not on every read.
+    w.store("gitlab-user", "at-2h", Some("rt-0"), 2 * 3600)
+        .await;
+    w.clock.advance(3599);
+    w.keeper.ensure_fresh("acme", "gitlab-user").await.unwrap();
+    assert_eq!(w.provider.calls(), 0);
+    w.clock.advance(1);
+    w.keeper.ensure_fresh("acme", "gitlab-user").await.unwrap();
+    assert_eq!(w.provider.calls(), 1);
+
+    // An 8-hour token: refreshed with four hours to go.
+    w.provider.reset_chain("rt-8h");
+    let start = w.now();
+    w.store("github-user", "at-8h", Some("rt-8h"), 8 * 3600)
+        .await;
+    w.clock.advance(4 * 3600 - 1);
+    w.keeper.ensure_fresh("acme", "github-user").await.unwrap();
+    assert_eq!(w.provider.calls(), 1);
+    w.clock.advance(1);
+    let r = w.keeper.ensure_fresh("acme", "github-user").await.unwrap();
+    assert_eq!(w.provider.calls(), 2);
+    assert_eq!(w.now() - start, 4 * 3600);
+    assert_eq!(r.tokens.access_token_expires_at, Some(w.now() + 3600));
+}
+
+async fn refreshing_a_fresh_token_is_a_no_op(b: Backend) {
+    let w = frozen(b, "idempotent", Behaviour::default(), "").await;
+    w.store("alice", "at", Some("rt-0"), 3600).await;
+    let before = w.keeper.list_tokens().await.unwrap();
+    for _ in 0..3 {
+        let r = w.keeper.ensure_fresh("acme", "alice").await.unwrap();
+        assert_eq!(r.generation, 1);
+        assert_eq!(r.tokens.access_token.expose_secret(), "at");
+    }
+    w.keeper.load_tokens("acme", "alice", true).await.unwrap();
+    let after = w.keeper.list_tokens().await.unwrap();
+    assert_eq!(w.provider.calls(), 0);
+    assert_eq!(
+        format!("{before:?}"),
+        format!("{after:?}"),
+        "no write: same generation, same bookkeeping"
+    );
+}
+
+async fn a_waiter_that_outlasts_the_lock_wait_gets_a_lock_timeout_and_readers_never_wait(
+    b: Backend,
+) {
+    let w = World::with(
+        b,
+        "lock-timeout",
+        Behaviour::default(),
+        "timeout_ms = 500\n",
+    )
+    .await;
+    std::fs::write(
+        &w.config_path,
+        format!(
+            "lock_wait_ms = 1000\n{}",
+            std::fs::read_to_string(&w.config_path).unwrap()
+        ),
+    )
+    .unwrap();
+    let keeper = w.another_keeper().await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    w.store("bob", "at-bob", Some("rt-0"), 3600).await;
+    // Another runtime holds alice's row lock (on SQLite: the write lock).
+    let store = Store::open(&w.database_url, StoreOptions::default())
+        .await
+        .unwrap();
+    let mut held = store.begin().await.unwrap();
+    held.load_for_update("acme", "alice")
+        .await
+        .unwrap()
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let fresh = keeper.ensure_fresh("acme", "bob").await.unwrap();
+    assert_eq!(fresh.tokens.access_token.expose_secret(), "at-bob");
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "the hot path takes no lock"
+    );
+
+    let e = keeper.ensure_fresh("acme", "alice").await.unwrap_err();
+    assert_eq!(e, Error::LockTimeout);
+    assert_eq!(w.provider.calls(), 0);
+    drop(held);
+    let r = keeper.ensure_fresh("acme", "alice").await.unwrap();
+    assert_ne!(
+        r.tokens.access_token.expose_secret(),
+        "at-old",
+        "the timeout harmed nothing"
+    );
+}
+
+async fn a_slow_writer_loses_the_compare_and_set_to_a_newer_write(b: Backend) {
+    let w = World::new(b, "cas").await;
+    w.store("alice", "at-1", Some("rt-0"), 3600).await;
+    let store = Store::open(&w.database_url, StoreOptions::default())
+        .await
+        .unwrap();
+    let stale = store.read("acme", "alice").await.unwrap().unwrap();
+    assert_eq!(stale.generation, 1);
+    // A newer token lands (generation 2) ...
+    w.store("alice", "at-2", Some("rt-0"), 3600).await;
+    // ... and the slow runtime's write, based on generation 1, is refused.
+    let mut tx = store.begin().await.unwrap();
+    let mut overwrite = stale.clone();
+    overwrite.generation = 2;
+    assert!(!tx.compare_and_set(&overwrite, 1).await.unwrap());
+    tx.commit().await.unwrap();
+    let r = w
+        .keeper
+        .load_tokens("acme", "alice", false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.tokens.access_token.expose_secret(), "at-2");
+    assert_eq!(r.generation, 2);
+}
+
+async fn a_narrowed_scope_is_reported_and_the_rotated_chain_kept(b: Backend) {
+    let w = World::with(
+        b,
+        "scope",
+        Behaviour {
+            scope: Some("repo".into()),
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    let e = w.keeper.ensure_fresh("acme", "alice").await.unwrap_err();
+    assert_eq!(e, Error::ScopeMismatch(vec!["read:user".into()]));
+    let stored = w
+        .keeper
+        .load_tokens("acme", "alice", false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stored.tokens.refresh_token.unwrap().expose_secret(),
+        &w.provider.current_refresh_token().unwrap(),
+        "the rotated refresh token is kept, or the chain would die"
+    );
+    assert_eq!(stored.tokens.scopes, vec!["repo"]);
+    assert_eq!(
+        stored.health.last_failure,
+        Some(tokenkeep::keeper::ErrorClass::ScopeMismatch)
+    );
+}
+
+async fn keys_rotate_online_and_an_interrupted_rotation_finishes_on_rerun(b: Backend) {
+    let w = World::new(b, "rotate").await;
+    for user in ["a", "b", "c", "d", "e"] {
+        w.store(
+            user,
+            &format!("at-{user}"),
+            Some(&format!("rt-{user}")),
+            3600,
+        )
+        .await;
+    }
+    let rotated = w.keeper_with_keys(ROTATED_KEYS).await;
+    rotated
+        .store_tokens(
+            "acme",
+            "f",
+            &token_set("at-f", Some("rt-f"), Some(common::now() + 3600)),
+        )
+        .await
+        .unwrap();
+    let status = rotated.key_status().await.unwrap();
+    assert_eq!(status.active, "k2");
+    assert_eq!(status.rows_per_key.get("k1"), Some(&5));
+    assert_eq!(
+        status.rows_per_key.get("k2"),
+        Some(&1),
+        "new writes use the new key"
+    );
+    // Old rows stay readable while both keys are live.
+    assert_eq!(
+        rotated
+            .ensure_fresh("acme", "a")
+            .await
+            .unwrap()
+            .tokens
+            .access_token
+            .expose_secret(),
+        "at-a"
+    );
+
+    // One batch, then the process "dies".
+    let (first, next) = rotated.reseal_batch(None, 2).await.unwrap();
+    assert_eq!((first.examined, first.resealed), (2, 2));
+    assert!(next.is_some());
+    assert_eq!(
+        rotated.key_status().await.unwrap().rows_per_key.get("k1"),
+        Some(&3)
+    );
+
+    // The rerun finishes the job and touches nothing twice.
+    let rest = rotated.rotate_keys(2).await.unwrap();
+    assert_eq!(rest.resealed, 3);
+    assert!(rest.undecryptable.is_empty());
+    let status = rotated.key_status().await.unwrap();
+    assert_eq!(status.rows_per_key.len(), 1);
+    assert_eq!(status.rows_per_key.get("k2"), Some(&6));
+    assert_eq!(
+        rotated.rotate_keys(2).await.unwrap().resealed,
+        0,
+        "a second run is a no-op"
+    );
+
+    // Only the new key is needed now; every token and generation is intact.
+    let only_new = w
+        .keeper_with_keys("k2=AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=")
+        .await;
+    for user in ["a", "b", "c", "d", "e", "f"] {
+        let r = only_new
+            .load_tokens("acme", user, false)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.tokens.access_token.expose_secret(), &format!("at-{user}"));
+        assert_eq!(
+            r.tokens.refresh_token.unwrap().expose_secret(),
+            &format!("rt-{user}")
+        );
+        assert_eq!(r.generation, 1, "re-encryption is not a new token");
+    }
+}
+
+async fn tampered_rows_and_unknown_keys_fail_to_decrypt_and_stay_as_they_were(b: Backend) {
+    let w = World::new(b, "tamper").await;
+    for user in ["flip", "unknown", "relabel", "ok"] {
+        w.store(user, &format!("at-{user}"), Some("rt"), 3600).await;
+    }
+    let flip = match b {
+        Backend::Postgres => {
+            "UPDATE tokenkeep_tokens SET access_token = set_byte(access_token, 20, get_byte(access_token, 20) # 1) WHERE user_id = 'flip'"
+        }
+        Backend::Sqlite => {
+            "UPDATE tokenkeep_tokens SET access_token = substr(access_token, 1, 20) || X'00' || substr(access_token, 22) WHERE user_id = 'flip'"
+        }
+    };
+    raw_sql(&w.database_url, flip).await;
+    raw_sql(
+        &w.database_url,
+        "UPDATE tokenkeep_tokens SET key_id = 'k9' WHERE user_id = 'unknown'",
+    )
+    .await;
+    raw_sql(
+        &w.database_url,
+        "UPDATE tokenkeep_tokens SET key_id = 'k0' WHERE user_id = 'relabel'",
+    )
+    .await;
+    let before = w.keeper.list_tokens().await.unwrap();
+    for user in ["flip", "unknown", "relabel"] {
+        let e = w.keeper.ensure_fresh("acme", user).await.unwrap_err();
+        assert!(matches!(e, Error::Decryption(_)), "{user}: {e:?}");
+        assert!(!e.to_string().contains("at-"), "no plaintext in the error");
+    }
+    assert!(w.keeper.ensure_fresh("acme", "ok").await.is_ok());
+    let rotated = w.keeper_with_keys(ROTATED_KEYS).await;
+    let r = rotated.rotate_keys(10).await.unwrap();
+    assert_eq!(r.resealed, 1, "only the intact row is re-encrypted");
+    let mut bad: Vec<_> = r.undecryptable.iter().map(|(_, u)| u.as_str()).collect();
+    bad.sort();
+    assert_eq!(bad, vec!["flip", "relabel", "unknown"]);
+    let after = w.keeper.list_tokens().await.unwrap();
+    for user in ["flip", "unknown", "relabel"] {
+        let was = before.iter().find(|s| s.user_id == user).unwrap();
+        let now = after.iter().find(|s| s.user_id == user).unwrap();
+        assert_eq!(
+            format!("{was:?}"),
+            format!("{now:?}"),
+            "{user} left exactly as it was"
+        );
+    }
+}
+
+async fn the_cli_lists_states_and_deletes(b: Backend) {
+    let w = World::new(b, "cli-list").await;
+    w.store("fresh-user", "at", Some("rt-0"), 3600).await;
+    w.store("due-user", "at", Some("rt-0"), 30).await;
+    w.store("dead-user", "at", Some("rt-dead"), -10).await;
+    let _ = w
+        .keeper
+        .ensure_fresh("acme", "dead-user")
+        .await
+        .unwrap_err();
+    let out = w.cli().args(["tokens", "list", "--json"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let state = |user: &str| {
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["user_id"] == user)
+            .map(|v| v["state"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(state("fresh-user"), "fresh");
+    assert_eq!(state("due-user"), "refresh-due");
+    assert_eq!(state("dead-user"), "reauthorization-required");
+    assert!(
+        !text.contains("\"at\"") && !text.contains("rt-0"),
+        "no secret in the listing"
+    );
+    let table = w.cli().args(["tokens", "list"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&table.stdout).contains("reauthorization-required"));
+
+    assert!(
+        w.cli()
+            .args(["tokens", "delete", "acme", "fresh-user"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(
+        w.cli()
+            .args(["tokens", "get", "acme", "fresh-user"])
+            .output()
+            .unwrap()
+            .status
+            .code(),
+        Some(3)
+    );
+    assert_eq!(
+        w.cli()
+            .args(["tokens", "delete", "acme", "fresh-user"])
+            .output()
+            .unwrap()
+            .status
+            .code(),
+        Some(3)
+    );
+    let keys = w.cli().args(["keys", "status"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&keys.stdout).contains("k1: 2 rows (active)"));
+    let _ = KEYS;
+}
+
+/// The race the lock cannot prevent: a writer outside tokenkeep's lock (an
+/// operator storing a new authorisation) lands while a refresh is spending
+/// the old token, and the provider answers `invalid_grant`. The refresher
+/// re-reads the row behind the writer and returns the new token instead of
+/// declaring the user logged out. Postgres only: its lock queue is FIFO,
+/// which makes the interleaving deterministic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invalid_grant_after_another_write_returns_the_new_token() {
+    let w = World::with(
+        Backend::Postgres,
+        "race",
+        Behaviour {
+            delay: Duration::from_millis(800),
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    w.store("alice", "at-old", Some("rt-spent-elsewhere"), -10)
+        .await;
+    let keeper = w.keeper.clone();
+    let refresh = tokio::spawn(async move { keeper.ensure_fresh("acme", "alice").await });
+    while w.provider.arrived() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The refresher holds the lock and waits for the provider; the new
+    // authorisation queues behind it.
+    let other = w.another_keeper().await;
+    let store = tokio::spawn(async move {
+        other
+            .store_tokens(
+                "acme",
+                "alice",
+                &token_set(
+                    "at-reauthorised",
+                    Some("rt-new"),
+                    Some(common::now() + 3600),
+                ),
+            )
+            .await
+    });
+    let r = refresh.await.unwrap().unwrap();
+    assert_eq!(r.tokens.access_token.expose_secret(), "at-reauthorised");
+    assert_eq!(r.generation, 2);
+    store.await.unwrap().unwrap();
+}
