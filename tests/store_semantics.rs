@@ -30,6 +30,7 @@ on_both_backends!(
     keys_rotate_online_and_an_interrupted_rotation_finishes_on_rerun,
     tampered_rows_and_unknown_keys_fail_to_decrypt_and_stay_as_they_were,
     the_cli_lists_states_and_deletes,
+    a_runtime_killed_mid_refresh_is_reported_as_a_lost_rotation,
 );
 
 async fn the_clock_skew_is_exact_at_59_60_and_61_seconds(b: Backend) {
@@ -509,4 +510,60 @@ async fn invalid_grant_after_another_write_returns_the_new_token() {
     assert_eq!(r.tokens.access_token.expose_secret(), "at-reauthorised");
     assert_eq!(r.generation, 2);
     store.await.unwrap().unwrap();
+}
+
+async fn a_runtime_killed_mid_refresh_is_reported_as_a_lost_rotation(b: Backend) {
+    let w = World::with(
+        b,
+        "killed",
+        Behaviour {
+            delay: Duration::from_secs(2),
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    let mut child = w
+        .cli()
+        .args(["tokens", "get", "acme", "alice"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    while w.provider.arrived() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // SIGKILL while the provider call is in flight: the row lock dies with
+    // the process, the provider still rotates, and its answer goes nowhere.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    while w.provider.calls() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    w.provider.set(|b| b.delay = Duration::ZERO);
+
+    let e = w.keeper.ensure_fresh("acme", "alice").await.unwrap_err();
+    match &e {
+        Error::ReauthorizationRequired(m) => assert!(m.contains("interrupted refresh"), "{m}"),
+        other => panic!("expected re-authorisation, got {other:?}"),
+    }
+    let row = w
+        .keeper
+        .load_tokens("acme", "alice", false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        row.generation, 1,
+        "the row is neither lost nor half-written"
+    );
+    assert_eq!(row.tokens.access_token.expose_secret(), "at-old");
+
+    // A plain revocation, with no interrupted refresh, says so differently.
+    w.store("bob", "at-bob", Some("rt-never-issued"), -10).await;
+    match w.keeper.ensure_fresh("acme", "bob").await.unwrap_err() {
+        Error::ReauthorizationRequired(m) => assert!(!m.contains("interrupted"), "{m}"),
+        other => panic!("expected re-authorisation, got {other:?}"),
+    }
 }

@@ -115,6 +115,16 @@ impl Host for Imports {
         storage::delete(provider, user_id).map_err(storage_error)
     }
 
+    fn record_refresh_start(
+        &self,
+        provider: &str,
+        user_id: &str,
+        generation: u64,
+        at: i64,
+    ) -> Result<(), StorageError> {
+        storage::record_refresh_start(provider, user_id, generation, at).map_err(storage_error)
+    }
+
     fn begin(&self) -> Result<Txn, StorageError> {
         storage::begin().map(Txn).map_err(storage_error)
     }

@@ -39,6 +39,14 @@ pub trait Host {
     fn upsert(&self, row: &SealedRow) -> Result<u64, StorageError>;
     fn delete(&self, provider: &str, user_id: &str) -> Result<bool, StorageError>;
     fn begin(&self) -> Result<Self::Txn, StorageError>;
+    /// Durably records, outside the transaction, that a refresh is starting.
+    fn record_refresh_start(
+        &self,
+        provider: &str,
+        user_id: &str,
+        generation: u64,
+        at: i64,
+    ) -> Result<(), StorageError>;
     /// POSTs a form to the provider's token URL.
     fn post_form(
         &self,
@@ -144,6 +152,15 @@ impl<H: Host> Keeper<H> {
             return self.open_row(&row);
         }
         let current = self.open_row(&row)?;
+        // A refresh from this generation started and neither committed nor
+        // recorded a failure: its runtime died mid-flight.
+        let interrupted = row.health.refresh_started_at.filter(|started| {
+            row.health
+                .last_failure_at
+                .is_none_or(|failed| failed < *started)
+        });
+        self.host
+            .record_refresh_start(provider, user_id, row.generation, now)?;
 
         // 3. Refresh, or say why not.
         match self.refresh_locked(&config, &current, now) {
@@ -185,7 +202,19 @@ impl<H: Host> Keeper<H> {
                 })
             }
             Err(err) => {
+                let err = match (err, interrupted) {
+                    (RefreshError::ReauthorizationRequired(m), Some(at))
+                        if m.starts_with("provider answered") =>
+                    {
+                        RefreshError::ReauthorizationRequired(format!(
+                            "{m} after an interrupted refresh (started at {at}, never saved): \
+                             the provider most likely rotated the refresh token and the answer was lost"
+                        ))
+                    }
+                    (err, _) => err,
+                };
                 let mut failed = row.clone();
+                failed.health.refresh_started_at = None;
                 failed.health.failed_attempts = failed.health.failed_attempts.saturating_add(1);
                 failed.health.last_failure_at = Some(now);
                 failed.health.last_failure = Some(err.class());

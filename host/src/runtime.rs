@@ -23,23 +23,21 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 /// The component built from `component/`, embedded in the binary.
 pub static COMPONENT: &[u8] = include_bytes!(env!("TOKENKEEP_COMPONENT_PATH"));
 
-/// Epoch ticks drive the CPU bound on guest code.
-const EPOCH_TICK: Duration = Duration::from_millis(10);
-
 /// Bounds on one call into the component.
 #[derive(Debug, Clone, Copy)]
 pub struct SandboxLimits {
     /// Linear memory the component may grow to.
     pub memory_bytes: usize,
-    /// Guest CPU time per call (host calls such as storage and HTTP do not count).
-    pub cpu_time: Duration,
+    /// Fuel per call: wasm instructions the guest may execute (waiting in host
+    /// calls for storage or HTTP costs none). A refresh uses well under 1%.
+    pub fuel: u64,
 }
 
 impl Default for SandboxLimits {
     fn default() -> Self {
         Self {
             memory_bytes: 64 << 20,
-            cpu_time: Duration::from_secs(5),
+            fuel: 2_000_000_000,
         }
     }
 }
@@ -145,7 +143,9 @@ pub(crate) struct Runtime {
 impl Runtime {
     pub fn new(shared: Shared, limits: SandboxLimits) -> Result<Self, Error> {
         let mut config = wasmtime::Config::new();
-        config.epoch_interruption(true);
+        // Fuel, not epochs: epochs tick while the guest waits on a row lock
+        // or a provider, and a long lock wait is not runaway guest code.
+        config.consume_fuel(true);
         let engine = Engine::new(&config).map_err(sandbox)?;
         let component = load_component(&engine)?;
         let mut linker: Linker<State> = Linker::new(&engine);
@@ -159,18 +159,6 @@ impl Runtime {
         types::add_to_linker::<_, HasSelf<State>>(&mut linker, |s| s).map_err(sandbox)?;
         let pre = KeeperCorePre::new(linker.instantiate_pre(&component).map_err(sandbox)?)
             .map_err(sandbox)?;
-
-        let ticker = engine.weak();
-        std::thread::Builder::new()
-            .name("tokenkeep-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = ticker.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(EPOCH_TICK);
-                }
-            })
-            .map_err(|e| Error::Sandbox(format!("cannot start the epoch thread: {e}")))?;
 
         let slowest = shared
             .config
@@ -223,14 +211,16 @@ impl Runtime {
         };
         let mut store = wasmtime::Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        let ticks = (self.limits.cpu_time.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        store.set_fuel(self.limits.fuel).map_err(sandbox)?;
         let run = async {
             let instance = self.pre.instantiate_async(&mut store).await?;
             f(&instance, &mut store).await
         };
-        match tokio::time::timeout(self.call_budget, run).await {
+        let outcome = tokio::time::timeout(self.call_budget, run).await;
+        if let Ok(left) = store.get_fuel() {
+            tracing::trace!(fuel_used = self.limits.fuel - left, "component call");
+        }
+        match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(trap)) => {
                 tracing::error!(error = %trap, "component call failed");
@@ -246,7 +236,7 @@ impl Runtime {
 
 fn describe_trap(e: &wasmtime::Error) -> String {
     match e.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::Interrupt) => "guest exceeded its CPU time".into(),
+        Some(wasmtime::Trap::OutOfFuel) => "guest exceeded its fuel (CPU) budget".into(),
         Some(trap) => format!("guest trapped: {trap}"),
         None => {
             let mut s = e.to_string();
@@ -352,6 +342,21 @@ impl storage::Host for State {
             .shared
             .store
             .delete(&provider, &user_id)
+            .await
+            .map_err(to_wit))
+    }
+
+    async fn record_refresh_start(
+        &mut self,
+        provider: String,
+        user_id: String,
+        generation: u64,
+        at: i64,
+    ) -> wasmtime::Result<Result<(), storage::StorageError>> {
+        Ok(self
+            .shared
+            .store
+            .record_refresh_start(&provider, &user_id, generation, at)
             .await
             .map_err(to_wit))
     }

@@ -71,6 +71,12 @@ impl World {
         extra: &str,
         clock: Clock,
     ) -> Self {
+        if let Ok(filter) = std::env::var("TOKENKEEP_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let scratch = Scratch::new(name);
         let database_url = match backend {
             Backend::Postgres => pg::fresh_database().await,

@@ -33,9 +33,11 @@ pub enum Store {
 pub struct TxnSlot(pub Option<Transaction>);
 
 /// An open transaction; dropping it rolls back and releases its locks.
+/// It carries the pool that holds refresh-start records, which are written
+/// outside any transaction.
 pub enum Transaction {
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
-    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::SqlitePool),
 }
 
 /// Connection settings shared by the backends.
@@ -124,8 +126,29 @@ impl Store {
     /// a `lock_timeout`; SQLite: the write lock taken up front).
     pub async fn begin(&self) -> Result<Transaction, StorageError> {
         match self {
-            Store::Postgres(s) => s.begin().await.map(Transaction::Postgres),
-            Store::Sqlite(s) => s.begin().await.map(Transaction::Sqlite),
+            Store::Postgres(s) => Ok(Transaction::Postgres(s.begin().await?)),
+            Store::Sqlite(s) => Ok(Transaction::Sqlite(s.begin().await?, s.markers.clone())),
+        }
+    }
+
+    /// Records at once, outside any transaction, that a refresh from
+    /// `generation` is calling the provider (WIT `record-refresh-start`).
+    pub async fn record_refresh_start(
+        &self,
+        provider: &str,
+        user_id: &str,
+        generation: u64,
+        at: i64,
+    ) -> Result<(), StorageError> {
+        match self {
+            Store::Postgres(s) => {
+                s.record_refresh_start(provider, user_id, generation, at)
+                    .await
+            }
+            Store::Sqlite(s) => {
+                sqlite::rows::record_refresh_start(&s.markers, provider, user_id, generation, at)
+                    .await
+            }
         }
     }
 }
@@ -138,9 +161,11 @@ impl Transaction {
     ) -> Result<Option<SealedRow>, StorageError> {
         match self {
             Transaction::Postgres(tx) => {
-                postgres::rows::load_for_update(tx, provider, user_id).await
+                postgres::rows::load_for_update(tx, None, provider, user_id).await
             }
-            Transaction::Sqlite(tx) => sqlite::rows::load_for_update(tx, provider, user_id).await,
+            Transaction::Sqlite(tx, markers) => {
+                sqlite::rows::load_for_update(tx, Some(markers), provider, user_id).await
+            }
         }
     }
 
@@ -151,14 +176,14 @@ impl Transaction {
     ) -> Result<bool, StorageError> {
         match self {
             Transaction::Postgres(tx) => postgres::rows::compare_and_set(tx, row, expected).await,
-            Transaction::Sqlite(tx) => sqlite::rows::compare_and_set(tx, row, expected).await,
+            Transaction::Sqlite(tx, _) => sqlite::rows::compare_and_set(tx, row, expected).await,
         }
     }
 
     pub async fn commit(self) -> Result<(), StorageError> {
         match self {
             Transaction::Postgres(tx) => tx.commit().await.map_err(postgres::error),
-            Transaction::Sqlite(tx) => tx.commit().await.map_err(sqlite::error),
+            Transaction::Sqlite(tx, _) => tx.commit().await.map_err(sqlite::error),
         }
     }
 }
@@ -268,6 +293,7 @@ macro_rules! rows {
 
         pub async fn load_for_update(
             tx: &mut sqlx::Transaction<'static, Db>,
+            markers: Option<&sqlx::Pool<Db>>,
             provider: &str,
             user_id: &str,
         ) -> Result<Option<SealedRow>, StorageError> {
@@ -277,7 +303,46 @@ macro_rules! rows {
                 .fetch_optional(&mut **tx)
                 .await
                 .map_err($error)?;
-            row.as_ref().map(decode).transpose().map_err($error)
+            let Some(mut row) = row.as_ref().map(decode).transpose().map_err($error)? else {
+                return Ok(None);
+            };
+            let marker = sqlx::query_scalar(
+                "SELECT started_at FROM tokenkeep_refresh_starts \
+                 WHERE provider = $1 AND user_id = $2 AND generation = $3",
+            )
+            .bind(provider)
+            .bind(user_id)
+            .bind(to_i64(row.generation)?);
+            // Where the records live in the same database, read them in the
+            // row's own transaction; otherwise from their own file.
+            row.health.refresh_started_at = match markers {
+                Some(pool) => marker.fetch_optional(pool).await,
+                None => marker.fetch_optional(&mut **tx).await,
+            }
+            .map_err($error)?;
+            Ok(Some(row))
+        }
+
+        pub async fn record_refresh_start<'e>(
+            markers: impl sqlx::Executor<'e, Database = Db>,
+            provider: &str,
+            user_id: &str,
+            generation: u64,
+            at: i64,
+        ) -> Result<(), StorageError> {
+            sqlx::query(
+                "INSERT INTO tokenkeep_refresh_starts (provider, user_id, generation, started_at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (provider, user_id) DO UPDATE SET \
+                 generation = excluded.generation, started_at = excluded.started_at",
+            )
+            .bind(provider)
+            .bind(user_id)
+            .bind(to_i64(generation)?)
+            .bind(at)
+            .execute(markers)
+            .await
+            .map_err($error)?;
+            Ok(())
         }
 
         pub async fn list(

@@ -5,13 +5,16 @@
 //! connection and Postgres rolls its transaction back, releasing the lock.
 
 use super::{StorageError, StoreOptions};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// Schema migrations, applied in order under an advisory lock.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE tokenkeep_tokens (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE tokenkeep_tokens (
         provider TEXT NOT NULL,
         user_id TEXT NOT NULL,
         key_id TEXT NOT NULL,
@@ -30,7 +33,20 @@ const MIGRATIONS: &[(i64, &str)] = &[(
         updated_at BIGINT NOT NULL,
         PRIMARY KEY (provider, user_id)
     )",
-)];
+    ),
+    (
+        2,
+        // Written outside the row's transaction, so it survives the death of
+        // the runtime that holds the row lock.
+        "CREATE TABLE tokenkeep_refresh_starts (
+        provider TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        generation BIGINT NOT NULL,
+        started_at BIGINT NOT NULL,
+        PRIMARY KEY (provider, user_id)
+    )",
+    ),
+];
 
 /// Any constant distinct from other applications' advisory locks.
 const MIGRATION_LOCK: i64 = 0x746f_6b65_6e6b;
@@ -39,6 +55,11 @@ const MIGRATION_LOCK: i64 = 0x746f_6b65_6e6b;
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pub(crate) pool: PgPool,
+    /// The connection that writes refresh-start records. A refresher writes
+    /// one while it holds a row lock, so it must not queue for a connection
+    /// behind callers that are waiting for that very lock.
+    markers: Arc<tokio::sync::Mutex<Option<PgConnection>>>,
+    connect: Arc<PgConnectOptions>,
     lock_wait_ms: u128,
 }
 
@@ -55,11 +76,13 @@ impl PgStore {
             .max_connections(options.max_connections)
             // Callers queue for a connection while others hold row locks.
             .acquire_timeout(options.lock_wait * 2)
-            .connect_with(connect)
+            .connect_with(connect.clone())
             .await
             .map_err(error)?;
         let store = Self {
             pool,
+            markers: Arc::new(tokio::sync::Mutex::new(None)),
+            connect: Arc::new(connect),
             lock_wait_ms: options.lock_wait.as_millis(),
         };
         store.migrate().await?;
@@ -90,6 +113,32 @@ impl PgStore {
                 .map_err(error)?;
         }
         tx.commit().await.map_err(error)
+    }
+
+    /// Writes a refresh-start record on the dedicated connection, reconnecting
+    /// after a failure.
+    pub(crate) async fn record_refresh_start(
+        &self,
+        provider: &str,
+        user_id: &str,
+        generation: u64,
+        at: i64,
+    ) -> Result<(), StorageError> {
+        let mut slot = self.markers.lock().await;
+        let conn = match slot.as_mut() {
+            Some(conn) => conn,
+            None => slot.insert(
+                PgConnection::connect_with(&*self.connect)
+                    .await
+                    .map_err(error)?,
+            ),
+        };
+        let written =
+            rows::record_refresh_start(&mut *conn, provider, user_id, generation, at).await;
+        if written.is_err() {
+            *slot = None;
+        }
+        written
     }
 
     pub(crate) async fn begin(

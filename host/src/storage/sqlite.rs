@@ -36,6 +36,10 @@ const MIGRATIONS: &[(i64, &str)] = &[(
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pub(crate) pool: SqlitePool,
+    /// Refresh-start records live in a second file: SQLite locks a whole
+    /// database, and they must be written while the row's transaction holds
+    /// the main file's write lock.
+    pub(crate) markers: SqlitePool,
 }
 
 pub(crate) mod rows {
@@ -52,20 +56,23 @@ impl SqliteStore {
                 StorageError::Unavailable(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
-        let connect = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(options.lock_wait);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(options.max_connections.min(8))
-            .acquire_timeout(options.lock_wait * 2)
-            .connect_with(connect)
-            .await
-            .map_err(error)?;
-        let store = Self { pool };
+        let store = Self {
+            pool: connect(path, options).await?,
+            markers: connect(&format!("{path}-refresh-starts"), options).await?,
+        };
         store.migrate().await?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS tokenkeep_refresh_starts (
+                provider TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                generation INTEGER NOT NULL,
+                started_at INTEGER NOT NULL,
+                PRIMARY KEY (provider, user_id)
+            ) WITHOUT ROWID",
+        )
+        .execute(&store.markers)
+        .await
+        .map_err(error)?;
         Ok(store)
     }
 
@@ -100,6 +107,21 @@ impl SqliteStore {
     ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StorageError> {
         self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(error)
     }
+}
+
+async fn connect(path: &str, options: StoreOptions) -> Result<SqlitePool, StorageError> {
+    let connect = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(options.lock_wait);
+    SqlitePoolOptions::new()
+        .max_connections(options.max_connections.min(8))
+        .acquire_timeout(options.lock_wait * 2)
+        .connect_with(connect)
+        .await
+        .map_err(error)
 }
 
 /// Maps a SQLite failure onto the storage taxonomy.
