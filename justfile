@@ -25,3 +25,8 @@ wit: build
 # Size of the built component in bytes.
 size: build
     wc -c target/wasm/wasm32-wasip2/component/tokenkeep_component.wasm
+
+# Hot-path cost as ratios to a raw storage read measured in the same run
+# (SQLite; set DATABASE_URL=postgres://... for Postgres).
+bench:
+    cargo run -p tokenkeep --example bench

@@ -333,3 +333,35 @@ fn error_from_wit(e: wit::RefreshError, provider: &str, user_id: &str) -> Error 
         R::InvalidInput(m) => Error::InvalidInput(m),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_redacts_tokens() {
+        let record = TokenRecord {
+            provider: "github".into(),
+            user_id: "alice".into(),
+            tokens: TokenSet {
+                access_token: "gho_SECRETACCESS".to_string().into(),
+                refresh_token: Some("ghr_SECRETREFRESH".to_string().into()),
+                access_token_expires_at: Some(1),
+                refresh_token_expires_at: None,
+                scopes: vec!["repo".into()],
+            },
+            obtained_at: 0,
+            generation: 1,
+            health: TokenHealth {
+                failed_attempts: 0,
+                last_failure_at: None,
+                last_failure: None,
+                last_success_at: None,
+                refresh_started_at: None,
+            },
+        };
+        let debug = format!("{record:?} {:?}", record.tokens);
+        assert!(!debug.contains("SECRET"), "{debug}");
+        assert!(debug.contains("REDACTED"), "{debug}");
+    }
+}
