@@ -473,16 +473,7 @@ async fn the_cli_lists_states_and_deletes(b: Backend) {
 /// which makes the interleaving deterministic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn invalid_grant_after_another_write_returns_the_new_token() {
-    let w = World::with(
-        Backend::Postgres,
-        "race",
-        Behaviour {
-            delay: Duration::from_millis(800),
-            ..Default::default()
-        },
-        "",
-    )
-    .await;
+    let w = World::with_delay(Backend::Postgres, "race", Duration::from_millis(800)).await;
     w.store("alice", "at-old", Some("rt-spent-elsewhere"), -10)
         .await;
     let keeper = w.keeper.clone();
@@ -513,16 +504,7 @@ async fn invalid_grant_after_another_write_returns_the_new_token() {
 }
 
 async fn a_runtime_killed_mid_refresh_is_reported_as_a_lost_rotation(b: Backend) {
-    let w = World::with(
-        b,
-        "killed",
-        Behaviour {
-            delay: Duration::from_secs(2),
-            ..Default::default()
-        },
-        "",
-    )
-    .await;
+    let w = World::with_delay(b, "killed", Duration::from_secs(2)).await;
     w.store("alice", "at-old", Some("rt-0"), -10).await;
     let mut child = w
         .cli()

@@ -37,16 +37,7 @@ async fn a_fresh_token_is_returned_without_calling_the_provider(b: Backend) {
 }
 
 async fn an_expired_token_is_refreshed_once_and_the_rotated_refresh_token_persisted(b: Backend) {
-    let w = World::with(
-        b,
-        "expired",
-        Behaviour {
-            delay: Duration::from_millis(200),
-            ..Default::default()
-        },
-        "",
-    )
-    .await;
+    let w = World::with_delay(b, "expired", Duration::from_millis(200)).await;
     w.store("alice", "at-old", Some("rt-0"), -10).await;
     // Four runtimes (own engine, own pool each), eight concurrent callers each.
     let mut keepers = vec![w.keeper.clone()];
@@ -268,16 +259,7 @@ async fn unknown_providers_and_hostile_ids_get_typed_errors(b: Backend) {
 }
 
 async fn two_processes_refresh_an_expired_token_once(b: Backend) {
-    let w = World::with(
-        b,
-        "processes",
-        Behaviour {
-            delay: Duration::from_millis(300),
-            ..Default::default()
-        },
-        "",
-    )
-    .await;
+    let w = World::with_delay(b, "processes", Duration::from_millis(300)).await;
     w.store("alice", "at-old", Some("rt-0"), -10).await;
     let children: Vec<_> = (0..4)
         .map(|_| {
@@ -466,4 +448,34 @@ async fn postgres_refuses_to_start_without_a_configured_key() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(String::from_utf8_lossy(&o.stderr).contains("Postgres needs a configured key"));
+}
+
+/// The README's first command: eight runtime processes, one refresh.
+#[test]
+fn the_demo_shows_one_refresh_for_eight_runtimes() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenkeep"))
+        .arg("demo")
+        .env_remove("TOKENKEEP_DATABASE")
+        .env_remove("TOKENKEEP_CONFIG")
+        .env_remove("TOKENKEEP_KEYS_FILE")
+        .env_remove("TOKENKEEP_KEYS")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("provider calls  1 for 8 runtimes"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("tokens served   1 distinct"), "{stdout}");
+    assert!(stdout.contains("alive"), "{stdout}");
+    assert_eq!(
+        stdout.matches("valid token, fingerprint").count(),
+        8,
+        "{stdout}"
+    );
 }

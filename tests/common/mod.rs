@@ -58,6 +58,20 @@ impl World {
         Self::with(backend, name, Behaviour::default(), "").await
     }
 
+    /// A world whose provider answers after `delay`, to widen race windows.
+    pub async fn with_delay(backend: Backend, name: &str, delay: std::time::Duration) -> Self {
+        Self::with(
+            backend,
+            name,
+            Behaviour {
+                delay,
+                ..Default::default()
+            },
+            "",
+        )
+        .await
+    }
+
     /// A world whose provider config gets `extra` TOML lines.
     pub async fn with(backend: Backend, name: &str, behaviour: Behaviour, extra: &str) -> Self {
         Self::build(backend, name, behaviour, extra, Clock::System).await
