@@ -20,6 +20,7 @@ wit_bindgen::generate!({
     },
 });
 
+use exports::tokenkeep::oauth::conversations::Guest as Conversations;
 use exports::tokenkeep::oauth::token_store::Guest;
 use tokenkeep::oauth::{keyring, providers, storage, types as wit};
 
@@ -111,6 +112,10 @@ impl Host for Imports {
         storage::upsert(&row_to_wit(row)).map_err(storage_error)
     }
 
+    fn insert(&self, row: &SealedRow) -> Result<bool, StorageError> {
+        storage::insert(&row_to_wit(row)).map_err(storage_error)
+    }
+
     fn delete(&self, provider: &str, user_id: &str) -> Result<bool, StorageError> {
         storage::delete(provider, user_id).map_err(storage_error)
     }
@@ -123,6 +128,21 @@ impl Host for Imports {
         at: i64,
     ) -> Result<(), StorageError> {
         storage::record_refresh_start(provider, user_id, generation, at).map_err(storage_error)
+    }
+
+    fn conversation_entries(
+        &self,
+        conversation_id: &str,
+    ) -> Result<Vec<model::ConversationEntry>, StorageError> {
+        Ok(storage::conversation_entries(conversation_id)
+            .map_err(storage_error)?
+            .into_iter()
+            .map(entry_from_wit)
+            .collect())
+    }
+
+    fn put_conversation_entry(&self, entry: &model::ConversationEntry) -> Result<(), StorageError> {
+        storage::put_conversation_entry(&entry_to_wit(entry)).map_err(storage_error)
     }
 
     fn begin(&self) -> Result<Txn, StorageError> {
@@ -230,6 +250,121 @@ impl Guest for Component {
                 health: health_to_wit(&s.row.health),
             })
             .collect())
+    }
+}
+
+impl Conversations for Component {
+    fn refresh_provider_tokens(
+        settings: wit::ConversationSettings,
+        conversation_id: String,
+        user_id: String,
+    ) -> Result<wit::ConversationSettings, wit::ProviderFailure> {
+        let tokens: Vec<_> = settings
+            .provider_tokens
+            .into_iter()
+            .map(provider_token_from_wit)
+            .collect();
+        let (out, _) = keeper()
+            .refresh_provider_tokens(&tokens, &conversation_id, &user_id, false)
+            .map_err(failure_to_wit)?;
+        Ok(settings_to_wit(out))
+    }
+
+    fn refresh_provider_tokens_partial(
+        settings: wit::ConversationSettings,
+        conversation_id: String,
+        user_id: String,
+    ) -> wit::PartialRefresh {
+        let tokens: Vec<_> = settings
+            .provider_tokens
+            .into_iter()
+            .map(provider_token_from_wit)
+            .collect();
+        match keeper().refresh_provider_tokens(&tokens, &conversation_id, &user_id, true) {
+            Ok((out, failures)) => wit::PartialRefresh {
+                settings: settings_to_wit(out),
+                failures: failures.into_iter().map(failure_to_wit).collect(),
+            },
+            // Failures of the whole call (bad ids, storage): every token kept.
+            Err(failure) => wit::PartialRefresh {
+                settings: settings_to_wit(tokens),
+                failures: vec![failure_to_wit(failure)],
+            },
+        }
+    }
+
+    fn resume(
+        conversation_id: String,
+    ) -> Result<Option<wit::ConversationSettings>, wit::ProviderFailure> {
+        keeper()
+            .resume(&conversation_id)
+            .map(|o| o.map(settings_to_wit))
+            .map_err(failure_to_wit)
+    }
+
+    fn entries(conversation_id: String) -> Result<Vec<wit::ConversationEntry>, wit::RefreshError> {
+        keeper()
+            .conversation_entries(&conversation_id)
+            .map(|v| v.iter().map(entry_to_wit).collect())
+            .map_err(error_to_wit)
+    }
+}
+
+fn provider_token_from_wit(t: wit::ProviderToken) -> model::ProviderToken {
+    model::ProviderToken {
+        provider: t.provider,
+        access_token: t.access_token.into(),
+        refresh_token: t.refresh_token.map(SecretString::from),
+        expires_at: t.expires_at,
+        refresh_token_expires_at: t.refresh_token_expires_at,
+        obtained_at: t.obtained_at,
+        scopes: t.scopes,
+    }
+}
+
+fn settings_to_wit(tokens: Vec<model::ProviderToken>) -> wit::ConversationSettings {
+    wit::ConversationSettings {
+        provider_tokens: tokens
+            .into_iter()
+            .map(|t| wit::ProviderToken {
+                provider: t.provider,
+                access_token: t.access_token.expose_secret().to_string(),
+                refresh_token: t.refresh_token.map(|r| r.expose_secret().to_string()),
+                expires_at: t.expires_at,
+                refresh_token_expires_at: t.refresh_token_expires_at,
+                obtained_at: t.obtained_at,
+                scopes: t.scopes,
+            })
+            .collect(),
+    }
+}
+
+fn failure_to_wit(f: model::ProviderFailure) -> wit::ProviderFailure {
+    wit::ProviderFailure {
+        provider: f.provider,
+        error: error_to_wit(f.error),
+    }
+}
+
+fn entry_from_wit(e: wit::ConversationEntry) -> model::ConversationEntry {
+    model::ConversationEntry {
+        conversation_id: e.conversation_id,
+        provider: e.provider,
+        user_id: e.user_id,
+        scopes: e.scopes,
+        generation: e.generation,
+        updated_at: e.updated_at,
+    }
+}
+
+fn entry_to_wit(e: &model::ConversationEntry) -> wit::ConversationEntry {
+    wit::ConversationEntry {
+        conversation_id: e.conversation_id.clone(),
+        provider: e.provider.clone(),
+        user_id: e.user_id.clone(),
+        scopes: e.scopes.clone(),
+        generation: e.generation,
+        updated_at: e.updated_at,
     }
 }
 

@@ -122,3 +122,33 @@ impl From<StorageError> for crate::error::RefreshError {
         }
     }
 }
+
+/// One provider's token in a conversation's settings (WIT `provider-token`).
+#[derive(Debug, Clone)]
+pub struct ProviderToken {
+    pub provider: String,
+    pub access_token: SecretString,
+    pub refresh_token: Option<SecretString>,
+    pub expires_at: Option<i64>,
+    pub refresh_token_expires_at: Option<i64>,
+    pub obtained_at: Option<i64>,
+    pub scopes: Vec<String>,
+}
+
+/// What is persisted for a conversation (WIT `conversation-entry`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationEntry {
+    pub conversation_id: String,
+    pub provider: String,
+    pub user_id: String,
+    pub scopes: Vec<String>,
+    pub generation: u64,
+    pub updated_at: i64,
+}
+
+/// A failure that names its provider (WIT `provider-failure`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderFailure {
+    pub provider: String,
+    pub error: crate::error::RefreshError,
+}

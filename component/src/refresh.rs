@@ -37,8 +37,18 @@ pub trait Host {
     /// Up to `limit` rows after `after`, ordered by provider then user.
     fn list(&self, after: Option<&RowKey>, limit: u32) -> Result<Vec<SealedRow>, StorageError>;
     fn upsert(&self, row: &SealedRow) -> Result<u64, StorageError>;
+    /// Inserts a row only if none exists; false when one does.
+    fn insert(&self, row: &SealedRow) -> Result<bool, StorageError>;
     fn delete(&self, provider: &str, user_id: &str) -> Result<bool, StorageError>;
     fn begin(&self) -> Result<Self::Txn, StorageError>;
+    fn conversation_entries(
+        &self,
+        conversation_id: &str,
+    ) -> Result<Vec<crate::model::ConversationEntry>, StorageError>;
+    fn put_conversation_entry(
+        &self,
+        entry: &crate::model::ConversationEntry,
+    ) -> Result<(), StorageError>;
     /// Durably records, outside the transaction, that a refresh is starting.
     fn record_refresh_start(
         &self,
@@ -102,6 +112,24 @@ impl<H: Host> Keeper<H> {
             generation: row.generation,
             health: row.health,
         })
+    }
+
+    /// Stores tokens only if none are stored for this provider and user:
+    /// false when a row exists (it may hold a newer, rotated chain).
+    pub fn seed_tokens(
+        &self,
+        provider: &str,
+        user_id: &str,
+        tokens: &TokenSet,
+    ) -> Result<bool, RefreshError> {
+        self.config(provider)?;
+        check_user_id(user_id)?;
+        check_tokens(tokens)?;
+        let now = self.host.now();
+        let mut row = self.seal_row(provider, user_id, tokens, now)?;
+        row.generation = 1;
+        row.health.last_success_at = Some(now);
+        Ok(self.host.insert(&row)?)
     }
 
     /// Loads and decrypts a user's tokens (WIT `load-tokens`).
@@ -404,7 +432,11 @@ impl<H: Host> Keeper<H> {
         self.host.now()
     }
 
-    fn config(&self, provider: &str) -> Result<ProviderConfig, RefreshError> {
+    pub(crate) fn host(&self) -> &H {
+        &self.host
+    }
+
+    pub(crate) fn config(&self, provider: &str) -> Result<ProviderConfig, RefreshError> {
         check_provider_name(provider)?;
         self.host
             .provider(provider)

@@ -44,6 +44,13 @@ pub fn needs_refresh(obtained_at: i64, expires_at: Option<i64>, now: i64, thresh
     }
 }
 
+/// Whether a token whose lifetime is unknown (no time of issue) should be
+/// refreshed now: the seed's rule, expired or expiring within the threshold.
+pub fn needs_refresh_by_threshold(expires_at: Option<i64>, now: i64, threshold: u32) -> bool {
+    let window = i64::from(threshold).max(i64::from(DEFAULT_CLOCK_SKEW_SECONDS));
+    expires_at.is_some_and(|at| now.saturating_add(window) >= at)
+}
+
 /// Where a token stands (WIT `token-state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenState {

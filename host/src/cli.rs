@@ -2,6 +2,7 @@
 //! decision is the [`Keeper`]'s.
 
 use crate::config::Config;
+use crate::conversation::{ConversationError, ConversationSettings};
 use crate::error::Error;
 use crate::keeper::{Keeper, Options, TokenSet, TokenState, TokenSummary};
 use crate::keyring::Keyring;
@@ -41,6 +42,9 @@ enum Command {
     /// Store, read and list tokens.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// Conversation settings: refresh, resume, show.
+    #[command(subcommand)]
+    Conversations(ConversationsCommand),
     /// Encryption keys: status and rotation.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -50,6 +54,22 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         runtimes: usize,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConversationsCommand {
+    /// Read settings JSON ({"provider_tokens": {...}}) on standard input, print the refreshed copy.
+    Refresh {
+        conversation: String,
+        user: String,
+        /// Return what could be refreshed and list failures on stderr, instead of failing.
+        #[arg(long)]
+        partial: bool,
+    },
+    /// Print the conversation's persisted settings, refreshed first.
+    Resume { conversation: String },
+    /// Show what is persisted for a conversation, without secrets.
+    Show { conversation: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -123,6 +143,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let keeper = open(&cli).await?;
             keys(&keeper, cmd).await
         }
+        Command::Conversations(cmd) => {
+            let keeper = open(&cli).await?;
+            conversations(&keeper, cmd).await
+        }
     }
 }
 
@@ -158,6 +182,93 @@ async fn tokens(keeper: &Keeper, cmd: &TokensCommand) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+async fn conversations(keeper: &Keeper, cmd: &ConversationsCommand) -> Result<(), Error> {
+    let named = |e: ConversationError| {
+        if e.provider.is_empty() {
+            e.error
+        } else {
+            // Keep the class (and exit code); name the provider in the message.
+            prefix_provider(e.error, &e.provider)
+        }
+    };
+    match cmd {
+        ConversationsCommand::Refresh {
+            conversation,
+            user,
+            partial,
+        } => {
+            let settings = ConversationSettings::from_json(read_stdin()?.expose_secret())?;
+            let refreshed = if *partial {
+                let r = keeper
+                    .refresh_provider_tokens_partial(&settings, conversation, user)
+                    .await?;
+                for f in &r.failures {
+                    eprintln!("tokenkeep: {}: {f}", f.error.class());
+                }
+                r.settings
+            } else {
+                keeper
+                    .refresh_provider_tokens(&settings, conversation, user)
+                    .await
+                    .map_err(named)?
+            };
+            print_stdout(&refreshed.to_json())?;
+        }
+        ConversationsCommand::Resume { conversation } => {
+            let settings = keeper
+                .resume(conversation)
+                .await
+                .map_err(named)?
+                .ok_or_else(|| Error::NotFound {
+                    provider: "-".into(),
+                    user_id: format!("conversation {conversation}"),
+                })?;
+            print_stdout(&settings.to_json())?;
+        }
+        ConversationsCommand::Show { conversation } => {
+            let entries = keeper.conversation_entries(conversation).await?;
+            let mut out = std::io::stdout().lock();
+            for e in entries {
+                let line = serde_json::json!({
+                    "conversation_id": e.conversation_id,
+                    "provider": e.provider,
+                    "user_id": e.user_id,
+                    "scopes": e.scopes,
+                    "generation": e.generation,
+                    "updated_at": e.updated_at,
+                });
+                let _ = writeln!(out, "{line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The same error class, with the provider named in its message.
+fn prefix_provider(e: Error, provider: &str) -> Error {
+    let p = |m: String| format!("provider {provider}: {m}");
+    match e {
+        Error::ReauthorizationRequired(m) => Error::ReauthorizationRequired(p(m)),
+        Error::ProviderUnavailable(m) => Error::ProviderUnavailable(p(m)),
+        Error::ProviderRejectedClient(m) => Error::ProviderRejectedClient(p(m)),
+        Error::ScopeMismatch(m) => {
+            Error::ScopeMismatch(m.into_iter().map(|s| format!("{provider}:{s}")).collect())
+        }
+        Error::Storage(m) => Error::Storage(p(m)),
+        Error::Decryption(m) => Error::Decryption(p(m)),
+        Error::InvalidProviderResponse(m) => Error::InvalidProviderResponse(p(m)),
+        Error::InvalidInput(m) => Error::InvalidInput(p(m)),
+        other => other,
+    }
+}
+
+fn print_stdout(text: &str) -> Result<(), Error> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")
+        .and_then(|()| out.flush())
+        .map_err(|e| Error::Config(format!("cannot write to standard output: {e}")))
 }
 
 async fn keys(keeper: &Keeper, cmd: &KeysCommand) -> Result<(), Error> {
@@ -196,20 +307,22 @@ async fn keys(keeper: &Keeper, cmd: &KeysCommand) -> Result<(), Error> {
     Ok(())
 }
 
-/// Reads an RFC 6749 section 5.1 token response from standard input.
-fn read_token_response() -> Result<TokenSet, Error> {
+/// Reads standard input (tokens: kept secret), at most 1 MiB.
+fn read_stdin() -> Result<secrecy::SecretSlice<u8>, Error> {
     let mut raw = Vec::new();
     std::io::stdin()
         .take(MAX_STDIN_BYTES + 1)
         .read_to_end(&mut raw)
         .map_err(|e| Error::InvalidInput(format!("cannot read standard input: {e}")))?;
     if raw.len() as u64 > MAX_STDIN_BYTES {
-        return Err(Error::InvalidInput(
-            "token response on standard input exceeds 1 MiB".into(),
-        ));
+        return Err(Error::InvalidInput("standard input exceeds 1 MiB".into()));
     }
-    let raw = secrecy::SecretSlice::from(raw);
-    token_set_from_response(raw.expose_secret(), now())
+    Ok(raw.into())
+}
+
+/// Reads an RFC 6749 section 5.1 token response from standard input.
+fn read_token_response() -> Result<TokenSet, Error> {
+    token_set_from_response(read_stdin()?.expose_secret(), now())
 }
 
 /// Turns a provider's token response into a token set, expiries counted from `now`.

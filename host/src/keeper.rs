@@ -2,6 +2,9 @@
 
 use crate::bindings::tokenkeep::oauth::types as wit;
 use crate::config::Config;
+use crate::conversation::{
+    ConversationEntry, ConversationError, ConversationSettings, PartialRefresh,
+};
 use crate::error::Error;
 use crate::keyring::Keyring;
 use crate::runtime::{Clock, Runtime, SandboxLimits, Shared};
@@ -244,6 +247,112 @@ impl Keeper {
         Ok(status)
     }
 
+    /// The seed's `refresh_provider_tokens`: a refreshed copy of `settings`
+    /// (which is only borrowed, so a runtime holding it keeps working),
+    /// persisted for the conversation. One provider that cannot be refreshed
+    /// fails the call with an error naming it.
+    pub async fn refresh_provider_tokens(
+        &self,
+        settings: &ConversationSettings,
+        conversation_id: &str,
+        user_id: &str,
+    ) -> Result<ConversationSettings, ConversationError> {
+        let input = settings.to_wit();
+        let r = self
+            .runtime
+            .call(async |k, s| {
+                k.tokenkeep_oauth_conversations()
+                    .call_refresh_provider_tokens(s, &input, conversation_id, user_id)
+                    .await
+            })
+            .await
+            .map_err(|error| ConversationError {
+                provider: String::new(),
+                error,
+            })?;
+        r.map(ConversationSettings::from_wit)
+            .map_err(|f| failure_from_wit(f, user_id))
+    }
+
+    /// Like [`Keeper::refresh_provider_tokens`], but keeps going past failures
+    /// and lists them, for callers that asked for partial results.
+    pub async fn refresh_provider_tokens_partial(
+        &self,
+        settings: &ConversationSettings,
+        conversation_id: &str,
+        user_id: &str,
+    ) -> Result<PartialRefresh, Error> {
+        let input = settings.to_wit();
+        let r = self
+            .runtime
+            .call(async |k, s| {
+                k.tokenkeep_oauth_conversations()
+                    .call_refresh_provider_tokens_partial(s, &input, conversation_id, user_id)
+                    .await
+            })
+            .await?;
+        Ok(PartialRefresh {
+            settings: ConversationSettings::from_wit(r.settings),
+            failures: r
+                .failures
+                .into_iter()
+                .map(|f| failure_from_wit(f, user_id))
+                .collect(),
+        })
+    }
+
+    /// A conversation's persisted settings, refreshed first; `None` for a
+    /// conversation never seen. For a runtime that resumes or replays it.
+    pub async fn resume(
+        &self,
+        conversation_id: &str,
+    ) -> Result<Option<ConversationSettings>, ConversationError> {
+        let r = self
+            .runtime
+            .call(async |k, s| {
+                k.tokenkeep_oauth_conversations()
+                    .call_resume(s, conversation_id)
+                    .await
+            })
+            .await
+            .map_err(|error| ConversationError {
+                provider: String::new(),
+                error,
+            })?;
+        r.map(|o| o.map(ConversationSettings::from_wit))
+            .map_err(|f| failure_from_wit(f, ""))
+    }
+
+    /// What is persisted for a conversation, without secrets.
+    pub async fn conversation_entries(
+        &self,
+        conversation_id: &str,
+    ) -> Result<Vec<ConversationEntry>, Error> {
+        self.runtime
+            .call(async |k, s| {
+                k.tokenkeep_oauth_conversations()
+                    .call_entries(s, conversation_id)
+                    .await
+            })
+            .await?
+            .map_err(|e| error_from_wit(e, "", ""))
+    }
+
+    /// For a runtime's timer: refreshes every token of the named live
+    /// conversations that is inside its refresh window, so none of them
+    /// reaches a conversation stale. One result per conversation.
+    pub async fn refresh_live_conversations(
+        &self,
+        conversation_ids: &[String],
+    ) -> Vec<(String, Result<(), ConversationError>)> {
+        let mut out = Vec::with_capacity(conversation_ids.len());
+        for id in conversation_ids {
+            let r = self.resume(id).await.map(|_| ());
+            out.push((id.clone(), r));
+        }
+        out
+    }
+
     /// The seed's `is_access_token_valid`, evaluated by the component.
     pub async fn is_access_token_valid(
         &self,
@@ -311,6 +420,14 @@ fn record_from_wit(r: wit::TokenRecord) -> TokenRecord {
         obtained_at: r.obtained_at,
         generation: r.generation,
         health: r.health,
+    }
+}
+
+fn failure_from_wit(f: wit::ProviderFailure, user_id: &str) -> ConversationError {
+    let error = error_from_wit(f.error, &f.provider, user_id);
+    ConversationError {
+        provider: f.provider,
+        error,
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod bindings;
 pub mod cli;
 pub mod config;
+pub mod conversation;
 pub mod demo;
 pub mod devprovider;
 pub mod egress;
@@ -17,6 +18,7 @@ mod runtime;
 pub mod storage;
 
 pub use config::Config;
+pub use conversation::{ConversationError, ConversationSettings, PartialRefresh, ProviderToken};
 pub use error::Error;
 pub use keeper::{
     Keeper, KeyStatus, Options, Rotation, TokenRecord, TokenSet, TokenState, TokenSummary,

@@ -333,6 +333,13 @@ impl storage::Host for State {
         Ok(self.shared.store.upsert(&row).await.map_err(to_wit))
     }
 
+    async fn insert(
+        &mut self,
+        row: storage::SealedRow,
+    ) -> wasmtime::Result<Result<bool, storage::StorageError>> {
+        Ok(self.shared.store.insert(&row).await.map_err(to_wit))
+    }
+
     async fn delete(
         &mut self,
         provider: String,
@@ -342,6 +349,30 @@ impl storage::Host for State {
             .shared
             .store
             .delete(&provider, &user_id)
+            .await
+            .map_err(to_wit))
+    }
+
+    async fn conversation_entries(
+        &mut self,
+        conversation_id: String,
+    ) -> wasmtime::Result<Result<Vec<types::ConversationEntry>, storage::StorageError>> {
+        Ok(self
+            .shared
+            .store
+            .conversation_entries(&conversation_id)
+            .await
+            .map_err(to_wit))
+    }
+
+    async fn put_conversation_entry(
+        &mut self,
+        entry: types::ConversationEntry,
+    ) -> wasmtime::Result<Result<(), storage::StorageError>> {
+        Ok(self
+            .shared
+            .store
+            .put_conversation_entry(&entry)
             .await
             .map_err(to_wit))
     }

@@ -120,6 +120,20 @@ impl World {
         }
     }
 
+    /// Adds a provider `name` served by a new loopback endpoint whose chain
+    /// starts at `rt-0`, and reopens the keeper with it.
+    pub async fn add_provider(&mut self, name: &str, behaviour: Behaviour) -> DevProvider {
+        let provider = DevProvider::start(behaviour, "rt-0").await.unwrap();
+        let mut config = std::fs::read_to_string(&self.config_path).unwrap();
+        config.push_str(&format!(
+            "\n[providers.{name}]\ntoken_url = \"{}\"\nclient_id = \"dev-client\"\nclient_secret = \"dev-secret\"\n",
+            provider.token_url()
+        ));
+        std::fs::write(&self.config_path, config).unwrap();
+        self.keeper = self.another_keeper().await;
+        provider
+    }
+
     /// Another runtime on the same database and configuration.
     pub async fn another_keeper(&self) -> Arc<Keeper> {
         self.keeper_with_keys(KEYS).await

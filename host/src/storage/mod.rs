@@ -8,7 +8,7 @@ pub mod postgres;
 pub mod sqlite;
 
 use crate::bindings::tokenkeep::oauth::storage::SealedRow;
-use crate::bindings::tokenkeep::oauth::types::{ErrorClass, RowKey};
+use crate::bindings::tokenkeep::oauth::types::{ConversationEntry, ErrorClass, RowKey};
 use std::time::Duration;
 use thiserror::Error;
 
@@ -108,6 +108,14 @@ impl Store {
         }
     }
 
+    /// Inserts `row` only if none exists; false when one does.
+    pub async fn insert(&self, row: &SealedRow) -> Result<bool, StorageError> {
+        match self {
+            Store::Postgres(s) => postgres::rows::insert(&s.pool, row).await,
+            Store::Sqlite(s) => sqlite::rows::insert(&s.pool, row).await,
+        }
+    }
+
     pub async fn upsert(&self, row: &SealedRow) -> Result<u64, StorageError> {
         match self {
             Store::Postgres(s) => postgres::rows::upsert(&s.pool, row).await,
@@ -128,6 +136,30 @@ impl Store {
         match self {
             Store::Postgres(s) => Ok(Transaction::Postgres(s.begin().await?)),
             Store::Sqlite(s) => Ok(Transaction::Sqlite(s.begin().await?, s.markers.clone())),
+        }
+    }
+
+    /// The entries persisted for a conversation, ordered by provider.
+    pub async fn conversation_entries(
+        &self,
+        conversation_id: &str,
+    ) -> Result<Vec<ConversationEntry>, StorageError> {
+        match self {
+            Store::Postgres(s) => {
+                postgres::rows::conversation_entries(&s.pool, conversation_id).await
+            }
+            Store::Sqlite(s) => sqlite::rows::conversation_entries(&s.pool, conversation_id).await,
+        }
+    }
+
+    /// Inserts or replaces one entry of a conversation.
+    pub async fn put_conversation_entry(
+        &self,
+        entry: &ConversationEntry,
+    ) -> Result<(), StorageError> {
+        match self {
+            Store::Postgres(s) => postgres::rows::put_conversation_entry(&s.pool, entry).await,
+            Store::Sqlite(s) => sqlite::rows::put_conversation_entry(&s.pool, entry).await,
         }
     }
 
@@ -243,7 +275,7 @@ macro_rules! rows {
     ($db:ty, $for_update:literal, $error:path) => {
         use crate::storage::{class_from_name, class_name, now_seconds, to_i64, COLUMNS};
         use crate::bindings::tokenkeep::oauth::storage::SealedRow;
-        use crate::bindings::tokenkeep::oauth::types::{RowKey, TokenHealth};
+        use crate::bindings::tokenkeep::oauth::types::{ConversationEntry, RowKey, TokenHealth};
         use crate::storage::StorageError;
         use sqlx::Row as _;
 
@@ -323,6 +355,57 @@ macro_rules! rows {
             Ok(Some(row))
         }
 
+        pub async fn conversation_entries(
+            pool: &sqlx::Pool<Db>,
+            conversation_id: &str,
+        ) -> Result<Vec<ConversationEntry>, StorageError> {
+            let rows = sqlx::query(
+                "SELECT conversation_id, provider, user_id, scopes, generation, updated_at \
+                 FROM tokenkeep_conversations WHERE conversation_id = $1 ORDER BY provider",
+            )
+            .bind(conversation_id)
+            .fetch_all(pool)
+            .await
+            .map_err($error)?;
+            rows.iter()
+                .map(|r| -> Result<ConversationEntry, sqlx::Error> {
+                    let scopes: String = r.try_get("scopes")?;
+                    Ok(ConversationEntry {
+                        conversation_id: r.try_get("conversation_id")?,
+                        provider: r.try_get("provider")?,
+                        user_id: r.try_get("user_id")?,
+                        scopes: serde_json::from_str(&scopes).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                        generation: r.try_get::<i64, _>("generation")? as u64,
+                        updated_at: r.try_get("updated_at")?,
+                    })
+                })
+                .collect::<Result<_, _>>()
+                .map_err($error)
+        }
+
+        pub async fn put_conversation_entry(
+            pool: &sqlx::Pool<Db>,
+            e: &ConversationEntry,
+        ) -> Result<(), StorageError> {
+            sqlx::query(
+                "INSERT INTO tokenkeep_conversations \
+                 (conversation_id, provider, user_id, scopes, generation, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (conversation_id, provider) DO UPDATE SET \
+                 user_id = excluded.user_id, scopes = excluded.scopes, \
+                 generation = excluded.generation, updated_at = excluded.updated_at",
+            )
+            .bind(&e.conversation_id)
+            .bind(&e.provider)
+            .bind(&e.user_id)
+            .bind(serde_json::to_string(&e.scopes).unwrap_or_else(|_| "[]".into()))
+            .bind(to_i64(e.generation)?)
+            .bind(e.updated_at)
+            .execute(pool)
+            .await
+            .map_err($error)?;
+            Ok(())
+        }
+
         pub async fn record_refresh_start<'e>(
             markers: impl sqlx::Executor<'e, Database = Db>,
             provider: &str,
@@ -372,23 +455,12 @@ macro_rules! rows {
             rows.iter().map(decode).collect::<Result<_, _>>().map_err($error)
         }
 
-        pub async fn upsert(pool: &sqlx::Pool<Db>, row: &SealedRow) -> Result<u64, StorageError> {
-            let sql = format!(
-                "INSERT INTO tokenkeep_tokens ({COLUMNS}, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12, $13, $14, $15) \
-                 ON CONFLICT (provider, user_id) DO UPDATE SET \
-                 key_id = excluded.key_id, access_token = excluded.access_token, \
-                 refresh_token = excluded.refresh_token, \
-                 access_token_expires_at = excluded.access_token_expires_at, \
-                 refresh_token_expires_at = excluded.refresh_token_expires_at, \
-                 scopes = excluded.scopes, obtained_at = excluded.obtained_at, \
-                 generation = tokenkeep_tokens.generation + 1, \
-                 failed_attempts = excluded.failed_attempts, last_failure_at = excluded.last_failure_at, \
-                 last_failure = excluded.last_failure, last_success_at = excluded.last_success_at, \
-                 refresh_started_at = excluded.refresh_started_at, updated_at = excluded.updated_at \
-                 RETURNING generation"
-            );
-            let generation: i64 = sqlx::query(&sql)
+        /// `INSERT` of a whole row at generation 1, followed by `on_conflict`.
+        fn insert_row<'q>(
+            sql: &'q str,
+            row: &'q SealedRow,
+        ) -> sqlx::query::Query<'q, Db, <Db as sqlx::Database>::Arguments<'q>> {
+            sqlx::query(sql)
                 .bind(&row.provider)
                 .bind(&row.user_id)
                 .bind(&row.key_id)
@@ -404,12 +476,43 @@ macro_rules! rows {
                 .bind(row.health.last_success_at)
                 .bind(row.health.refresh_started_at)
                 .bind(now_seconds())
+        }
+
+        fn insert_sql(on_conflict: &str) -> String {
+            format!(
+                "INSERT INTO tokenkeep_tokens ({COLUMNS}, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12, $13, $14, $15) \
+                 ON CONFLICT (provider, user_id) {on_conflict}"
+            )
+        }
+
+        pub async fn upsert(pool: &sqlx::Pool<Db>, row: &SealedRow) -> Result<u64, StorageError> {
+            let sql = insert_sql(
+                "DO UPDATE SET \
+                 key_id = excluded.key_id, access_token = excluded.access_token, \
+                 refresh_token = excluded.refresh_token, \
+                 access_token_expires_at = excluded.access_token_expires_at, \
+                 refresh_token_expires_at = excluded.refresh_token_expires_at, \
+                 scopes = excluded.scopes, obtained_at = excluded.obtained_at, \
+                 generation = tokenkeep_tokens.generation + 1, \
+                 failed_attempts = excluded.failed_attempts, last_failure_at = excluded.last_failure_at, \
+                 last_failure = excluded.last_failure, last_success_at = excluded.last_success_at, \
+                 refresh_started_at = excluded.refresh_started_at, updated_at = excluded.updated_at \
+                 RETURNING generation",
+            );
+            let generation: i64 = insert_row(&sql, row)
                 .fetch_one(pool)
                 .await
                 .map_err($error)?
                 .try_get(0)
                 .map_err($error)?;
             Ok(generation as u64)
+        }
+
+        pub async fn insert(pool: &sqlx::Pool<Db>, row: &SealedRow) -> Result<bool, StorageError> {
+            let sql = insert_sql("DO NOTHING");
+            let done = insert_row(&sql, row).execute(pool).await.map_err($error)?;
+            Ok(done.rows_affected() == 1)
         }
 
         pub async fn compare_and_set(

@@ -46,6 +46,18 @@ const MIGRATIONS: &[(i64, &str)] = &[
         PRIMARY KEY (provider, user_id)
     )",
     ),
+    (
+        3,
+        "CREATE TABLE tokenkeep_conversations (
+        conversation_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        generation BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (conversation_id, provider)
+    )",
+    ),
 ];
 
 /// Any constant distinct from other applications' advisory locks.

@@ -9,9 +9,10 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE tokenkeep_tokens (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE tokenkeep_tokens (
         provider TEXT NOT NULL,
         user_id TEXT NOT NULL,
         key_id TEXT NOT NULL,
@@ -30,7 +31,20 @@ const MIGRATIONS: &[(i64, &str)] = &[(
         updated_at INTEGER NOT NULL,
         PRIMARY KEY (provider, user_id)
     ) WITHOUT ROWID",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE tokenkeep_conversations (
+        conversation_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (conversation_id, provider)
+    ) WITHOUT ROWID",
+    ),
+];
 
 /// A pool over one SQLite file.
 #[derive(Clone, Debug)]
