@@ -11,7 +11,7 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 use tokenkeep::devprovider::{Behaviour, DevProvider};
-use tokenkeep::{ConversationSettings, Error, ProviderToken};
+use tokenkeep::{Clock, ConversationSettings, Error, ProviderToken};
 
 on_both_backends!(
     only_stale_tokens_are_refreshed_once_each_even_with_several_runtimes_at_once,
@@ -19,6 +19,7 @@ on_both_backends!(
     a_narrowed_scope_is_rejected_naming_the_missing_scope,
     a_revoked_provider_fails_the_call_with_its_name_unless_partial_results_were_asked,
     a_conversation_resumes_on_a_second_process_after_the_first_was_killed,
+    the_periodic_refresher_renews_live_conversations_as_they_enter_the_window,
 );
 
 fn token(provider: &str, access: &str, refresh: Option<&str>, expires_in: i64) -> ProviderToken {
@@ -299,4 +300,42 @@ async fn a_conversation_resumes_on_a_second_process_after_the_first_was_killed(b
             .code(),
         Some(3)
     );
+}
+
+async fn the_periodic_refresher_renews_live_conversations_as_they_enter_the_window(b: Backend) {
+    let w = World::build(
+        b,
+        "conv-timer",
+        Behaviour::default(),
+        "",
+        Clock::manual(1_900_000_000),
+    )
+    .await;
+    let settings = ConversationSettings {
+        provider_tokens: vec![ProviderToken {
+            expires_at: Some(w.now() + 3600),
+            obtained_at: Some(w.now()),
+            ..token("acme", "at-1", Some("rt-0"), 0)
+        }],
+    };
+    let first = w
+        .keeper
+        .refresh_provider_tokens(&settings, "live", "alice")
+        .await
+        .unwrap();
+    assert_eq!(access(&first, "acme"), "at-1", "fresh: nothing to do");
+    // The timer knows live conversations by id only; an unknown id is no error.
+    let ids = vec!["live".to_string(), "unknown".to_string()];
+    w.clock.advance(3600 - 601);
+    for (_, r) in w.keeper.refresh_live_conversations(&ids).await {
+        r.unwrap();
+    }
+    assert_eq!(w.provider.calls(), 0, "outside the 10-minute window");
+    w.clock.advance(2);
+    let results = w.keeper.refresh_live_conversations(&ids).await;
+    assert!(results.iter().all(|(_, r)| r.is_ok()), "{results:?}");
+    assert_eq!(w.provider.calls(), 1, "renewed as it entered the window");
+    let resumed = w.keeper.resume("live").await.unwrap().unwrap();
+    assert!(access(&resumed, "acme").starts_with("dev-at-1-"));
+    assert_eq!(w.provider.calls(), 1);
 }

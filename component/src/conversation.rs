@@ -60,6 +60,14 @@ impl<H: Host> Keeper<H> {
                 self.host()
                     .put_conversation_entry(&fresh_entry)
                     .map_err(|e| whole(e.into()))?;
+                if entry.is_none() {
+                    // First sight: make sure a token row backs the entry, so
+                    // that `resume` works even if this token was fresh.
+                    self.seed(t, user_id).map_err(|error| ProviderFailure {
+                        provider: t.provider.clone(),
+                        error,
+                    })?;
+                }
             }
         }
         let mut out = Vec::with_capacity(settings.len());
@@ -181,21 +189,26 @@ impl<H: Host> Keeper<H> {
         // The token row holds the refresh chain. A conversation that brings
         // a token tokenkeep has never seen seeds it.
         if self.host().read(&t.provider, user_id)?.is_none() {
-            let seed = TokenSet {
-                access_token: t.access_token.clone(),
-                refresh_token: t.refresh_token.clone(),
-                access_token_expires_at: t.expires_at,
-                refresh_token_expires_at: t.refresh_token_expires_at,
-                scopes: t.scopes.clone(),
-            };
-            // Insert-if-absent: a concurrent caller may have seeded and
-            // refreshed it meanwhile, and its rotated chain must win.
-            self.seed_tokens(&t.provider, user_id, &seed)?;
+            self.seed(t, user_id)?;
         }
         let record = self.ensure_fresh(&t.provider, user_id)?;
         require_scopes(&t.scopes, &record.tokens.scopes)?;
         let generation = record.generation;
         Ok((token_from_record(record), Some(generation)))
+    }
+
+    /// Stores `t` as the user's token row unless one exists. Insert-if-absent:
+    /// a concurrent caller may have seeded and refreshed it meanwhile, and its
+    /// rotated chain must win.
+    fn seed(&self, t: &ProviderToken, user_id: &str) -> Result<bool, RefreshError> {
+        let seed = TokenSet {
+            access_token: t.access_token.clone(),
+            refresh_token: t.refresh_token.clone(),
+            access_token_expires_at: t.expires_at,
+            refresh_token_expires_at: t.refresh_token_expires_at,
+            scopes: t.scopes.clone(),
+        };
+        self.seed_tokens(&t.provider, user_id, &seed)
     }
 
     #[allow(clippy::too_many_arguments)]

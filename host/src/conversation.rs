@@ -162,3 +162,36 @@ impl ConversationSettings {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_round_trip_and_debug_redacts() {
+        let json = br#"{"provider_tokens":{"github":{"token":"gho_SECRET1","refresh_token":"ghr_SECRET2","expires_at":1900000000,"scopes":["repo"]}}}"#;
+        let s = ConversationSettings::from_json(json).unwrap();
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("SECRET"), "{debug}");
+        let again = ConversationSettings::from_json(s.to_json().as_bytes()).unwrap();
+        assert_eq!(
+            again.provider_tokens[0].access_token.expose_secret(),
+            "gho_SECRET1"
+        );
+        assert_eq!(again.provider_tokens[0].expires_at, Some(1_900_000_000));
+    }
+
+    #[test]
+    fn malformed_settings_are_typed_errors_that_quote_nothing() {
+        for bad in [
+            &br#"{"provider_tokens":{"github":{"refresh_token":"ghr_SECRET"}}}"#[..],
+            br#"{"provider_tokens":{"github":{"token":"gho_SECRET","expires_at":"soon"}}}"#,
+            br#"{"tokens":{}}"#,
+            br#"{"provider_tokens":{"github":{"token":"gho_SECRET""#,
+        ] {
+            let e = ConversationSettings::from_json(bad).unwrap_err();
+            assert!(matches!(e, Error::InvalidInput(_)), "{e:?}");
+            assert!(!e.to_string().contains("SECRET"), "{e}");
+        }
+    }
+}
