@@ -31,6 +31,7 @@ on_both_backends!(
     tampered_rows_and_unknown_keys_fail_to_decrypt_and_stay_as_they_were,
     the_cli_lists_states_and_deletes,
     a_runtime_killed_mid_refresh_is_reported_as_a_lost_rotation,
+    a_failed_refresh_is_single_flight_too,
 );
 
 async fn the_clock_skew_is_exact_at_59_60_and_61_seconds(b: Backend) {
@@ -548,4 +549,63 @@ async fn a_runtime_killed_mid_refresh_is_reported_as_a_lost_rotation(b: Backend)
         Error::ReauthorizationRequired(m) => assert!(!m.contains("interrupted"), "{m}"),
         other => panic!("expected re-authorisation, got {other:?}"),
     }
+}
+
+async fn a_failed_refresh_is_single_flight_too(b: Backend) {
+    let w = World::with(
+        b,
+        "fail-once",
+        Behaviour {
+            delay: Duration::from_millis(300),
+            canned: Some((503, "text/plain".into(), "down".into())),
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    let other = w.another_keeper().await;
+    let burst = async |user: &str| {
+        w.store(user, "at-old", Some("rt-0"), -10).await;
+        let mut tasks = Vec::new();
+        for k in [&w.keeper, &other] {
+            for _ in 0..4 {
+                let (k, user) = (k.clone(), user.to_string());
+                tasks.push(tokio::spawn(
+                    async move { k.ensure_fresh("acme", &user).await },
+                ));
+            }
+        }
+        let mut errors = Vec::new();
+        for t in tasks {
+            errors.push(t.await.unwrap().unwrap_err());
+        }
+        errors
+    };
+    // A provider outage: the waiters take the refresher's answer.
+    let errors = burst("alice").await;
+    assert!(
+        errors
+            .iter()
+            .all(|e| matches!(e, Error::ProviderUnavailable(_))),
+        "{errors:?}"
+    );
+    assert_eq!(w.provider.calls(), 1, "eight callers, one provider call");
+
+    // A refusal: the dead refresh token is spent once, and the refusal stands.
+    w.provider.set(|b| b.canned = None);
+    w.provider.reset_chain("rt-other");
+    let errors = burst("bob").await;
+    assert!(
+        errors
+            .iter()
+            .all(|e| matches!(e, Error::ReauthorizationRequired(_))),
+        "{errors:?}"
+    );
+    assert_eq!(w.provider.calls(), 2);
+    assert!(w.keeper.ensure_fresh("acme", "bob").await.is_err());
+    assert_eq!(
+        w.provider.calls(),
+        2,
+        "not sent again until a new authorisation"
+    );
 }

@@ -309,9 +309,21 @@ async fn the_cli_reports_each_failure_class_with_its_exit_code(b: Backend) {
     assert_eq!(code(&["tokens", "get", "acme", "nobody"]), 3);
     w.store("alice", "at-old", Some("rt-dead"), -10).await;
     assert_eq!(code(&["tokens", "get", "acme", "alice"]), 4);
+    assert_eq!(
+        code(&["tokens", "get", "acme", "alice"]),
+        4,
+        "a refusal stands"
+    );
+    assert_eq!(
+        w.provider.calls(),
+        1,
+        "and the dead refresh token is not sent again"
+    );
+    // A new authorisation heals it.
+    w.provider.reset_chain("rt-dead");
+    w.store("alice", "at-old", Some("rt-dead"), -10).await;
     w.provider
         .set(|b| b.canned = Some((502, "text/plain".into(), "bad gateway".into())));
-    w.provider.reset_chain("rt-dead");
     assert_eq!(code(&["tokens", "get", "acme", "alice"]), 5);
     w.provider
         .set(|b| b.canned = Some((200, "application/json".into(), "{\"token\":1}".into())));

@@ -49,25 +49,28 @@ impl<H: Host> Keeper<H> {
         for t in settings {
             let entry = known.iter().find(|e| e.provider == t.provider);
             if entry.is_none_or(|e| e.user_id != user_id || e.scopes != t.scopes) {
-                let fresh_entry = ConversationEntry {
-                    conversation_id: conversation_id.into(),
-                    provider: t.provider.clone(),
-                    user_id: user_id.into(),
-                    scopes: t.scopes.clone(),
-                    generation: entry.map_or(0, |e| e.generation),
-                    updated_at: now,
-                };
-                self.host()
-                    .put_conversation_entry(&fresh_entry)
-                    .map_err(|e| whole(e.into()))?;
-                if entry.is_none() {
-                    // First sight: make sure a token row backs the entry, so
-                    // that `resume` works even if this token was fresh.
+                if entry.is_none_or(|e| e.user_id != user_id) {
+                    // First sight of this user's token: make sure a token row
+                    // backs the entry (before writing it), so that `resume`
+                    // works even if this token was fresh.
                     self.seed(t, user_id).map_err(|error| ProviderFailure {
                         provider: t.provider.clone(),
                         error,
                     })?;
                 }
+                let fresh_entry = ConversationEntry {
+                    conversation_id: conversation_id.into(),
+                    provider: t.provider.clone(),
+                    user_id: user_id.into(),
+                    scopes: t.scopes.clone(),
+                    generation: entry
+                        .filter(|e| e.user_id == user_id)
+                        .map_or(0, |e| e.generation),
+                    updated_at: now,
+                };
+                self.host()
+                    .put_conversation_entry(&fresh_entry)
+                    .map_err(|e| whole(e.into()))?;
             }
         }
         let mut out = Vec::with_capacity(settings.len());
@@ -208,7 +211,14 @@ impl<H: Host> Keeper<H> {
             refresh_token_expires_at: t.refresh_token_expires_at,
             scopes: t.scopes.clone(),
         };
-        self.seed_tokens(&t.provider, user_id, &seed)
+        // Without a time of issue, assume a lifetime of twice the threshold:
+        // the half-life window is then the threshold, the seed's own rule.
+        let threshold = i64::from(self.config(&t.provider)?.refresh_threshold_seconds);
+        let obtained_at = t
+            .obtained_at
+            .or_else(|| t.expires_at.map(|at| at - 2 * threshold))
+            .unwrap_or_else(|| self.now());
+        self.seed_tokens(&t.provider, user_id, &seed, obtained_at)
     }
 
     #[allow(clippy::too_many_arguments)]

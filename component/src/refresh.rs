@@ -121,12 +121,13 @@ impl<H: Host> Keeper<H> {
         provider: &str,
         user_id: &str,
         tokens: &TokenSet,
+        obtained_at: i64,
     ) -> Result<bool, RefreshError> {
         self.config(provider)?;
         check_user_id(user_id)?;
         check_tokens(tokens)?;
         let now = self.host.now();
-        let mut row = self.seal_row(provider, user_id, tokens, now)?;
+        let mut row = self.seal_row(provider, user_id, tokens, obtained_at.min(now))?;
         row.generation = 1;
         row.health.last_success_at = Some(now);
         Ok(self.host.insert(&row)?)
@@ -167,6 +168,7 @@ impl<H: Host> Keeper<H> {
         if !due(&row, self.host.now(), threshold) {
             return self.open_row(&row);
         }
+        let seen = row.health.clone();
 
         // 2. Lock the row and look again: another runtime may have refreshed it
         //    while we waited for the lock.
@@ -180,6 +182,26 @@ impl<H: Host> Keeper<H> {
             return self.open_row(&row);
         }
         let current = self.open_row(&row)?;
+        // Single flight for failures too: a definitive refusal stands until a
+        // new authorisation is stored, and a failure another runtime recorded
+        // while we waited for the lock is its answer for us as well.
+        if let Some(class) = row.health.last_failure {
+            let definitive = class == ErrorClass::ReauthorizationRequired;
+            let while_we_waited = row.health.failed_attempts != seen.failed_attempts
+                || row.health.last_failure_at != seen.last_failure_at;
+            if definitive || while_we_waited {
+                txn.commit()?;
+                let still_valid = validity::is_access_token_valid(
+                    current.tokens.access_token_expires_at,
+                    now,
+                    validity::DEFAULT_CLOCK_SKEW_SECONDS,
+                );
+                if !definitive && still_valid {
+                    return Ok(current);
+                }
+                return Err(recorded_failure(class));
+            }
+        }
         // A refresh from this generation started and neither committed nor
         // recorded a failure: its runtime died mid-flight.
         let interrupted = row.health.refresh_started_at.filter(|started| {
@@ -254,8 +276,9 @@ impl<H: Host> Keeper<H> {
                     // Race or revocation? If someone wrote a newer token while
                     // we spent ours (a writer outside our lock, a new
                     // authorisation), the rejection was a race: use theirs.
-                    if let Some(newer) =
-                        self.newer_fresh_row(provider, user_id, row.generation, threshold)?
+                    // Best effort: if the re-read fails, the refusal still stands.
+                    if let Ok(Some(newer)) =
+                        self.newer_fresh_row(provider, user_id, row.generation, threshold)
                     {
                         return Ok(newer);
                     }
@@ -515,6 +538,32 @@ impl<H: Host> Keeper<H> {
             generation: row.generation,
             health: row.health.clone(),
         })
+    }
+}
+
+/// The error a waiter reports for a failure another runtime recorded.
+fn recorded_failure(class: ErrorClass) -> RefreshError {
+    let m = |what: &str| format!("{what} (recorded by the last refresh attempt)");
+    match class {
+        ErrorClass::ReauthorizationRequired => RefreshError::ReauthorizationRequired(m(
+            "the provider refused the refresh token; store a new authorisation",
+        )),
+        ErrorClass::ProviderRejectedClient => {
+            RefreshError::ProviderRejectedClient(m("the provider rejected the client"))
+        }
+        ErrorClass::InvalidProviderResponse => {
+            RefreshError::InvalidProviderResponse(m("the provider answered nonsense"))
+        }
+        ErrorClass::ScopeMismatch => RefreshError::ScopeMismatch(Vec::new()),
+        ErrorClass::LockTimeout => RefreshError::LockTimeout,
+        ErrorClass::Storage => RefreshError::Storage(m("storage failed")),
+        ErrorClass::Decryption => RefreshError::Decryption(m("a ciphertext did not open")),
+        ErrorClass::NotFound => RefreshError::NotFound,
+        ErrorClass::UnknownProvider => RefreshError::UnknownProvider(m("unknown provider")),
+        ErrorClass::InvalidInput => RefreshError::InvalidInput(m("invalid input")),
+        ErrorClass::ProviderUnavailable => {
+            RefreshError::ProviderUnavailable(m("the provider is unavailable"))
+        }
     }
 }
 

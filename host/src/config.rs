@@ -94,13 +94,17 @@ impl Config {
 
     /// Parses and checks TOML configuration text.
     pub fn parse(text: &str) -> Result<Self, Error> {
-        // toml's messages quote the offending line, which may hold a secret.
+        // toml's messages can quote the offending value, which may be a
+        // secret: say where, never what.
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let at = e
                 .span()
-                .map(|s| format!(" at byte {}", s.start))
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                    format!(" at line {line}")
+                })
                 .unwrap_or_default();
-            Error::Config(format!("configuration is not valid{at}: {}", e.message()))
+            Error::Config(format!("configuration is not valid TOML for tokenkeep{at}"))
         })?;
         let mut providers = BTreeMap::new();
         for (name, p) in raw.providers {
@@ -230,7 +234,16 @@ mod tests {
 
     #[test]
     fn parse_errors_do_not_quote_the_file() {
-        let e = Config::parse("[providers.x]\nclient_secret = \"hunter2\" garbage\n").unwrap_err();
-        assert!(!e.to_string().contains("hunter2"), "{e}");
+        for text in [
+            "[providers.x]\nclient_secret = \"hunter2\" garbage\n",
+            "[providers.x]\ntoken_url = \"https://a.example/t\"\nclient_id = \"a\"\nclient_secret = 9876543210\n",
+        ] {
+            let e = Config::parse(text).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                !msg.contains("hunter2") && !msg.contains("9876543210"),
+                "{msg}"
+            );
+        }
     }
 }

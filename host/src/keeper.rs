@@ -39,7 +39,7 @@ pub struct TokenRecord {
 }
 
 /// How to open a [`Keeper`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
     /// `postgres://…` or `sqlite:path`.
     pub database_url: String,
@@ -50,6 +50,27 @@ pub struct Options {
     pub max_connections: u32,
     /// The component's wall clock (tests use a manual one).
     pub clock: Clock,
+}
+
+impl std::fmt::Debug for Options {
+    // Not derived: the database URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = match url::Url::parse(&self.database_url) {
+            Ok(mut u) if u.password().is_some() => {
+                let _ = u.set_password(Some("REDACTED"));
+                u.to_string()
+            }
+            Ok(u) => u.to_string(),
+            Err(_) => "(unparsable)".into(),
+        };
+        f.debug_struct("Options")
+            .field("database_url", &url)
+            .field("config", &self.config)
+            .field("keyring", &self.keyring)
+            .field("limits", &self.limits)
+            .field("max_connections", &self.max_connections)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The outcome of a key rotation run.
@@ -260,7 +281,7 @@ impl Keeper {
         let input = settings.to_wit();
         let r = self
             .runtime
-            .call(async |k, s| {
+            .call_scaled(input.provider_tokens.len(), async |k, s| {
                 k.tokenkeep_oauth_conversations()
                     .call_refresh_provider_tokens(s, &input, conversation_id, user_id)
                     .await
@@ -285,7 +306,7 @@ impl Keeper {
         let input = settings.to_wit();
         let r = self
             .runtime
-            .call(async |k, s| {
+            .call_scaled(input.provider_tokens.len(), async |k, s| {
                 k.tokenkeep_oauth_conversations()
                     .call_refresh_provider_tokens_partial(s, &input, conversation_id, user_id)
                     .await
@@ -309,7 +330,8 @@ impl Keeper {
     ) -> Result<Option<ConversationSettings>, ConversationError> {
         let r = self
             .runtime
-            .call(async |k, s| {
+            // A conversation holds at most one token per configured provider.
+            .call_scaled(self.config().providers.len(), async |k, s| {
                 k.tokenkeep_oauth_conversations()
                     .call_resume(s, conversation_id)
                     .await

@@ -167,10 +167,13 @@ impl Runtime {
             .map(|p| p.timeout_ms)
             .max()
             .unwrap_or(0);
-        // Wall-clock bound on a whole call: waiting for the lock, then our own
-        // provider call, then the writes.
+        // Wall-clock bound on one token's worth of work, generous on purpose:
+        // cancelling a call between the provider's answer and the commit
+        // loses a rotated refresh token. Queueing for a connection (up to two
+        // lock waits), the row lock, the provider, the re-read after a
+        // refusal (another lock wait), and the writes.
         let call_budget = Duration::from_millis(
-            u64::from(shared.config.lock_wait_ms) + 2 * u64::from(slowest) + 10_000,
+            4 * u64::from(shared.config.lock_wait_ms) + u64::from(slowest) + 10_000,
         );
         Ok(Self {
             engine,
@@ -193,6 +196,18 @@ impl Runtime {
             &mut wasmtime::Store<State>,
         ) -> wasmtime::Result<T>,
     {
+        self.call_scaled(1, f).await
+    }
+
+    /// Runs `f`, which may refresh up to `tokens` tokens one after another.
+    pub async fn call_scaled<T, F>(&self, tokens: usize, f: F) -> Result<T, Error>
+    where
+        F: AsyncFnOnce(
+            &crate::bindings::KeeperCore,
+            &mut wasmtime::Store<State>,
+        ) -> wasmtime::Result<T>,
+    {
+        let budget = self.call_budget * u32::try_from(tokens.max(1)).unwrap_or(u32::MAX);
         let state = State {
             shared: self.shared.clone(),
             wasi: WasiCtx::builder()
@@ -216,7 +231,7 @@ impl Runtime {
             let instance = self.pre.instantiate_async(&mut store).await?;
             f(&instance, &mut store).await
         };
-        let outcome = tokio::time::timeout(self.call_budget, run).await;
+        let outcome = tokio::time::timeout(budget, run).await;
         if let Ok(left) = store.get_fuel() {
             tracing::trace!(fuel_used = self.limits.fuel - left, "component call");
         }
@@ -228,7 +243,7 @@ impl Runtime {
             }
             Err(_) => Err(Error::Sandbox(format!(
                 "call exceeded {} ms",
-                self.call_budget.as_millis()
+                budget.as_millis()
             ))),
         }
     }

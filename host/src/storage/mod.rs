@@ -123,10 +123,18 @@ impl Store {
         }
     }
 
+    /// Deletes a row and its refresh-start record (a later row for the same
+    /// user starts again at generation 1 and must not inherit it).
     pub async fn delete(&self, provider: &str, user_id: &str) -> Result<bool, StorageError> {
         match self {
-            Store::Postgres(s) => postgres::rows::delete(&s.pool, provider, user_id).await,
-            Store::Sqlite(s) => sqlite::rows::delete(&s.pool, provider, user_id).await,
+            Store::Postgres(s) => {
+                postgres::rows::delete_refresh_start(&s.pool, provider, user_id).await?;
+                postgres::rows::delete(&s.pool, provider, user_id).await
+            }
+            Store::Sqlite(s) => {
+                sqlite::rows::delete_refresh_start(&s.markers, provider, user_id).await?;
+                sqlite::rows::delete(&s.pool, provider, user_id).await
+            }
         }
     }
 
@@ -548,6 +556,20 @@ macro_rules! rows {
             .await
             .map_err($error)?;
             Ok(done.rows_affected() == 1)
+        }
+
+        pub async fn delete_refresh_start(
+            markers: &sqlx::Pool<Db>,
+            provider: &str,
+            user_id: &str,
+        ) -> Result<(), StorageError> {
+            sqlx::query("DELETE FROM tokenkeep_refresh_starts WHERE provider = $1 AND user_id = $2")
+                .bind(provider)
+                .bind(user_id)
+                .execute(markers)
+                .await
+                .map_err($error)?;
+            Ok(())
         }
 
         pub async fn delete(pool: &sqlx::Pool<Db>, provider: &str, user_id: &str) -> Result<bool, StorageError> {

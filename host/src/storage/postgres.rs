@@ -64,9 +64,13 @@ const MIGRATIONS: &[(i64, &str)] = &[
 const MIGRATION_LOCK: i64 = 0x746f_6b65_6e6b;
 
 /// A Postgres connection pool.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PgStore {
+    /// Unlocked reads and single-statement writes: the hot path.
     pub(crate) pool: PgPool,
+    /// Transactions that wait for row locks. Kept apart so that callers
+    /// queued behind one stale token never starve reads of other tokens.
+    tx_pool: PgPool,
     /// The connection that writes refresh-start records. A refresher writes
     /// one while it holds a row lock, so it must not queue for a connection
     /// behind callers that are waiting for that very lock.
@@ -79,6 +83,13 @@ pub(crate) mod rows {
     super::super::rows!(sqlx::Postgres, " FOR UPDATE", super::error);
 }
 
+impl std::fmt::Debug for PgStore {
+    // Not derived: the connect options hold the database password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
 impl PgStore {
     pub async fn open(url: &str, options: StoreOptions) -> Result<Self, StorageError> {
         let connect = PgConnectOptions::from_str(url)
@@ -86,13 +97,19 @@ impl PgStore {
             .application_name("tokenkeep");
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
-            // Callers queue for a connection while others hold row locks.
-            .acquire_timeout(options.lock_wait * 2)
+            .acquire_timeout(options.lock_wait)
             .connect_with(connect.clone())
             .await
             .map_err(error)?;
+        let tx_pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .min_connections(0)
+            // Callers queue for a connection while others hold row locks.
+            .acquire_timeout(options.lock_wait * 2)
+            .connect_lazy_with(connect.clone());
         let store = Self {
             pool,
+            tx_pool,
             markers: Arc::new(tokio::sync::Mutex::new(None)),
             connect: Arc::new(connect),
             lock_wait_ms: options.lock_wait.as_millis(),
@@ -136,17 +153,31 @@ impl PgStore {
         generation: u64,
         at: i64,
     ) -> Result<(), StorageError> {
-        let mut slot = self.markers.lock().await;
+        // Bounded: a half-open connection must not stall refreshes that hold
+        // row locks; on timeout the connection is dropped and rebuilt.
+        let wait = std::time::Duration::from_millis(self.lock_wait_ms as u64);
+        let mut slot = tokio::time::timeout(wait, self.markers.lock())
+            .await
+            .map_err(|_| StorageError::Unavailable("postgres: refresh-start writer busy".into()))?;
         let conn = match slot.as_mut() {
             Some(conn) => conn,
             None => slot.insert(
-                PgConnection::connect_with(&*self.connect)
+                tokio::time::timeout(wait, PgConnection::connect_with(&*self.connect))
                     .await
+                    .map_err(|_| StorageError::Unavailable("postgres: connect timed out".into()))?
                     .map_err(error)?,
             ),
         };
-        let written =
-            rows::record_refresh_start(&mut *conn, provider, user_id, generation, at).await;
+        let written = tokio::time::timeout(
+            wait,
+            rows::record_refresh_start(&mut *conn, provider, user_id, generation, at),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(StorageError::Unavailable(
+                "postgres: refresh-start write timed out".into(),
+            ))
+        });
         if written.is_err() {
             *slot = None;
         }
@@ -156,7 +187,7 @@ impl PgStore {
     pub(crate) async fn begin(
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StorageError> {
-        let mut tx = self.pool.begin().await.map_err(error)?;
+        let mut tx = self.tx_pool.begin().await.map_err(error)?;
         // SET cannot take a bind parameter; the value is our own integer.
         sqlx::query(&format!(
             "SET LOCAL lock_timeout = '{}ms'",

@@ -49,7 +49,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
 /// A pool over one SQLite file.
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
+    /// Unlocked reads and single-statement writes: the hot path.
     pub(crate) pool: SqlitePool,
+    /// Transactions that take the write lock. Kept apart so that callers
+    /// waiting for it never starve reads (WAL readers do not wait).
+    tx_pool: SqlitePool,
     /// Refresh-start records live in a second file: SQLite locks a whole
     /// database, and they must be written while the row's transaction holds
     /// the main file's write lock.
@@ -72,6 +76,7 @@ impl SqliteStore {
         }
         let store = Self {
             pool: connect(path, options).await?,
+            tx_pool: connect(path, options).await?,
             markers: connect(&format!("{path}-refresh-starts"), options).await?,
         };
         store.migrate().await?;
@@ -119,7 +124,10 @@ impl SqliteStore {
     pub(crate) async fn begin(
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StorageError> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(error)
+        self.tx_pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(error)
     }
 }
 
