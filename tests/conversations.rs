@@ -263,12 +263,7 @@ async fn a_conversation_resumes_on_a_second_process_after_the_first_was_killed(b
         String::from_utf8_lossy(&out.stderr)
     );
     let resumed = ConversationSettings::from_json(&out.stdout).unwrap();
-    let stored = w
-        .keeper
-        .load_tokens("acme", "alice", false)
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = w.stored("alice").await;
     assert_eq!(
         access(&resumed, "acme"),
         stored.tokens.access_token.expose_secret(),

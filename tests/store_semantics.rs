@@ -234,12 +234,7 @@ async fn a_slow_writer_loses_the_compare_and_set_to_a_newer_write(b: Backend) {
     overwrite.generation = 2;
     assert!(!tx.compare_and_set(&overwrite, 1).await.unwrap());
     tx.commit().await.unwrap();
-    let r = w
-        .keeper
-        .load_tokens("acme", "alice", false)
-        .await
-        .unwrap()
-        .unwrap();
+    let r = w.stored("alice").await;
     assert_eq!(r.tokens.access_token.expose_secret(), "at-2");
     assert_eq!(r.generation, 2);
 }
@@ -258,12 +253,7 @@ async fn a_narrowed_scope_is_reported_and_the_rotated_chain_kept(b: Backend) {
     w.store("alice", "at-old", Some("rt-0"), -10).await;
     let e = w.keeper.ensure_fresh("acme", "alice").await.unwrap_err();
     assert_eq!(e, Error::ScopeMismatch(vec!["read:user".into()]));
-    let stored = w
-        .keeper
-        .load_tokens("acme", "alice", false)
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = w.stored("alice").await;
     assert_eq!(
         stored.tokens.refresh_token.unwrap().expose_secret(),
         &w.provider.current_refresh_token().unwrap(),
@@ -531,12 +521,7 @@ async fn a_runtime_killed_mid_refresh_is_reported_as_a_lost_rotation(b: Backend)
         Error::ReauthorizationRequired(m) => assert!(m.contains("interrupted refresh"), "{m}"),
         other => panic!("expected re-authorisation, got {other:?}"),
     }
-    let row = w
-        .keeper
-        .load_tokens("acme", "alice", false)
-        .await
-        .unwrap()
-        .unwrap();
+    let row = w.stored("alice").await;
     assert_eq!(
         row.generation, 1,
         "the row is neither lost nor half-written"

@@ -98,12 +98,7 @@ async fn the_old_refresh_token_is_kept_when_the_answer_has_none(b: Backend) {
     w.store("alice", "at-old", Some("rt-0"), -10).await;
     let r = w.keeper.ensure_fresh("acme", "alice").await.unwrap();
     assert_ne!(r.tokens.access_token.expose_secret(), "at-old");
-    let stored = w
-        .keeper
-        .load_tokens("acme", "alice", false)
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = w.stored("alice").await;
     assert_eq!(stored.tokens.refresh_token.unwrap().expose_secret(), "rt-0");
     assert_eq!(
         stored.tokens.scopes,
@@ -192,12 +187,7 @@ async fn a_provider_outage_is_transient_and_keeps_the_token(b: Backend) {
     w.store("alice", "at-old", Some("rt-0"), -10).await;
     let e = w.keeper.ensure_fresh("acme", "alice").await.unwrap_err();
     assert!(matches!(e, Error::ProviderUnavailable(_)), "{e:?}");
-    let row = w
-        .keeper
-        .load_tokens("acme", "alice", false)
-        .await
-        .unwrap()
-        .unwrap();
+    let row = w.stored("alice").await;
     assert_eq!(row.tokens.refresh_token.unwrap().expose_secret(), "rt-0");
     assert_eq!(row.health.failed_attempts, 1);
 

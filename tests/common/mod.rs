@@ -167,6 +167,15 @@ impl World {
             .unwrap();
     }
 
+    /// The stored (decrypted) acme record of `user`, which must exist.
+    pub async fn stored(&self, user: &str) -> tokenkeep::TokenRecord {
+        self.keeper
+            .load_tokens("acme", user, false)
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
     /// Runs the `tokenkeep` binary against this world.
     pub fn cli(&self) -> std::process::Command {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tokenkeep"));
