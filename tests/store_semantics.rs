@@ -545,7 +545,7 @@ async fn a_failed_refresh_is_single_flight_too(b: Backend) {
             canned: Some((503, "text/plain".into(), "down".into())),
             ..Default::default()
         },
-        "",
+        "max_attempts = 2\n",
     )
     .await;
     let other = w.another_keeper().await;
@@ -574,7 +574,11 @@ async fn a_failed_refresh_is_single_flight_too(b: Backend) {
             .all(|e| matches!(e, Error::ProviderUnavailable(_))),
         "{errors:?}"
     );
-    assert_eq!(w.provider.calls(), 1, "eight callers, one provider call");
+    assert_eq!(
+        w.provider.calls(),
+        2,
+        "eight callers, one refresher making its two attempts"
+    );
 
     // A refusal: the dead refresh token is spent once, and the refusal stands.
     w.provider.set(|b| b.canned = None);
@@ -586,11 +590,11 @@ async fn a_failed_refresh_is_single_flight_too(b: Backend) {
             .all(|e| matches!(e, Error::ReauthorizationRequired(_))),
         "{errors:?}"
     );
-    assert_eq!(w.provider.calls(), 2);
+    assert_eq!(w.provider.calls(), 3, "a refusal is not retried");
     assert!(w.keeper.ensure_fresh("acme", "bob").await.is_err());
     assert_eq!(
         w.provider.calls(),
-        2,
+        3,
         "not sent again until a new authorisation"
     );
 }

@@ -83,7 +83,25 @@ impl Host for Imports {
             refresh_threshold_seconds: c.refresh_threshold_seconds,
             timeout_ms: c.timeout_ms,
             max_response_bytes: c.max_response_bytes,
+            kind: c.kind,
+            error_codes: c
+                .error_codes
+                .into_iter()
+                .map(|(code, class)| (code, class_from_wit(class)))
+                .collect(),
+            default_expires_in: c.default_expires_in,
+            default_refresh_token_expires_in: c.default_refresh_token_expires_in,
+            max_attempts: c.max_attempts,
+            retry_budget_ms: c.retry_budget_ms,
         })
+    }
+
+    fn monotonic_ms(&self) -> u64 {
+        wasip2::clocks::monotonic_clock::now() / 1_000_000
+    }
+
+    fn sleep_ms(&self, ms: u64) {
+        wasip2::clocks::monotonic_clock::subscribe_duration(ms.saturating_mul(1_000_000)).block();
     }
 
     fn active_key_id(&self) -> String {

@@ -4,6 +4,7 @@
 //! Everything but [`bindings`] is plain Rust that `cargo test` runs natively;
 //! [`bindings`] adapts the WIT imports and exports to it.
 
+pub mod catalogue;
 pub mod conversation;
 pub mod error;
 pub mod model;

@@ -93,6 +93,20 @@ pub struct ProviderConfig {
     pub refresh_threshold_seconds: u32,
     pub timeout_ms: u32,
     pub max_response_bytes: u32,
+    /// The catalogue entry (or `custom`) this provider was resolved from.
+    pub kind: String,
+    /// The provider's own error codes, looked up before RFC 6749's.
+    pub error_codes: Vec<(String, crate::error::ErrorClass)>,
+    /// Access-token lifetime assumed when an answer omits `expires_in`.
+    pub default_expires_in: Option<u32>,
+    /// Lifetime assumed for a new refresh token that comes without one.
+    pub default_refresh_token_expires_in: Option<u32>,
+    /// Provider calls per refresh, counting the first; transient failures
+    /// only are retried.
+    pub max_attempts: u32,
+    /// Time the retries of one refresh may take in all, in milliseconds;
+    /// the host keeps it inside the lock wait so waiters outlast it.
+    pub retry_budget_ms: u32,
 }
 
 /// A data-encryption key, kept secret in memory.

@@ -6,7 +6,7 @@
 //! or one [`RefreshError`]; nothing from the body is quoted back except
 //! sanitised OAuth error codes.
 
-use crate::error::RefreshError;
+use crate::error::{ErrorClass, RefreshError};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
@@ -84,14 +84,19 @@ fn form_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// Reads a token endpoint's answer.
+/// Reads a token endpoint's answer. `provider_codes` are the provider's own
+/// error codes (from the catalogue), looked up before the RFC 6749 ones.
 pub fn parse_token_response(
     status: u16,
     content_type: Option<&str>,
     body: &[u8],
+    provider_codes: &[(String, ErrorClass)],
 ) -> Result<TokenResponse, RefreshError> {
     let fields = decode_body(content_type, body);
     if let Some(code) = fields.as_ref().and_then(error_code) {
+        if let Some((_, class)) = provider_codes.iter().find(|(c, _)| *c == code) {
+            return Err(error_of_class(*class, &code));
+        }
         return Err(classify_error_code(&code, status));
     }
     if !(200..300).contains(&status) {
@@ -161,6 +166,38 @@ fn sanitise_code(code: &str) -> String {
         "unnamed_error".into()
     } else {
         clean
+    }
+}
+
+/// A rotated refresh token from a 2xx answer that failed to parse otherwise:
+/// the provider has spent the old one, so this is the only one that works.
+pub fn salvage_refresh_token(
+    status: u16,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Option<SecretString> {
+    if !(200..300).contains(&status) {
+        return None;
+    }
+    let fields = decode_body(content_type, body)?;
+    if error_code(&fields).is_some() {
+        return None;
+    }
+    match fields.get("refresh_token") {
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 16 * 1024 => {
+            Some(SecretString::from(s.clone()))
+        }
+        _ => None,
+    }
+}
+
+fn error_of_class(class: ErrorClass, code: &str) -> RefreshError {
+    let m = format!("provider answered {code}");
+    match class {
+        ErrorClass::ReauthorizationRequired => RefreshError::ReauthorizationRequired(m),
+        ErrorClass::ProviderRejectedClient => RefreshError::ProviderRejectedClient(m),
+        ErrorClass::ProviderUnavailable => RefreshError::ProviderUnavailable(m),
+        _ => RefreshError::InvalidProviderResponse(m),
     }
 }
 
@@ -291,7 +328,7 @@ mod tests {
     #[test]
     fn a_json_answer_with_rotation() {
         let body = br#"{"access_token":"a2","refresh_token":"r2","expires_in":3600,"refresh_token_expires_in":"15897600","scope":"repo user","token_type":"bearer"}"#;
-        let t = parse_token_response(200, Some("application/json"), body).unwrap();
+        let t = parse_token_response(200, Some("application/json"), body, &[]).unwrap();
         assert_eq!(t.access_token.expose_secret(), "a2");
         assert_eq!(t.refresh_token.unwrap().expose_secret(), "r2");
         assert_eq!(t.expires_in, Some(3600));
@@ -301,8 +338,13 @@ mod tests {
 
     #[test]
     fn an_answer_without_refresh_token_keeps_none() {
-        let t = parse_token_response(200, None, br#"{"access_token":"a","expires_in":"3599"}"#)
-            .unwrap();
+        let t = parse_token_response(
+            200,
+            None,
+            br#"{"access_token":"a","expires_in":"3599"}"#,
+            &[],
+        )
+        .unwrap();
         assert!(t.refresh_token.is_none());
         assert_eq!(t.expires_in, Some(3599));
         assert!(t.scopes.is_none());
@@ -311,14 +353,15 @@ mod tests {
     #[test]
     fn a_form_encoded_answer() {
         let body = b"access_token=gho_a&expires_in=28800&refresh_token=ghr_b&refresh_token_expires_in=15811200&scope=&token_type=bearer";
-        let t = parse_token_response(200, Some("application/x-www-form-urlencoded"), body).unwrap();
+        let t = parse_token_response(200, Some("application/x-www-form-urlencoded"), body, &[])
+            .unwrap();
         assert_eq!(t.access_token.expose_secret(), "gho_a");
         assert_eq!(t.scopes.unwrap(), Vec::<String>::new());
     }
 
     #[test]
     fn errors_are_classified() {
-        let e = |status, body: &[u8]| parse_token_response(status, None, body).unwrap_err();
+        let e = |status, body: &[u8]| parse_token_response(status, None, body, &[]).unwrap_err();
         assert!(matches!(
             e(400, br#"{"error":"invalid_grant"}"#),
             RefreshError::ReauthorizationRequired(_)
@@ -368,7 +411,7 @@ mod tests {
     #[test]
     fn error_messages_never_quote_the_body() {
         let body = br#"{"error":"invalid_grant sk_live_SECRET","error_description":"token sk_live_SECRET"}"#;
-        let msg = parse_token_response(400, None, body)
+        let msg = parse_token_response(400, None, body, &[])
             .unwrap_err()
             .to_string();
         assert!(!msg.contains("SECRET"), "{msg}");
@@ -376,6 +419,7 @@ mod tests {
             200,
             None,
             br#"{"access_token":"sk_live_SECRET","expires_in":"x"}"#,
+            &[],
         );
         assert!(!t.unwrap_err().to_string().contains("sk_live"));
     }

@@ -8,7 +8,9 @@ use crate::model::{
     Health, HttpAnswer, Key, ProviderConfig, ResealProgress, RowKey, SealedRow, StorageError,
     TokenRecord, TokenSet, TokenSummary,
 };
-use crate::provider::{parse_token_response, refresh_request_body};
+use crate::provider::{
+    TokenResponse, parse_token_response, refresh_request_body, salvage_refresh_token,
+};
 use crate::seal::{self, Binding, Field, NONCE_LEN};
 use crate::validity::{self, Timing};
 use secrecy::{ExposeSecret, SecretString};
@@ -57,6 +59,10 @@ pub trait Host {
         generation: u64,
         at: i64,
     ) -> Result<(), StorageError>;
+    /// Milliseconds on a monotonic clock, for retry budgets.
+    fn monotonic_ms(&self) -> u64;
+    /// Blocks for a backoff between attempts.
+    fn sleep_ms(&self, ms: u64);
     /// POSTs a form to the provider's token URL.
     fn post_form(
         &self,
@@ -251,7 +257,7 @@ impl<H: Host> Keeper<H> {
                     ..current
                 })
             }
-            Err(err) => {
+            Err((err, salvaged)) => {
                 let err = match (err, interrupted) {
                     (RefreshError::ReauthorizationRequired(m), Some(at))
                         if m.starts_with("provider answered") =>
@@ -264,6 +270,19 @@ impl<H: Host> Keeper<H> {
                     (err, _) => err,
                 };
                 let mut failed = row.clone();
+                if let Some(refresh_token) = salvaged {
+                    // The answer was unusable but carried a rotated refresh
+                    // token: the old one is spent, so keep the new one and
+                    // let the next refresh use it.
+                    let kept = TokenSet {
+                        refresh_token: Some(refresh_token),
+                        refresh_token_expires_at: None,
+                        ..current.tokens.clone()
+                    };
+                    failed = self.seal_row(provider, user_id, &kept, row.obtained_at)?;
+                    failed.generation = row.generation + 1;
+                    failed.health = row.health.clone();
+                }
                 failed.health.refresh_started_at = None;
                 failed.health.failed_attempts = failed.health.failed_attempts.saturating_add(1);
                 failed.health.last_failure_at = Some(now);
@@ -320,46 +339,93 @@ impl<H: Host> Keeper<H> {
         }
     }
 
-    /// Spends the refresh token; the caller holds the row lock.
+    /// Spends the refresh token; the caller holds the row lock. Transient
+    /// failures are retried with jittered backoff while the provider's retry
+    /// budget lasts. A failure may come with a rotated refresh token salvaged
+    /// from an otherwise unusable answer.
     fn refresh_locked(
         &self,
         config: &ProviderConfig,
         current: &TokenRecord,
         now: i64,
-    ) -> Result<TokenSet, RefreshError> {
+    ) -> Result<TokenSet, (RefreshError, Option<SecretString>)> {
         let old = &current.tokens;
         let refresh_token = old.refresh_token.as_ref().ok_or_else(|| {
-            RefreshError::ReauthorizationRequired("no refresh token stored".into())
+            (
+                RefreshError::ReauthorizationRequired("no refresh token stored".into()),
+                None,
+            )
         })?;
         if !validity::is_refresh_token_valid(true, old.refresh_token_expires_at, now) {
-            return Err(RefreshError::ReauthorizationRequired(
-                "refresh token expired".into(),
+            return Err((
+                RefreshError::ReauthorizationRequired("refresh token expired".into()),
+                None,
             ));
         }
         let body = refresh_request_body(refresh_token, &config.extra_params);
-        // Lifetimes count from when the request was sent, not when it came back.
-        let sent_at = self.host.now();
-        let answer = self.host.post_form(config, &body)?;
-        let response = parse_token_response(
-            answer.status,
-            answer.content_type.as_deref(),
-            answer.body.expose_secret(),
-        )?;
-        let rotated = response.refresh_token.is_some();
-        let tokens = TokenSet {
-            access_token: response.access_token,
-            access_token_expires_at: response.expires_in.map(|s| sent_at + s),
-            refresh_token_expires_at: match (response.refresh_token_expires_in, rotated) {
-                (Some(s), _) => Some(sent_at + s),
-                (None, true) => None,
-                // No new refresh token: the old one and its expiry stay.
-                (None, false) => old.refresh_token_expires_at,
-            },
-            refresh_token: response.refresh_token.or_else(|| old.refresh_token.clone()),
-            scopes: response.scopes.unwrap_or_else(|| old.scopes.clone()),
-        };
-        check_tokens(&tokens)?;
-        Ok(tokens)
+        let started = self.host.monotonic_ms();
+        let mut attempt = 1;
+        loop {
+            // Lifetimes count from when the request was sent, not when it came back.
+            let sent_at = self.host.now();
+            let answer = match self.host.post_form(config, &body) {
+                Ok(answer) => answer,
+                Err(e) => {
+                    if let Some(wait) = self.retry_after(config, &e, attempt, started) {
+                        self.host.sleep_ms(wait);
+                        attempt += 1;
+                        continue;
+                    }
+                    return Err((e, None));
+                }
+            };
+            let (status, content_type) = (answer.status, answer.content_type.as_deref());
+            let body = answer.body.expose_secret();
+            let tokens = parse_token_response(status, content_type, body, &config.error_codes)
+                .and_then(|response| {
+                    let tokens = tokens_from(config, old, response, sent_at);
+                    check_tokens(&tokens)?;
+                    Ok(tokens)
+                });
+            match tokens {
+                Ok(tokens) => return Ok(tokens),
+                Err(e) => {
+                    if let Some(wait) = self.retry_after(config, &e, attempt, started) {
+                        self.host.sleep_ms(wait);
+                        attempt += 1;
+                        continue;
+                    }
+                    let salvaged = matches!(e, RefreshError::InvalidProviderResponse(_))
+                        .then(|| salvage_refresh_token(status, content_type, body))
+                        .flatten()
+                        .filter(|new| new.expose_secret() != refresh_token.expose_secret());
+                    return Err((e, salvaged));
+                }
+            }
+        }
+    }
+
+    /// The backoff before another attempt, if the failure is worth one and
+    /// the budget allows it: exponential from 200 ms with full jitter.
+    fn retry_after(
+        &self,
+        config: &ProviderConfig,
+        error: &RefreshError,
+        attempt: u32,
+        started: u64,
+    ) -> Option<u64> {
+        // Only failures that say nothing about the token; an answer that
+        // did not parse may have spent it and is never repeated.
+        if !matches!(error, RefreshError::ProviderUnavailable(_)) || attempt >= config.max_attempts
+        {
+            return None;
+        }
+        let ceiling = 200u64 << attempt.min(8);
+        let random = u64::from_le_bytes(self.host.nonce()[..8].try_into().ok()?);
+        let wait = ceiling / 2 + random % (ceiling / 2 + 1);
+        let spent = self.host.monotonic_ms().saturating_sub(started);
+        let worst_next = spent + wait + u64::from(config.timeout_ms);
+        (worst_next <= u64::from(config.retry_budget_ms)).then_some(wait)
     }
 
     /// Deletes a user's tokens (WIT `delete-tokens`).
@@ -579,6 +645,35 @@ fn timing(row: &SealedRow) -> Timing {
         has_refresh_token: row.refresh_token.is_some(),
         reauthorization_recorded: row.health.last_failure
             == Some(ErrorClass::ReauthorizationRequired),
+    }
+}
+
+/// The token set a successful answer gives: missing lifetimes fall back to
+/// the provider's documented defaults, and a missing refresh token means the
+/// old one stays (RFC 6749 §6).
+fn tokens_from(
+    config: &ProviderConfig,
+    old: &TokenSet,
+    response: TokenResponse,
+    sent_at: i64,
+) -> TokenSet {
+    let rotated = response.refresh_token.is_some();
+    let expires_in = response
+        .expires_in
+        .or(config.default_expires_in.map(i64::from));
+    TokenSet {
+        access_token: response.access_token,
+        access_token_expires_at: expires_in.map(|s| sent_at + s),
+        refresh_token_expires_at: match (response.refresh_token_expires_in, rotated) {
+            (Some(s), _) => Some(sent_at + s),
+            (None, true) => config
+                .default_refresh_token_expires_in
+                .map(|s| sent_at + i64::from(s)),
+            // No new refresh token: the old one and its expiry stay.
+            (None, false) => old.refresh_token_expires_at,
+        },
+        refresh_token: response.refresh_token.or_else(|| old.refresh_token.clone()),
+        scopes: response.scopes.unwrap_or_else(|| old.scopes.clone()),
     }
 }
 

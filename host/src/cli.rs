@@ -328,7 +328,7 @@ fn read_token_response() -> Result<TokenSet, Error> {
 /// Turns a provider's token response into a token set, expiries counted from `now`.
 pub fn token_set_from_response(body: &[u8], now: i64) -> Result<TokenSet, Error> {
     use tokenkeep_component::provider::parse_token_response;
-    let r = parse_token_response(200, Some("application/json"), body)
+    let r = parse_token_response(200, Some("application/json"), body, &[])
         .map_err(|e| Error::InvalidInput(format!("standard input: {e}")))?;
     Ok(TokenSet {
         access_token: r.access_token,

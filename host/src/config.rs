@@ -5,6 +5,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
+use tokenkeep_component::catalogue;
 
 /// Default proactive refresh threshold (capped at half a token's lifetime).
 pub const DEFAULT_REFRESH_THRESHOLD_SECONDS: u32 = 600;
@@ -27,10 +28,16 @@ pub enum ClientAuth {
     Basic,
 }
 
-/// One configured provider, with its client credentials resolved.
+/// Default number of provider calls per refresh (the first included).
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+/// One configured provider: its catalogue entry (or custom definition)
+/// resolved, and its client credentials read.
 #[derive(Debug, Clone)]
 pub struct Provider {
     pub name: String,
+    /// The catalogue entry, or `custom`.
+    pub kind: String,
     pub token_url: String,
     pub client_id: String,
     /// Attached by the host to the outgoing request; never enters the sandbox.
@@ -40,6 +47,13 @@ pub struct Provider {
     pub refresh_threshold_seconds: u32,
     pub timeout_ms: u32,
     pub max_response_bytes: u32,
+    pub rotates_refresh_tokens: bool,
+    pub error_codes: Vec<(String, tokenkeep_component::error::ErrorClass)>,
+    pub default_expires_in: Option<u32>,
+    pub default_refresh_token_expires_in: Option<u32>,
+    pub max_attempts: u32,
+    /// Filled from the lock wait: retries end well before waiters give up.
+    pub retry_budget_ms: u32,
 }
 
 /// The whole configuration.
@@ -71,17 +85,30 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawProvider {
-    token_url: String,
+    /// A catalogue entry; defaults to the provider's name when that is one,
+    /// else `custom`.
+    kind: Option<String>,
+    /// Required for custom providers; overrides a catalogued one's URL
+    /// (a proxy, a test endpoint).
+    token_url: Option<String>,
     client_id: String,
     client_secret: Option<String>,
     client_secret_env: Option<String>,
-    #[serde(default)]
-    client_auth: ClientAuth,
+    client_auth: Option<ClientAuth>,
     #[serde(default)]
     extra_params: BTreeMap<String, String>,
     refresh_threshold_seconds: Option<u32>,
     timeout_ms: Option<u32>,
     max_response_bytes: Option<u32>,
+    max_attempts: Option<u32>,
+    default_expires_in: Option<u32>,
+    default_refresh_token_expires_in: Option<u32>,
+    rotates_refresh_tokens: Option<bool>,
+    // Catalogue settings; which ones a kind reads is in its entry.
+    base_url: Option<String>,
+    tenant: Option<String>,
+    scope: Option<String>,
+    redirect_uri: Option<String>,
 }
 
 impl Config {
@@ -106,7 +133,7 @@ impl Config {
                 .unwrap_or_default();
             Error::Config(format!("configuration is not valid TOML for tokenkeep{at}"))
         })?;
-        let mut providers = BTreeMap::new();
+        let mut providers: BTreeMap<String, Provider> = BTreeMap::new();
         for (name, p) in raw.providers {
             providers.insert(name.clone(), Provider::resolve(name, p)?);
         }
@@ -117,6 +144,12 @@ impl Config {
                  waiters must outlast the runtime that refreshes",
                 slow.name, slow.timeout_ms
             )));
+        }
+        // Three quarters of the lock wait: retries finish while waiters
+        // still wait, and their own next look at the row sees the outcome.
+        let retry_budget_ms = lock_wait_ms / 4 * 3;
+        for p in providers.values_mut() {
+            p.retry_budget_ms = retry_budget_ms.max(p.timeout_ms);
         }
         Ok(Config {
             providers,
@@ -136,7 +169,63 @@ impl Provider {
         if !valid_name {
             return bad("name must be 1-64 characters of [A-Za-z0-9._-]".into());
         }
-        let url = url::Url::parse(&p.token_url)
+        let settings: Vec<(&str, &str)> = [
+            ("base_url", &p.base_url),
+            ("tenant", &p.tenant),
+            ("scope", &p.scope),
+            ("redirect_uri", &p.redirect_uri),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+        .collect();
+        let kind = match &p.kind {
+            Some(kind) => kind.clone(),
+            None if catalogue::spec(&name).is_some() => name.clone(),
+            None if p.token_url.is_some() => catalogue::CUSTOM.to_string(),
+            None => {
+                return bad(format!(
+                    "not a built-in provider: set kind (one of {}) or token_url for a custom one",
+                    catalogue::CATALOGUE
+                        .iter()
+                        .map(|s| s.kind)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        };
+        let resolved = if kind == catalogue::CUSTOM {
+            if let Some((setting, _)) = settings.first() {
+                return bad(format!(
+                    "{setting} is a setting of built-in providers; a custom one takes token_url and extra_params"
+                ));
+            }
+            let Some(token_url) = &p.token_url else {
+                return bad("a custom provider needs token_url".into());
+            };
+            catalogue::Resolved {
+                kind: kind.clone(),
+                token_url: token_url.clone(),
+                client_auth: catalogue::ClientAuth::Body,
+                extra_params: Vec::new(),
+                rotates_refresh_tokens: p.rotates_refresh_tokens.unwrap_or(true),
+                error_codes: Vec::new(),
+                default_expires_in: None,
+                default_refresh_token_expires_in: None,
+            }
+        } else {
+            if p.rotates_refresh_tokens.is_some() {
+                return bad(format!(
+                    "rotates_refresh_tokens is known for {kind}; it is a setting of custom providers"
+                ));
+            }
+            let mut r = catalogue::resolve(&kind, &settings)
+                .map_err(|e| Error::Config(format!("provider {name}: {e}")))?;
+            if let Some(url) = &p.token_url {
+                r.token_url = url.clone();
+            }
+            r
+        };
+        let url = url::Url::parse(&resolved.token_url)
             .map_err(|e| Error::Config(format!("provider {name}: token_url: {e}")))?;
         if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
             return bad("token_url must be an absolute http(s) URL".into());
@@ -159,15 +248,30 @@ impl Provider {
             },
             (None, None) => None,
         };
-        if p.client_auth == ClientAuth::Basic && client_secret.is_none() {
+        let client_auth = p.client_auth.unwrap_or(match resolved.client_auth {
+            catalogue::ClientAuth::Body => ClientAuth::Body,
+            catalogue::ClientAuth::Basic => ClientAuth::Basic,
+        });
+        if client_auth == ClientAuth::Basic && client_secret.is_none() {
             return bad("client_auth = \"basic\" needs a client secret".into());
         }
+        let mut extra_params = resolved.extra_params;
+        extra_params.extend(p.extra_params);
         Ok(Provider {
+            kind,
             token_url: url.to_string(),
             client_id: p.client_id,
             client_secret,
-            client_auth: p.client_auth,
-            extra_params: p.extra_params.into_iter().collect(),
+            client_auth,
+            extra_params,
+            rotates_refresh_tokens: resolved.rotates_refresh_tokens,
+            error_codes: resolved.error_codes,
+            default_expires_in: p.default_expires_in.or(resolved.default_expires_in),
+            default_refresh_token_expires_in: p
+                .default_refresh_token_expires_in
+                .or(resolved.default_refresh_token_expires_in),
+            max_attempts: p.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS).clamp(1, 10),
+            retry_budget_ms: 0,
             refresh_threshold_seconds: p
                 .refresh_threshold_seconds
                 .unwrap_or(DEFAULT_REFRESH_THRESHOLD_SECONDS),

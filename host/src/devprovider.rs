@@ -102,6 +102,11 @@ impl DevProvider {
         Ok(Self { addr, inner })
     }
 
+    /// `http://127.0.0.1:PORT`: the endpoint answers on any path.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     /// The URL of the token endpoint.
     pub fn token_url(&self) -> String {
         format!("http://{}/token", self.addr)

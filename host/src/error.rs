@@ -87,3 +87,25 @@ impl From<crate::storage::StorageError> for Error {
         }
     }
 }
+
+/// The contract's class for one of the component crate's classes (the
+/// catalogue's provider-specific error codes are handed over as WIT).
+pub(crate) fn class_to_wit(
+    class: tokenkeep_component::error::ErrorClass,
+) -> crate::bindings::tokenkeep::oauth::types::ErrorClass {
+    use crate::bindings::tokenkeep::oauth::types::ErrorClass as W;
+    use tokenkeep_component::error::ErrorClass as C;
+    match class {
+        C::NotFound => W::NotFound,
+        C::ReauthorizationRequired => W::ReauthorizationRequired,
+        C::ProviderUnavailable => W::ProviderUnavailable,
+        C::ProviderRejectedClient => W::ProviderRejectedClient,
+        C::ScopeMismatch => W::ScopeMismatch,
+        C::LockTimeout => W::LockTimeout,
+        C::Storage => W::Storage,
+        C::Decryption => W::Decryption,
+        C::InvalidProviderResponse => W::InvalidProviderResponse,
+        C::UnknownProvider => W::UnknownProvider,
+        C::InvalidInput => W::InvalidInput,
+    }
+}

@@ -500,6 +500,16 @@ impl providers::Host for State {
                 refresh_threshold_seconds: p.refresh_threshold_seconds,
                 timeout_ms: p.timeout_ms,
                 max_response_bytes: p.max_response_bytes,
+                kind: p.kind.clone(),
+                error_codes: p
+                    .error_codes
+                    .iter()
+                    .map(|(code, class)| (code.clone(), crate::error::class_to_wit(*class)))
+                    .collect(),
+                default_expires_in: p.default_expires_in,
+                default_refresh_token_expires_in: p.default_refresh_token_expires_in,
+                max_attempts: p.max_attempts,
+                retry_budget_ms: p.retry_budget_ms,
             }))
     }
 }

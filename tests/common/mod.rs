@@ -134,6 +134,26 @@ impl World {
         provider
     }
 
+    /// Adds provider `name` configured by the TOML `lines` (`{loopback}`
+    /// stands for a new loopback endpoint's base URL, whose chain starts at
+    /// `rt-0`) plus the endpoint's client credentials, and reopens the keeper.
+    pub async fn add_provider_toml(
+        &mut self,
+        name: &str,
+        behaviour: Behaviour,
+        lines: &str,
+    ) -> DevProvider {
+        let provider = DevProvider::start(behaviour, "rt-0").await.unwrap();
+        let mut config = std::fs::read_to_string(&self.config_path).unwrap();
+        config.push_str(&format!(
+            "\n[providers.{name}]\nclient_id = \"dev-client\"\nclient_secret = \"dev-secret\"\n{}\n",
+            lines.replace("{loopback}", &provider.base_url())
+        ));
+        std::fs::write(&self.config_path, config).unwrap();
+        self.keeper = self.another_keeper().await;
+        provider
+    }
+
     /// Another runtime on the same database and configuration.
     pub async fn another_keeper(&self) -> Arc<Keeper> {
         self.keeper_with_keys(KEYS).await

@@ -1,0 +1,369 @@
+//! The provider catalogue against recorded answers: every built-in provider's
+//! success and error shapes (tests/fixtures/providers/*.json), replayed by the
+//! loopback endpoint, must map onto the contract, and every request must carry
+//! what that provider expects.
+
+mod common;
+
+use common::{Backend, World};
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokenkeep::devprovider::Behaviour;
+use tokenkeep::{Clock, Error, TokenSet};
+use tokenkeep_component::catalogue::CATALOGUE;
+
+#[derive(Deserialize)]
+struct Fixture {
+    kind: String,
+    /// TOML settings of the provider; `{loopback}` is the test endpoint.
+    config: BTreeMap<String, String>,
+    request: Request,
+    answers: Vec<Answer>,
+}
+
+#[derive(Deserialize)]
+struct Request {
+    client_auth: String,
+    params: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    name: String,
+    status: u16,
+    content_type: String,
+    body: String,
+    expect: Expect,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Expect {
+    Ok(Granted),
+    Error(String),
+}
+
+#[derive(Deserialize)]
+struct Granted {
+    access_token: String,
+    /// `kept`: the answer has none and the old one stays.
+    refresh_token: String,
+    expires_in: i64,
+    refresh_token_expires_in: Option<i64>,
+    /// Absent: the answer reports none and the old scopes stay.
+    scopes: Option<Vec<String>>,
+}
+
+fn fixtures() -> Vec<Fixture> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/providers");
+    let mut out: Vec<Fixture> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            serde_json::from_slice(&std::fs::read(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        })
+        .collect();
+    out.sort_by(|a, b| a.kind.cmp(&b.kind));
+    out
+}
+
+fn class(e: &Error) -> &'static str {
+    match e {
+        Error::ReauthorizationRequired(_) => "reauthorization-required",
+        Error::ProviderUnavailable(_) => "provider-unavailable",
+        Error::ProviderRejectedClient(_) => "provider-rejected-client",
+        Error::InvalidProviderResponse(_) => "invalid-provider-response",
+        Error::ScopeMismatch(_) => "scope-mismatch",
+        _ => "other",
+    }
+}
+
+fn stale(now: i64) -> TokenSet {
+    TokenSet {
+        access_token: "at-old".to_string().into(),
+        refresh_token: Some("rt-old".to_string().into()),
+        access_token_expires_at: Some(now - 10),
+        refresh_token_expires_at: None,
+        scopes: Vec::new(),
+    }
+}
+
+#[test]
+fn every_catalogued_provider_has_recorded_answers() {
+    let recorded: Vec<String> = fixtures().into_iter().map(|f| f.kind).collect();
+    let mut catalogued: Vec<String> = CATALOGUE.iter().map(|s| s.kind.to_string()).collect();
+    catalogued.sort();
+    assert_eq!(recorded, catalogued);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recorded_answers_of_every_catalogued_provider_map_onto_the_contract() {
+    let start = common::now();
+    let clock = Clock::manual(start);
+    let mut w = World::build(
+        Backend::Sqlite,
+        "catalogue",
+        Behaviour::default(),
+        "",
+        clock.clone(),
+    )
+    .await;
+    let mut checked = 0;
+    for fx in fixtures() {
+        let mut lines = format!("kind = \"{}\"\nmax_attempts = 1\n", fx.kind);
+        for (k, v) in &fx.config {
+            lines.push_str(&format!("{k} = \"{v}\"\n"));
+        }
+        let endpoint = w
+            .add_provider_toml(&fx.kind, Behaviour::default(), &lines)
+            .await;
+        for (i, answer) in fx.answers.iter().enumerate() {
+            let case = format!("{} / {}", fx.kind, answer.name);
+            let user = format!("user-{i}");
+            endpoint.set(|b| {
+                b.canned = Some((
+                    answer.status,
+                    answer.content_type.clone(),
+                    answer.body.clone(),
+                ))
+            });
+            w.keeper
+                .store_tokens(&fx.kind, &user, &stale(w.now()))
+                .await
+                .unwrap();
+            let calls = endpoint.calls();
+            let result = w.keeper.ensure_fresh(&fx.kind, &user).await;
+            assert_eq!(endpoint.calls(), calls + 1, "{case}: one call");
+
+            // What was sent: the grant, the provider's parameters, and the
+            // client credentials where this provider wants them.
+            let body = endpoint.bodies().pop().unwrap();
+            let form: Vec<(String, String)> = url::form_urlencoded::parse(body.as_bytes())
+                .into_owned()
+                .collect();
+            let has = |k: &str, v: &str| form.iter().any(|(fk, fv)| fk == k && fv == v);
+            assert!(has("grant_type", "refresh_token"), "{case}");
+            assert!(has("refresh_token", "rt-old"), "{case}");
+            for (k, v) in &fx.request.params {
+                assert!(has(k, v), "{case}: parameter {k}");
+            }
+            let authorization = endpoint.authorizations().pop().unwrap();
+            match fx.request.client_auth.as_str() {
+                "basic" => {
+                    assert!(
+                        authorization
+                            .as_deref()
+                            .is_some_and(|a| a.starts_with("Basic ")),
+                        "{case}"
+                    );
+                    assert!(!form.iter().any(|(k, _)| k == "client_secret"), "{case}");
+                }
+                _ => {
+                    assert_eq!(authorization, None, "{case}");
+                    assert!(has("client_id", "dev-client"), "{case}");
+                    assert!(has("client_secret", "dev-secret"), "{case}");
+                }
+            }
+
+            let stored = w.keeper.load_tokens(&fx.kind, &user, false).await.unwrap();
+            let stored = stored.unwrap();
+            match &answer.expect {
+                Expect::Ok(granted) => {
+                    let got = result.unwrap_or_else(|e| panic!("{case}: {e}"));
+                    let now = w.now();
+                    assert_eq!(
+                        got.tokens.access_token.expose_secret(),
+                        granted.access_token,
+                        "{case}"
+                    );
+                    let want_refresh = match granted.refresh_token.as_str() {
+                        "kept" => "rt-old",
+                        other => other,
+                    };
+                    assert_eq!(
+                        got.tokens.refresh_token.as_ref().unwrap().expose_secret(),
+                        want_refresh,
+                        "{case}"
+                    );
+                    assert_eq!(
+                        got.tokens.access_token_expires_at,
+                        Some(now + granted.expires_in),
+                        "{case}"
+                    );
+                    assert_eq!(
+                        got.tokens.refresh_token_expires_at,
+                        granted.refresh_token_expires_in.map(|s| now + s),
+                        "{case}"
+                    );
+                    let scopes = granted.scopes.clone().unwrap_or_default();
+                    assert_eq!(got.tokens.scopes, scopes, "{case}");
+                    assert_eq!(stored.generation, 2, "{case}: persisted");
+                    assert_eq!(
+                        stored.tokens.access_token.expose_secret(),
+                        granted.access_token,
+                        "{case}"
+                    );
+                }
+                Expect::Error(want) => {
+                    let e = result
+                        .err()
+                        .unwrap_or_else(|| panic!("{case}: expected {want}"));
+                    assert_eq!(class(&e), want, "{case}: {e}");
+                    // A failed refresh loses nothing and quotes nothing.
+                    assert_eq!(stored.generation, 1, "{case}");
+                    assert_eq!(stored.tokens.access_token.expose_secret(), "at-old");
+                    assert_eq!(
+                        stored
+                            .tokens
+                            .refresh_token
+                            .as_ref()
+                            .unwrap()
+                            .expose_secret(),
+                        "rt-old"
+                    );
+                    assert!(!e.to_string().contains("rt-old"), "{case}");
+                }
+            }
+            checked += 1;
+        }
+        clock.advance(1);
+    }
+    assert!(checked >= 3 * CATALOGUE.len(), "{checked} answers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transient_failures_are_retried_with_backoff_and_refusals_are_not() {
+    let mut w = World::new(Backend::Sqlite, "retries").await;
+    let flaky = w
+        .add_provider_toml(
+            "flaky",
+            Behaviour::default(),
+            "token_url = \"{loopback}/token\"\nmax_attempts = 3\n",
+        )
+        .await;
+    // Two 503s, then the endpoint recovers: the third attempt refreshes.
+    flaky.set(|b| b.canned = Some((503, "text/html".into(), "<h1>busy</h1>".into())));
+    w.keeper
+        .store_tokens("flaky", "u", &stale(w.now()))
+        .await
+        .unwrap();
+    let recover = flaky.clone();
+    tokio::spawn(async move {
+        while recover.calls() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        recover.set(|b| b.canned = None);
+        recover.reset_chain("rt-old");
+    });
+    let started = std::time::Instant::now();
+    let got = w.keeper.ensure_fresh("flaky", "u").await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(flaky.calls(), 3, "two transient failures, then success");
+    assert_ne!(got.tokens.access_token.expose_secret(), "at-old");
+    // Exponential backoff with jitter: at least 200 ms + 400 ms halves.
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+
+    // Always down: three attempts, then the typed error; the token stays.
+    flaky.set(|b| b.canned = Some((502, "text/plain".into(), "bad gateway".into())));
+    w.keeper
+        .store_tokens("flaky", "v", &stale(w.now()))
+        .await
+        .unwrap();
+    let before = flaky.calls();
+    let e = w.keeper.ensure_fresh("flaky", "v").await.unwrap_err();
+    assert!(matches!(e, Error::ProviderUnavailable(_)), "{e}");
+    assert_eq!(flaky.calls() - before, 3);
+    let kept = w.keeper.load_tokens("flaky", "v", false).await.unwrap();
+    assert_eq!(kept.unwrap().generation, 1);
+
+    // A refusal says something about the token: never repeated.
+    flaky.set(|b| {
+        b.canned = Some((
+            400,
+            "application/json".into(),
+            r#"{"error":"invalid_grant"}"#.into(),
+        ))
+    });
+    w.keeper
+        .store_tokens("flaky", "x", &stale(w.now()))
+        .await
+        .unwrap();
+    let before = flaky.calls();
+    let e = w.keeper.ensure_fresh("flaky", "x").await.unwrap_err();
+    assert!(matches!(e, Error::ReauthorizationRequired(_)), "{e}");
+    assert_eq!(flaky.calls() - before, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unusable_answer_that_rotated_keeps_the_new_refresh_token() {
+    let mut w = World::new(Backend::Sqlite, "salvage").await;
+    let p = w
+        .add_provider_toml(
+            "odd",
+            Behaviour::default(),
+            "token_url = \"{loopback}/token\"\n",
+        )
+        .await;
+    // 2xx with a new refresh token but a nonsense lifetime: the old refresh
+    // token is spent, so the new one must not be dropped.
+    p.set(|b| {
+        b.canned = Some((
+            200,
+            "application/json".into(),
+            r#"{"access_token":"at-odd","expires_in":"soon","refresh_token":"rt-rotated"}"#.into(),
+        ))
+    });
+    w.keeper
+        .store_tokens("odd", "u", &stale(w.now()))
+        .await
+        .unwrap();
+    let e = w.keeper.ensure_fresh("odd", "u").await.unwrap_err();
+    assert!(matches!(e, Error::InvalidProviderResponse(_)), "{e}");
+    let row = w
+        .keeper
+        .load_tokens("odd", "u", false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        row.tokens.refresh_token.unwrap().expose_secret(),
+        "rt-rotated"
+    );
+    assert_eq!(row.generation, 2);
+    // The next refresh spends the kept token, and works.
+    p.set(|b| b.canned = None);
+    p.reset_chain("rt-rotated");
+    let got = w.keeper.ensure_fresh("odd", "u").await.unwrap();
+    assert_ne!(got.tokens.access_token.expose_secret(), "at-old");
+    assert_eq!(p.reuses(), 0);
+}
+
+#[tokio::test]
+async fn configuration_names_the_problem_without_quoting_secrets() {
+    use tokenkeep::Config;
+    let err = |text: &str| Config::parse(text).unwrap_err().to_string();
+    assert!(err("[providers.microsoft]\nclient_id = \"a\"\n").contains("scope"));
+    assert!(
+        err("[providers.gitlab]\nclient_id = \"a\"\nbase_url = \"ftp://x\"\n").contains("http")
+    );
+    assert!(err("[providers.gh]\nkind = \"githb\"\nclient_id = \"a\"\n").contains("github"));
+    assert!(err("[providers.acme]\nclient_id = \"a\"\n").contains("token_url"));
+    assert!(err("[providers.google]\nclient_id = \"a\"\ntenant = \"x\"\n").contains("tenant"));
+    let ok = Config::parse(
+        "[providers.work-gitlab]\nkind = \"gitlab\"\nbase_url = \"https://git.example.com\"\nclient_id = \"a\"\n\
+         [providers.bitbucket]\nclient_id = \"b\"\nclient_secret = \"hunter2\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        ok.providers["work-gitlab"].token_url,
+        "https://git.example.com/oauth/token"
+    );
+    assert_eq!(
+        ok.providers["bitbucket"].client_auth,
+        tokenkeep::config::ClientAuth::Basic
+    );
+    assert!(!format!("{ok:?}").contains("hunter2"));
+}
