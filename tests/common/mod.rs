@@ -2,6 +2,7 @@
 //! files, the loopback token endpoint and keepers wired to them.
 #![allow(dead_code)]
 
+pub mod oauth_server;
 pub mod pg;
 
 use secrecy::SecretString;
@@ -152,6 +153,14 @@ impl World {
         std::fs::write(&self.config_path, config).unwrap();
         self.keeper = self.another_keeper().await;
         provider
+    }
+
+    /// Appends TOML to the configuration and reopens the keeper with it.
+    pub async fn add_config(&mut self, toml: &str) {
+        let mut config = std::fs::read_to_string(&self.config_path).unwrap();
+        config.push_str(toml);
+        std::fs::write(&self.config_path, config).unwrap();
+        self.keeper = self.another_keeper().await;
     }
 
     /// Another runtime on the same database and configuration.
