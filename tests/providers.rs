@@ -99,6 +99,32 @@ fn every_catalogued_provider_has_recorded_answers() {
     assert_eq!(recorded, catalogued);
 }
 
+#[test]
+fn the_readme_lists_every_catalogued_provider_as_catalogued() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    for spec in CATALOGUE {
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{}` |", spec.kind)))
+            .unwrap_or_else(|| panic!("README has no row for {}", spec.kind));
+        assert!(row.contains(spec.token_url), "{}: token URL", spec.kind);
+        let auth = match spec.client_auth {
+            tokenkeep_component::catalogue::ClientAuth::Basic => "| basic |",
+            tokenkeep_component::catalogue::ClientAuth::Body => "| body |",
+        };
+        assert!(row.contains(auth), "{}: client auth", spec.kind);
+        for setting in spec.settings {
+            assert!(
+                row.contains(setting.name),
+                "{}: {}",
+                spec.kind,
+                setting.name
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn recorded_answers_of_every_catalogued_provider_map_onto_the_contract() {
     let start = common::now();

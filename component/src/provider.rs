@@ -409,6 +409,36 @@ mod tests {
     }
 
     #[test]
+    fn provider_codes_come_before_the_rfc_ones() {
+        let body =
+            br#"{"error":"unauthorized_client","error_description":"refresh_token is invalid"}"#;
+        assert!(matches!(
+            parse_token_response(403, None, body, &[]),
+            Err(RefreshError::ProviderRejectedClient(_))
+        ));
+        let atlassian = [(
+            "unauthorized_client".to_string(),
+            ErrorClass::ReauthorizationRequired,
+        )];
+        assert!(matches!(
+            parse_token_response(403, None, body, &atlassian),
+            Err(RefreshError::ReauthorizationRequired(_))
+        ));
+    }
+
+    #[test]
+    fn a_rotated_refresh_token_is_salvaged_only_from_a_success() {
+        let odd = br#"{"access_token":"a","expires_in":"soon","refresh_token":"r2"}"#;
+        assert!(parse_token_response(200, None, odd, &[]).is_err());
+        let kept = salvage_refresh_token(200, None, odd).unwrap();
+        assert_eq!(kept.expose_secret(), "r2");
+        assert!(salvage_refresh_token(400, None, odd).is_none());
+        let refusal = br#"{"error":"invalid_grant","refresh_token":"r2"}"#;
+        assert!(salvage_refresh_token(200, None, refusal).is_none());
+        assert!(salvage_refresh_token(200, None, b"<html>").is_none());
+    }
+
+    #[test]
     fn error_messages_never_quote_the_body() {
         let body = br#"{"error":"invalid_grant sk_live_SECRET","error_description":"token sk_live_SECRET"}"#;
         let msg = parse_token_response(400, None, body, &[])
