@@ -13,6 +13,10 @@ use wasip2::io::streams::StreamError;
 /// attach; the host removes it before the request leaves.
 pub const PROVIDER_HEADER: &str = "x-tokenkeep-provider";
 
+/// What a request the host's egress policy refused is reported as; hosts
+/// surface it as a configuration error.
+pub const EGRESS_DENIED: &str = "egress denied: the host allows only configured token URLs";
+
 /// POSTs `body` as a form to the provider's token URL.
 pub fn post_form(
     provider: &ProviderConfig,
@@ -119,7 +123,7 @@ fn unavailable(what: &str) -> RefreshError {
 fn http_error(e: ErrorCode) -> RefreshError {
     match e {
         ErrorCode::HttpRequestDenied => {
-            RefreshError::ProviderRejectedClient("the host does not allow this token URL".into())
+            RefreshError::ProviderRejectedClient(EGRESS_DENIED.into())
         }
         ErrorCode::HttpResponseBodySize(_) => {
             RefreshError::InvalidProviderResponse("answer too large".into())

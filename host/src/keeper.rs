@@ -462,6 +462,9 @@ fn error_from_wit(e: wit::RefreshError, provider: &str, user_id: &str) -> Error 
         },
         R::ReauthorizationRequired(m) => Error::ReauthorizationRequired(m),
         R::ProviderUnavailable(m) => Error::ProviderUnavailable(m),
+        // The egress policy refused the request: the configuration (or the
+        // component) is wrong, not the provider's view of the client.
+        R::ProviderRejectedClient(m) if m.starts_with("egress denied") => Error::Config(m),
         R::ProviderRejectedClient(m) => Error::ProviderRejectedClient(m),
         R::ScopeMismatch(m) => Error::ScopeMismatch(m),
         R::LockTimeout => Error::LockTimeout,
