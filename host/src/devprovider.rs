@@ -3,7 +3,7 @@
 //! (RFC 9700), revokes the whole chain when a spent refresh token is reused.
 //! Real HTTP/1.1 over TCP on 127.0.0.1; not for production.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -28,6 +28,12 @@ pub struct Behaviour {
     pub refresh_expires_in: Option<i64>,
     /// Sent as `scope` when set.
     pub scope: Option<String>,
+    /// Process the refresh (rotating the chain), then wait this long before
+    /// answering: a runtime that dies meanwhile loses the rotated token.
+    pub answer_delay: Duration,
+    /// Write these bytes as the whole answer instead of a well-formed one
+    /// (truncated bodies, broken HTTP), after processing nothing.
+    pub raw: Option<Vec<u8>>,
 }
 
 impl Default for Behaviour {
@@ -41,16 +47,17 @@ impl Default for Behaviour {
             client_secret: "dev-secret".into(),
             refresh_expires_in: None,
             scope: None,
+            answer_delay: Duration::ZERO,
+            raw: None,
         }
     }
 }
 
+/// One authorisation's refresh tokens, each replacing the last.
 #[derive(Debug, Default)]
 struct Chain {
     /// The refresh token that works now.
     current: Option<String>,
-    /// Spent refresh tokens: presenting one again revokes the chain.
-    spent: HashSet<String>,
     revoked: bool,
     issued: u64,
 }
@@ -58,7 +65,12 @@ struct Chain {
 #[derive(Debug, Default)]
 struct Inner {
     behaviour: Behaviour,
-    chain: Chain,
+    chains: Vec<Chain>,
+    /// Every refresh token ever issued or seeded, to its chain: a spent one
+    /// presented again revokes that chain.
+    by_token: HashMap<String, usize>,
+    /// Requests whose client hung up before they were processed.
+    abandoned: u64,
     /// Requests that have arrived (counted before any delay).
     arrived: u64,
     /// Refresh requests answered (well-formed or not).
@@ -84,10 +96,6 @@ impl DevProvider {
         let addr = listener.local_addr()?;
         let inner = Arc::new(Mutex::new(Inner {
             behaviour,
-            chain: Chain {
-                current: Some(first_refresh_token.to_string()),
-                ..Default::default()
-            },
             ..Default::default()
         }));
         let state = inner.clone();
@@ -99,7 +107,9 @@ impl DevProvider {
                 });
             }
         });
-        Ok(Self { addr, inner })
+        let provider = Self { addr, inner };
+        provider.reset_chain(first_refresh_token);
+        Ok(provider)
     }
 
     /// `http://127.0.0.1:PORT`: the endpoint answers on any path.
@@ -131,14 +141,29 @@ impl DevProvider {
         self.lock().reuses
     }
 
-    /// Whether reuse detection has revoked the chain.
+    /// Whether reuse detection has revoked any chain.
     pub fn revoked(&self) -> bool {
-        self.lock().chain.revoked
+        self.lock().chains.iter().any(|c| c.revoked)
     }
 
-    /// The refresh token that currently works.
+    /// Chains that reuse detection has revoked.
+    pub fn revoked_chains(&self) -> usize {
+        self.lock().chains.iter().filter(|c| c.revoked).count()
+    }
+
+    /// The refresh token that currently works in the first chain.
     pub fn current_refresh_token(&self) -> Option<String> {
-        self.lock().chain.current.clone()
+        self.lock().chains.first().and_then(|c| c.current.clone())
+    }
+
+    /// Refresh tokens issued per chain, in the order the chains were added.
+    pub fn issued_per_chain(&self) -> Vec<u64> {
+        self.lock().chains.iter().map(|c| c.issued).collect()
+    }
+
+    /// Requests whose client hung up before they were processed.
+    pub fn abandoned(&self) -> u64 {
+        self.lock().abandoned
     }
 
     /// Request bodies received.
@@ -156,12 +181,25 @@ impl DevProvider {
         f(&mut self.lock().behaviour);
     }
 
-    /// Makes `token` the refresh token that works (as a new authorisation would).
+    /// Forgets every chain and makes `token` the refresh token that works
+    /// (as a new authorisation would).
     pub fn reset_chain(&self, token: &str) {
-        self.lock().chain = Chain {
+        let mut s = self.lock();
+        s.chains.clear();
+        s.by_token.clear();
+        drop(s);
+        self.add_chain(token);
+    }
+
+    /// Adds another authorisation whose refresh token is `token`.
+    pub fn add_chain(&self, token: &str) {
+        let mut s = self.lock();
+        let id = s.chains.len();
+        s.chains.push(Chain {
             current: Some(token.into()),
             ..Default::default()
-        };
+        });
+        s.by_token.insert(token.into(), id);
     }
 }
 
@@ -201,19 +239,40 @@ async fn serve(mut socket: tokio::net::TcpStream, state: Arc<Mutex<Inner>>) -> s
         buf.extend_from_slice(&chunk[..n]);
     }
     let body = String::from_utf8_lossy(&buf[header_end..]).to_string();
-    let delay = {
+    let (delay, answer_delay, raw) = {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
         s.arrived += 1;
-        s.behaviour.delay
+        (
+            s.behaviour.delay,
+            s.behaviour.answer_delay,
+            s.behaviour.raw.clone(),
+        )
     };
     tokio::time::sleep(delay).await;
+    // A client that hung up while we stalled: its request is never processed.
+    if hung_up(&socket) {
+        state.lock().unwrap_or_else(|p| p.into_inner()).abandoned += 1;
+        return Ok(());
+    }
+    if let Some(raw) = raw {
+        state.lock().unwrap_or_else(|p| p.into_inner()).calls += 1;
+        socket.write_all(&raw).await?;
+        return socket.shutdown().await;
+    }
     let (status, content_type, answer) = respond(&state, &body, authorization);
+    tokio::time::sleep(answer_delay).await;
     let reply = format!(
         "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
         answer.len()
     );
     socket.write_all(reply.as_bytes()).await?;
     socket.shutdown().await
+}
+
+/// Whether the peer has closed its end (a read would return end of file).
+fn hung_up(socket: &tokio::net::TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(socket.try_read(&mut probe), Ok(0))
 }
 
 fn form(body: &str) -> Vec<(String, String)> {
@@ -261,21 +320,24 @@ fn respond(
     let Some(presented) = get("refresh_token") else {
         return json(400, serde_json::json!({"error": "invalid_request"}));
     };
-    if s.chain.spent.contains(&presented) {
+    let Some(id) = s.by_token.get(&presented).copied() else {
+        return json(400, serde_json::json!({"error": "invalid_grant"}));
+    };
+    if s.chains[id].revoked {
+        return json(400, serde_json::json!({"error": "invalid_grant"}));
+    }
+    if s.chains[id].current.as_deref() != Some(presented.as_str()) {
         // Reuse detection: the whole chain dies, the newest token included.
         s.reuses += 1;
-        s.chain.revoked = true;
-        s.chain.current = None;
+        s.chains[id].revoked = true;
+        s.chains[id].current = None;
         return json(
             400,
             serde_json::json!({"error": "invalid_grant", "error_description": "refresh token reused"}),
         );
     }
-    if s.chain.revoked || s.chain.current.as_deref() != Some(presented.as_str()) {
-        return json(400, serde_json::json!({"error": "invalid_grant"}));
-    }
-    s.chain.issued += 1;
-    let n = s.chain.issued;
+    s.chains[id].issued += 1;
+    let n = s.chains[id].issued;
     let mut answer = serde_json::json!({
         "access_token": format!("dev-at-{n}-{}", nonce()),
         "token_type": "bearer",
@@ -289,8 +351,8 @@ fn respond(
     }
     if s.behaviour.rotate {
         let next = format!("dev-rt-{n}-{}", nonce());
-        s.chain.spent.insert(presented);
-        s.chain.current = Some(next.clone());
+        s.chains[id].current = Some(next.clone());
+        s.by_token.insert(next.clone(), id);
         answer["refresh_token"] = serde_json::Value::String(next);
     }
     json(200, answer)

@@ -1,0 +1,427 @@
+//! tokenkeep when things go wrong: many runtime processes at once, runtimes
+//! killed while they hold a row lock, provider faults, hostile input, and the
+//! secrets that must never show in any output along the way.
+
+mod common;
+
+use common::{Backend, KEYS, World, token_set};
+use secrecy::{ExposeSecret, SecretString};
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokenkeep::{Clock, Config, Error, Keeper, Keyring, Options, SandboxLimits};
+
+on_both_backends!(
+    single_flight_holds_for_four_processes_of_sixty_four_tasks_over_two_hundred_tokens,
+    a_lock_holder_killed_at_any_point_loses_no_row_and_the_outcome_is_explicit,
+    hostile_names_and_ids_are_stored_verbatim_or_refused,
+);
+
+/// Scale of the load test; `just soak` raises them.
+fn knob(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+const PROCESSES: usize = 4;
+const TASKS: usize = 64;
+/// Each token is asked for by this many tasks of every process.
+const CALLERS_PER_TOKEN: usize = 8;
+
+/// A runtime process: this test binary re-run as `load_worker`.
+struct Worker {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Worker {
+    fn spawn(w: &World, tokens: usize) -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "load_worker", "--ignored", "--nocapture"])
+            .env("TOKENKEEP_LOAD_DATABASE", &w.database_url)
+            .env("TOKENKEEP_LOAD_CONFIG", &w.config_path)
+            .env("TOKENKEEP_LOAD_TOKENS", tokens.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(report) = line.strip_prefix("LOAD ") {
+                    let _ = tx.send(report.to_string());
+                }
+            }
+        });
+        Worker { child, lines }
+    }
+
+    fn send(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn report(&self) -> BTreeMap<String, String> {
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(300))
+            .expect("a worker reports each round");
+        line.split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// The child side of the load test: one runtime process with 64 tasks.
+/// Runs only when the parent test starts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a runtime process started by the single-flight load test"]
+async fn load_worker() {
+    let database_url = std::env::var("TOKENKEEP_LOAD_DATABASE").expect("started by the load test");
+    let config = std::env::var("TOKENKEEP_LOAD_CONFIG").unwrap();
+    let tokens: usize = std::env::var("TOKENKEEP_LOAD_TOKENS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let keeper = Keeper::open(Options {
+        database_url,
+        config: Config::load(std::path::Path::new(&config)).unwrap(),
+        keyring: Keyring::parse(&SecretString::from(KEYS.to_string())).unwrap(),
+        limits: SandboxLimits::default(),
+        max_connections: 16,
+        clock: Clock::System,
+    })
+    .await
+    .unwrap();
+    let (tx, mut rounds) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    while rounds.recv().await.is_some() {
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let keeper = keeper.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut errors = Vec::new();
+                let mut stale = 0;
+                for i in (t % (TASKS / CALLERS_PER_TOKEN)..tokens).step_by(TASKS / CALLERS_PER_TOKEN)
+                {
+                    match keeper.ensure_fresh("acme", &format!("user-{i}")).await {
+                        Ok(r) => {
+                            if r.tokens.access_token_expires_at <= Some(common::now()) {
+                                stale += 1;
+                            }
+                            seen.push((i, r.tokens.access_token.expose_secret().to_string()));
+                        }
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                }
+                (seen, errors, stale)
+            }));
+        }
+        let mut per_token: BTreeMap<usize, HashSet<String>> = BTreeMap::new();
+        let (mut ok, mut stale, mut errors) = (0, 0, Vec::new());
+        for t in tasks {
+            let (seen, errs, st) = t.await.unwrap();
+            ok += seen.len();
+            stale += st;
+            errors.extend(errs);
+            for (i, token) in seen {
+                per_token.entry(i).or_default().insert(token);
+            }
+        }
+        let split = per_token.values().filter(|s| s.len() > 1).count();
+        // A digest of which token each user got, to compare across processes.
+        let digest = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            for (i, set) in &per_token {
+                (i, set.iter().collect::<Vec<_>>()).hash(&mut h);
+            }
+            h.finish()
+        };
+        let first_error = errors.first().cloned().unwrap_or_default().replace(' ', "_");
+        println!(
+            "LOAD ok={ok} stale={stale} errors={} split={split} digest={digest:x} first_error={first_error}",
+            errors.len()
+        );
+    }
+}
+
+async fn single_flight_holds_for_four_processes_of_sixty_four_tasks_over_two_hundred_tokens(
+    b: Backend,
+) {
+    let tokens = knob("TOKENKEEP_LOAD_TOKENS", 200);
+    let rounds = knob("TOKENKEEP_LOAD_ROUNDS", 3);
+    let w = World::new(b, "scale").await;
+    // One authorisation per user, each a rotating chain with reuse detection.
+    for i in 0..tokens {
+        let refresh = format!("rt-{i}");
+        if i > 0 {
+            w.provider.add_chain(&refresh);
+        } else {
+            w.provider.reset_chain(&refresh);
+        }
+        w.keeper
+            .store_tokens(
+                "acme",
+                &format!("user-{i}"),
+                &token_set(&format!("at-{i}"), Some(&refresh), Some(common::now() - 10)),
+            )
+            .await
+            .unwrap();
+    }
+    let mut workers: Vec<Worker> = (0..PROCESSES).map(|_| Worker::spawn(&w, tokens)).collect();
+    let per_process = TASKS / (TASKS / CALLERS_PER_TOKEN) * tokens;
+    for round in 1..=rounds {
+        if round > 1 {
+            // Every token expires again between rounds.
+            common::raw_sql(
+                &w.database_url,
+                &format!(
+                    "UPDATE tokenkeep_tokens SET access_token_expires_at = {}",
+                    common::now() - 10
+                ),
+            )
+            .await;
+        }
+        let started = Instant::now();
+        for worker in &mut workers {
+            worker.send("go");
+        }
+        let reports: Vec<_> = workers.iter().map(Worker::report).collect();
+        let elapsed = started.elapsed();
+        for r in &reports {
+            assert_eq!(r["errors"], "0", "round {round}: {r:?}");
+            assert_eq!(r["stale"], "0", "round {round}: {r:?}");
+            assert_eq!(r["split"], "0", "round {round}: {r:?}");
+            assert_eq!(r["ok"], per_process.to_string(), "round {round}: {r:?}");
+        }
+        let digests: HashSet<_> = reports.iter().map(|r| r["digest"].clone()).collect();
+        assert_eq!(
+            digests.len(),
+            1,
+            "round {round}: every process got the same token for every user"
+        );
+        assert_eq!(
+            w.provider.calls() as usize,
+            tokens * round,
+            "round {round}: exactly one provider call per token"
+        );
+        assert_eq!(w.provider.reuses(), 0);
+        assert_eq!(w.provider.revoked_chains(), 0);
+        eprintln!(
+            "{b:?} round {round}: {} callers' requests, {tokens} provider calls, {elapsed:?}",
+            PROCESSES * per_process
+        );
+    }
+    assert!(
+        w.provider
+            .issued_per_chain()
+            .iter()
+            .all(|&n| n as usize == rounds)
+    );
+}
+
+/// Where a lock holder dies.
+#[derive(Debug, Clone, Copy)]
+enum KillPoint {
+    /// While its request stalls before the provider processes it.
+    BeforeTheProviderProcessedIt,
+    /// After the provider rotated the token, before the answer arrived.
+    AfterTheProviderRotated,
+    /// At a spread of moments: before the request (0-99: a quarter of that
+    /// in ms after start-up; the CLI reaches the provider in about 30 ms), then 0-300 ms after the request arrived at a provider that
+    /// answers 150 ms after rotating (100-399), so the kill lands before the
+    /// call, while the answer is pending, and around the commit.
+    Anywhere(u64),
+}
+
+async fn a_lock_holder_killed_at_any_point_loses_no_row_and_the_outcome_is_explicit(b: Backend) {
+    let trials = knob("TOKENKEEP_KILL_TRIALS", 8);
+    let w = World::new(b, "kill").await;
+    let mut points = Vec::new();
+    for i in 0..trials {
+        points.push(KillPoint::BeforeTheProviderProcessedIt);
+        points.push(KillPoint::AfterTheProviderRotated);
+        points.push(KillPoint::Anywhere((i as u64 * 137 + 11) % 400));
+    }
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    let other_runtime = w.another_keeper().await;
+    for (n, point) in points.iter().enumerate() {
+        let user = format!("victim-{n}");
+        let refresh = format!("rt-victim-{n}");
+        w.provider.reset_chain(&refresh);
+        w.provider.set(|b| {
+            b.delay = Duration::ZERO;
+            b.answer_delay = Duration::ZERO;
+            match point {
+                KillPoint::BeforeTheProviderProcessedIt => b.delay = Duration::from_secs(30),
+                KillPoint::AfterTheProviderRotated => b.answer_delay = Duration::from_secs(30),
+                KillPoint::Anywhere(_) => b.answer_delay = Duration::from_millis(150),
+            }
+        });
+        w.keeper
+            .store_tokens(
+                "acme",
+                &user,
+                &token_set("at-old", Some(&refresh), Some(w.now() - 10)),
+            )
+            .await
+            .unwrap();
+        let arrived = w.provider.arrived();
+        let mut victim = w
+            .cli()
+            .args(["tokens", "get", "acme", &user])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let at_the_provider = async || {
+            // Its request is at the provider: it holds the row lock.
+            while w.provider.arrived() == arrived {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
+        match point {
+            KillPoint::Anywhere(at) if *at < 100 => {
+                tokio::time::sleep(Duration::from_millis(at / 4)).await
+            }
+            KillPoint::Anywhere(at) => {
+                at_the_provider().await;
+                tokio::time::sleep(Duration::from_millis(at - 100)).await
+            }
+            _ => at_the_provider().await,
+        }
+        // A waiter queues on the lock the victim holds...
+        let waiter = {
+            let (k, user) = (other_runtime.clone(), user.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                (k.ensure_fresh("acme", &user).await, started.elapsed())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        w.provider.set(|b| {
+            b.delay = Duration::ZERO;
+            b.answer_delay = Duration::ZERO;
+        });
+        // ...and the victim dies holding it.
+        let _ = victim.kill();
+        victim.wait().unwrap();
+        let (outcome, waited) = waiter.await.unwrap();
+        assert!(
+            waited < Duration::from_secs(20),
+            "trial {n} ({point:?}): the waiter proceeded after {waited:?}"
+        );
+        let row = w.keeper.load_tokens("acme", &user, false).await;
+        let row = row
+            .unwrap_or_else(|e| panic!("trial {n}: the row must decrypt: {e}"))
+            .unwrap_or_else(|| panic!("trial {n}: the row must survive"));
+        let label = match (&outcome, point) {
+            // Refreshed by the waiter, or by the victim before it died.
+            (Ok(r), _) => {
+                assert!(r.tokens.access_token_expires_at > Some(w.now()));
+                assert_eq!(row.generation, r.generation);
+                "fresh token"
+            }
+            (Err(Error::ReauthorizationRequired(m)), _) if m.contains("interrupted refresh") => {
+                // The provider rotated and the answer died with the victim:
+                // named as a lost rotation, the row kept for the operator.
+                assert_eq!(row.generation, 1, "trial {n}");
+                assert_eq!(row.tokens.access_token.expose_secret(), "at-old");
+                "lost rotation, named"
+            }
+            (Err(e), point) => panic!("trial {n} ({point:?}): unexpected {e}"),
+        };
+        if matches!(point, KillPoint::BeforeTheProviderProcessedIt) {
+            assert_eq!(label, "fresh token", "trial {n}");
+        }
+        if matches!(point, KillPoint::AfterTheProviderRotated) {
+            assert_eq!(label, "lost rotation, named", "trial {n}");
+        }
+        if std::env::var_os("TOKENKEEP_KILL_VERBOSE").is_some() {
+            eprintln!("trial {n} {point:?}: {label}");
+        }
+        let kind = format!("{point:?}").replace(|c: char| c.is_ascii_digit(), "");
+        *outcomes.entry(format!("{kind}: {label}")).or_default() += 1;
+    }
+    // Every row of every trial is still there and opens.
+    let rows = w.keeper.list_tokens().await.unwrap();
+    assert_eq!(rows.len(), points.len());
+    eprintln!("{b:?}: {} trials: {outcomes:?}", points.len());
+}
+
+async fn hostile_names_and_ids_are_stored_verbatim_or_refused(b: Backend) {
+    let w = World::new(b, "hostile").await;
+    let long = "x".repeat(100_000);
+    let accepted = [
+        "'; DROP TABLE tokenkeep_tokens; --",
+        "robert'); DELETE FROM tokenkeep_tokens WHERE ('1'='1",
+        "%_\\%",
+        "ユーザー😀",
+        "e\u{301}te\u{301}",
+        "../../etc/passwd",
+        " leading and trailing ",
+    ];
+    for user in accepted {
+        w.store(user, "at-h", Some("rt-h"), 3600).await;
+        let got = w.stored(user).await;
+        assert_eq!(got.user_id, user);
+        assert_eq!(got.tokens.access_token.expose_secret(), "at-h");
+    }
+    let listed: HashSet<String> = w
+        .keeper
+        .list_tokens()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.user_id)
+        .collect();
+    for user in accepted {
+        assert!(listed.contains(user), "{user:?} listed verbatim");
+    }
+    for refused in ["", "nul\0byte", "line\nbreak", long.as_str()] {
+        let e = w
+            .keeper
+            .store_tokens("acme", refused, &token_set("a", Some("r"), None))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidInput(_)), "{e}");
+        assert!(!e.to_string().contains(refused) || refused.is_empty());
+        let e = w.keeper.ensure_fresh("acme", refused).await.unwrap_err();
+        assert!(matches!(e, Error::InvalidInput(_)), "{e}");
+    }
+    for provider in ["'; DROP TABLE x; --", "", "ü", long.as_str(), "nope"] {
+        let e = w
+            .keeper
+            .ensure_fresh(provider, "alice")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidInput(_) | Error::UnknownProvider(_)),
+            "{e}"
+        );
+    }
+    // Nothing was harmed: every accepted row is still there.
+    assert_eq!(w.keeper.list_tokens().await.unwrap().len(), accepted.len());
+}
