@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tokenkeep::devprovider::Behaviour;
 use tokenkeep::{Clock, Config, Error, Keeper, Keyring, Options, SandboxLimits};
 
 on_both_backends!(
@@ -123,7 +124,8 @@ async fn load_worker() {
                 let mut seen = Vec::new();
                 let mut errors = Vec::new();
                 let mut stale = 0;
-                for i in (t % (TASKS / CALLERS_PER_TOKEN)..tokens).step_by(TASKS / CALLERS_PER_TOKEN)
+                for i in
+                    (t % (TASKS / CALLERS_PER_TOKEN)..tokens).step_by(TASKS / CALLERS_PER_TOKEN)
                 {
                     match keeper.ensure_fresh("acme", &format!("user-{i}")).await {
                         Ok(r) => {
@@ -159,7 +161,11 @@ async fn load_worker() {
             }
             h.finish()
         };
-        let first_error = errors.first().cloned().unwrap_or_default().replace(' ', "_");
+        let first_error = errors
+            .first()
+            .cloned()
+            .unwrap_or_default()
+            .replace(' ', "_");
         println!(
             "LOAD ok={ok} stale={stale} errors={} split={split} digest={digest:x} first_error={first_error}",
             errors.len()
@@ -412,11 +418,7 @@ async fn hostile_names_and_ids_are_stored_verbatim_or_refused(b: Backend) {
         assert!(matches!(e, Error::InvalidInput(_)), "{e}");
     }
     for provider in ["'; DROP TABLE x; --", "", "ü", long.as_str(), "nope"] {
-        let e = w
-            .keeper
-            .ensure_fresh(provider, "alice")
-            .await
-            .unwrap_err();
+        let e = w.keeper.ensure_fresh(provider, "alice").await.unwrap_err();
         assert!(
             matches!(e, Error::InvalidInput(_) | Error::UnknownProvider(_)),
             "{e}"
@@ -424,4 +426,259 @@ async fn hostile_names_and_ids_are_stored_verbatim_or_refused(b: Backend) {
     }
     // Nothing was harmed: every accepted row is still there.
     assert_eq!(w.keeper.list_tokens().await.unwrap().len(), accepted.len());
+}
+
+/// A provider fault: how the endpoint misbehaves and the exit code it must give.
+struct Fault {
+    name: &'static str,
+    set: fn(&mut Behaviour),
+    exit: i32,
+}
+
+fn raw(bytes: &str) -> Option<Vec<u8>> {
+    Some(bytes.as_bytes().to_vec())
+}
+
+const FAULTS: &[Fault] = &[
+    Fault {
+        name: "HTTP 500 with an HTML page",
+        set: |b| b.canned = Some((500, "text/html".into(), "<h1>oops rt-LEAK-500</h1>".into())),
+        exit: 5,
+    },
+    Fault {
+        name: "HTTP 503 with Retry-After",
+        set: |b| {
+            b.raw = raw(
+                "HTTP/1.1 503 Service Unavailable\r\nretry-after: 30\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            )
+        },
+        exit: 5,
+    },
+    Fault {
+        name: "HTTP 429",
+        set: |b| {
+            b.canned = Some((
+                429,
+                "application/json".into(),
+                r#"{"message":"slow down"}"#.into(),
+            ))
+        },
+        exit: 5,
+    },
+    Fault {
+        name: "a stall longer than the timeout before any answer",
+        set: |b| b.delay = Duration::from_secs(3),
+        exit: 5,
+    },
+    Fault {
+        name: "a stall longer than the timeout in the middle of the body",
+        set: |b| {
+            b.raw = raw(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 300\r\n\r\n{\"access_token\":\"at-LEAK-STALL\"",
+            );
+            b.answer_delay = Duration::from_secs(3);
+        },
+        exit: 11,
+    },
+    Fault {
+        name: "a truncated body",
+        set: |b| {
+            b.raw = raw(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 400\r\nconnection: close\r\n\r\n{\"access_token\":\"at-LEAK-TRUNC\",\"refr",
+            )
+        },
+        exit: 11,
+    },
+    Fault {
+        name: "not HTTP at all",
+        set: |b| b.raw = raw("SSH-2.0-OpenSSH_9.6 rt-LEAK-PROTO\r\n\r\n"),
+        exit: 5,
+    },
+    Fault {
+        name: "a garbage body",
+        set: |b| {
+            b.canned = Some((
+                200,
+                "application/json".into(),
+                "\u{1}\u{2}garbage rt-LEAK-GARBAGE \u{ff}".into(),
+            ))
+        },
+        exit: 11,
+    },
+    Fault {
+        name: "an empty body",
+        set: |b| b.canned = Some((200, "application/json".into(), String::new())),
+        exit: 11,
+    },
+    Fault {
+        name: "an HTML login page with HTTP 200",
+        set: |b| {
+            b.canned = Some((
+                200,
+                "text/html".into(),
+                "<html><form>sign in rt-LEAK-HTML</form></html>".into(),
+            ))
+        },
+        exit: 11,
+    },
+    Fault {
+        name: "JSON that is not an object",
+        set: |b| {
+            b.canned = Some((
+                200,
+                "application/json".into(),
+                r#"["at-LEAK-ARRAY"]"#.into(),
+            ))
+        },
+        exit: 11,
+    },
+    Fault {
+        name: "an access token of the wrong type",
+        set: |b| {
+            b.canned = Some((
+                200,
+                "application/json".into(),
+                r#"{"access_token":42,"refresh_token":"rt-salvaged"}"#.into(),
+            ))
+        },
+        exit: 11,
+    },
+    Fault {
+        name: "an oversized body",
+        set: |b| {
+            let padding = "x".repeat(200 * 1024);
+            b.canned = Some((
+                200,
+                "application/json".into(),
+                format!(r#"{{"access_token":"at-LEAK-BIG","pad":"{padding}"}}"#),
+            ))
+        },
+        exit: 11,
+    },
+    Fault {
+        name: "HTTP 200 carrying an OAuth error",
+        set: |b| {
+            b.canned = Some((
+                200,
+                "application/json".into(),
+                r#"{"error":"temporarily_unavailable","error_description":"rt-LEAK-DESC"}"#.into(),
+            ))
+        },
+        exit: 5,
+    },
+    Fault {
+        name: "a valid answer under a wrong content type",
+        set: |b| {
+            b.canned = Some((
+                200,
+                "text/plain".into(),
+                r#"{"access_token":"at-plain-ok","expires_in":3600}"#.into(),
+            ))
+        },
+        exit: 0,
+    },
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn provider_faults_give_typed_errors_keep_every_token_and_leak_nothing() {
+    let mut w = World::new(Backend::Sqlite, "faults").await;
+    let p = w
+        .add_provider_toml(
+            "faulty",
+            Behaviour::default(),
+            "token_url = \"{loopback}/token\"\ntimeout_ms = 500\nmax_attempts = 1\n",
+        )
+        .await;
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    w.add_config(&format!(
+        "\n[providers.gone]\ntoken_url = \"http://127.0.0.1:{closed_port}/token\"\nclient_id = \"dev-client\"\nclient_secret = \"dev-secret\"\ntimeout_ms = 500\n"
+    ))
+    .await;
+    let mut output = String::new();
+    let mut cli = |provider: &str, user: &str| {
+        let o = w
+            .cli()
+            .env("TOKENKEEP_LOG", "trace")
+            .args(["tokens", "get", provider, user])
+            .output()
+            .unwrap();
+        output.push_str(&String::from_utf8_lossy(&o.stdout));
+        output.push_str(&String::from_utf8_lossy(&o.stderr));
+        o.status.code().unwrap_or(-1)
+    };
+    let mut secrets = vec!["dev-secret".to_string()];
+    secrets.extend(
+        KEYS.lines()
+            .map(|l| l.split_once('=').unwrap().1.to_string()),
+    );
+
+    for (i, fault) in FAULTS.iter().enumerate() {
+        let user = format!("user-{i}");
+        let (access, refresh) = (format!("at-SECRET-{i}"), format!("rt-SECRET-{i}"));
+        secrets.extend([access.clone(), refresh.clone()]);
+        p.add_chain(&refresh);
+        w.keeper
+            .store_tokens(
+                "faulty",
+                &user,
+                &token_set(&access, Some(&refresh), Some(w.now() - 10)),
+            )
+            .await
+            .unwrap();
+        p.set(|b| *b = Behaviour::default());
+        p.set(fault.set);
+        let code = cli("faulty", &user);
+        p.set(|b| *b = Behaviour::default());
+        assert_eq!(code, fault.exit, "{}", fault.name);
+        let row = w.keeper.load_tokens("faulty", &user, false).await.unwrap();
+        let row = row.unwrap_or_else(|| panic!("{}: the row is kept", fault.name));
+        if fault.exit == 0 {
+            assert_eq!(row.generation, 2, "{}", fault.name);
+            continue;
+        }
+        assert_eq!(row.tokens.access_token.expose_secret(), access);
+        let rotated = row.tokens.refresh_token.as_ref().unwrap().expose_secret();
+        if rotated == "rt-salvaged" {
+            // The unusable answer did carry a new refresh token: kept, since
+            // the provider has spent the old one.
+            assert_eq!(row.generation, 2, "{}", fault.name);
+            p.add_chain("rt-salvaged");
+        } else {
+            assert_eq!(row.generation, 1, "{}: the token is untouched", fault.name);
+            assert_eq!(rotated, refresh);
+        }
+        // Not disabled: once the provider behaves, the same token refreshes.
+        let again = w.keeper.ensure_fresh("faulty", &user).await;
+        assert!(again.is_ok(), "{}: {again:?}", fault.name);
+    }
+    // A provider that is not listening at all.
+    w.keeper
+        .store_tokens(
+            "gone",
+            "u",
+            &token_set("at-SECRET-gone", Some("rt-SECRET-gone"), Some(w.now() - 10)),
+        )
+        .await
+        .unwrap();
+    secrets.extend(["at-SECRET-gone".into(), "rt-SECRET-gone".into()]);
+    assert_eq!(cli("gone", "u"), 5, "connection refused");
+    assert_eq!(
+        w.keeper
+            .load_tokens("gone", "u", false)
+            .await
+            .unwrap()
+            .unwrap()
+            .generation,
+        1
+    );
+
+    assert!(output.contains("TRACE") || output.contains("DEBUG"));
+    for secret in &secrets {
+        assert!(!output.contains(secret.as_str()), "{secret} leaked");
+    }
+    assert!(!output.contains("LEAK"), "a provider body was echoed");
 }

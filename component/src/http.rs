@@ -104,7 +104,12 @@ pub fn post_form(
             }
             Err(StreamError::Closed) => break,
             Err(StreamError::LastOperationFailed(_)) => {
-                return Err(unavailable("connection failed while reading the answer"));
+                // The provider answered, so it has likely acted on the
+                // request: report the answer as unusable and never repeat it.
+                return Err(RefreshError::InvalidProviderResponse(format!(
+                    "answer cut off after {} bytes",
+                    buf.len()
+                )));
             }
         }
     }
@@ -122,9 +127,7 @@ fn unavailable(what: &str) -> RefreshError {
 
 fn http_error(e: ErrorCode) -> RefreshError {
     match e {
-        ErrorCode::HttpRequestDenied => {
-            RefreshError::ProviderRejectedClient(EGRESS_DENIED.into())
-        }
+        ErrorCode::HttpRequestDenied => RefreshError::ProviderRejectedClient(EGRESS_DENIED.into()),
         ErrorCode::HttpResponseBodySize(_) => {
             RefreshError::InvalidProviderResponse("answer too large".into())
         }

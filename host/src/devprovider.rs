@@ -32,7 +32,8 @@ pub struct Behaviour {
     /// answering: a runtime that dies meanwhile loses the rotated token.
     pub answer_delay: Duration,
     /// Write these bytes as the whole answer instead of a well-formed one
-    /// (truncated bodies, broken HTTP), after processing nothing.
+    /// (truncated bodies, broken HTTP), after processing nothing; then
+    /// hold the connection for `answer_delay` before closing it.
     pub raw: Option<Vec<u8>>,
 }
 
@@ -257,6 +258,8 @@ async fn serve(mut socket: tokio::net::TcpStream, state: Arc<Mutex<Inner>>) -> s
     if let Some(raw) = raw {
         state.lock().unwrap_or_else(|p| p.into_inner()).calls += 1;
         socket.write_all(&raw).await?;
+        // A stall mid-answer, when asked for.
+        tokio::time::sleep(answer_delay).await;
         return socket.shutdown().await;
     }
     let (status, content_type, answer) = respond(&state, &body, authorization);
