@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 struct Cluster {
     /// URL of the maintenance database.
     admin_url: String,
+    /// The data directory and the `postgres` options, when this harness
+    /// started the cluster (so that it can stop and start it again).
+    own: Option<(PathBuf, PathBuf, String)>,
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
@@ -52,7 +55,10 @@ fn run(mut cmd: Command, what: &str) {
 
 fn start() -> Cluster {
     if let Ok(url) = std::env::var("DATABASE_URL") {
-        return Cluster { admin_url: url };
+        return Cluster {
+            admin_url: url,
+            own: None,
+        };
     }
     let dir = PathBuf::from(format!("/tmp/tokenkeep-pg-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -83,18 +89,11 @@ fn start() -> Cluster {
         .arg(&data);
     run(initdb, "initdb");
     let port = free_port();
-    let mut ctl = as_postgres("pg_ctl");
-    ctl.arg("-D")
-        .arg(&data)
-        .arg("-l")
-        .arg(dir.join("log"))
-        .arg("-o")
-        .arg(format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
-            dir.display()
-        ))
-        .args(["-w", "start"]);
-    run(ctl, "pg_ctl start");
+    let options = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
+        dir.display()
+    );
+    pg_ctl_start(&data, &dir.join("log"), &options);
     // Stop the cluster when this test process ends, however it ends. The
     // watchdog outlives us on purpose, so it is never waited for.
     let stop = format!(
@@ -118,7 +117,34 @@ fn start() -> Cluster {
         .unwrap();
     Cluster {
         admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        own: Some((data, dir.join("log"), options)),
     }
+}
+
+fn pg_ctl_start(data: &std::path::Path, log: &std::path::Path, options: &str) {
+    let mut ctl = as_postgres("pg_ctl");
+    ctl.arg("-D")
+        .arg(data)
+        .arg("-l")
+        .arg(log)
+        .arg("-o")
+        .arg(options)
+        .args(["-w", "start"]);
+    run(ctl, "pg_ctl start");
+}
+
+/// Stops the harness's cluster (fast shutdown: sessions are terminated),
+/// and returns a function that starts it again on the same port.
+pub fn stop() -> impl FnOnce() {
+    let cluster = CLUSTER.get_or_init(start);
+    let (data, log, options) = cluster
+        .own
+        .clone()
+        .expect("restart tests need the harness's own cluster, not DATABASE_URL");
+    let mut ctl = as_postgres("pg_ctl");
+    ctl.arg("-D").arg(&data).args(["-m", "fast", "-w", "stop"]);
+    run(ctl, "pg_ctl stop");
+    move || pg_ctl_start(&data, &log, &options)
 }
 
 /// A new, empty database on the cluster.
@@ -142,7 +168,7 @@ pub async fn fresh_database() -> String {
     format!("{base}/{name}")
 }
 
-/// Stops the server for a while (for restart tests).
+/// The maintenance database's URL.
 pub fn admin_url() -> String {
     CLUSTER.get_or_init(start).admin_url.clone()
 }

@@ -159,26 +159,35 @@ impl PgStore {
         let mut slot = tokio::time::timeout(wait, self.markers.lock())
             .await
             .map_err(|_| StorageError::Unavailable("postgres: refresh-start writer busy".into()))?;
-        let conn = match slot.as_mut() {
-            Some(conn) => conn,
-            None => slot.insert(
-                tokio::time::timeout(wait, PgConnection::connect_with(&*self.connect))
-                    .await
-                    .map_err(|_| StorageError::Unavailable("postgres: connect timed out".into()))?
-                    .map_err(error)?,
-            ),
-        };
-        let written = tokio::time::timeout(
-            wait,
-            rows::record_refresh_start(&mut *conn, provider, user_id, generation, at),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(StorageError::Unavailable(
-                "postgres: refresh-start write timed out".into(),
-            ))
-        });
-        if written.is_err() {
+        // A kept connection may have died with a server restart: one more
+        // try on a new connection before giving up.
+        let tries = if slot.is_some() { 2 } else { 1 };
+        let mut written = Ok(());
+        for _ in 0..tries {
+            let conn = match slot.as_mut() {
+                Some(conn) => conn,
+                None => slot.insert(
+                    tokio::time::timeout(wait, PgConnection::connect_with(&*self.connect))
+                        .await
+                        .map_err(|_| {
+                            StorageError::Unavailable("postgres: connect timed out".into())
+                        })?
+                        .map_err(error)?,
+                ),
+            };
+            written = tokio::time::timeout(
+                wait,
+                rows::record_refresh_start(&mut *conn, provider, user_id, generation, at),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(StorageError::Unavailable(
+                    "postgres: refresh-start write timed out".into(),
+                ))
+            });
+            if written.is_ok() {
+                break;
+            }
             *slot = None;
         }
         written
