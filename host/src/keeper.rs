@@ -101,6 +101,13 @@ pub struct Keeper {
 impl Keeper {
     /// Connects to the database, migrates it and compiles (or loads) the component.
     pub async fn open(options: Options) -> Result<Arc<Self>, Error> {
+        Self::open_with_component(options, crate::runtime::COMPONENT).await
+    }
+
+    /// Like [`Keeper::open`], with another build of the component: a fork,
+    /// or (in the sandbox tests) a hostile one. It must implement the
+    /// `keeper-core` world; it gets the same sandbox and egress policy.
+    pub async fn open_with_component(options: Options, wasm: &[u8]) -> Result<Arc<Self>, Error> {
         let store_options = StoreOptions {
             lock_wait: Duration::from_millis(u64::from(options.config.lock_wait_ms)),
             max_connections: options.max_connections,
@@ -113,7 +120,7 @@ impl Keeper {
             clock: options.clock,
         };
         // Compiling (or loading the cached machine code) happens once per process.
-        let runtime = Runtime::new(shared, options.limits)?;
+        let runtime = Runtime::new(shared, options.limits, wasm)?;
         Ok(Arc::new(Self { runtime }))
     }
 

@@ -141,13 +141,15 @@ pub(crate) struct Runtime {
 }
 
 impl Runtime {
-    pub fn new(shared: Shared, limits: SandboxLimits) -> Result<Self, Error> {
+    /// Compiles (or loads from the cache) `wasm`, which must implement the
+    /// `keeper-core` world.
+    pub fn new(shared: Shared, limits: SandboxLimits, wasm: &[u8]) -> Result<Self, Error> {
         let mut config = wasmtime::Config::new();
         // Fuel, not epochs: epochs tick while the guest waits on a row lock
         // or a provider, and a long lock wait is not runaway guest code.
         config.consume_fuel(true);
         let engine = Engine::new(&config).map_err(sandbox)?;
-        let component = load_component(&engine)?;
+        let component = load_component(&engine, wasm)?;
         let mut linker: Linker<State> = Linker::new(&engine);
         // Full WASI p2 (a Rust guest's std imports cli/environment, exit, stdio),
         // but without preopened directories or sockets: the context grants none.
@@ -254,7 +256,11 @@ fn describe_trap(e: &wasmtime::Error) -> String {
         Some(wasmtime::Trap::OutOfFuel) => "guest exceeded its fuel (CPU) budget".into(),
         Some(trap) => format!("guest trapped: {trap}"),
         None => {
-            let mut s = e.to_string();
+            // The outermost message is a backtrace header; the cause says what.
+            let mut s = e.root_cause().to_string();
+            if s.contains("growing memory") {
+                s = format!("guest exceeded its memory limit ({s})");
+            }
             s.truncate(200);
             s
         }
@@ -267,20 +273,20 @@ fn sandbox(e: wasmtime::Error) -> Error {
 
 /// Compiles the component, or loads the machine code a previous process of
 /// the same build cached (compiling costs far more than loading).
-fn load_component(engine: &Engine) -> Result<Component, Error> {
+fn load_component(engine: &Engine, wasm: &[u8]) -> Result<Component, Error> {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut hasher);
-    COMPONENT.hash(&mut hasher);
+    wasm.hash(&mut hasher);
     let cached = cache_dir().map(|d| d.join(format!("component-{:016x}.cwasm", hasher.finish())));
     if let Some(path) = cached.as_ref().filter(|p| p.exists()) {
         // SAFETY: the file is named by the hash of this engine's settings and
-        // of the embedded component, in a directory only tokenkeep writes.
+        // of the component's bytes, in a directory only tokenkeep writes.
         match unsafe { Component::deserialize_file(engine, path) } {
             Ok(component) => return Ok(component),
             Err(e) => tracing::warn!(error = %e, "ignoring unreadable component cache"),
         }
     }
-    let component = Component::new(engine, COMPONENT).map_err(sandbox)?;
+    let component = Component::new(engine, wasm).map_err(sandbox)?;
     if let (Some(path), Ok(bytes)) = (cached, component.serialize()) {
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let written = path
