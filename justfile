@@ -16,7 +16,7 @@ test:
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
-    cargo clippy -p tokenkeep-component --target wasm32-wasip2 --target-dir target/wasm -- -D warnings
+    cargo clippy -p tokenkeep-component -p tokenkeep-rogue --target wasm32-wasip2 --target-dir target/wasm -- -D warnings
 
 # Show the built component's world (needs `cargo install wasm-tools`).
 wit: build
@@ -30,3 +30,13 @@ size: build
 # (SQLite; set DATABASE_URL=postgres://... for Postgres).
 bench:
     cargo run -p tokenkeep --example bench
+
+# Longer resilience runs than CI's: 20 expiry rounds of the 4 x 64 x 200 load
+# test, 40 kill trials per kill point, on Postgres and SQLite.
+soak:
+    TOKENKEEP_LOAD_ROUNDS=20 TOKENKEEP_KILL_TRIALS=40 cargo test -p tokenkeep --test resilience -- --nocapture
+
+# Fuzz one target for a while (needs `cargo install cargo-fuzz` and a nightly
+# toolchain): just fuzz provider_response 600   or   just fuzz sealed_row 600
+fuzz target="provider_response" seconds="300":
+    cd component && cargo +nightly fuzz run {{target}} fuzz/corpus/{{target}} -- -max_total_time={{seconds}}

@@ -580,7 +580,7 @@ const FAULTS: &[Fault] = &[
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn provider_faults_give_typed_errors_keep_every_token_and_leak_nothing() {
+async fn provider_faults_and_other_failure_paths_give_typed_errors_keep_tokens_and_leak_nothing() {
     let mut w = World::new(Backend::Sqlite, "faults").await;
     let p = w
         .add_provider_toml(
@@ -599,17 +599,28 @@ async fn provider_faults_give_typed_errors_keep_every_token_and_leak_nothing() {
     ))
     .await;
     let mut output = String::new();
-    let mut cli = |provider: &str, user: &str| {
-        let o = w
+    let mut run = |args: &[&str], stdin: &str| {
+        let mut child = w
             .cli()
             .env("TOKENKEEP_LOG", "trace")
-            .args(["tokens", "get", provider, user])
-            .output()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
         output.push_str(&String::from_utf8_lossy(&o.stdout));
         output.push_str(&String::from_utf8_lossy(&o.stderr));
         o.status.code().unwrap_or(-1)
     };
+    let mut cli = |provider: &str, user: &str| run(&["tokens", "get", provider, user], "");
     let mut secrets = vec!["dev-secret".to_string()];
     secrets.extend(
         KEYS.lines()
@@ -675,6 +686,43 @@ async fn provider_faults_give_typed_errors_keep_every_token_and_leak_nothing() {
             .generation,
         1
     );
+
+    // The other failure paths, at the same log level.
+    common::raw_sql(
+        &w.database_url,
+        "UPDATE tokenkeep_tokens SET access_token = substr(access_token, 1, 20) || X'00' || substr(access_token, 22) WHERE user_id = 'user-0'",
+    )
+    .await;
+    assert_eq!(
+        run(&["tokens", "get", "faulty", "user-0"], ""),
+        10,
+        "tampered"
+    );
+    assert_eq!(
+        run(&["tokens", "get", "nope", "user-0"], ""),
+        12,
+        "unknown provider"
+    );
+    assert_eq!(
+        run(&["tokens", "get", "faulty", ""], ""),
+        13,
+        "empty user id"
+    );
+    assert_eq!(run(&["tokens", "list"], ""), 0);
+    assert_eq!(run(&["keys", "status"], ""), 0);
+    run(&["keys", "rotate"], "");
+    p.set(|b| b.canned = Some((500, "text/plain".into(), "rt-LEAK-CONV".into())));
+    let settings = format!(
+        r#"{{"provider_tokens":{{"faulty":{{"token":"at-CONV-SECRET","refresh_token":"rt-CONV-SECRET","expires_at":{}}}}}}}"#,
+        w.now() - 10
+    );
+    secrets.extend(["at-CONV-SECRET".into(), "rt-CONV-SECRET".into()]);
+    assert_eq!(
+        run(&["conversations", "refresh", "conv-1", "carol"], &settings),
+        5,
+        "a conversation whose provider is down"
+    );
+    assert_eq!(run(&["conversations", "show", "conv-1"], ""), 0);
 
     assert!(output.contains("TRACE") || output.contains("DEBUG"));
     for secret in &secrets {

@@ -7,6 +7,8 @@
 pub mod catalogue;
 pub mod conversation;
 pub mod error;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod fuzzing;
 pub mod model;
 pub mod provider;
 pub mod refresh;

@@ -573,38 +573,45 @@ impl<H: Host> Keeper<H> {
     }
 
     fn open_row(&self, row: &SealedRow) -> Result<TokenRecord, RefreshError> {
-        let key = self.host.key(&row.key_id).ok_or_else(|| {
-            RefreshError::Decryption(format!("key {} is not in the keyring", row.key_id))
-        })?;
-        let open_field = |field, sealed: &[u8]| {
-            let binding = Binding {
-                provider: &row.provider,
-                user_id: &row.user_id,
-                field,
-                key_id: &row.key_id,
-            };
-            seal::open(key.expose_secret(), &binding, sealed)
-                .map_err(|e| RefreshError::Decryption(format!("{field:?}: {e}")))
-        };
-        Ok(TokenRecord {
-            provider: row.provider.clone(),
-            user_id: row.user_id.clone(),
-            tokens: TokenSet {
-                access_token: open_field(Field::AccessToken, &row.access_token)?,
-                refresh_token: row
-                    .refresh_token
-                    .as_deref()
-                    .map(|s| open_field(Field::RefreshToken, s))
-                    .transpose()?,
-                access_token_expires_at: row.access_token_expires_at,
-                refresh_token_expires_at: row.refresh_token_expires_at,
-                scopes: row.scopes.clone(),
-            },
-            obtained_at: row.obtained_at,
-            generation: row.generation,
-            health: row.health.clone(),
-        })
+        open_sealed_row(row, self.host.key(&row.key_id).as_ref())
     }
+}
+
+/// Decrypts a stored row with the key it names (`None`: not in the keyring).
+/// Anything but an intact row, sealed for exactly this provider, user, field
+/// and key, is a decryption error.
+pub fn open_sealed_row(row: &SealedRow, key: Option<&Key>) -> Result<TokenRecord, RefreshError> {
+    let key = key.ok_or_else(|| {
+        RefreshError::Decryption(format!("key {} is not in the keyring", row.key_id))
+    })?;
+    let open_field = |field, sealed: &[u8]| {
+        let binding = Binding {
+            provider: &row.provider,
+            user_id: &row.user_id,
+            field,
+            key_id: &row.key_id,
+        };
+        seal::open(key.expose_secret(), &binding, sealed)
+            .map_err(|e| RefreshError::Decryption(format!("{field:?}: {e}")))
+    };
+    Ok(TokenRecord {
+        provider: row.provider.clone(),
+        user_id: row.user_id.clone(),
+        tokens: TokenSet {
+            access_token: open_field(Field::AccessToken, &row.access_token)?,
+            refresh_token: row
+                .refresh_token
+                .as_deref()
+                .map(|s| open_field(Field::RefreshToken, s))
+                .transpose()?,
+            access_token_expires_at: row.access_token_expires_at,
+            refresh_token_expires_at: row.refresh_token_expires_at,
+            scopes: row.scopes.clone(),
+        },
+        obtained_at: row.obtained_at,
+        generation: row.generation,
+        health: row.health.clone(),
+    })
 }
 
 /// The error a waiter reports for a failure another runtime recorded.

@@ -53,7 +53,7 @@ mod rogue {
         let _ = request.set_authority(Some(authority));
         let _ = request.set_path_with_query(Some(&format!("/{path}")));
         let body = request.body().expect("body");
-        let answer = match outgoing_handler::handle(request, None) {
+        match outgoing_handler::handle(request, None) {
             Ok(future) => {
                 let _ = OutgoingBody::finish(body, None);
                 future.subscribe().block();
@@ -64,8 +64,7 @@ mod rogue {
                 }
             }
             Err(e) => format!("{e:?}"),
-        };
-        answer
+        }
     }
 
     impl Guest for Rogue {
