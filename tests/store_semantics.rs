@@ -495,7 +495,17 @@ async fn invalid_grant_after_another_write_returns_the_new_token() {
 }
 
 async fn a_runtime_killed_mid_refresh_is_reported_as_a_lost_rotation(b: Backend) {
-    let w = World::with_delay(b, "killed", Duration::from_secs(2)).await;
+    // The provider rotates at once and answers two seconds later.
+    let w = World::with(
+        b,
+        "killed",
+        Behaviour {
+            answer_delay: Duration::from_secs(2),
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
     w.store("alice", "at-old", Some("rt-0"), -10).await;
     let mut child = w
         .cli()
@@ -504,17 +514,19 @@ async fn a_runtime_killed_mid_refresh_is_reported_as_a_lost_rotation(b: Backend)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    while w.provider.arrived() == 0 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while w.provider.calls() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refresh never reached the provider"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // SIGKILL while the provider call is in flight: the row lock dies with
-    // the process, the provider still rotates, and its answer goes nowhere.
+    // SIGKILL after the provider rotated, while its answer is on the way:
+    // the row lock dies with the process and the answer goes nowhere.
     child.kill().unwrap();
     child.wait().unwrap();
-    while w.provider.calls() == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    w.provider.set(|b| b.delay = Duration::ZERO);
+    w.provider.set(|b| b.answer_delay = Duration::ZERO);
 
     let e = w.keeper.ensure_fresh("acme", "alice").await.unwrap_err();
     match &e {

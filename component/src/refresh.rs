@@ -582,7 +582,19 @@ impl<H: Host> Keeper<H> {
 /// and key, is a decryption error.
 pub fn open_sealed_row(row: &SealedRow, key: Option<&Key>) -> Result<TokenRecord, RefreshError> {
     let key = key.ok_or_else(|| {
-        RefreshError::Decryption(format!("key {} is not in the keyring", row.key_id))
+        // The key id comes from the row, which anyone with database access
+        // can write: quoted only when it looks like a key id.
+        let plain = !row.key_id.is_empty()
+            && row.key_id.len() <= 64
+            && row
+                .key_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        RefreshError::Decryption(if plain {
+            format!("key {} is not in the keyring", row.key_id)
+        } else {
+            "the row names a key id that is not in the keyring".into()
+        })
     })?;
     let open_field = |field, sealed: &[u8]| {
         let binding = Binding {
