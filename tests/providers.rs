@@ -289,11 +289,11 @@ async fn transient_failures_are_retried_with_backoff_and_refusals_are_not() {
     let waited = started.elapsed();
     assert_eq!(flaky.calls(), 3, "two transient failures, then success");
     assert_ne!(got.tokens.access_token.expose_secret(), "at-old");
-    // Exponential backoff with jitter: at least 200 ms + 400 ms halves.
-    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    // Exponential backoff with jitter: at least 200 ms, then 400 ms.
+    assert!(waited >= Duration::from_millis(600), "{waited:?}");
 
-    // Always down: three attempts, then the typed error; the token stays.
-    flaky.set(|b| b.canned = Some((502, "text/plain".into(), "bad gateway".into())));
+    // Always busy: three attempts, then the typed error; the token stays.
+    flaky.set(|b| b.canned = Some((503, "text/plain".into(), "busy".into())));
     w.keeper
         .store_tokens("flaky", "v", &stale(w.now()))
         .await
@@ -321,6 +321,62 @@ async fn transient_failures_are_retried_with_backoff_and_refusals_are_not() {
     let e = w.keeper.ensure_fresh("flaky", "x").await.unwrap_err();
     assert!(matches!(e, Error::ReauthorizationRequired(_)), "{e}");
     assert_eq!(flaky.calls() - before, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_whose_fate_is_unknown_is_repeated_only_to_providers_that_do_not_rotate() {
+    let mut w = World::new(Backend::Sqlite, "fate").await;
+    let rotating = w
+        .add_provider_toml(
+            "rotating",
+            Behaviour::default(),
+            "token_url = \"{loopback}/token\"\nmax_attempts = 3\ntimeout_ms = 300\n",
+        )
+        .await;
+    let steady = w
+        .add_provider_toml(
+            "steady",
+            Behaviour::default(),
+            "token_url = \"{loopback}/token\"\nmax_attempts = 3\ntimeout_ms = 300\nrotates_refresh_tokens = false\n",
+        )
+        .await;
+    type Fate = (&'static str, fn(&mut Behaviour));
+    let unknown_fates: [Fate; 2] = [
+        ("a 500", |b| {
+            b.canned = Some((500, "text/plain".into(), "oops".into()))
+        }),
+        // The provider acts, then answers after the timeout.
+        ("a timeout after the provider acted", |b| {
+            b.answer_delay = Duration::from_secs(2)
+        }),
+    ];
+    for (i, (fate, set)) in unknown_fates.iter().enumerate() {
+        for (name, provider, attempts) in [("rotating", &rotating, 1), ("steady", &steady, 3)] {
+            let user = format!("u{i}");
+            provider.reset_chain("rt-old");
+            provider.set(|b| {
+                *b = Behaviour::default();
+                b.rotate = name == "rotating";
+            });
+            provider.set(*set);
+            w.keeper
+                .store_tokens(name, &user, &stale(w.now()))
+                .await
+                .unwrap();
+            let before = provider.arrived();
+            let e = w.keeper.ensure_fresh(name, &user).await.unwrap_err();
+            assert!(
+                matches!(e, Error::ProviderUnavailable(_)),
+                "{fate}, {name}: {e}"
+            );
+            assert_eq!(
+                provider.arrived() - before,
+                attempts,
+                "{fate}, {name}: requests sent"
+            );
+            assert_eq!(provider.reuses(), 0, "{fate}, {name}: never a reuse");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -392,4 +448,29 @@ async fn configuration_names_the_problem_without_quoting_secrets() {
         tokenkeep::config::ClientAuth::Basic
     );
     assert!(!format!("{ok:?}").contains("hunter2"));
+
+    // Before the catalogue, Microsoft's scope went in extra_params: still
+    // accepted, and sent once.
+    let ms = Config::parse(
+        "[providers.microsoft]\nclient_id = \"a\"\nextra_params = { scope = \"offline_access x\" }\n",
+    )
+    .unwrap();
+    assert_eq!(
+        ms.providers["microsoft"].extra_params,
+        vec![("scope".to_string(), "offline_access x".to_string())]
+    );
+    let gl = Config::parse(
+        "[providers.gitlab]\nclient_id = \"a\"\nredirect_uri = \"https://a/cb\"\nextra_params = { redirect_uri = \"https://b/cb\" }\n",
+    )
+    .unwrap();
+    assert_eq!(
+        gl.providers["gitlab"].extra_params,
+        vec![("redirect_uri".to_string(), "https://b/cb".to_string())],
+        "the configuration's parameter wins and is not sent twice"
+    );
+    assert!(
+        err("[providers.gitlab]\nclient_id = \"a\"\nbase_url = \"https://g.example\"\ntoken_url = \"https://h.example/t\"\n")
+            .contains("set one")
+    );
+    assert!(err("[providers.acme]\ntoken_url = \"https://a.example/t\"\nclient_id = \"a\"\nmax_attempts = 0\n").contains("max_attempts"));
 }

@@ -35,8 +35,11 @@ fn rogue_component() -> &'static [u8] {
         for var in [
             "RUSTFLAGS",
             "CARGO_ENCODED_RUSTFLAGS",
+            "CARGO_BUILD_RUSTFLAGS",
             "CARGO_TARGET_DIR",
             "CARGO_BUILD_TARGET",
+            "RUSTC_WRAPPER",
+            "RUSTC_WORKSPACE_WRAPPER",
         ] {
             cmd.env_remove(var);
         }

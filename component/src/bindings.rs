@@ -91,6 +91,7 @@ impl Host for Imports {
                 .collect(),
             default_expires_in: c.default_expires_in,
             default_refresh_token_expires_in: c.default_refresh_token_expires_in,
+            rotates_refresh_tokens: c.rotates_refresh_tokens,
             max_attempts: c.max_attempts,
             retry_budget_ms: c.retry_budget_ms,
         })
@@ -171,7 +172,7 @@ impl Host for Imports {
         &self,
         provider: &ProviderConfig,
         body: &SecretString,
-    ) -> Result<HttpAnswer, RefreshError> {
+    ) -> Result<HttpAnswer, model::PostFailure> {
         crate::http::post_form(provider, body)
     }
 }

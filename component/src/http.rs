@@ -1,7 +1,7 @@
 //! The token request over `wasi:http/outgoing-handler`, bounded in time and size.
 
 use crate::error::RefreshError;
-use crate::model::{HttpAnswer, ProviderConfig};
+use crate::model::{HttpAnswer, PostFailure, ProviderConfig};
 use secrecy::{ExposeSecret, SecretString};
 use wasip2::http::outgoing_handler;
 use wasip2::http::types::{
@@ -21,7 +21,13 @@ pub const EGRESS_DENIED: &str = "egress denied: the host allows only configured 
 pub fn post_form(
     provider: &ProviderConfig,
     body: &SecretString,
-) -> Result<HttpAnswer, RefreshError> {
+) -> Result<HttpAnswer, PostFailure> {
+    // Until the request is complete on the wire, the provider cannot have
+    // acted on it; after that, a failure leaves its fate unknown.
+    let sent = |error: RefreshError| PostFailure {
+        error,
+        maybe_delivered: true,
+    };
     let (scheme, authority, path) = split_url(&provider.token_url)?;
     let headers = Fields::from_list(&[
         (
@@ -75,9 +81,12 @@ pub fn post_form(
     future.subscribe().block();
     let response = future
         .get()
-        .ok_or_else(|| unavailable("no response"))?
-        .map_err(|()| unavailable("response taken twice"))?
-        .map_err(http_error)?;
+        .ok_or_else(|| sent(unavailable("no response")))?
+        .map_err(|()| sent(unavailable("response taken twice")))?
+        .map_err(|code| PostFailure {
+            maybe_delivered: !never_connected(&code),
+            error: http_error(code),
+        })?;
     let status = response.status();
     let content_type = response
         .headers()
@@ -86,19 +95,19 @@ pub fn post_form(
         .and_then(|v| String::from_utf8(v.clone()).ok());
     let incoming = response
         .consume()
-        .map_err(|()| unavailable("response body unavailable"))?;
+        .map_err(|()| sent(unavailable("response body unavailable")))?;
     let stream = incoming
         .stream()
-        .map_err(|()| unavailable("response stream unavailable"))?;
+        .map_err(|()| sent(unavailable("response stream unavailable")))?;
     let cap = provider.max_response_bytes as usize;
     let mut buf = Vec::new();
     loop {
         match stream.blocking_read(64 * 1024) {
             Ok(chunk) => {
                 if buf.len() + chunk.len() > cap {
-                    return Err(RefreshError::InvalidProviderResponse(format!(
+                    return Err(sent(RefreshError::InvalidProviderResponse(format!(
                         "answer larger than {cap} bytes"
-                    )));
+                    ))));
                 }
                 buf.extend_from_slice(&chunk);
             }
@@ -106,10 +115,10 @@ pub fn post_form(
             Err(StreamError::LastOperationFailed(_)) => {
                 // The provider answered, so it has likely acted on the
                 // request: report the answer as unusable and never repeat it.
-                return Err(RefreshError::InvalidProviderResponse(format!(
+                return Err(sent(RefreshError::InvalidProviderResponse(format!(
                     "answer cut off after {} bytes",
                     buf.len()
-                )));
+                ))));
             }
         }
     }
@@ -119,6 +128,38 @@ pub fn post_form(
         content_type,
         body: buf.into(),
     })
+}
+
+/// Failures that happen before a request can reach the provider.
+fn never_connected(code: &ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::HttpRequestDenied
+            | ErrorCode::DnsTimeout
+            | ErrorCode::DnsError(_)
+            | ErrorCode::DestinationNotFound
+            | ErrorCode::DestinationUnavailable
+            | ErrorCode::DestinationIpProhibited
+            | ErrorCode::DestinationIpUnroutable
+            | ErrorCode::ConnectionRefused
+            | ErrorCode::ConnectionTimeout
+            | ErrorCode::ConnectionLimitReached
+            | ErrorCode::TlsProtocolError
+            | ErrorCode::TlsCertificateError
+            | ErrorCode::TlsAlertReceived(_)
+            | ErrorCode::HttpRequestUriInvalid
+            | ErrorCode::HttpRequestMethodInvalid
+    )
+}
+
+impl From<RefreshError> for PostFailure {
+    /// Failures while building or sending the request: it never arrived whole.
+    fn from(error: RefreshError) -> Self {
+        PostFailure {
+            error,
+            maybe_delivered: false,
+        }
+    }
 }
 
 fn unavailable(what: &str) -> RefreshError {

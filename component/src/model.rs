@@ -101,6 +101,10 @@ pub struct ProviderConfig {
     pub default_expires_in: Option<u32>,
     /// Lifetime assumed for a new refresh token that comes without one.
     pub default_refresh_token_expires_in: Option<u32>,
+    /// Whether refreshes return a new refresh token and spend the old one:
+    /// then a request whose fate is unknown (a timeout after it was sent, a
+    /// 500) is never repeated, since the repeat could be a reuse.
+    pub rotates_refresh_tokens: bool,
     /// Provider calls per refresh, counting the first; transient failures
     /// only are retried.
     pub max_attempts: u32,
@@ -111,6 +115,15 @@ pub struct ProviderConfig {
 
 /// A data-encryption key, kept secret in memory.
 pub type Key = SecretSlice<u8>;
+
+/// A token request that got no answer.
+#[derive(Debug)]
+pub struct PostFailure {
+    pub error: crate::error::RefreshError,
+    /// False when the request certainly never reached the provider (refused
+    /// by the host, no connection, DNS, TLS): then repeating it is safe.
+    pub maybe_delivered: bool,
+}
 
 /// A token endpoint's raw answer.
 #[derive(Debug)]

@@ -10,9 +10,10 @@ use crate::error::{ErrorClass, RefreshError};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
-/// Longest lifetime believed from a provider (ten years); anything longer is
-/// a malformed answer, not a token that never expires.
-const MAX_LIFETIME_SECONDS: i64 = 10 * 365 * 86_400;
+/// Longest lifetime believed from a provider (twenty years: Linear's legacy
+/// tokens claim just over ten); anything longer is a malformed answer, not a
+/// token that never expires.
+const MAX_LIFETIME_SECONDS: i64 = 20 * 365 * 86_400;
 
 /// A successful token response.
 #[derive(Debug)]
@@ -169,6 +170,23 @@ fn sanitise_code(code: &str) -> String {
     }
 }
 
+/// Whether an answer says the provider did not act and asks to come back
+/// later (429, 503, `temporarily_unavailable` and kin): safe to repeat.
+pub fn asks_to_retry(status: u16, content_type: Option<&str>, body: &[u8]) -> bool {
+    if matches!(status, 429 | 503) {
+        return true;
+    }
+    decode_body(content_type, body)
+        .as_ref()
+        .and_then(error_code)
+        .is_some_and(|code| {
+            matches!(
+                code.as_str(),
+                "temporarily_unavailable" | "slow_down" | "ratelimited" | "rate_limited"
+            )
+        })
+}
+
 /// A rotated refresh token from a 2xx answer that failed to parse otherwise:
 /// the provider has spent the old one, so this is the only one that works.
 pub fn salvage_refresh_token(
@@ -269,6 +287,8 @@ fn token_from_fields(
         Some(_) => return Err(invalid("refresh_token is not a string")),
     };
     let scopes = match fields.get("scope") {
+        // An empty scope (GitHub Apps, which have none) reports nothing.
+        Some(Value::String(s)) if s.trim().is_empty() => None,
         Some(Value::String(s)) => Some(split_scopes(s)),
         Some(Value::Array(items)) => Some(
             items
@@ -356,7 +376,7 @@ mod tests {
         let t = parse_token_response(200, Some("application/x-www-form-urlencoded"), body, &[])
             .unwrap();
         assert_eq!(t.access_token.expose_secret(), "gho_a");
-        assert_eq!(t.scopes.unwrap(), Vec::<String>::new());
+        assert!(t.scopes.is_none(), "an empty scope reports nothing");
     }
 
     #[test]

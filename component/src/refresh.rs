@@ -9,7 +9,7 @@ use crate::model::{
     TokenRecord, TokenSet, TokenSummary,
 };
 use crate::provider::{
-    TokenResponse, parse_token_response, refresh_request_body, salvage_refresh_token,
+    TokenResponse, asks_to_retry, parse_token_response, refresh_request_body, salvage_refresh_token,
 };
 use crate::seal::{self, Binding, Field, NONCE_LEN};
 use crate::validity::{self, Timing};
@@ -68,7 +68,7 @@ pub trait Host {
         &self,
         provider: &ProviderConfig,
         body: &SecretString,
-    ) -> Result<HttpAnswer, RefreshError>;
+    ) -> Result<HttpAnswer, crate::model::PostFailure>;
 }
 
 /// A storage transaction (WIT `storage.transaction`); dropping it rolls back.
@@ -276,7 +276,9 @@ impl<H: Host> Keeper<H> {
                     // let the next refresh use it.
                     let kept = TokenSet {
                         refresh_token: Some(refresh_token),
-                        refresh_token_expires_at: None,
+                        refresh_token_expires_at: config
+                            .default_refresh_token_expires_in
+                            .map(|s| now + i64::from(s)),
                         ..current.tokens.clone()
                     };
                     failed = self.seal_row(provider, user_id, &kept, row.obtained_at)?;
@@ -287,9 +289,17 @@ impl<H: Host> Keeper<H> {
                 failed.health.failed_attempts = failed.health.failed_attempts.saturating_add(1);
                 failed.health.last_failure_at = Some(now);
                 failed.health.last_failure = Some(err.class());
-                // Bookkeeping only: the tokens and the generation stay as they were.
+                // Bookkeeping only (unless a rotated token was salvaged): the
+                // tokens and the generation stay as they were.
+                let salvaging = failed.generation != row.generation;
                 if txn.compare_and_set(&failed, row.generation)? {
                     txn.commit()?;
+                } else if salvaging {
+                    return Err(RefreshError::Storage(
+                        "the row changed while locked: a rotated refresh token from an unusable \
+                         answer could not be saved"
+                            .into(),
+                    ));
                 }
                 if matches!(err, RefreshError::ReauthorizationRequired(_)) {
                     // Race or revocation? If someone wrote a newer token while
@@ -302,9 +312,10 @@ impl<H: Host> Keeper<H> {
                         return Ok(newer);
                     }
                 }
+                // Retries take time: judge the old token at the end of them.
                 let still_valid = validity::is_access_token_valid(
                     current.tokens.access_token_expires_at,
-                    now,
+                    self.host.now(),
                     validity::DEFAULT_CLOCK_SKEW_SECONDS,
                 );
                 if err.is_transient() && still_valid {
@@ -370,13 +381,16 @@ impl<H: Host> Keeper<H> {
             let sent_at = self.host.now();
             let answer = match self.host.post_form(config, &body) {
                 Ok(answer) => answer,
-                Err(e) => {
-                    if let Some(wait) = self.retry_after(config, &e, attempt, started) {
+                Err(failure) => {
+                    let not_processed = !failure.maybe_delivered;
+                    let retry =
+                        self.retry_after(config, &failure.error, not_processed, attempt, started);
+                    if let Some(wait) = retry {
                         self.host.sleep_ms(wait);
                         attempt += 1;
                         continue;
                     }
-                    return Err((e, None));
+                    return Err((failure.error, None));
                 }
             };
             let (status, content_type) = (answer.status, answer.content_type.as_deref());
@@ -384,13 +398,19 @@ impl<H: Host> Keeper<H> {
             let tokens = parse_token_response(status, content_type, body, &config.error_codes)
                 .and_then(|response| {
                     let tokens = tokens_from(config, old, response, sent_at);
-                    check_tokens(&tokens)?;
+                    // Out of bounds is the answer's fault, not the caller's.
+                    check_tokens(&tokens).map_err(|e| match e {
+                        RefreshError::InvalidInput(m) => RefreshError::InvalidProviderResponse(m),
+                        other => other,
+                    })?;
                     Ok(tokens)
                 });
             match tokens {
                 Ok(tokens) => return Ok(tokens),
                 Err(e) => {
-                    if let Some(wait) = self.retry_after(config, &e, attempt, started) {
+                    let not_processed = asks_to_retry(status, content_type, body);
+                    let retry = self.retry_after(config, &e, not_processed, attempt, started);
+                    if let Some(wait) = retry {
                         self.host.sleep_ms(wait);
                         attempt += 1;
                         continue;
@@ -406,11 +426,12 @@ impl<H: Host> Keeper<H> {
     }
 
     /// The backoff before another attempt, if the failure is worth one and
-    /// the budget allows it: exponential from 200 ms with full jitter.
+    /// the budget allows it: the n-th retry waits between 100·2ⁿ and 200·2ⁿ ms.
     fn retry_after(
         &self,
         config: &ProviderConfig,
         error: &RefreshError,
+        not_processed: bool,
         attempt: u32,
         started: u64,
     ) -> Option<u64> {
@@ -418,6 +439,11 @@ impl<H: Host> Keeper<H> {
         // did not parse may have spent it and is never repeated.
         if !matches!(error, RefreshError::ProviderUnavailable(_)) || attempt >= config.max_attempts
         {
+            return None;
+        }
+        // A rotating provider may have acted on a request whose fate is
+        // unknown: repeating it could be a reuse that revokes the chain.
+        if config.rotates_refresh_tokens && !not_processed {
             return None;
         }
         let ceiling = 200u64 << attempt.min(8);

@@ -169,7 +169,10 @@ impl Provider {
         if !valid_name {
             return bad("name must be 1-64 characters of [A-Za-z0-9._-]".into());
         }
-        let settings: Vec<(&str, &str)> = [
+        if let Some(n) = p.max_attempts.filter(|n| !(1..=10).contains(n)) {
+            return bad(format!("max_attempts must be 1-10, not {n}"));
+        }
+        let mut settings: Vec<(&str, &str)> = [
             ("base_url", &p.base_url),
             ("tenant", &p.tenant),
             ("scope", &p.scope),
@@ -218,9 +221,30 @@ impl Provider {
                     "rotates_refresh_tokens is known for {kind}; it is a setting of custom providers"
                 ));
             }
+            let spec = catalogue::spec(&kind);
+            // A setting that is a request parameter (Microsoft's scope) may
+            // also come as an extra parameter, as configurations before the
+            // catalogue wrote it.
+            for setting in spec.map(|s| s.settings).unwrap_or_default() {
+                if let Some(param) = setting.param
+                    && !settings.iter().any(|(k, _)| *k == setting.name)
+                    && let Some(v) = p.extra_params.get(param)
+                {
+                    settings.push((setting.name, v.as_str()));
+                }
+            }
             let mut r = catalogue::resolve(&kind, &settings)
                 .map_err(|e| Error::Config(format!("provider {name}: {e}")))?;
             if let Some(url) = &p.token_url {
+                let templated = spec.is_some_and(|s| s.token_url.contains('{'));
+                if let Some((setting, _)) = settings
+                    .iter()
+                    .find(|(k, _)| templated && matches!(*k, "base_url" | "tenant"))
+                {
+                    return bad(format!(
+                        "token_url replaces the {kind} URL that {setting} would build: set one of them"
+                    ));
+                }
                 r.token_url = url.clone();
             }
             r
@@ -255,8 +279,13 @@ impl Provider {
         if client_auth == ClientAuth::Basic && client_secret.is_none() {
             return bad("client_auth = \"basic\" needs a client secret".into());
         }
+        // The configuration's own parameters win over the catalogue's, and
+        // no parameter is sent twice (RFC 6749 §3.1).
         let mut extra_params = resolved.extra_params;
-        extra_params.extend(p.extra_params);
+        for (k, v) in p.extra_params {
+            extra_params.retain(|(existing, _)| *existing != k);
+            extra_params.push((k, v));
+        }
         Ok(Provider {
             kind,
             token_url: url.to_string(),

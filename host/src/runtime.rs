@@ -162,11 +162,12 @@ impl Runtime {
         let pre = KeeperCorePre::new(linker.instantiate_pre(&component).map_err(sandbox)?)
             .map_err(sandbox)?;
 
+        // The longest a refresh may talk to its provider, retries included.
         let slowest = shared
             .config
             .providers
             .values()
-            .map(|p| p.timeout_ms)
+            .map(|p| p.timeout_ms.max(p.retry_budget_ms))
             .max()
             .unwrap_or(0);
         // Wall-clock bound on one token's worth of work, generous on purpose:
@@ -514,6 +515,7 @@ impl providers::Host for State {
                     .collect(),
                 default_expires_in: p.default_expires_in,
                 default_refresh_token_expires_in: p.default_refresh_token_expires_in,
+                rotates_refresh_tokens: p.rotates_refresh_tokens,
                 max_attempts: p.max_attempts,
                 retry_budget_ms: p.retry_budget_ms,
             }))
