@@ -75,9 +75,19 @@ impl OauthServer {
             .spawn()
             .expect("start the OAuth server");
         let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, announced) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = announced
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("the OAuth server did not announce itself within 2 minutes")
+            });
         let started: Started = serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("the OAuth server did not start ({e})"));
         // Its request log: method, path and status, never bodies.
