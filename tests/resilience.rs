@@ -627,25 +627,10 @@ async fn provider_faults_and_other_failure_paths_give_typed_errors_keep_tokens_a
     .await;
     let mut output = String::new();
     let mut run = |args: &[&str], stdin: &str| {
-        let mut child = w
-            .cli()
-            .env("TOKENKEEP_LOG", "trace")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let o = child.wait_with_output().unwrap();
-        output.push_str(&String::from_utf8_lossy(&o.stdout));
-        output.push_str(&String::from_utf8_lossy(&o.stderr));
-        o.status.code().unwrap_or(-1)
+        let (code, stdout, stderr) = w.cli_traced(args, stdin);
+        output.push_str(&stdout);
+        output.push_str(&stderr);
+        code
     };
     let mut cli = |provider: &str, user: &str| run(&["tokens", "get", provider, user], "");
     let mut secrets = vec!["dev-secret".to_string()];

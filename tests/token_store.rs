@@ -5,7 +5,6 @@ mod common;
 
 use common::{Backend, World, now, raw_sql, token_set};
 use secrecy::ExposeSecret;
-use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 use tokenkeep::devprovider::Behaviour;
@@ -332,30 +331,12 @@ async fn tokens_never_reach_the_logs(b: Backend) {
     let w = World::new(b, "logs").await;
     let mut captured = String::new();
     let mut run = |args: &[&str], stdin: Option<&str>, keep_stdout: bool| {
-        let mut child = w
-            .cli()
-            .env("TOKENKEEP_LOG", "trace")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        if let Some(input) = stdin {
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(input.as_bytes())
-                .unwrap();
-        }
-        drop(child.stdin.take());
-        let o = child.wait_with_output().unwrap();
-        captured.push_str(&String::from_utf8_lossy(&o.stderr));
+        let (_, stdout, stderr) = w.cli_traced(args, stdin.unwrap_or_default());
+        captured.push_str(&stderr);
         if keep_stdout {
-            captured.push_str(&String::from_utf8_lossy(&o.stdout));
+            captured.push_str(&stdout);
         }
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
+        stdout.trim().to_string()
     };
     run(
         &["tokens", "put", "acme", "alice"],

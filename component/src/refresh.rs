@@ -377,52 +377,62 @@ impl<H: Host> Keeper<H> {
         let started = self.host.monotonic_ms();
         let mut attempt = 1;
         loop {
-            // Lifetimes count from when the request was sent, not when it came back.
-            let sent_at = self.host.now();
-            let answer = match self.host.post_form(config, &body) {
-                Ok(answer) => answer,
-                Err(failure) => {
-                    let not_processed = !failure.maybe_delivered;
-                    let retry =
-                        self.retry_after(config, &failure.error, not_processed, attempt, started);
-                    if let Some(wait) = retry {
-                        self.host.sleep_ms(wait);
-                        attempt += 1;
-                        continue;
-                    }
-                    return Err((failure.error, None));
-                }
-            };
-            let (status, content_type) = (answer.status, answer.content_type.as_deref());
-            let body = answer.body.expose_secret();
-            let tokens = parse_token_response(status, content_type, body, &config.error_codes)
-                .and_then(|response| {
-                    let tokens = tokens_from(config, old, response, sent_at);
-                    // Out of bounds is the answer's fault, not the caller's.
-                    check_tokens(&tokens).map_err(|e| match e {
-                        RefreshError::InvalidInput(m) => RefreshError::InvalidProviderResponse(m),
-                        other => other,
-                    })?;
-                    Ok(tokens)
-                });
-            match tokens {
+            match self.exchange(config, old, refresh_token, &body) {
                 Ok(tokens) => return Ok(tokens),
-                Err(e) => {
-                    let not_processed = asks_to_retry(status, content_type, body);
-                    let retry = self.retry_after(config, &e, not_processed, attempt, started);
-                    if let Some(wait) = retry {
-                        self.host.sleep_ms(wait);
-                        attempt += 1;
-                        continue;
+                Err(failed) => {
+                    match self.retry_after(
+                        config,
+                        &failed.error,
+                        failed.not_processed,
+                        attempt,
+                        started,
+                    ) {
+                        Some(wait) => {
+                            self.host.sleep_ms(wait);
+                            attempt += 1;
+                        }
+                        None => return Err((failed.error, failed.salvaged)),
                     }
-                    let salvaged = matches!(e, RefreshError::InvalidProviderResponse(_))
-                        .then(|| salvage_refresh_token(status, content_type, body))
-                        .flatten()
-                        .filter(|new| new.expose_secret() != refresh_token.expose_secret());
-                    return Err((e, salvaged));
                 }
             }
         }
+    }
+
+    /// One request to the token endpoint and the reading of its answer.
+    fn exchange(
+        &self,
+        config: &ProviderConfig,
+        old: &TokenSet,
+        refresh_token: &SecretString,
+        body: &SecretString,
+    ) -> Result<TokenSet, Failed> {
+        // Lifetimes count from when the request was sent, not when it came back.
+        let sent_at = self.host.now();
+        let answer = self.host.post_form(config, body).map_err(|f| Failed {
+            not_processed: !f.maybe_delivered,
+            error: f.error,
+            salvaged: None,
+        })?;
+        let (status, content_type) = (answer.status, answer.content_type.as_deref());
+        let body = answer.body.expose_secret();
+        parse_token_response(status, content_type, body, &config.error_codes)
+            .and_then(|response| {
+                let tokens = tokens_from(config, old, response, sent_at);
+                // Out of bounds is the answer's fault, not the caller's.
+                check_tokens(&tokens).map_err(|e| match e {
+                    RefreshError::InvalidInput(m) => RefreshError::InvalidProviderResponse(m),
+                    other => other,
+                })?;
+                Ok(tokens)
+            })
+            .map_err(|error| Failed {
+                not_processed: asks_to_retry(status, content_type, body),
+                salvaged: matches!(error, RefreshError::InvalidProviderResponse(_))
+                    .then(|| salvage_refresh_token(status, content_type, body))
+                    .flatten()
+                    .filter(|new| new.expose_secret() != refresh_token.expose_secret()),
+                error,
+            })
     }
 
     /// The backoff before another attempt, if the failure is worth one and
@@ -603,6 +613,15 @@ impl<H: Host> Keeper<H> {
     }
 }
 
+/// A failed exchange with the token endpoint.
+struct Failed {
+    error: RefreshError,
+    /// The provider certainly did not act on the request: safe to repeat.
+    not_processed: bool,
+    /// A rotated refresh token from an otherwise unusable answer.
+    salvaged: Option<SecretString>,
+}
+
 /// Decrypts a stored row with the key it names (`None`: not in the keyring).
 /// Anything but an intact row, sealed for exactly this provider, user, field
 /// and key, is a decryption error.
@@ -610,13 +629,7 @@ pub fn open_sealed_row(row: &SealedRow, key: Option<&Key>) -> Result<TokenRecord
     let key = key.ok_or_else(|| {
         // The key id comes from the row, which anyone with database access
         // can write: quoted only when it looks like a key id.
-        let plain = !row.key_id.is_empty()
-            && row.key_id.len() <= 64
-            && row
-                .key_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        RefreshError::Decryption(if plain {
+        RefreshError::Decryption(if is_plain_name(&row.key_id) {
             format!("key {} is not in the keyring", row.key_id)
         } else {
             "the row names a key id that is not in the keyring".into()
@@ -722,14 +735,19 @@ fn tokens_from(
     }
 }
 
-/// Provider names are configuration keys: short and plain.
-pub fn check_provider_name(name: &str) -> Result<(), RefreshError> {
-    let ok = !name.is_empty()
+/// The shape of provider names and key ids: 1-64 characters of
+/// `[A-Za-z0-9._-]`, safe to quote in messages and logs.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= MAX_PROVIDER_LEN
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Provider names are configuration keys: short and plain.
+pub fn check_provider_name(name: &str) -> Result<(), RefreshError> {
+    if is_plain_name(name) {
         Ok(())
     } else {
         Err(RefreshError::InvalidInput(format!(

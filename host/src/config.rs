@@ -161,12 +161,7 @@ impl Config {
 impl Provider {
     fn resolve(name: String, p: RawProvider) -> Result<Self, Error> {
         let bad = |what: String| Err(Error::Config(format!("provider {name}: {what}")));
-        let valid_name = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !valid_name {
+        if !tokenkeep_component::refresh::is_plain_name(&name) {
             return bad("name must be 1-64 characters of [A-Za-z0-9._-]".into());
         }
         if let Some(n) = p.max_attempts.filter(|n| !(1..=10).contains(n)) {

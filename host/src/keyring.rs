@@ -42,12 +42,7 @@ impl Keyring {
                 .split_once('=')
                 .ok_or_else(|| Error::Config("key entries must be id=base64".into()))?;
             let id = id.trim();
-            if id.is_empty()
-                || id.len() > 64
-                || !id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-            {
+            if !tokenkeep_component::refresh::is_plain_name(id) {
                 return Err(Error::Config(
                     "key ids must be 1-64 characters of [A-Za-z0-9._-]".into(),
                 ));

@@ -205,6 +205,34 @@ impl World {
             .unwrap()
     }
 
+    /// Runs the CLI at trace log level with `stdin` and waits for it:
+    /// (exit code, standard output, standard error).
+    pub fn cli_traced(&self, args: &[&str], stdin: &str) -> (i32, String, String) {
+        use std::io::Write;
+        use std::process::Stdio;
+        let mut child = self
+            .cli()
+            .env("TOKENKEEP_LOG", "trace")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
     /// Runs the `tokenkeep` binary against this world.
     pub fn cli(&self) -> std::process::Command {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tokenkeep"));
