@@ -14,7 +14,14 @@ fn main() {
         .parent()
         .expect("host/ lives in the workspace")
         .to_path_buf();
-    for watched in ["component/src", "component/Cargo.toml", "wit", "Cargo.lock"] {
+    for watched in [
+        "core/src",
+        "core/Cargo.toml",
+        "component/src",
+        "component/Cargo.toml",
+        "wit",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=TOKENKEEP_COMPONENT");

@@ -10,8 +10,8 @@ use secrecy::ExposeSecret;
 use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
-use tokenkeep::devprovider::{Behaviour, DevProvider};
-use tokenkeep::{Clock, ConversationSettings, Error, ProviderToken};
+use tokenkeep_host::{Clock, ConversationSettings, Error, ProviderToken};
+use tokenkeep_testkit::devprovider::{Behaviour, DevProvider};
 
 on_both_backends!(
     only_stale_tokens_are_refreshed_once_each_even_with_several_runtimes_at_once,

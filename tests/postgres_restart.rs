@@ -8,8 +8,8 @@ use secrecy::ExposeSecret;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
-use tokenkeep::Error;
-use tokenkeep::devprovider::Behaviour;
+use tokenkeep_host::Error;
+use tokenkeep_testkit::devprovider::Behaviour;
 
 const USERS: usize = 40;
 
@@ -75,7 +75,7 @@ async fn a_postgres_restart_under_load_gives_typed_errors_and_loses_nothing() {
                 n += 1;
                 match k.ensure_fresh("acme", &user).await {
                     Ok(r) => {
-                        assert!(r.tokens.access_token_expires_at > Some(common::now()));
+                        assert!(r.expires_at > Some(common::now()));
                         ok.fetch_add(1, Ordering::SeqCst);
                         if back.load(Ordering::SeqCst) {
                             ok_after.fetch_add(1, Ordering::SeqCst);

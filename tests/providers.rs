@@ -10,9 +10,9 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tokenkeep::devprovider::Behaviour;
-use tokenkeep::{Clock, Error, TokenSet};
-use tokenkeep_component::catalogue::CATALOGUE;
+use tokenkeep_core::catalogue::CATALOGUE;
+use tokenkeep_host::{Clock, Error, TokenSet};
+use tokenkeep_testkit::devprovider::Behaviour;
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -110,8 +110,8 @@ fn the_readme_lists_every_catalogued_provider_as_catalogued() {
             .unwrap_or_else(|| panic!("README has no row for {}", spec.kind));
         assert!(row.contains(spec.token_url), "{}: token URL", spec.kind);
         let auth = match spec.client_auth {
-            tokenkeep_component::catalogue::ClientAuth::Basic => "| basic |",
-            tokenkeep_component::catalogue::ClientAuth::Body => "| body |",
+            tokenkeep_core::catalogue::ClientAuth::Basic => "| basic |",
+            tokenkeep_core::catalogue::ClientAuth::Body => "| body |",
         };
         assert!(row.contains(auth), "{}: client auth", spec.kind);
         for setting in spec.settings {
@@ -201,7 +201,7 @@ async fn recorded_answers_of_every_catalogued_provider_map_onto_the_contract() {
                     let got = result.unwrap_or_else(|e| panic!("{case}: {e}"));
                     let now = w.now();
                     assert_eq!(
-                        got.tokens.access_token.expose_secret(),
+                        got.access_token.expose_secret(),
                         granted.access_token,
                         "{case}"
                     );
@@ -210,22 +210,23 @@ async fn recorded_answers_of_every_catalogued_provider_map_onto_the_contract() {
                         other => other,
                     };
                     assert_eq!(
-                        got.tokens.refresh_token.as_ref().unwrap().expose_secret(),
+                        stored
+                            .tokens
+                            .refresh_token
+                            .as_ref()
+                            .unwrap()
+                            .expose_secret(),
                         want_refresh,
                         "{case}"
                     );
+                    assert_eq!(got.expires_at, Some(now + granted.expires_in), "{case}");
                     assert_eq!(
-                        got.tokens.access_token_expires_at,
-                        Some(now + granted.expires_in),
-                        "{case}"
-                    );
-                    assert_eq!(
-                        got.tokens.refresh_token_expires_at,
+                        stored.tokens.refresh_token_expires_at,
                         granted.refresh_token_expires_in.map(|s| now + s),
                         "{case}"
                     );
                     let scopes = granted.scopes.clone().unwrap_or_default();
-                    assert_eq!(got.tokens.scopes, scopes, "{case}");
+                    assert_eq!(got.scopes, scopes, "{case}");
                     assert_eq!(stored.generation, 2, "{case}: persisted");
                     assert_eq!(
                         stored.tokens.access_token.expose_secret(),
@@ -288,7 +289,7 @@ async fn transient_failures_are_retried_with_backoff_and_refusals_are_not() {
     let got = w.keeper.ensure_fresh("flaky", "u").await.unwrap();
     let waited = started.elapsed();
     assert_eq!(flaky.calls(), 3, "two transient failures, then success");
-    assert_ne!(got.tokens.access_token.expose_secret(), "at-old");
+    assert_ne!(got.access_token.expose_secret(), "at-old");
     // Exponential backoff with jitter: at least 200 ms, then 400 ms.
     assert!(waited >= Duration::from_millis(600), "{waited:?}");
 
@@ -419,13 +420,13 @@ async fn an_unusable_answer_that_rotated_keeps_the_new_refresh_token() {
     p.set(|b| b.canned = None);
     p.reset_chain("rt-rotated");
     let got = w.keeper.ensure_fresh("odd", "u").await.unwrap();
-    assert_ne!(got.tokens.access_token.expose_secret(), "at-old");
+    assert_ne!(got.access_token.expose_secret(), "at-old");
     assert_eq!(p.reuses(), 0);
 }
 
 #[tokio::test]
 async fn configuration_names_the_problem_without_quoting_secrets() {
-    use tokenkeep::Config;
+    use tokenkeep_host::Config;
     let err = |text: &str| Config::parse(text).unwrap_err().to_string();
     assert!(err("[providers.microsoft]\nclient_id = \"a\"\n").contains("scope"));
     assert!(
@@ -445,7 +446,7 @@ async fn configuration_names_the_problem_without_quoting_secrets() {
     );
     assert_eq!(
         ok.providers["bitbucket"].client_auth,
-        tokenkeep::config::ClientAuth::Basic
+        tokenkeep_host::config::ClientAuth::Basic
     );
     assert!(!format!("{ok:?}").contains("hunter2"));
 

@@ -4,12 +4,12 @@
 
 mod common;
 
-use common::oauth_server::OauthServer;
 use common::{Backend, World};
 use secrecy::ExposeSecret;
 use std::collections::HashSet;
-use tokenkeep::devprovider::Behaviour;
-use tokenkeep::{Clock, Error, TokenSet};
+use tokenkeep_host::{Clock, Error, TokenSet};
+use tokenkeep_testkit::devprovider::Behaviour;
+use tokenkeep_testkit::oauth_server::OauthServer;
 
 fn seeded(access: &str, refresh: &str, expires_at: i64) -> TokenSet {
     TokenSet {
@@ -63,7 +63,7 @@ async fn several_runtimes_keep_a_real_servers_token_chain_alive(b: Backend) {
                 .await
                 .unwrap()
                 .unwrap_or_else(|e| panic!("round {round}: {e}\nserver log: {:?}", server.log()));
-            seen.insert(record.tokens.access_token.expose_secret().to_string());
+            seen.insert(record.access_token.expose_secret().to_string());
         }
         assert_eq!(seen.len(), 1, "round {round}: 24 callers, one token");
         assert_eq!(
@@ -88,10 +88,7 @@ async fn several_runtimes_keep_a_real_servers_token_chain_alive(b: Backend) {
         .await
         .unwrap();
     let refreshed = w.keeper.ensure_fresh("dot-basic", &bob.user).await.unwrap();
-    assert_ne!(
-        refreshed.tokens.access_token.expose_secret(),
-        bob.access_token
-    );
+    assert_ne!(refreshed.access_token.expose_secret(), bob.access_token);
 
     // The control: the server's reuse detection is live. Replaying alice's
     // spent first refresh token (as a duplicate refresh would) is refused

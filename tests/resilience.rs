@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tokenkeep::devprovider::Behaviour;
-use tokenkeep::{Clock, Config, Error, Keeper, Keyring, Options, SandboxLimits};
+use tokenkeep_host::{Clock, Config, Error, Keeper, Keyring, Options, SandboxLimits};
+use tokenkeep_testkit::devprovider::Behaviour;
 
 on_both_backends!(
     single_flight_holds_for_four_processes_of_sixty_four_tasks_over_two_hundred_tokens,
@@ -135,10 +135,10 @@ async fn load_worker() {
                 {
                     match keeper.ensure_fresh("acme", &format!("user-{i}")).await {
                         Ok(r) => {
-                            if r.tokens.access_token_expires_at <= Some(common::now()) {
+                            if r.expires_at <= Some(common::now()) {
                                 stale += 1;
                             }
-                            seen.push((i, r.tokens.access_token.expose_secret().to_string()));
+                            seen.push((i, r.access_token.expose_secret().to_string()));
                         }
                         Err(e) => errors.push(e.to_string()),
                     }
@@ -370,7 +370,7 @@ async fn a_lock_holder_killed_at_any_point_loses_no_row_and_the_outcome_is_expli
         let label = match (&outcome, point) {
             // Refreshed by the waiter, or by the victim before it died.
             (Ok(r), _) => {
-                assert!(r.tokens.access_token_expires_at > Some(w.now()));
+                assert!(r.expires_at > Some(w.now()));
                 assert_eq!(row.generation, r.generation);
                 "fresh token"
             }

@@ -1,17 +1,21 @@
 //! The sandbox holds against a hostile component (tests/rogue): it runs out
-//! of memory and fuel, reaches for other URLs, files and the environment;
-//! every attempt ends in a typed error and the host keeps serving.
+//! of memory and fuel, reaches for files and the environment, posts its own
+//! requests, touches rows it was not asked about and returns tokens that are
+//! not the row's. Every attempt is refused with a typed error, nothing it
+//! chose reaches a log, and the host keeps serving.
 
 mod common;
 
 use common::{Backend, KEYS, World};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use tokenkeep::{Clock, Config, Error, Keeper, Keyring, Options, SandboxLimits};
+use tokenkeep_host::{Clock, Config, Error, Keeper, Keyring, Options, SandboxLimits};
 
 /// Builds the rogue guest once per test process, the way host/build.rs
 /// builds the real one.
@@ -97,29 +101,6 @@ async fn a_hostile_component_is_contained_and_the_host_keeps_serving() {
     assert!(matches!(&e, Error::Sandbox(m) if m.contains("fuel")), "{e}");
     healthy(rogue.clone()).await;
 
-    // Network: a URL that is not a configured token URL is refused by the
-    // host, claimed provider or not, and never sees a connection.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let seen = connections.clone();
-    tokio::spawn(async move {
-        while listener.accept().await.is_ok() {
-            seen.fetch_add(1, Ordering::SeqCst);
-        }
-    });
-    let token_url = w.provider.token_url();
-    let other_path = format!("{}/elsewhere", token_url.trim_end_matches("/token"));
-    for target in [format!("http://127.0.0.1:{port}/steal"), other_path] {
-        let e = rogue.ensure_fresh("egress", &target).await.unwrap_err();
-        assert!(
-            matches!(&e, Error::Config(m) if m.contains("egress denied")),
-            "{target}: {e}"
-        );
-    }
-    assert_eq!(connections.load(Ordering::SeqCst), 0);
-    assert_eq!(w.provider.arrived(), 0, "not even the provider's host");
-
     // No filesystem and no environment (the host's may hold secrets).
     let e = rogue
         .ensure_fresh("filesystem", "/etc/passwd")
@@ -138,6 +119,134 @@ async fn a_hostile_component_is_contained_and_the_host_keeps_serving() {
     // The real component on the same host process and database is unharmed.
     let record = w.keeper.ensure_fresh("acme", "alice").await.unwrap();
     assert_eq!(record.generation, 1);
+}
+
+/// Everything every test in this binary logs, at trace level for tokenkeep.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("tokenkeep_host=trace,tokenkeep=trace,info")
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        buf
+    })
+    .clone()
+}
+
+async fn a_compromised_component_is_refused_and_nothing_it_chose_reaches_a_log(b: Backend) {
+    let logs = captured_logs();
+    let w = World::new(b, "rogue").await;
+    w.store("alice", "at-alice", Some("rt-alice-SECRET"), 3600)
+        .await;
+    w.store("bob", "at-bob", Some("rt-bob-SECRET"), -10).await;
+    let alice = w.stored("alice").await;
+    let rogue = rogue_keeper(&w, SandboxLimits::default()).await;
+
+    // It asks about one row and reaches for acme/alice: reads, opens, writes,
+    // deletes, locks, compare-and-sets, refreshes without a lock, scans,
+    // reads another conversation. Each is refused and fails the call.
+    for behaviour in [
+        "read-other",
+        "open-other",
+        "write-other",
+        "cas-other",
+        "lock-other",
+        "refresh-unlocked",
+        "scan",
+        "other-conversation",
+    ] {
+        let e = rogue.ensure_fresh(behaviour, "alice").await.unwrap_err();
+        assert!(
+            matches!(&e, Error::Sandbox(m) if m.contains("outside its call")),
+            "{behaviour}: {e}"
+        );
+    }
+    // It returns a token it made up, or one for another user.
+    for behaviour in ["forge", "other-user"] {
+        let e = rogue.ensure_fresh(behaviour, "alice").await.unwrap_err();
+        assert!(
+            matches!(&e, Error::Sandbox(m) if m.contains("not the requested row")),
+            "{behaviour}: {e}"
+        );
+    }
+
+    // It posts requests of its own: another grant with our client's name on
+    // it, a refresh with another row's refresh token, data in a URL.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let seen = connections.clone();
+    tokio::spawn(async move {
+        while listener.accept().await.is_ok() {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let token_url = w.provider.token_url();
+    for attempt in [
+        format!("{token_url} grant_type=client_credentials&scope=SMUGGLED-scope"),
+        format!("{token_url} grant_type=refresh_token&refresh_token=rt-bob-SECRET"),
+        format!("http://127.0.0.1:{port}/SMUGGLED-path?q=at-alice"),
+    ] {
+        let e = rogue.ensure_fresh("egress", &attempt).await.unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidInput(m) if m.contains("HttpRequestDenied")),
+            "{attempt}: {e}"
+        );
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 0, "no connection made");
+    assert_eq!(w.provider.arrived(), 0, "nothing reached the provider");
+
+    // Nothing changed, and the real component serves on.
+    let after = w.stored("alice").await;
+    assert_eq!(after.generation, alice.generation);
+    assert_eq!(
+        after.tokens.refresh_token.unwrap().expose_secret(),
+        "rt-alice-SECRET"
+    );
+    assert_eq!(w.stored("bob").await.generation, 1);
+    let grant = w.keeper.ensure_fresh("acme", "alice").await.unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-alice");
+
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(logs.contains("component refused"), "refusals are logged");
+    assert!(logs.contains("egress denied"), "denials are logged");
+    for chosen in [
+        "SMUGGLED",
+        "rt-bob-SECRET",
+        "rt-alice-SECRET",
+        "tk-FORGED",
+        "client_credentials",
+    ] {
+        assert!(!logs.contains(chosen), "{chosen} reached the log");
+    }
+    assert!(
+        !logs.contains(&format!(":{port}")),
+        "the guest's URL reached the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_compromised_component_is_refused_on_postgres() {
+    a_compromised_component_is_refused_and_nothing_it_chose_reaches_a_log(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_compromised_component_is_refused_on_sqlite() {
+    a_compromised_component_is_refused_and_nothing_it_chose_reaches_a_log(Backend::Sqlite).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -7,9 +7,9 @@ mod common;
 use common::{Backend, KEYS, World, raw_sql, token_set};
 use secrecy::ExposeSecret;
 use std::time::Duration;
-use tokenkeep::devprovider::Behaviour;
-use tokenkeep::storage::{Store, StoreOptions};
-use tokenkeep::{Clock, Error};
+use tokenkeep_host::storage::{Store, StoreOptions};
+use tokenkeep_host::{Clock, Error};
+use tokenkeep_testkit::devprovider::Behaviour;
 
 const T0: i64 = 1_900_000_000;
 /// k2 is a new active key; k1 and k0 stay readable.
@@ -83,8 +83,9 @@ async fn refresh_tokens_with_and_without_expiry(b: Backend) {
         1,
         "a non-expiring refresh token still refreshes ten years on"
     );
+    assert_eq!(refreshed.generation, 2);
     assert_eq!(
-        refreshed.tokens.refresh_token_expires_at,
+        w.stored("alice").await.tokens.refresh_token_expires_at,
         Some(w.now() + 15_897_600),
         "refresh_token_expires_in is tracked"
     );
@@ -93,16 +94,17 @@ async fn refresh_tokens_with_and_without_expiry(b: Backend) {
     set.access_token_expires_at = Some(w.now() - 10);
     let r = w.keeper.store_tokens("acme", "bob", &set).await.unwrap();
     assert!(!w.keeper.is_refresh_token_valid(&r).await.unwrap());
+    // Past its recorded expiry by the clock, but only the provider's refusal
+    // is definitive: it is offered once, and the provider's answer recorded.
     let e = w.keeper.ensure_fresh("acme", "bob").await.unwrap_err();
     assert!(
-        matches!(e, Error::ReauthorizationRequired(ref m) if m.contains("expired")),
+        matches!(e, Error::ReauthorizationRequired(ref m) if m.contains("provider answered")),
         "{e:?}"
     );
-    assert_eq!(
-        w.provider.calls(),
-        1,
-        "an expired refresh token is not even sent"
-    );
+    assert_eq!(w.provider.calls(), 2, "offered to the provider once");
+    let again = w.keeper.ensure_fresh("acme", "bob").await.unwrap_err();
+    assert!(matches!(again, Error::ReauthorizationRequired(_)));
+    assert_eq!(w.provider.calls(), 2, "and the refusal stands");
     let none = w
         .keeper
         .store_tokens("acme", "carol", &token_set("at", None, Some(w.now() - 1)))
@@ -145,7 +147,7 @@ async fn the_window_is_the_threshold_or_half_the_lifetime(b: Backend) {
     let r = w.keeper.ensure_fresh("acme", "github-user").await.unwrap();
     assert_eq!(w.provider.calls(), 2);
     assert_eq!(w.now() - start, 4 * 3600);
-    assert_eq!(r.tokens.access_token_expires_at, Some(w.now() + 3600));
+    assert_eq!(r.expires_at, Some(w.now() + 3600));
 }
 
 async fn refreshing_a_fresh_token_is_a_no_op(b: Backend) {
@@ -155,7 +157,7 @@ async fn refreshing_a_fresh_token_is_a_no_op(b: Backend) {
     for _ in 0..3 {
         let r = w.keeper.ensure_fresh("acme", "alice").await.unwrap();
         assert_eq!(r.generation, 1);
-        assert_eq!(r.tokens.access_token.expose_secret(), "at");
+        assert_eq!(r.access_token.expose_secret(), "at");
     }
     w.keeper.load_tokens("acme", "alice", true).await.unwrap();
     let after = w.keeper.list_tokens().await.unwrap();
@@ -189,18 +191,19 @@ async fn a_waiter_that_outlasts_the_lock_wait_gets_a_lock_timeout_and_readers_ne
     w.store("alice", "at-old", Some("rt-0"), -10).await;
     w.store("bob", "at-bob", Some("rt-0"), 3600).await;
     // Another runtime holds alice's row lock (on SQLite: the write lock).
-    let store = Store::open(&w.database_url, StoreOptions::default())
+    let store = Store::open(&w.database_url, StoreOptions::default(), w.clock.clone())
         .await
         .unwrap();
     let mut held = store.begin().await.unwrap();
     held.load_for_update("acme", "alice")
         .await
         .unwrap()
+        .row
         .unwrap();
 
     let started = std::time::Instant::now();
     let fresh = keeper.ensure_fresh("acme", "bob").await.unwrap();
-    assert_eq!(fresh.tokens.access_token.expose_secret(), "at-bob");
+    assert_eq!(fresh.access_token.expose_secret(), "at-bob");
     assert!(
         started.elapsed() < Duration::from_millis(900),
         "the hot path takes no lock"
@@ -212,7 +215,7 @@ async fn a_waiter_that_outlasts_the_lock_wait_gets_a_lock_timeout_and_readers_ne
     drop(held);
     let r = keeper.ensure_fresh("acme", "alice").await.unwrap();
     assert_ne!(
-        r.tokens.access_token.expose_secret(),
+        r.access_token.expose_secret(),
         "at-old",
         "the timeout harmed nothing"
     );
@@ -221,10 +224,10 @@ async fn a_waiter_that_outlasts_the_lock_wait_gets_a_lock_timeout_and_readers_ne
 async fn a_slow_writer_loses_the_compare_and_set_to_a_newer_write(b: Backend) {
     let w = World::new(b, "cas").await;
     w.store("alice", "at-1", Some("rt-0"), 3600).await;
-    let store = Store::open(&w.database_url, StoreOptions::default())
+    let store = Store::open(&w.database_url, StoreOptions::default(), w.clock.clone())
         .await
         .unwrap();
-    let stale = store.read("acme", "alice").await.unwrap().unwrap();
+    let stale = store.read("acme", "alice").await.unwrap().row.unwrap();
     assert_eq!(stale.generation, 1);
     // A newer token lands (generation 2) ...
     w.store("alice", "at-2", Some("rt-0"), 3600).await;
@@ -262,7 +265,7 @@ async fn a_narrowed_scope_is_reported_and_the_rotated_chain_kept(b: Backend) {
     assert_eq!(stored.tokens.scopes, vec!["repo"]);
     assert_eq!(
         stored.health.last_failure,
-        Some(tokenkeep::keeper::ErrorClass::ScopeMismatch)
+        Some(tokenkeep_core::error::ErrorClass::ScopeMismatch)
     );
 }
 
@@ -300,7 +303,6 @@ async fn keys_rotate_online_and_an_interrupted_rotation_finishes_on_rerun(b: Bac
             .ensure_fresh("acme", "a")
             .await
             .unwrap()
-            .tokens
             .access_token
             .expose_secret(),
         "at-a"
@@ -489,7 +491,7 @@ async fn invalid_grant_after_another_write_returns_the_new_token() {
             .await
     });
     let r = refresh.await.unwrap().unwrap();
-    assert_eq!(r.tokens.access_token.expose_secret(), "at-reauthorised");
+    assert_eq!(r.access_token.expose_secret(), "at-reauthorised");
     assert_eq!(r.generation, 2);
     store.await.unwrap().unwrap();
 }

@@ -7,8 +7,8 @@ use common::{Backend, World, now, raw_sql, token_set};
 use secrecy::ExposeSecret;
 use std::process::Stdio;
 use std::time::Duration;
-use tokenkeep::devprovider::Behaviour;
-use tokenkeep::{Error, TokenState};
+use tokenkeep_host::{Error, TokenState};
+use tokenkeep_testkit::devprovider::Behaviour;
 
 on_both_backends!(
     a_fresh_token_is_returned_without_calling_the_provider,
@@ -28,11 +28,12 @@ async fn a_fresh_token_is_returned_without_calling_the_provider(b: Backend) {
     let w = World::new(b, "fresh").await;
     w.store("alice", "at-fresh", Some("rt-0"), 3600).await;
     let r = w.keeper.ensure_fresh("acme", "alice").await.unwrap();
-    assert_eq!(r.tokens.access_token.expose_secret(), "at-fresh");
+    assert_eq!(r.access_token.expose_secret(), "at-fresh");
     assert_eq!(r.generation, 1);
     assert_eq!(w.provider.calls(), 0);
-    assert!(w.keeper.is_access_token_valid(&r, 60).await.unwrap());
-    assert!(w.keeper.is_refresh_token_valid(&r).await.unwrap());
+    let stored = w.stored("alice").await;
+    assert!(w.keeper.is_access_token_valid(&stored, 60).await.unwrap());
+    assert!(w.keeper.is_refresh_token_valid(&stored).await.unwrap());
 }
 
 async fn an_expired_token_is_refreshed_once_and_the_rotated_refresh_token_persisted(b: Backend) {
@@ -55,7 +56,7 @@ async fn an_expired_token_is_refreshed_once_and_the_rotated_refresh_token_persis
     let mut tokens = Vec::new();
     for t in tasks {
         let r = t.await.unwrap().unwrap();
-        tokens.push(r.tokens.access_token.expose_secret().to_string());
+        tokens.push(r.access_token.expose_secret().to_string());
     }
     tokens.dedup();
     assert_eq!(tokens.len(), 1, "every caller gets the one refreshed token");
@@ -96,7 +97,7 @@ async fn the_old_refresh_token_is_kept_when_the_answer_has_none(b: Backend) {
     .await;
     w.store("alice", "at-old", Some("rt-0"), -10).await;
     let r = w.keeper.ensure_fresh("acme", "alice").await.unwrap();
-    assert_ne!(r.tokens.access_token.expose_secret(), "at-old");
+    assert_ne!(r.access_token.expose_secret(), "at-old");
     let stored = w.stored("alice").await;
     assert_eq!(stored.tokens.refresh_token.unwrap().expose_secret(), "rt-0");
     assert_eq!(
@@ -122,7 +123,7 @@ async fn expiry_counts_from_when_the_request_was_sent(b: Backend) {
     w.store("alice", "at-old", Some("rt-0"), -10).await;
     let before = now();
     let r = w.keeper.ensure_fresh("acme", "alice").await.unwrap();
-    let at = r.tokens.access_token_expires_at.unwrap();
+    let at = r.expires_at.unwrap();
     assert!(
         at >= before + 3600 && at <= before + 3601,
         "expiry {at} counts from the send at ~{before}, not the answer 2 s later"
@@ -193,13 +194,13 @@ async fn a_provider_outage_is_transient_and_keeps_the_token(b: Backend) {
     // Inside the window but still valid: the outage does not take it away.
     w.store("bob", "at-bob", Some("rt-0"), 300).await;
     let r = w.keeper.ensure_fresh("acme", "bob").await.unwrap();
-    assert_eq!(r.tokens.access_token.expose_secret(), "at-bob");
+    assert_eq!(r.access_token.expose_secret(), "at-bob");
 
     // The provider comes back: the kept refresh token still works.
     w.provider.set(|b| b.canned = None);
     let r = w.keeper.ensure_fresh("acme", "alice").await.unwrap();
-    assert_ne!(r.tokens.access_token.expose_secret(), "at-old");
-    assert_eq!(r.health.failed_attempts, 0);
+    assert_ne!(r.access_token.expose_secret(), "at-old");
+    assert_eq!(w.stored("alice").await.health.failed_attempts, 0);
 }
 
 async fn unknown_providers_and_hostile_ids_get_typed_errors(b: Backend) {

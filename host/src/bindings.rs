@@ -1,6 +1,7 @@
-//! Bindings generated from the WIT contract: the host implements the
-//! `storage`, `keyring` and `providers` imports and calls `token-store`.
-//! WASI and `wasi:http` come from wasmtime-wasi(-http) through the linker.
+//! The one place the host's bindings are generated from the WIT contract.
+//! The host implements `clock`, `storage`, `sealing`, `providers` and
+//! `token-endpoint` ([`crate::linker`]) and calls `token-store` and
+//! `conversations`; WASI comes from wasmtime-wasi through the linker.
 
 wasmtime::component::bindgen!({
     world: "keeper-core",
@@ -8,6 +9,10 @@ wasmtime::component::bindgen!({
     imports: { default: async | trappable },
     exports: { default: async },
     with: {
-        "tokenkeep:oauth/storage.transaction": crate::storage::TxnSlot,
+        "tokenkeep:oauth/storage.transaction": crate::linker::LockedTxn,
+        "wasi:io": wasmtime_wasi::p2::bindings::io,
+        "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
+        "wasi:random": wasmtime_wasi::p2::bindings::random,
+        "wasi:cli": wasmtime_wasi::p2::bindings::cli,
     },
 });

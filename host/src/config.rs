@@ -5,7 +5,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
-use tokenkeep_component::catalogue;
+use tokenkeep_core::catalogue;
 
 /// Default proactive refresh threshold (capped at half a token's lifetime).
 pub const DEFAULT_REFRESH_THRESHOLD_SECONDS: u32 = 600;
@@ -48,7 +48,7 @@ pub struct Provider {
     pub timeout_ms: u32,
     pub max_response_bytes: u32,
     pub rotates_refresh_tokens: bool,
-    pub error_codes: Vec<(String, tokenkeep_component::error::ErrorClass)>,
+    pub error_codes: Vec<(String, tokenkeep_core::error::ErrorClass)>,
     pub default_expires_in: Option<u32>,
     pub default_refresh_token_expires_in: Option<u32>,
     pub max_attempts: u32,
@@ -161,7 +161,7 @@ impl Config {
 impl Provider {
     fn resolve(name: String, p: RawProvider) -> Result<Self, Error> {
         let bad = |what: String| Err(Error::Config(format!("provider {name}: {what}")));
-        if !tokenkeep_component::refresh::is_plain_name(&name) {
+        if !tokenkeep_core::refresh::is_plain_name(&name) {
             return bad("name must be 1-64 characters of [A-Za-z0-9._-]".into());
         }
         if let Some(n) = p.max_attempts.filter(|n| !(1..=10).contains(n)) {

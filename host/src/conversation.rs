@@ -33,14 +33,22 @@ pub struct ConversationError {
     pub error: Error,
 }
 
+impl ConversationError {
+    /// A failure of the whole call, about no one provider.
+    pub fn whole(error: Error) -> Self {
+        Self {
+            provider: String::new(),
+            error,
+        }
+    }
+}
+
 /// A partial refresh: what could be refreshed, and what failed.
 #[derive(Debug, Clone)]
 pub struct PartialRefresh {
     pub settings: ConversationSettings,
     pub failures: Vec<ConversationError>,
 }
-
-pub use wit::ConversationEntry;
 
 impl ConversationSettings {
     /// Parses `{"provider_tokens": {"github": {"token": …, "refresh_token": …,

@@ -2,6 +2,7 @@
 //! failures only a host can have (configuration, the sandbox itself).
 
 use thiserror::Error;
+use tokenkeep_core::error::{ErrorClass, RefreshError};
 
 /// Everything a [`crate::Keeper`] call can fail with.
 ///
@@ -31,6 +32,9 @@ pub enum Error {
     UnknownProvider(String),
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// The host refused a token request: nothing was sent.
+    #[error("egress denied: {0}")]
+    EgressDenied(String),
     #[error("configuration: {0}")]
     Config(String),
     /// The component trapped, ran out of memory or time, or could not be
@@ -56,25 +60,57 @@ impl Error {
             Error::InvalidInput(_) => 13,
             Error::Config(_) => 14,
             Error::Sandbox(_) => 15,
+            Error::EgressDenied(_) => 16,
         }
     }
 
-    /// A short stable name of the class, for scripts and logs.
+    /// A short stable name of the class, for scripts and logs: the WIT
+    /// `error-class` name, or a host-only class.
     pub fn class(&self) -> &'static str {
         match self {
-            Error::NotFound { .. } => "not-found",
-            Error::ReauthorizationRequired(_) => "reauthorization-required",
-            Error::ProviderUnavailable(_) => "provider-unavailable",
-            Error::ProviderRejectedClient(_) => "provider-rejected-client",
-            Error::ScopeMismatch(_) => "scope-mismatch",
-            Error::LockTimeout => "lock-timeout",
-            Error::Storage(_) => "storage",
-            Error::Decryption(_) => "decryption",
-            Error::InvalidProviderResponse(_) => "invalid-provider-response",
-            Error::UnknownProvider(_) => "unknown-provider",
-            Error::InvalidInput(_) => "invalid-input",
             Error::Config(_) => "configuration",
             Error::Sandbox(_) => "sandbox",
+            other => other.refresh_class().map_or("sandbox", ErrorClass::name),
+        }
+    }
+
+    /// The contract's class, for the errors the component can report.
+    pub fn refresh_class(&self) -> Option<ErrorClass> {
+        Some(match self {
+            Error::NotFound { .. } => ErrorClass::NotFound,
+            Error::ReauthorizationRequired(_) => ErrorClass::ReauthorizationRequired,
+            Error::ProviderUnavailable(_) => ErrorClass::ProviderUnavailable,
+            Error::ProviderRejectedClient(_) => ErrorClass::ProviderRejectedClient,
+            Error::ScopeMismatch(_) => ErrorClass::ScopeMismatch,
+            Error::LockTimeout => ErrorClass::LockTimeout,
+            Error::Storage(_) => ErrorClass::Storage,
+            Error::Decryption(_) => ErrorClass::Decryption,
+            Error::InvalidProviderResponse(_) => ErrorClass::InvalidProviderResponse,
+            Error::UnknownProvider(_) => ErrorClass::UnknownProvider,
+            Error::InvalidInput(_) => ErrorClass::InvalidInput,
+            Error::EgressDenied(_) => ErrorClass::EgressDenied,
+            Error::Config(_) | Error::Sandbox(_) => return None,
+        })
+    }
+
+    /// The host's error for one the component reported about a row.
+    pub fn from_refresh(e: RefreshError, provider: &str, user_id: &str) -> Self {
+        match e {
+            RefreshError::NotFound => Error::NotFound {
+                provider: provider.into(),
+                user_id: user_id.into(),
+            },
+            RefreshError::ReauthorizationRequired(m) => Error::ReauthorizationRequired(m),
+            RefreshError::ProviderUnavailable(m) => Error::ProviderUnavailable(m),
+            RefreshError::ProviderRejectedClient(m) => Error::ProviderRejectedClient(m),
+            RefreshError::ScopeMismatch(m) => Error::ScopeMismatch(m),
+            RefreshError::LockTimeout => Error::LockTimeout,
+            RefreshError::Storage(m) => Error::Storage(m),
+            RefreshError::Decryption(m) => Error::Decryption(m),
+            RefreshError::InvalidProviderResponse(m) => Error::InvalidProviderResponse(m),
+            RefreshError::UnknownProvider(m) => Error::UnknownProvider(m),
+            RefreshError::InvalidInput(m) => Error::InvalidInput(m),
+            RefreshError::EgressDenied(m) => Error::EgressDenied(m),
         }
     }
 }
@@ -88,24 +124,21 @@ impl From<crate::storage::StorageError> for Error {
     }
 }
 
-/// The contract's class for one of the component crate's classes (the
-/// catalogue's provider-specific error codes are handed over as WIT).
-pub(crate) fn class_to_wit(
-    class: tokenkeep_component::error::ErrorClass,
-) -> crate::bindings::tokenkeep::oauth::types::ErrorClass {
-    use crate::bindings::tokenkeep::oauth::types::ErrorClass as W;
-    use tokenkeep_component::error::ErrorClass as C;
-    match class {
-        C::NotFound => W::NotFound,
-        C::ReauthorizationRequired => W::ReauthorizationRequired,
-        C::ProviderUnavailable => W::ProviderUnavailable,
-        C::ProviderRejectedClient => W::ProviderRejectedClient,
-        C::ScopeMismatch => W::ScopeMismatch,
-        C::LockTimeout => W::LockTimeout,
-        C::Storage => W::Storage,
-        C::Decryption => W::Decryption,
-        C::InvalidProviderResponse => W::InvalidProviderResponse,
-        C::UnknownProvider => W::UnknownProvider,
-        C::InvalidInput => W::InvalidInput,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_contract_class_keeps_its_name_and_exit_code_through_the_host() {
+        let mut codes = std::collections::BTreeSet::new();
+        for class in ErrorClass::ALL {
+            let e = Error::from_refresh(RefreshError::of_class(class, "m".into()), "p", "u");
+            assert_eq!(e.refresh_class(), Some(class));
+            assert_eq!(e.class(), class.name());
+            assert!(codes.insert(e.exit_code()), "one exit code per class");
+        }
+        for host_only in [Error::Config("m".into()), Error::Sandbox("m".into())] {
+            assert!(codes.insert(host_only.exit_code()));
+        }
     }
 }

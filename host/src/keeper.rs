@@ -1,42 +1,24 @@
 //! [`Keeper`]: the host API that the CLI, services and tests all use.
 
+use crate::bindings::KeeperCore;
 use crate::bindings::tokenkeep::oauth::types as wit;
+use crate::clock::Clock;
 use crate::config::Config;
-use crate::conversation::{
-    ConversationEntry, ConversationError, ConversationSettings, PartialRefresh,
-};
+use crate::conversation::{ConversationError, ConversationSettings, PartialRefresh};
+use crate::convert;
 use crate::error::Error;
 use crate::keyring::Keyring;
-use crate::runtime::{Clock, Runtime, SandboxLimits, Shared};
+use crate::linker::{KeeperCtx, Scope};
+use crate::sandbox::{Runtime, SandboxLimits, Shared, State};
 use crate::storage::{Store, StoreOptions};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use std::sync::Arc;
 use std::time::Duration;
+use tokenkeep_core::error::RefreshError;
+use tokenkeep_core::model::RowKey;
 
-pub use crate::bindings::tokenkeep::oauth::types::{
-    ErrorClass, TokenHealth, TokenState, TokenSummary,
-};
-
-/// What a provider granted. Debug redacts the tokens.
-#[derive(Debug, Clone)]
-pub struct TokenSet {
-    pub access_token: SecretString,
-    pub refresh_token: Option<SecretString>,
-    pub access_token_expires_at: Option<i64>,
-    pub refresh_token_expires_at: Option<i64>,
-    pub scopes: Vec<String>,
-}
-
-/// A stored token with its metadata. Debug redacts the tokens.
-#[derive(Debug, Clone)]
-pub struct TokenRecord {
-    pub provider: String,
-    pub user_id: String,
-    pub tokens: TokenSet,
-    pub obtained_at: i64,
-    pub generation: u64,
-    pub health: TokenHealth,
-}
+pub use crate::bindings::tokenkeep::oauth::types::{TokenState, TokenSummary};
+pub use tokenkeep_core::model::{AccessGrant, ConversationEntry, Health, TokenRecord, TokenSet};
 
 /// How to open a [`Keeper`].
 #[derive(Clone)]
@@ -93,7 +75,8 @@ pub struct KeyStatus {
 }
 
 /// The token keeper of one process: a sandboxed component over a database.
-/// Cheap to share (`Arc`); every call runs in a fresh component instance.
+/// Cheap to share (`Arc`); every call runs in a fresh component instance
+/// confined to the rows it is about.
 pub struct Keeper {
     runtime: Runtime,
 }
@@ -101,23 +84,22 @@ pub struct Keeper {
 impl Keeper {
     /// Connects to the database, migrates it and compiles (or loads) the component.
     pub async fn open(options: Options) -> Result<Arc<Self>, Error> {
-        Self::open_with_component(options, crate::runtime::COMPONENT).await
+        Self::open_with_component(options, crate::sandbox::COMPONENT).await
     }
 
     /// Like [`Keeper::open`], with another build of the component: a fork,
     /// or (in the sandbox tests) a hostile one. It must implement the
-    /// `keeper-core` world; it gets the same sandbox and egress policy.
+    /// `keeper-core` world; it gets the same sandbox and the same checks.
     pub async fn open_with_component(options: Options, wasm: &[u8]) -> Result<Arc<Self>, Error> {
         let store_options = StoreOptions {
             lock_wait: Duration::from_millis(u64::from(options.config.lock_wait_ms)),
             max_connections: options.max_connections,
         };
-        let store = Store::open(&options.database_url, store_options).await?;
+        let store = Store::open(&options.database_url, store_options, options.clock).await?;
         let shared = Shared {
             store,
             config: Arc::new(options.config),
             keyring: options.keyring,
-            clock: options.clock,
         };
         // Compiling (or loading the cached machine code) happens once per process.
         let runtime = Runtime::new(shared, options.limits, wasm)?;
@@ -129,6 +111,24 @@ impl Keeper {
         &self.runtime.shared().config
     }
 
+    /// The shared time (the database's clock), seconds since the epoch.
+    pub fn now(&self) -> i64 {
+        self.runtime.shared().store.now()
+    }
+
+    /// Runs one export about one row.
+    async fn on_row<T, F>(
+        &self,
+        provider: &str,
+        user_id: &str,
+        f: F,
+    ) -> Result<(T, KeeperCtx), Error>
+    where
+        F: AsyncFnOnce(&KeeperCore, &mut wasmtime::Store<State>) -> wasmtime::Result<T>,
+    {
+        self.runtime.call(Scope::row(provider, user_id), 1, f).await
+    }
+
     /// Seals and stores a provider's tokens for a user, replacing older ones.
     pub async fn store_tokens(
         &self,
@@ -136,78 +136,95 @@ impl Keeper {
         user_id: &str,
         tokens: &TokenSet,
     ) -> Result<TokenRecord, Error> {
-        let tokens = tokens_to_wit(tokens);
-        let r = self
-            .runtime
-            .call(async |k, s| {
+        let tokens = convert::tokens_to_wit(tokens);
+        let (r, ctx) = self
+            .on_row(provider, user_id, async |k, s| {
                 k.tokenkeep_oauth_token_store()
                     .call_store_tokens(s, provider, user_id, &tokens)
                     .await
             })
             .await?;
-        r.map(record_from_wit)
-            .map_err(|e| error_from_wit(e, provider, user_id))
+        let record = r.map_err(|e| refresh_error(e, provider, user_id))?;
+        checked_record(record, &ctx, provider, user_id)
     }
 
-    /// Loads a user's tokens; with `for_update`, after any refresh in flight.
+    /// Loads a user's tokens, the refresh token included (the seed's explicit
+    /// API; runtimes want [`Keeper::ensure_fresh`]); with `for_update`, after
+    /// any refresh in flight.
     pub async fn load_tokens(
         &self,
         provider: &str,
         user_id: &str,
         for_update: bool,
     ) -> Result<Option<TokenRecord>, Error> {
-        let r = self
-            .runtime
-            .call(async |k, s| {
+        let (r, ctx) = self
+            .on_row(provider, user_id, async |k, s| {
                 k.tokenkeep_oauth_token_store()
                     .call_load_tokens(s, provider, user_id, for_update)
                     .await
             })
             .await?;
-        r.map(|o| o.map(record_from_wit))
-            .map_err(|e| error_from_wit(e, provider, user_id))
+        r.map_err(|e| refresh_error(e, provider, user_id))?
+            .map(|record| checked_record(record, &ctx, provider, user_id))
+            .transpose()
     }
 
-    /// A record whose access token is valid beyond its refresh window,
-    /// refreshed first if needed; one provider call however many runtimes ask.
-    pub async fn ensure_fresh(&self, provider: &str, user_id: &str) -> Result<TokenRecord, Error> {
-        let r = self
-            .runtime
-            .call(async |k, s| {
+    /// An access token valid beyond its refresh window, refreshed first if
+    /// needed; one provider call however many runtimes ask. The refresh
+    /// token stays in the keeper.
+    pub async fn ensure_fresh(&self, provider: &str, user_id: &str) -> Result<AccessGrant, Error> {
+        let (r, ctx) = self
+            .on_row(provider, user_id, async |k, s| {
                 k.tokenkeep_oauth_token_store()
                     .call_ensure_fresh(s, provider, user_id)
                     .await
             })
             .await?;
-        r.map(record_from_wit)
-            .map_err(|e| error_from_wit(e, provider, user_id))
+        let g = r.map_err(|e| refresh_error(e, provider, user_id))?;
+        if g.provider != provider
+            || g.user_id != user_id
+            || !ctx.vouches_for(provider, Some(user_id), &g.access_token)
+        {
+            return Err(not_the_rows());
+        }
+        Ok(AccessGrant {
+            provider: g.provider,
+            user_id: g.user_id,
+            access_token: g.access_token.into(),
+            expires_at: g.expires_at,
+            scopes: g.scopes,
+            obtained_at: g.obtained_at,
+            generation: g.generation,
+        })
     }
 
     /// Deletes a user's tokens; false when there were none.
     pub async fn delete_tokens(&self, provider: &str, user_id: &str) -> Result<bool, Error> {
-        let r = self
-            .runtime
-            .call(async |k, s| {
+        let (r, _) = self
+            .on_row(provider, user_id, async |k, s| {
                 k.tokenkeep_oauth_token_store()
                     .call_delete_tokens(s, provider, user_id)
                     .await
             })
             .await?;
-        r.map_err(|e| error_from_wit(e, provider, user_id))
+        r.map_err(|e| refresh_error(e, provider, user_id))
     }
 
     /// Every stored token, without secrets.
     pub async fn list_tokens(&self) -> Result<Vec<TokenSummary>, Error> {
-        let r = self
+        let (r, _) = self
             .runtime
-            .call(async |k, s| k.tokenkeep_oauth_token_store().call_list_tokens(s).await)
+            .call(Scope::Listing, 1, async |k, s| {
+                k.tokenkeep_oauth_token_store().call_list_tokens(s).await
+            })
             .await?;
-        r.map_err(|e| error_from_wit(e, "", ""))
+        r.map_err(|e| refresh_error(e, "", ""))
     }
 
     /// Re-encrypts every row sealed with an older key to the active key, in
     /// batches of `batch` rows, each row in its own short transaction. Safe to
-    /// interrupt and rerun; readers never wait.
+    /// interrupt and rerun; readers never wait. Keys are the host's business,
+    /// so this runs in the host, not the component.
     pub async fn rotate_keys(&self, batch: u32) -> Result<Rotation, Error> {
         let mut total = Rotation::default();
         let mut after = None;
@@ -234,42 +251,67 @@ impl Keeper {
         after: Option<(String, String)>,
         limit: u32,
     ) -> Result<(Rotation, Option<(String, String)>), Error> {
-        let cursor = after.map(|(provider, user_id)| wit::RowKey { provider, user_id });
-        let r = self
-            .runtime
-            .call(async |k, s| {
-                k.tokenkeep_oauth_token_store()
-                    .call_reseal_batch(s, cursor.as_ref(), limit)
-                    .await
-            })
-            .await?
-            .map_err(|e| error_from_wit(e, "", ""))?;
-        let rotation = Rotation {
-            examined: u64::from(r.examined),
-            resealed: u64::from(r.resealed),
-            undecryptable: r
-                .undecryptable
-                .into_iter()
-                .map(|k| (k.provider, k.user_id))
-                .collect(),
+        let shared = self.runtime.shared();
+        let limit = limit.clamp(1, 10_000);
+        let cursor = after.map(|(provider, user_id)| RowKey { provider, user_id });
+        let rows = shared.store.list(cursor.as_ref(), limit).await?;
+        let active = shared.keyring.active_id();
+        let mut rotation = Rotation {
+            examined: rows.len() as u64,
+            ..Default::default()
         };
-        Ok((rotation, r.next.map(|k| (k.provider, k.user_id))))
+        let next = (rows.len() == limit as usize)
+            .then(|| rows.last().map(|r| (r.provider.clone(), r.user_id.clone())))
+            .flatten();
+        for listed in rows.iter().filter(|r| r.key_id != active) {
+            let mut txn = shared.store.begin().await?;
+            // Look again under the lock: a refresh may have resealed it already.
+            let Some(row) = txn
+                .load_for_update(&listed.provider, &listed.user_id)
+                .await?
+                .row
+            else {
+                continue;
+            };
+            if row.key_id == active {
+                continue;
+            }
+            let Ok(resealed) = shared.keyring.reseal_row(&row) else {
+                rotation
+                    .undecryptable
+                    .push((row.provider.clone(), row.user_id.clone()));
+                continue;
+            };
+            if txn.compare_and_set(&resealed, row.generation).await? {
+                txn.commit().await?;
+                rotation.resealed += 1;
+            }
+        }
+        Ok((rotation, next))
     }
 
     /// Row counts per key id.
     pub async fn key_status(&self) -> Result<KeyStatus, Error> {
-        let keyring = &self.runtime.shared().keyring;
+        let shared = self.runtime.shared();
         let mut status = KeyStatus {
-            active: keyring.active_id().to_string(),
+            active: shared.keyring.active_id().to_string(),
             ..Default::default()
         };
-        for s in self.list_tokens().await? {
-            *status.rows_per_key.entry(s.key_id).or_default() += 1;
+        let mut after: Option<RowKey> = None;
+        loop {
+            let page = shared.store.list(after.as_ref(), 1_000).await?;
+            for row in &page {
+                *status.rows_per_key.entry(row.key_id.clone()).or_default() += 1;
+            }
+            match page.last() {
+                Some(last) if page.len() == 1_000 => after = Some(last.key()),
+                _ => break,
+            }
         }
         status.missing_keys = status
             .rows_per_key
             .keys()
-            .filter(|id| keyring.key(id).is_none())
+            .filter(|id| shared.keyring.key(id).is_none())
             .cloned()
             .collect();
         Ok(status)
@@ -277,8 +319,9 @@ impl Keeper {
 
     /// The seed's `refresh_provider_tokens`: a refreshed copy of `settings`
     /// (which is only borrowed, so a runtime holding it keeps working),
-    /// persisted for the conversation. One provider that cannot be refreshed
-    /// fails the call with an error naming it.
+    /// persisted for the conversation. The copy carries access tokens only:
+    /// refresh tokens handed in seed the keeper and stay there. One provider
+    /// that cannot be refreshed fails the call with an error naming it.
     pub async fn refresh_provider_tokens(
         &self,
         settings: &ConversationSettings,
@@ -286,20 +329,18 @@ impl Keeper {
         user_id: &str,
     ) -> Result<ConversationSettings, ConversationError> {
         let input = settings.to_wit();
-        let r = self
+        let scope = conversation_scope(conversation_id, settings, user_id);
+        let (r, ctx) = self
             .runtime
-            .call_scaled(input.provider_tokens.len(), async |k, s| {
+            .call(scope, input.provider_tokens.len(), async |k, s| {
                 k.tokenkeep_oauth_conversations()
                     .call_refresh_provider_tokens(s, &input, conversation_id, user_id)
                     .await
             })
             .await
-            .map_err(|error| ConversationError {
-                provider: String::new(),
-                error,
-            })?;
-        r.map(ConversationSettings::from_wit)
-            .map_err(|f| failure_from_wit(f, user_id))
+            .map_err(ConversationError::whole)?;
+        let out = r.map_err(|f| failure_from_wit(f, user_id))?;
+        checked_settings(out, &ctx, settings).map_err(ConversationError::whole)
     }
 
     /// Like [`Keeper::refresh_provider_tokens`], but keeps going past failures
@@ -311,16 +352,17 @@ impl Keeper {
         user_id: &str,
     ) -> Result<PartialRefresh, Error> {
         let input = settings.to_wit();
-        let r = self
+        let scope = conversation_scope(conversation_id, settings, user_id);
+        let (r, ctx) = self
             .runtime
-            .call_scaled(input.provider_tokens.len(), async |k, s| {
+            .call(scope, input.provider_tokens.len(), async |k, s| {
                 k.tokenkeep_oauth_conversations()
                     .call_refresh_provider_tokens_partial(s, &input, conversation_id, user_id)
                     .await
             })
             .await?;
         Ok(PartialRefresh {
-            settings: ConversationSettings::from_wit(r.settings),
+            settings: checked_settings(r.settings, &ctx, settings)?,
             failures: r
                 .failures
                 .into_iter()
@@ -335,21 +377,39 @@ impl Keeper {
         &self,
         conversation_id: &str,
     ) -> Result<Option<ConversationSettings>, ConversationError> {
-        let r = self
+        // The rows it may touch are the ones the conversation names.
+        let entries = self
             .runtime
-            // A conversation holds at most one token per configured provider.
-            .call_scaled(self.config().providers.len(), async |k, s| {
+            .shared()
+            .store
+            .conversation_entries(conversation_id)
+            .await
+            .map_err(|e| ConversationError::whole(e.into()))?;
+        let scope = Scope::Rows {
+            rows: entries
+                .iter()
+                .map(|e| RowKey {
+                    provider: e.provider.clone(),
+                    user_id: e.user_id.clone(),
+                })
+                .collect(),
+            conversation: Some(conversation_id.to_string()),
+        };
+        let (r, ctx) = self
+            .runtime
+            .call(scope, entries.len(), async |k, s| {
                 k.tokenkeep_oauth_conversations()
                     .call_resume(s, conversation_id)
                     .await
             })
             .await
-            .map_err(|error| ConversationError {
-                provider: String::new(),
-                error,
-            })?;
-        r.map(|o| o.map(ConversationSettings::from_wit))
-            .map_err(|f| failure_from_wit(f, ""))
+            .map_err(ConversationError::whole)?;
+        r.map_err(|f| failure_from_wit(f, ""))?
+            .map(|out| {
+                checked_settings(out, &ctx, &ConversationSettings::default())
+                    .map_err(ConversationError::whole)
+            })
+            .transpose()
     }
 
     /// What is persisted for a conversation, without secrets.
@@ -357,14 +417,20 @@ impl Keeper {
         &self,
         conversation_id: &str,
     ) -> Result<Vec<ConversationEntry>, Error> {
-        self.runtime
-            .call(async |k, s| {
+        let scope = Scope::Rows {
+            rows: Vec::new(),
+            conversation: Some(conversation_id.to_string()),
+        };
+        let (r, _) = self
+            .runtime
+            .call(scope, 1, async |k, s| {
                 k.tokenkeep_oauth_conversations()
                     .call_entries(s, conversation_id)
                     .await
             })
-            .await?
-            .map_err(|e| error_from_wit(e, "", ""))
+            .await?;
+        r.map(|v| v.into_iter().map(convert::entry_from_wit).collect())
+            .map_err(|e| refresh_error(e, "", ""))
     }
 
     /// For a runtime's timer: refreshes every token of the named live
@@ -382,105 +448,147 @@ impl Keeper {
         out
     }
 
-    /// The seed's `is_access_token_valid`, evaluated by the component.
+    /// The seed's `is_access_token_valid`, evaluated by the component on the
+    /// shared clock.
     pub async fn is_access_token_valid(
         &self,
         record: &TokenRecord,
         clock_skew_seconds: u32,
     ) -> Result<bool, Error> {
         let record = record_to_wit(record);
-        self.runtime
-            .call(async |k, s| {
+        let (valid, _) = self
+            .runtime
+            .call(Scope::Nothing, 1, async |k, s| {
                 k.tokenkeep_oauth_token_store()
                     .call_is_access_token_valid(s, &record, clock_skew_seconds)
                     .await
             })
-            .await
+            .await?;
+        Ok(valid)
     }
 
-    /// The seed's `is_refresh_token_valid`, evaluated by the component.
+    /// The seed's `is_refresh_token_valid`, evaluated by the component on the
+    /// shared clock.
     pub async fn is_refresh_token_valid(&self, record: &TokenRecord) -> Result<bool, Error> {
         let record = record_to_wit(record);
-        self.runtime
-            .call(async |k, s| {
+        let (valid, _) = self
+            .runtime
+            .call(Scope::Nothing, 1, async |k, s| {
                 k.tokenkeep_oauth_token_store()
                     .call_is_refresh_token_valid(s, &record)
                     .await
             })
-            .await
+            .await?;
+        Ok(valid)
     }
 }
 
-fn tokens_to_wit(t: &TokenSet) -> wit::TokenSet {
-    wit::TokenSet {
-        access_token: t.access_token.expose_secret().to_string(),
-        refresh_token: t
-            .refresh_token
-            .as_ref()
-            .map(|r| r.expose_secret().to_string()),
-        access_token_expires_at: t.access_token_expires_at,
-        refresh_token_expires_at: t.refresh_token_expires_at,
-        scopes: t.scopes.clone(),
+/// The rows a conversation call may touch: each provider's row of `user_id`.
+fn conversation_scope(
+    conversation_id: &str,
+    settings: &ConversationSettings,
+    user_id: &str,
+) -> Scope {
+    Scope::Rows {
+        rows: settings
+            .provider_tokens
+            .iter()
+            .map(|t| RowKey {
+                provider: t.provider.clone(),
+                user_id: user_id.to_string(),
+            })
+            .collect(),
+        conversation: Some(conversation_id.to_string()),
     }
+}
+
+/// The component returned a token this call never opened or sealed for the
+/// row it was asked about.
+fn not_the_rows() -> Error {
+    Error::Sandbox("the component returned a token that is not the requested row's".into())
+}
+
+fn checked_record(
+    r: wit::TokenRecord,
+    ctx: &KeeperCtx,
+    provider: &str,
+    user_id: &str,
+) -> Result<TokenRecord, Error> {
+    if r.provider != provider
+        || r.user_id != user_id
+        || !ctx.vouches_for(provider, Some(user_id), &r.tokens.access_token)
+    {
+        return Err(not_the_rows());
+    }
+    Ok(TokenRecord {
+        provider: r.provider,
+        user_id: r.user_id,
+        health: convert::health_from_wit(&r.health),
+        tokens: convert::tokens_from_wit(r.tokens),
+        obtained_at: r.obtained_at,
+        generation: r.generation,
+    })
+}
+
+/// Settings the component returned: each token is one it opened or sealed
+/// for that provider in this call, or one the caller handed in; none
+/// carries a refresh token.
+fn checked_settings(
+    out: wit::ConversationSettings,
+    ctx: &KeeperCtx,
+    input: &ConversationSettings,
+) -> Result<ConversationSettings, Error> {
+    for t in &out.provider_tokens {
+        let handed_in = input
+            .provider_tokens
+            .iter()
+            .any(|i| i.provider == t.provider && i.access_token.expose_secret() == t.access_token);
+        if t.refresh_token.is_some()
+            || !(handed_in || ctx.vouches_for(&t.provider, None, &t.access_token))
+        {
+            return Err(not_the_rows());
+        }
+    }
+    Ok(ConversationSettings::from_wit(out))
 }
 
 fn record_to_wit(r: &TokenRecord) -> wit::TokenRecord {
     wit::TokenRecord {
         provider: r.provider.clone(),
         user_id: r.user_id.clone(),
-        tokens: tokens_to_wit(&r.tokens),
+        tokens: convert::tokens_to_wit(&r.tokens),
         obtained_at: r.obtained_at,
         generation: r.generation,
-        health: r.health,
-    }
-}
-
-fn record_from_wit(r: wit::TokenRecord) -> TokenRecord {
-    TokenRecord {
-        provider: r.provider,
-        user_id: r.user_id,
-        tokens: TokenSet {
-            access_token: r.tokens.access_token.into(),
-            refresh_token: r.tokens.refresh_token.map(SecretString::from),
-            access_token_expires_at: r.tokens.access_token_expires_at,
-            refresh_token_expires_at: r.tokens.refresh_token_expires_at,
-            scopes: r.tokens.scopes,
-        },
-        obtained_at: r.obtained_at,
-        generation: r.generation,
-        health: r.health,
+        health: convert::health_to_wit(&r.health),
     }
 }
 
 fn failure_from_wit(f: wit::ProviderFailure, user_id: &str) -> ConversationError {
-    let error = error_from_wit(f.error, &f.provider, user_id);
+    let error = refresh_error(f.error, &f.provider, user_id);
     ConversationError {
         provider: f.provider,
         error,
     }
 }
 
-fn error_from_wit(e: wit::RefreshError, provider: &str, user_id: &str) -> Error {
-    use wit::RefreshError as R;
-    match e {
-        R::NotFound => Error::NotFound {
-            provider: provider.into(),
-            user_id: user_id.into(),
-        },
-        R::ReauthorizationRequired(m) => Error::ReauthorizationRequired(m),
-        R::ProviderUnavailable(m) => Error::ProviderUnavailable(m),
-        // The egress policy refused the request: the configuration (or the
-        // component) is wrong, not the provider's view of the client.
-        R::ProviderRejectedClient(m) if m.starts_with("egress denied") => Error::Config(m),
-        R::ProviderRejectedClient(m) => Error::ProviderRejectedClient(m),
-        R::ScopeMismatch(m) => Error::ScopeMismatch(m),
-        R::LockTimeout => Error::LockTimeout,
-        R::Storage(m) => Error::Storage(m),
-        R::Decryption(m) => Error::Decryption(m),
-        R::InvalidProviderResponse(m) => Error::InvalidProviderResponse(m),
-        R::UnknownProvider(m) => Error::UnknownProvider(m),
-        R::InvalidInput(m) => Error::InvalidInput(m),
-    }
+/// The host's error for the component's `refresh-error`.
+fn refresh_error(e: wit::RefreshError, provider: &str, user_id: &str) -> Error {
+    use wit::RefreshError as W;
+    let e = match e {
+        W::NotFound => RefreshError::NotFound,
+        W::ReauthorizationRequired(m) => RefreshError::ReauthorizationRequired(m),
+        W::ProviderUnavailable(m) => RefreshError::ProviderUnavailable(m),
+        W::ProviderRejectedClient(m) => RefreshError::ProviderRejectedClient(m),
+        W::ScopeMismatch(m) => RefreshError::ScopeMismatch(m),
+        W::LockTimeout => RefreshError::LockTimeout,
+        W::Storage(m) => RefreshError::Storage(m),
+        W::Decryption(m) => RefreshError::Decryption(m),
+        W::InvalidProviderResponse(m) => RefreshError::InvalidProviderResponse(m),
+        W::UnknownProvider(m) => RefreshError::UnknownProvider(m),
+        W::InvalidInput(m) => RefreshError::InvalidInput(m),
+        W::EgressDenied(m) => RefreshError::EgressDenied(m),
+    };
+    Error::from_refresh(e, provider, user_id)
 }
 
 #[cfg(test)]
@@ -501,15 +609,18 @@ mod tests {
             },
             obtained_at: 0,
             generation: 1,
-            health: TokenHealth {
-                failed_attempts: 0,
-                last_failure_at: None,
-                last_failure: None,
-                last_success_at: None,
-                refresh_started_at: None,
-            },
+            health: Health::default(),
         };
-        let debug = format!("{record:?} {:?}", record.tokens);
+        let grant = AccessGrant {
+            provider: "github".into(),
+            user_id: "alice".into(),
+            access_token: "gho_SECRETGRANT".to_string().into(),
+            expires_at: None,
+            scopes: vec![],
+            obtained_at: 0,
+            generation: 1,
+        };
+        let debug = format!("{record:?} {:?} {grant:?}", record.tokens);
         assert!(!debug.contains("SECRET"), "{debug}");
         assert!(debug.contains("REDACTED"), "{debug}");
     }

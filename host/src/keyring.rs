@@ -42,7 +42,7 @@ impl Keyring {
                 .split_once('=')
                 .ok_or_else(|| Error::Config("key entries must be id=base64".into()))?;
             let id = id.trim();
-            if !tokenkeep_component::refresh::is_plain_name(id) {
+            if !tokenkeep_core::refresh::is_plain_name(id) {
                 return Err(Error::Config(
                     "key ids must be 1-64 characters of [A-Za-z0-9._-]".into(),
                 ));

@@ -1,27 +1,33 @@
-//! tokenkeep's wasmtime host: it loads the sandboxed token-keeping component
-//! and supplies its storage (Postgres or SQLite), keys, provider
-//! configuration and a policed outbound HTTP client.
+//! tokenkeep's wasmtime host, as a library: it loads the sandboxed
+//! token-keeping component and supplies its imports (storage over Postgres or
+//! SQLite, sealing with keys the component never sees, the database's clock,
+//! provider configuration, and the one request it may make: a refresh).
 //!
-//! [`Keeper`] is the API; the `tokenkeep` binary is a thin CLI over it.
+//! [`Keeper`] is the API the CLI, services and tests use. A runtime that
+//! already embeds wasmtime can link the imports into its own `Linker` with
+//! [`linker::add_to_linker`] instead.
 
 pub mod bindings;
-pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod conversation;
-pub mod demo;
-pub mod devprovider;
-pub mod egress;
+mod convert;
 pub mod error;
 pub mod keeper;
 pub mod keyring;
-mod runtime;
+pub mod linker;
+pub mod sandbox;
+mod sealing;
 pub mod storage;
+pub mod token_endpoint;
 
+pub use clock::Clock;
 pub use config::Config;
 pub use conversation::{ConversationError, ConversationSettings, PartialRefresh, ProviderToken};
 pub use error::Error;
 pub use keeper::{
-    Keeper, KeyStatus, Options, Rotation, TokenRecord, TokenSet, TokenState, TokenSummary,
+    AccessGrant, ConversationEntry, Health, Keeper, KeyStatus, Options, Rotation, TokenRecord,
+    TokenSet, TokenState, TokenSummary,
 };
 pub use keyring::Keyring;
-pub use runtime::{COMPONENT, Clock, SandboxLimits};
+pub use sandbox::{COMPONENT, SandboxLimits};

@@ -2,15 +2,14 @@
 //! files, the loopback token endpoint and keepers wired to them.
 #![allow(dead_code)]
 
-pub mod oauth_server;
-pub mod pg;
+pub use tokenkeep_testkit::pg;
 
 use secrecy::SecretString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
-use tokenkeep::devprovider::{Behaviour, DevProvider};
-use tokenkeep::{Clock, Config, Keeper, Keyring, Options, SandboxLimits, TokenSet};
+
+use tokenkeep_host::{Clock, Config, Keeper, Keyring, Options, SandboxLimits, TokenSet};
+use tokenkeep_testkit::devprovider::{Behaviour, DevProvider};
 
 /// Fixed test keys: k1 active, k0 an older key.
 pub const KEYS: &str = "k1=AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\nk0=AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=\n";
@@ -21,27 +20,7 @@ pub enum Backend {
     Sqlite,
 }
 
-/// A scratch directory removed at the end of the test.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn new(name: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "tokenkeep-test-{}-{}-{name}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use tokenkeep_testkit::Scratch;
 
 /// Everything one test needs: a database, a provider, a config and a keeper.
 pub struct World {
@@ -197,7 +176,7 @@ impl World {
     }
 
     /// The stored (decrypted) acme record of `user`, which must exist.
-    pub async fn stored(&self, user: &str) -> tokenkeep::TokenRecord {
+    pub async fn stored(&self, user: &str) -> tokenkeep_host::TokenRecord {
         self.keeper
             .load_tokens("acme", user, false)
             .await

@@ -7,12 +7,14 @@
 pub mod postgres;
 pub mod sqlite;
 
-use crate::bindings::tokenkeep::oauth::storage::SealedRow;
-use crate::bindings::tokenkeep::oauth::types::{ConversationEntry, ErrorClass, RowKey};
+use crate::clock::{Clock, SharedClock};
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
+pub use tokenkeep_core::model::{ConversationEntry, Health, RowKey, RowRead, SealedRow};
 
-/// Storage failures, as the component sees them (WIT `storage-error`).
+/// Storage failures (WIT `storage-error`, less `refused`: that is the
+/// linker's verdict, not the database's).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum StorageError {
     #[error("row lock not granted within the lock wait")]
@@ -21,22 +23,28 @@ pub enum StorageError {
     Unavailable(String),
 }
 
-/// Where the tokens live.
+/// Where the tokens live, and the keeper's clock (the database's).
+#[derive(Debug)]
+pub struct Store {
+    backend: Backend,
+    clock: Arc<SharedClock>,
+}
+
 #[derive(Clone, Debug)]
-pub enum Store {
+enum Backend {
     Postgres(postgres::PgStore),
     Sqlite(sqlite::SqliteStore),
 }
 
-/// The component's handle on a transaction: empty once committed, so a
-/// second commit is an error rather than a crash.
-pub struct TxnSlot(pub Option<Transaction>);
-
 /// An open transaction; dropping it rolls back and releases its locks.
-/// It carries the pool that holds refresh-start records, which are written
-/// outside any transaction.
-pub enum Transaction {
+pub struct Transaction {
+    inner: TxnInner,
+    clock: Arc<SharedClock>,
+}
+
+enum TxnInner {
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    /// With the pool of the file that holds refresh-start records.
     Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::SqlitePool),
 }
 
@@ -59,41 +67,56 @@ impl Default for StoreOptions {
 }
 
 impl Store {
-    /// Connects to `url` (`postgres://…`, `sqlite://path` or `sqlite:path`)
-    /// and brings its schema up to date.
-    pub async fn open(url: &str, options: StoreOptions) -> Result<Self, StorageError> {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Ok(Store::Postgres(
-                postgres::PgStore::open(url, options).await?,
-            ))
+    /// Connects to `url` (`postgres://…`, `sqlite://path` or `sqlite:path`),
+    /// brings its schema up to date and reads the database's clock.
+    pub async fn open(
+        url: &str,
+        options: StoreOptions,
+        clock: Clock,
+    ) -> Result<Self, StorageError> {
+        let clock = Arc::new(SharedClock::new(clock));
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pg = postgres::PgStore::open(url, options).await?;
+            clock.observe(Some(pg.database_now().await?));
+            Backend::Postgres(pg)
         } else if let Some(path) = url
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
         {
-            Ok(Store::Sqlite(
-                sqlite::SqliteStore::open(path, options).await?,
-            ))
+            Backend::Sqlite(sqlite::SqliteStore::open(path, options).await?)
         } else {
-            Err(StorageError::Unavailable(
+            return Err(StorageError::Unavailable(
                 "database URL must start with postgres://, postgresql:// or sqlite:".into(),
-            ))
-        }
+            ));
+        };
+        Ok(Self { backend, clock })
     }
 
     /// True for the embedded SQLite backend.
     pub fn is_sqlite(&self) -> bool {
-        matches!(self, Store::Sqlite(_))
+        matches!(self.backend, Backend::Sqlite(_))
     }
 
-    pub async fn read(
-        &self,
-        provider: &str,
-        user_id: &str,
-    ) -> Result<Option<SealedRow>, StorageError> {
-        match self {
-            Store::Postgres(s) => postgres::rows::read(&s.pool, provider, user_id).await,
-            Store::Sqlite(s) => sqlite::rows::read(&s.pool, provider, user_id).await,
-        }
+    /// The shared time (the database's), without a round trip.
+    pub fn now(&self) -> i64 {
+        self.clock.now()
+    }
+
+    /// The keeper's clock.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// The last committed row, unlocked, with the database's time.
+    pub async fn read(&self, provider: &str, user_id: &str) -> Result<RowRead, StorageError> {
+        let (row, db_now) = match &self.backend {
+            Backend::Postgres(s) => postgres::rows::read(&s.pool, provider, user_id).await?,
+            Backend::Sqlite(s) => sqlite::rows::read(&s.pool, provider, user_id).await?,
+        };
+        Ok(RowRead {
+            row,
+            now: self.clock.observe(db_now),
+        })
     }
 
     /// Up to `limit` rows after `after`, ordered by provider then user.
@@ -102,36 +125,39 @@ impl Store {
         after: Option<&RowKey>,
         limit: u32,
     ) -> Result<Vec<SealedRow>, StorageError> {
-        match self {
-            Store::Postgres(s) => postgres::rows::list(&s.pool, after, limit).await,
-            Store::Sqlite(s) => sqlite::rows::list(&s.pool, after, limit).await,
+        match &self.backend {
+            Backend::Postgres(s) => postgres::rows::list(&s.pool, after, limit).await,
+            Backend::Sqlite(s) => sqlite::rows::list(&s.pool, after, limit).await,
         }
     }
 
     /// Inserts `row` only if none exists; false when one does.
     pub async fn insert(&self, row: &SealedRow) -> Result<bool, StorageError> {
-        match self {
-            Store::Postgres(s) => postgres::rows::insert(&s.pool, row).await,
-            Store::Sqlite(s) => sqlite::rows::insert(&s.pool, row).await,
+        let now = self.now();
+        match &self.backend {
+            Backend::Postgres(s) => postgres::rows::insert(&s.pool, row, now).await,
+            Backend::Sqlite(s) => sqlite::rows::insert(&s.pool, row, now).await,
         }
     }
 
+    /// Inserts or replaces `row`; the generation written.
     pub async fn upsert(&self, row: &SealedRow) -> Result<u64, StorageError> {
-        match self {
-            Store::Postgres(s) => postgres::rows::upsert(&s.pool, row).await,
-            Store::Sqlite(s) => sqlite::rows::upsert(&s.pool, row).await,
+        let now = self.now();
+        match &self.backend {
+            Backend::Postgres(s) => postgres::rows::upsert(&s.pool, row, now).await,
+            Backend::Sqlite(s) => sqlite::rows::upsert(&s.pool, row, now).await,
         }
     }
 
     /// Deletes a row and its refresh-start record (a later row for the same
     /// user starts again at generation 1 and must not inherit it).
     pub async fn delete(&self, provider: &str, user_id: &str) -> Result<bool, StorageError> {
-        match self {
-            Store::Postgres(s) => {
+        match &self.backend {
+            Backend::Postgres(s) => {
                 postgres::rows::delete_refresh_start(&s.pool, provider, user_id).await?;
                 postgres::rows::delete(&s.pool, provider, user_id).await
             }
-            Store::Sqlite(s) => {
+            Backend::Sqlite(s) => {
                 sqlite::rows::delete_refresh_start(&s.markers, provider, user_id).await?;
                 sqlite::rows::delete(&s.pool, provider, user_id).await
             }
@@ -141,10 +167,14 @@ impl Store {
     /// Opens a transaction whose row loads lock (Postgres: `FOR UPDATE` with
     /// a `lock_timeout`; SQLite: the write lock taken up front).
     pub async fn begin(&self) -> Result<Transaction, StorageError> {
-        match self {
-            Store::Postgres(s) => Ok(Transaction::Postgres(s.begin().await?)),
-            Store::Sqlite(s) => Ok(Transaction::Sqlite(s.begin().await?, s.markers.clone())),
-        }
+        let inner = match &self.backend {
+            Backend::Postgres(s) => TxnInner::Postgres(s.begin().await?),
+            Backend::Sqlite(s) => TxnInner::Sqlite(s.begin().await?, s.markers.clone()),
+        };
+        Ok(Transaction {
+            inner,
+            clock: self.clock.clone(),
+        })
     }
 
     /// The entries persisted for a conversation, ordered by provider.
@@ -152,11 +182,13 @@ impl Store {
         &self,
         conversation_id: &str,
     ) -> Result<Vec<ConversationEntry>, StorageError> {
-        match self {
-            Store::Postgres(s) => {
+        match &self.backend {
+            Backend::Postgres(s) => {
                 postgres::rows::conversation_entries(&s.pool, conversation_id).await
             }
-            Store::Sqlite(s) => sqlite::rows::conversation_entries(&s.pool, conversation_id).await,
+            Backend::Sqlite(s) => {
+                sqlite::rows::conversation_entries(&s.pool, conversation_id).await
+            }
         }
     }
 
@@ -165,27 +197,27 @@ impl Store {
         &self,
         entry: &ConversationEntry,
     ) -> Result<(), StorageError> {
-        match self {
-            Store::Postgres(s) => postgres::rows::put_conversation_entry(&s.pool, entry).await,
-            Store::Sqlite(s) => sqlite::rows::put_conversation_entry(&s.pool, entry).await,
+        match &self.backend {
+            Backend::Postgres(s) => postgres::rows::put_conversation_entry(&s.pool, entry).await,
+            Backend::Sqlite(s) => sqlite::rows::put_conversation_entry(&s.pool, entry).await,
         }
     }
 
     /// Records at once, outside any transaction, that a refresh from
-    /// `generation` is calling the provider (WIT `record-refresh-start`).
+    /// `generation` is calling the provider.
     pub async fn record_refresh_start(
         &self,
         provider: &str,
         user_id: &str,
         generation: u64,
-        at: i64,
     ) -> Result<(), StorageError> {
-        match self {
-            Store::Postgres(s) => {
+        let at = self.now();
+        match &self.backend {
+            Backend::Postgres(s) => {
                 s.record_refresh_start(provider, user_id, generation, at)
                     .await
             }
-            Store::Sqlite(s) => {
+            Backend::Sqlite(s) => {
                 sqlite::rows::record_refresh_start(&s.markers, provider, user_id, generation, at)
                     .await
             }
@@ -194,19 +226,24 @@ impl Store {
 }
 
 impl Transaction {
+    /// Reads and locks a row, with the database's time after the lock.
     pub async fn load_for_update(
         &mut self,
         provider: &str,
         user_id: &str,
-    ) -> Result<Option<SealedRow>, StorageError> {
-        match self {
-            Transaction::Postgres(tx) => {
-                postgres::rows::load_for_update(tx, None, provider, user_id).await
+    ) -> Result<RowRead, StorageError> {
+        let (row, db_now) = match &mut self.inner {
+            TxnInner::Postgres(tx) => {
+                postgres::rows::load_for_update(tx, None, provider, user_id).await?
             }
-            Transaction::Sqlite(tx, markers) => {
-                sqlite::rows::load_for_update(tx, Some(markers), provider, user_id).await
+            TxnInner::Sqlite(tx, markers) => {
+                sqlite::rows::load_for_update(tx, Some(markers), provider, user_id).await?
             }
-        }
+        };
+        Ok(RowRead {
+            row,
+            now: self.clock.observe(db_now),
+        })
     }
 
     pub async fn compare_and_set(
@@ -214,16 +251,17 @@ impl Transaction {
         row: &SealedRow,
         expected: u64,
     ) -> Result<bool, StorageError> {
-        match self {
-            Transaction::Postgres(tx) => postgres::rows::compare_and_set(tx, row, expected).await,
-            Transaction::Sqlite(tx, _) => sqlite::rows::compare_and_set(tx, row, expected).await,
+        let now = self.clock.now();
+        match &mut self.inner {
+            TxnInner::Postgres(tx) => postgres::rows::compare_and_set(tx, row, expected, now).await,
+            TxnInner::Sqlite(tx, _) => sqlite::rows::compare_and_set(tx, row, expected, now).await,
         }
     }
 
     pub async fn commit(self) -> Result<(), StorageError> {
-        match self {
-            Transaction::Postgres(tx) => tx.commit().await.map_err(postgres::error),
-            Transaction::Sqlite(tx, _) => tx.commit().await.map_err(sqlite::error),
+        match self.inner {
+            TxnInner::Postgres(tx) => tx.commit().await.map_err(postgres::error),
+            TxnInner::Sqlite(tx, _) => tx.commit().await.map_err(sqlite::error),
         }
     }
 }
@@ -232,40 +270,9 @@ const COLUMNS: &str = "provider, user_id, key_id, access_token, refresh_token, a
      refresh_token_expires_at, scopes, obtained_at, generation, failed_attempts, last_failure_at, \
      last_failure, last_success_at, refresh_started_at";
 
-fn class_name(c: ErrorClass) -> &'static str {
-    match c {
-        ErrorClass::NotFound => "not-found",
-        ErrorClass::ReauthorizationRequired => "reauthorization-required",
-        ErrorClass::ProviderUnavailable => "provider-unavailable",
-        ErrorClass::ProviderRejectedClient => "provider-rejected-client",
-        ErrorClass::ScopeMismatch => "scope-mismatch",
-        ErrorClass::LockTimeout => "lock-timeout",
-        ErrorClass::Storage => "storage",
-        ErrorClass::Decryption => "decryption",
-        ErrorClass::InvalidProviderResponse => "invalid-provider-response",
-        ErrorClass::UnknownProvider => "unknown-provider",
-        ErrorClass::InvalidInput => "invalid-input",
-    }
-}
-
-fn class_from_name(s: &str) -> Option<ErrorClass> {
-    Some(match s {
-        "not-found" => ErrorClass::NotFound,
-        "reauthorization-required" => ErrorClass::ReauthorizationRequired,
-        "provider-unavailable" => ErrorClass::ProviderUnavailable,
-        "provider-rejected-client" => ErrorClass::ProviderRejectedClient,
-        "scope-mismatch" => ErrorClass::ScopeMismatch,
-        "lock-timeout" => ErrorClass::LockTimeout,
-        "storage" => ErrorClass::Storage,
-        "decryption" => ErrorClass::Decryption,
-        "invalid-provider-response" => ErrorClass::InvalidProviderResponse,
-        "unknown-provider" => ErrorClass::UnknownProvider,
-        "invalid-input" => ErrorClass::InvalidInput,
-        _ => return None,
-    })
-}
-
-fn now_seconds() -> i64 {
+/// The host's own time, for bookkeeping columns that decide nothing
+/// (`updated_at`, when a migration was applied).
+fn host_seconds() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -277,21 +284,18 @@ fn to_i64(v: u64) -> Result<i64, StorageError> {
 }
 
 /// The row queries, written once in SQL both backends accept and expanded
-/// for each backend's types. `$FOR_UPDATE` is what the backend appends to
-/// a locking read.
+/// for each backend's types. Each backend module defines `READ_SQL` and
+/// `LOCK_SQL`: one row with the columns (null when there is no row) and
+/// `db_now`, the database's time or null where the host's clock is the
+/// database's; `LOCK_SQL` also `started_at`, the refresh-start record.
 macro_rules! rows {
-    ($db:ty, $for_update:literal, $error:path) => {
-        use crate::storage::{class_from_name, class_name, now_seconds, to_i64, COLUMNS};
-        use crate::bindings::tokenkeep::oauth::storage::SealedRow;
-        use crate::bindings::tokenkeep::oauth::types::{ConversationEntry, RowKey, TokenHealth};
+    ($db:ty, $error:path) => {
+        use crate::storage::{to_i64, COLUMNS, ConversationEntry, Health, RowKey, SealedRow};
         use crate::storage::StorageError;
         use sqlx::Row as _;
+        use tokenkeep_core::error::ErrorClass;
 
         type Db = $db;
-
-        fn select_sql(suffix: &str) -> String {
-            format!("SELECT {COLUMNS} FROM tokenkeep_tokens WHERE provider = $1 AND user_id = $2{suffix}")
-        }
 
         fn decode(r: &<Db as sqlx::Database>::Row) -> Result<SealedRow, sqlx::Error> {
             let scopes: String = r.try_get("scopes")?;
@@ -307,10 +311,10 @@ macro_rules! rows {
                 scopes: serde_json::from_str(&scopes).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
                 obtained_at: r.try_get("obtained_at")?,
                 generation: r.try_get::<i64, _>("generation")? as u64,
-                health: TokenHealth {
+                health: Health {
                     failed_attempts: r.try_get::<i64, _>("failed_attempts")?.clamp(0, i64::from(u32::MAX)) as u32,
                     last_failure_at: r.try_get("last_failure_at")?,
-                    last_failure: last_failure.as_deref().and_then(class_from_name),
+                    last_failure: last_failure.as_deref().and_then(ErrorClass::from_name),
                     last_success_at: r.try_get("last_success_at")?,
                     refresh_started_at: r.try_get("refresh_started_at")?,
                 },
@@ -321,14 +325,21 @@ macro_rules! rows {
             serde_json::to_string(&row.scopes).unwrap_or_else(|_| "[]".into())
         }
 
-        pub async fn read(pool: &sqlx::Pool<Db>, provider: &str, user_id: &str) -> Result<Option<SealedRow>, StorageError> {
-            let row = sqlx::query(&select_sql(""))
+        /// The row, if any, and the database's time if the backend tells it.
+        fn decode_read(r: &<Db as sqlx::Database>::Row) -> Result<(Option<SealedRow>, Option<i64>), sqlx::Error> {
+            let db_now: Option<i64> = r.try_get("db_now")?;
+            let present: Option<String> = r.try_get("provider")?;
+            Ok((present.map(|_| decode(r)).transpose()?, db_now))
+        }
+
+        pub async fn read(pool: &sqlx::Pool<Db>, provider: &str, user_id: &str) -> Result<(Option<SealedRow>, Option<i64>), StorageError> {
+            let row = sqlx::query(super::READ_SQL)
                 .bind(provider)
                 .bind(user_id)
-                .fetch_optional(pool)
+                .fetch_one(pool)
                 .await
                 .map_err($error)?;
-            row.as_ref().map(decode).transpose().map_err($error)
+            decode_read(&row).map_err($error)
         }
 
         pub async fn load_for_update(
@@ -336,31 +347,33 @@ macro_rules! rows {
             markers: Option<&sqlx::Pool<Db>>,
             provider: &str,
             user_id: &str,
-        ) -> Result<Option<SealedRow>, StorageError> {
-            let row = sqlx::query(&select_sql($for_update))
+        ) -> Result<(Option<SealedRow>, Option<i64>), StorageError> {
+            let found = sqlx::query(super::LOCK_SQL)
                 .bind(provider)
                 .bind(user_id)
-                .fetch_optional(&mut **tx)
+                .fetch_one(&mut **tx)
                 .await
                 .map_err($error)?;
-            let Some(mut row) = row.as_ref().map(decode).transpose().map_err($error)? else {
-                return Ok(None);
+            let (row, db_now) = decode_read(&found).map_err($error)?;
+            let Some(mut row) = row else {
+                return Ok((None, db_now));
             };
-            let marker = sqlx::query_scalar(
-                "SELECT started_at FROM tokenkeep_refresh_starts \
-                 WHERE provider = $1 AND user_id = $2 AND generation = $3",
-            )
-            .bind(provider)
-            .bind(user_id)
-            .bind(to_i64(row.generation)?);
-            // Where the records live in the same database, read them in the
-            // row's own transaction; otherwise from their own file.
+            // Where the records live in the same database, the locking query
+            // joined them; otherwise they come from their own file.
             row.health.refresh_started_at = match markers {
-                Some(pool) => marker.fetch_optional(pool).await,
-                None => marker.fetch_optional(&mut **tx).await,
-            }
-            .map_err($error)?;
-            Ok(Some(row))
+                Some(pool) => sqlx::query_scalar(
+                    "SELECT started_at FROM tokenkeep_refresh_starts \
+                     WHERE provider = $1 AND user_id = $2 AND generation = $3",
+                )
+                .bind(provider)
+                .bind(user_id)
+                .bind(to_i64(row.generation)?)
+                .fetch_optional(pool)
+                .await
+                .map_err($error)?,
+                None => found.try_get("started_at").map_err($error)?,
+            };
+            Ok((Some(row), db_now))
         }
 
         pub async fn conversation_entries(
@@ -467,6 +480,7 @@ macro_rules! rows {
         fn insert_row<'q>(
             sql: &'q str,
             row: &'q SealedRow,
+            now: i64,
         ) -> sqlx::query::Query<'q, Db, <Db as sqlx::Database>::Arguments<'q>> {
             sqlx::query(sql)
                 .bind(&row.provider)
@@ -480,10 +494,10 @@ macro_rules! rows {
                 .bind(row.obtained_at)
                 .bind(i64::from(row.health.failed_attempts))
                 .bind(row.health.last_failure_at)
-                .bind(row.health.last_failure.map(class_name))
+                .bind(row.health.last_failure.map(ErrorClass::name))
                 .bind(row.health.last_success_at)
                 .bind(row.health.refresh_started_at)
-                .bind(now_seconds())
+                .bind(now)
         }
 
         fn insert_sql(on_conflict: &str) -> String {
@@ -494,7 +508,7 @@ macro_rules! rows {
             )
         }
 
-        pub async fn upsert(pool: &sqlx::Pool<Db>, row: &SealedRow) -> Result<u64, StorageError> {
+        pub async fn upsert(pool: &sqlx::Pool<Db>, row: &SealedRow, now: i64) -> Result<u64, StorageError> {
             let sql = insert_sql(
                 "DO UPDATE SET \
                  key_id = excluded.key_id, access_token = excluded.access_token, \
@@ -508,7 +522,7 @@ macro_rules! rows {
                  refresh_started_at = excluded.refresh_started_at, updated_at = excluded.updated_at \
                  RETURNING generation",
             );
-            let generation: i64 = insert_row(&sql, row)
+            let generation: i64 = insert_row(&sql, row, now)
                 .fetch_one(pool)
                 .await
                 .map_err($error)?
@@ -517,9 +531,9 @@ macro_rules! rows {
             Ok(generation as u64)
         }
 
-        pub async fn insert(pool: &sqlx::Pool<Db>, row: &SealedRow) -> Result<bool, StorageError> {
+        pub async fn insert(pool: &sqlx::Pool<Db>, row: &SealedRow, now: i64) -> Result<bool, StorageError> {
             let sql = insert_sql("DO NOTHING");
-            let done = insert_row(&sql, row).execute(pool).await.map_err($error)?;
+            let done = insert_row(&sql, row, now).execute(pool).await.map_err($error)?;
             Ok(done.rows_affected() == 1)
         }
 
@@ -527,6 +541,7 @@ macro_rules! rows {
             tx: &mut sqlx::Transaction<'static, Db>,
             row: &SealedRow,
             expected: u64,
+            now: i64,
         ) -> Result<bool, StorageError> {
             let done = sqlx::query(
                 "UPDATE tokenkeep_tokens SET key_id = $1, access_token = $2, refresh_token = $3, \
@@ -545,10 +560,10 @@ macro_rules! rows {
             .bind(to_i64(row.generation)?)
             .bind(i64::from(row.health.failed_attempts))
             .bind(row.health.last_failure_at)
-            .bind(row.health.last_failure.map(class_name))
+            .bind(row.health.last_failure.map(ErrorClass::name))
             .bind(row.health.last_success_at)
             .bind(row.health.refresh_started_at)
-            .bind(now_seconds())
+            .bind(now)
             .bind(&row.provider)
             .bind(&row.user_id)
             .bind(to_i64(expected)?)

@@ -79,8 +79,41 @@ pub struct PgStore {
     lock_wait_ms: u128,
 }
 
+/// The database's time, whole seconds, when the statement computes it.
+macro_rules! db_now {
+    () => {
+        "floor(extract(epoch FROM clock_timestamp()))::bigint"
+    };
+}
+
+/// One round trip: the row (if any) and the database's time.
+const READ_SQL: &str = concat!(
+    "SELECT t.provider, t.user_id, t.key_id, t.access_token, t.refresh_token, \
+     t.access_token_expires_at, t.refresh_token_expires_at, t.scopes, t.obtained_at, t.generation, \
+     t.failed_attempts, t.last_failure_at, t.last_failure, t.last_success_at, t.refresh_started_at, ",
+    db_now!(),
+    " AS db_now FROM (SELECT 1) AS one \
+     LEFT JOIN tokenkeep_tokens AS t ON t.provider = $1 AND t.user_id = $2"
+);
+
+/// One round trip: the row locked, its refresh-start record, and the
+/// database's time read after the lock was granted (the materialised CTE
+/// runs, and waits, before the outer projection).
+const LOCK_SQL: &str = concat!(
+    "WITH t AS MATERIALIZED (SELECT * FROM tokenkeep_tokens \
+     WHERE provider = $1 AND user_id = $2 FOR UPDATE) \
+     SELECT t.provider, t.user_id, t.key_id, t.access_token, t.refresh_token, \
+     t.access_token_expires_at, t.refresh_token_expires_at, t.scopes, t.obtained_at, t.generation, \
+     t.failed_attempts, t.last_failure_at, t.last_failure, t.last_success_at, t.refresh_started_at, \
+     s.started_at, ",
+    db_now!(),
+    " AS db_now FROM (SELECT 1) AS one LEFT JOIN t ON true \
+     LEFT JOIN tokenkeep_refresh_starts AS s \
+     ON s.provider = t.provider AND s.user_id = t.user_id AND s.generation = t.generation"
+);
+
 pub(crate) mod rows {
-    super::super::rows!(sqlx::Postgres, " FOR UPDATE", super::error);
+    super::super::rows!(sqlx::Postgres, super::error);
 }
 
 impl std::fmt::Debug for PgStore {
@@ -116,6 +149,14 @@ impl PgStore {
         };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// The database's time, for the clock before the first row is read.
+    pub(crate) async fn database_now(&self) -> Result<i64, StorageError> {
+        sqlx::query_scalar(concat!("SELECT ", db_now!()))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(error)
     }
 
     async fn migrate(&self) -> Result<(), StorageError> {

@@ -60,8 +60,18 @@ pub struct SqliteStore {
     pub(crate) markers: SqlitePool,
 }
 
+/// The owner's clock is the database's: no `db_now`. The write lock is the
+/// transaction's (`BEGIN IMMEDIATE`); refresh-start records are in their own
+/// file, so `started_at` is read separately.
+const READ_SQL: &str = "SELECT t.provider, t.user_id, t.key_id, t.access_token, t.refresh_token, \
+     t.access_token_expires_at, t.refresh_token_expires_at, t.scopes, t.obtained_at, t.generation, \
+     t.failed_attempts, t.last_failure_at, t.last_failure, t.last_success_at, t.refresh_started_at, \
+     NULL AS db_now FROM (SELECT 1) AS one \
+     LEFT JOIN tokenkeep_tokens AS t ON t.provider = $1 AND t.user_id = $2";
+const LOCK_SQL: &str = READ_SQL;
+
 pub(crate) mod rows {
-    super::super::rows!(sqlx::Sqlite, "", super::error);
+    super::super::rows!(sqlx::Sqlite, super::error);
 }
 
 impl SqliteStore {
@@ -113,7 +123,7 @@ impl SqliteStore {
             sqlx::query(sql).execute(&mut *tx).await.map_err(error)?;
             sqlx::query("INSERT INTO tokenkeep_schema (version, applied_at) VALUES ($1, $2)")
                 .bind(version)
-                .bind(super::now_seconds())
+                .bind(crate::storage::host_seconds())
                 .execute(&mut *tx)
                 .await
                 .map_err(error)?;

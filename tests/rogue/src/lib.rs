@@ -1,32 +1,37 @@
 //! A rogue component that fulfils tokenkeep's world on paper and misbehaves
-//! in practice, chosen by the provider name given to `ensure-fresh`:
-//! `memory` allocates without end, `spin` loops forever, `egress` posts to
-//! the URL in the user id, `filesystem` reads the file in the user id, `env`
-//! counts the environment it can see, and anything else answers `not-found`.
-//! The sandbox tests (tests/sandbox.rs) load it in place of the real one.
-//! Natively this crate is empty.
+//! in practice, chosen by the provider name given to `ensure-fresh`: it
+//! exhausts memory and fuel, posts its own requests (another grant, a
+//! refresh token it was handed, data in the URL), reads, locks, writes and
+//! deletes the real row `acme`/USER while asked about another, refreshes
+//! without a lock, scans, reads another conversation, and returns tokens it
+//! made up or another user's. The sandbox tests (tests/sandbox.rs) load it in
+//! place of the real one. Natively this crate is empty.
 
 #[cfg(target_arch = "wasm32")]
 mod rogue {
     wit_bindgen::generate!({
-        world: "keeper",
+        // The contract's world plus outgoing HTTP, which the real component
+        // does not import and the host links only to refuse.
+        inline: "
+            package tokenkeep:rogue;
+            world rogue {
+                include tokenkeep:oauth/keeper-core@0.3.0;
+                import wasi:http/outgoing-handler@0.2.12;
+            }
+        ",
         path: "../../wit",
-        with: {
-            "wasi:http/types@0.2.12": wasip2::http::types,
-            "wasi:http/outgoing-handler@0.2.12": wasip2::http::outgoing_handler,
-            "wasi:io/poll@0.2.12": wasip2::io::poll,
-            "wasi:io/error@0.2.12": wasip2::io::error,
-            "wasi:io/streams@0.2.12": wasip2::io::streams,
-            "wasi:clocks/monotonic-clock@0.2.12": wasip2::clocks::monotonic_clock,
-        },
+        world: "tokenkeep:rogue/rogue",
+        generate_all,
     });
 
     use exports::tokenkeep::oauth::conversations::Guest as Conversations;
     use exports::tokenkeep::oauth::token_store::Guest;
+    use tokenkeep::oauth::storage::{self, SealedRow};
     use tokenkeep::oauth::types::{
-        ConversationEntry, ConversationSettings, PartialRefresh, ProviderFailure, RefreshError,
-        ResealProgress, RowKey, TokenRecord, TokenSet, TokenState, TokenSummary,
+        AccessGrant, ConversationEntry, ConversationSettings, PartialRefresh, ProviderFailure,
+        RefreshError, TokenHealth, TokenRecord, TokenSet, TokenState, TokenSummary,
     };
+    use tokenkeep::oauth::{sealing, token_endpoint};
 
     struct Rogue;
     export!(Rogue);
@@ -35,27 +40,42 @@ mod rogue {
         RefreshError::InvalidInput("the rogue component does not do that".into())
     }
 
-    fn post(url: &str) -> String {
-        use wasip2::http::outgoing_handler;
-        use wasip2::http::types::{Fields, Method, OutgoingBody, OutgoingRequest, Scheme};
+    /// What the host said, as an error the test can read.
+    fn said(what: String) -> Result<AccessGrant, RefreshError> {
+        Err(RefreshError::InvalidInput(what))
+    }
+
+    /// POSTs `body` to `url` (`http://authority/path`), claiming to be a
+    /// configured provider.
+    fn post(url: &str, body: &str) -> String {
+        use wasi::http::outgoing_handler;
+        use wasi::http::types::{Fields, Method, OutgoingBody, OutgoingRequest, Scheme};
         let Some((authority, path)) = url
             .strip_prefix("http://")
             .and_then(|rest| rest.split_once('/'))
         else {
             return "bad url".into();
         };
-        // Claims to be a configured provider, to borrow its credentials.
-        let headers = Fields::from_list(&[("x-tokenkeep-provider".into(), b"acme".to_vec())])
-            .expect("headers");
+        let headers = Fields::from_list(&[
+            ("x-tokenkeep-provider".into(), b"acme".to_vec()),
+            (
+                "content-type".into(),
+                b"application/x-www-form-urlencoded".to_vec(),
+            ),
+        ])
+        .expect("headers");
         let request = OutgoingRequest::new(headers);
         let _ = request.set_method(&Method::Post);
         let _ = request.set_scheme(Some(&Scheme::Http));
         let _ = request.set_authority(Some(authority));
         let _ = request.set_path_with_query(Some(&format!("/{path}")));
-        let body = request.body().expect("body");
+        let outgoing = request.body().expect("body");
         match outgoing_handler::handle(request, None) {
             Ok(future) => {
-                let _ = OutgoingBody::finish(body, None);
+                if let Ok(stream) = outgoing.write() {
+                    let _ = stream.blocking_write_and_flush(body.as_bytes());
+                }
+                let _ = OutgoingBody::finish(outgoing, None);
                 future.subscribe().block();
                 match future.get() {
                     Some(Ok(Ok(response))) => format!("reached: status {}", response.status()),
@@ -67,8 +87,44 @@ mod rogue {
         }
     }
 
+    fn forged_row(provider: &str, user_id: &str) -> SealedRow {
+        SealedRow {
+            provider: provider.into(),
+            user_id: user_id.into(),
+            key_id: "k1".into(),
+            access_token: b"forged".to_vec(),
+            refresh_token: None,
+            access_token_expires_at: None,
+            refresh_token_expires_at: None,
+            scopes: Vec::new(),
+            obtained_at: 0,
+            generation: 99,
+            health: TokenHealth {
+                failed_attempts: 0,
+                last_failure_at: None,
+                last_failure: None,
+                last_success_at: None,
+                refresh_started_at: None,
+            },
+        }
+    }
+
+    fn grant(provider: &str, user_id: &str, token: &str) -> AccessGrant {
+        AccessGrant {
+            provider: provider.into(),
+            user_id: user_id.into(),
+            access_token: token.into(),
+            expires_at: None,
+            scopes: Vec::new(),
+            obtained_at: 0,
+            generation: 1,
+        }
+    }
+
     impl Guest for Rogue {
-        fn ensure_fresh(provider: String, user_id: String) -> Result<TokenRecord, RefreshError> {
+        fn ensure_fresh(provider: String, user_id: String) -> Result<AccessGrant, RefreshError> {
+            // `user_id` carries the rogue's argument; the real row it goes
+            // after is acme's row of that user.
             match provider.as_str() {
                 "memory" => {
                     let mut hoard: Vec<Vec<u8>> = Vec::new();
@@ -83,24 +139,68 @@ mod rogue {
                         n = std::hint::black_box(n.wrapping_mul(31).wrapping_add(7));
                     }
                 }
+                // user id: "URL BODY": another grant, a refresh token it
+                // learnt, or data smuggled in the URL.
                 "egress" => {
-                    let answer = post(&user_id);
-                    if answer.contains("HttpRequestDenied") {
-                        Err(RefreshError::ProviderRejectedClient(
-                            "egress denied: the host allows only configured token URLs".into(),
-                        ))
-                    } else {
-                        Err(RefreshError::InvalidInput(answer))
-                    }
+                    let (url, body) = user_id.split_once(' ').unwrap_or((&user_id, ""));
+                    said(post(url, body))
                 }
-                "filesystem" => Err(RefreshError::InvalidInput(match std::fs::read(&user_id) {
+                "read-other" => said(format!("{:?}", storage::read("acme", &user_id).map(|_| ()))),
+                "open-other" => said(format!(
+                    "{:?}",
+                    sealing::open(
+                        "acme",
+                        &user_id,
+                        sealing::Field::RefreshToken,
+                        "k1",
+                        b"anything",
+                    )
+                )),
+                "write-other" => {
+                    let upsert = storage::upsert(&forged_row("acme", &user_id));
+                    let insert = storage::insert(&forged_row("acme", &user_id));
+                    let delete = storage::delete("acme", &user_id);
+                    said(format!("{upsert:?} {insert:?} {delete:?}"))
+                }
+                "cas-other" => {
+                    let txn = storage::begin().map_err(|_| refused())?;
+                    // Locks the row it was asked about, then writes another.
+                    let _ = txn.load_for_update("cas-other", &user_id);
+                    let cas = txn.compare_and_set(&forged_row("acme", &user_id), 1);
+                    let _ = txn.commit();
+                    said(format!("{cas:?}"))
+                }
+                "lock-other" => {
+                    let txn = storage::begin().map_err(|_| refused())?;
+                    let lock = txn.load_for_update("acme", &user_id).map(|_| ());
+                    let refresh = token_endpoint::request_refresh(&txn).map(|_| ());
+                    said(format!("{lock:?} {refresh:?}"))
+                }
+                "refresh-unlocked" => {
+                    let txn = storage::begin().map_err(|_| refused())?;
+                    said(format!(
+                        "{:?}",
+                        token_endpoint::request_refresh(&txn).map(|_| ())
+                    ))
+                }
+                "scan" => said(format!(
+                    "{:?}",
+                    storage::list_rows(None, 100).map(|r| r.len())
+                )),
+                "other-conversation" => said(format!(
+                    "{:?}",
+                    storage::conversation_entries(&user_id).map(|e| e.len())
+                )),
+                "forge" => Ok(grant(&provider, &user_id, "tk-FORGED-token")),
+                "other-user" => Ok(grant("acme", &user_id, "tk-FORGED-token")),
+                "filesystem" => said(match std::fs::read(&user_id) {
                     Ok(bytes) => format!("read {} bytes", bytes.len()),
                     Err(_) => "no filesystem".into(),
-                })),
-                "env" => Err(RefreshError::InvalidInput(format!(
+                }),
+                "env" => said(format!(
                     "{} environment variables",
                     std::env::vars().count()
-                ))),
+                )),
                 _ => Err(RefreshError::NotFound),
             }
         }
@@ -124,9 +224,6 @@ mod rogue {
             Err(refused())
         }
         fn list_tokens() -> Result<Vec<TokenSummary>, RefreshError> {
-            Err(refused())
-        }
-        fn reseal_batch(_: Option<RowKey>, _: u32) -> Result<ResealProgress, RefreshError> {
             Err(refused())
         }
     }

@@ -3,10 +3,9 @@
 //! checks libFuzzer runs. Each panics when an invariant breaks.
 
 use crate::error::{ErrorClass, RefreshError};
-use crate::model::{Health, Key, SealedRow};
+use crate::model::{Health, SealedRow, SealingError};
 use crate::provider::{parse_token_response, salvage_refresh_token};
-use crate::refresh::open_sealed_row;
-use crate::seal::{self, Binding, Field};
+use crate::seal::{self, Binding, Field, Key, open_sealed_row};
 use secrecy::{ExposeSecret, SecretString};
 
 /// A provider answer: two bytes of status, one byte choosing the content
@@ -140,8 +139,14 @@ pub fn sealed_row(data: &[u8]) {
             );
         }
         Err(e) => {
-            assert!(matches!(e, RefreshError::Decryption(_)), "{e}");
-            let message = e.to_string();
+            assert!(
+                matches!(
+                    e,
+                    SealingError::UnknownKey(_) | SealingError::Undecryptable(_)
+                ),
+                "{e:?}"
+            );
+            let message = RefreshError::from(e).to_string();
             assert!(message.len() < 256, "error messages stay short");
             assert!(!message.contains('\n'), "no line breaks from stored bytes");
             // Unless the attacker wrote it into a label themselves.

@@ -3,7 +3,7 @@
 //! and the persistence that lets a conversation resume on another node.
 
 use crate::error::RefreshError;
-use crate::model::{ConversationEntry, ProviderFailure, ProviderToken, TokenRecord, TokenSet};
+use crate::model::{AccessGrant, ConversationEntry, ProviderFailure, ProviderToken, TokenSet};
 use crate::refresh::{Host, Keeper, check_user_id};
 use crate::validity;
 
@@ -104,7 +104,7 @@ impl<H: Host> Keeper<H> {
                         return Err(failure);
                     }
                     failures.push(failure);
-                    out.push(t.clone());
+                    out.push(t.access_only());
                 }
             }
         }
@@ -135,21 +135,21 @@ impl<H: Host> Keeper<H> {
                 provider: e.provider.clone(),
                 error,
             };
-            let record = self.ensure_fresh(&e.provider, &e.user_id).map_err(named)?;
-            require_scopes(&e.scopes, &record.tokens.scopes).map_err(named)?;
-            if record.generation != e.generation {
+            let grant = self.ensure_fresh(&e.provider, &e.user_id).map_err(named)?;
+            require_scopes(&e.scopes, &grant.scopes).map_err(named)?;
+            if grant.generation != e.generation {
                 self.note_generation(
                     conversation_id,
                     &e.provider,
                     &e.user_id,
                     &e.scopes,
-                    record.generation,
+                    grant.generation,
                     &entries,
                     now,
                 )
                 .map_err(named)?;
             }
-            out.push(token_from_record(record));
+            out.push(token_from_grant(grant));
         }
         Ok(Some(out))
     }
@@ -187,17 +187,18 @@ impl<H: Host> Keeper<H> {
             ),
         };
         if !stale {
-            return Ok((t.clone(), None));
+            // As it came, less the refresh token: that stays in the keeper.
+            return Ok((t.access_only(), None));
         }
         // The token row holds the refresh chain. A conversation that brings
         // a token tokenkeep has never seen seeds it.
-        if self.host().read(&t.provider, user_id)?.is_none() {
+        if self.host().read(&t.provider, user_id)?.row.is_none() {
             self.seed(t, user_id)?;
         }
-        let record = self.ensure_fresh(&t.provider, user_id)?;
-        require_scopes(&t.scopes, &record.tokens.scopes)?;
-        let generation = record.generation;
-        Ok((token_from_record(record), Some(generation)))
+        let grant = self.ensure_fresh(&t.provider, user_id)?;
+        require_scopes(&t.scopes, &grant.scopes)?;
+        let generation = grant.generation;
+        Ok((token_from_grant(grant), Some(generation)))
     }
 
     /// Stores `t` as the user's token row unless one exists. Insert-if-absent:
@@ -264,15 +265,16 @@ fn require_scopes(required: &[String], granted: &[String]) -> Result<(), Refresh
     }
 }
 
-fn token_from_record(r: TokenRecord) -> ProviderToken {
+/// A conversation's copy of a grant: the access token only.
+fn token_from_grant(g: AccessGrant) -> ProviderToken {
     ProviderToken {
-        provider: r.provider,
-        access_token: r.tokens.access_token,
-        refresh_token: r.tokens.refresh_token,
-        expires_at: r.tokens.access_token_expires_at,
-        refresh_token_expires_at: r.tokens.refresh_token_expires_at,
-        obtained_at: Some(r.obtained_at),
-        scopes: r.tokens.scopes,
+        provider: g.provider,
+        access_token: g.access_token,
+        refresh_token: None,
+        expires_at: g.expires_at,
+        refresh_token_expires_at: None,
+        obtained_at: Some(g.obtained_at),
+        scopes: g.scopes,
     }
 }
 

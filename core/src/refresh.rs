@@ -1,17 +1,14 @@
 //! The token store's operations and the double-checked, row-locked refresh.
 //!
 //! Written against [`Host`], the imports as plain Rust, so the same code runs
-//! in the component and in native tests.
+//! in the component and in native tests (see `tests` below: a fake host).
 
 use crate::error::{ErrorClass, RefreshError};
 use crate::model::{
-    Health, HttpAnswer, Key, ProviderConfig, ResealProgress, RowKey, SealedRow, StorageError,
-    TokenRecord, TokenSet, TokenSummary,
+    AccessGrant, Field, Health, HttpAnswer, ProviderConfig, RequestError, RowKey, RowRead,
+    SealedRow, SealedTokens, SealingError, StorageError, TokenRecord, TokenSet, TokenSummary,
 };
-use crate::provider::{
-    TokenResponse, asks_to_retry, parse_token_response, refresh_request_body, salvage_refresh_token,
-};
-use crate::seal::{self, Binding, Field, NONCE_LEN};
+use crate::provider::{TokenResponse, asks_to_retry, parse_token_response, salvage_refresh_token};
 use crate::validity::{self, Timing};
 use secrecy::{ExposeSecret, SecretString};
 
@@ -24,18 +21,31 @@ pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// Rows fetched per page when listing.
 const LIST_PAGE: u32 = 500;
 
-/// Everything the logic needs from its host: the WIT imports plus clock,
-/// randomness and HTTP.
+/// Everything the logic needs from its host: the WIT imports as plain Rust.
 pub trait Host {
     type Txn: Transaction;
-    /// Seconds since the epoch.
+    /// Seconds since the epoch on the shared clock (WIT `clock.now`).
     fn now(&self) -> i64;
-    /// A fresh random nonce.
-    fn nonce(&self) -> [u8; NONCE_LEN];
+    /// A random number from the host's cryptographic generator (jitter).
+    fn random_u64(&self) -> u64;
     fn provider(&self, name: &str) -> Option<ProviderConfig>;
-    fn active_key_id(&self) -> String;
-    fn key(&self, id: &str) -> Option<Key>;
-    fn read(&self, provider: &str, user_id: &str) -> Result<Option<SealedRow>, StorageError>;
+    /// Seals a row's tokens with the active key (WIT `sealing.seal-tokens`).
+    fn seal(
+        &self,
+        provider: &str,
+        user_id: &str,
+        tokens: &TokenSet,
+    ) -> Result<SealedTokens, SealingError>;
+    /// Opens one sealed field (WIT `sealing.open`).
+    fn open(
+        &self,
+        provider: &str,
+        user_id: &str,
+        field: Field,
+        key_id: &str,
+        sealed: &[u8],
+    ) -> Result<SecretString, SealingError>;
+    fn read(&self, provider: &str, user_id: &str) -> Result<RowRead, StorageError>;
     /// Up to `limit` rows after `after`, ordered by provider then user.
     fn list(&self, after: Option<&RowKey>, limit: u32) -> Result<Vec<SealedRow>, StorageError>;
     fn upsert(&self, row: &SealedRow) -> Result<u64, StorageError>;
@@ -51,33 +61,18 @@ pub trait Host {
         &self,
         entry: &crate::model::ConversationEntry,
     ) -> Result<(), StorageError>;
-    /// Durably records, outside the transaction, that a refresh is starting.
-    fn record_refresh_start(
-        &self,
-        provider: &str,
-        user_id: &str,
-        generation: u64,
-        at: i64,
-    ) -> Result<(), StorageError>;
+    /// Sends the refresh of the row `locked` holds (WIT `token-endpoint`);
+    /// the host records the refresh start first.
+    fn request_refresh(&self, locked: &Self::Txn) -> Result<HttpAnswer, RequestError>;
     /// Milliseconds on a monotonic clock, for retry budgets.
     fn monotonic_ms(&self) -> u64;
     /// Blocks for a backoff between attempts.
     fn sleep_ms(&self, ms: u64);
-    /// POSTs a form to the provider's token URL.
-    fn post_form(
-        &self,
-        provider: &ProviderConfig,
-        body: &SecretString,
-    ) -> Result<HttpAnswer, crate::model::PostFailure>;
 }
 
 /// A storage transaction (WIT `storage.transaction`); dropping it rolls back.
 pub trait Transaction {
-    fn load_for_update(
-        &self,
-        provider: &str,
-        user_id: &str,
-    ) -> Result<Option<SealedRow>, StorageError>;
+    fn load_for_update(&self, provider: &str, user_id: &str) -> Result<RowRead, StorageError>;
     fn compare_and_set(
         &self,
         row: &SealedRow,
@@ -148,46 +143,49 @@ impl<H: Host> Keeper<H> {
     ) -> Result<Option<TokenRecord>, RefreshError> {
         check_provider_name(provider)?;
         check_user_id(user_id)?;
-        let row = if for_update {
+        let read = if for_update {
             let txn = self.host.begin()?;
-            let row = txn.load_for_update(provider, user_id)?;
+            let read = txn.load_for_update(provider, user_id)?;
             txn.commit()?;
-            row
+            read
         } else {
             self.host.read(provider, user_id)?
         };
-        row.map(|r| self.open_row(&r)).transpose()
+        read.row.map(|r| self.open_row(&r)).transpose()
     }
 
-    /// Returns a record whose access token is valid beyond its refresh window,
-    /// refreshing it under the row lock when needed (WIT `ensure-fresh`).
-    pub fn ensure_fresh(&self, provider: &str, user_id: &str) -> Result<TokenRecord, RefreshError> {
+    /// The hot path (WIT `ensure-fresh`): an access token valid beyond its
+    /// refresh window, refreshed under the row lock when needed. Opens only
+    /// the access token unless it refreshes.
+    pub fn ensure_fresh(&self, provider: &str, user_id: &str) -> Result<AccessGrant, RefreshError> {
         let config = self.config(provider)?;
         check_user_id(user_id)?;
         let threshold = config.refresh_threshold_seconds;
 
-        // 1. The hot path: one unlocked read.
-        let row = self
-            .host
-            .read(provider, user_id)?
-            .ok_or(RefreshError::NotFound)?;
-        if !due(&row, self.host.now(), threshold) {
-            return self.open_row(&row);
+        // 1. One unlocked read, which also tells the shared clock's time.
+        let RowRead { row, now } = self.host.read(provider, user_id)?;
+        let row = row.ok_or(RefreshError::NotFound)?;
+        if !due(&row, now, threshold) {
+            return self.grant(&row);
         }
         let seen = row.health.clone();
 
         // 2. Lock the row and look again: another runtime may have refreshed it
         //    while we waited for the lock.
         let txn = self.host.begin()?;
-        let row = txn
-            .load_for_update(provider, user_id)?
-            .ok_or(RefreshError::NotFound)?;
-        let now = self.host.now();
+        let RowRead { row, now } = txn.load_for_update(provider, user_id)?;
+        let row = row.ok_or(RefreshError::NotFound)?;
         if !due(&row, now, threshold) {
             txn.commit()?;
-            return self.open_row(&row);
+            return self.grant(&row);
         }
-        let current = self.open_row(&row)?;
+        let still_valid = |at_time: i64| {
+            validity::is_access_token_valid(
+                row.access_token_expires_at,
+                at_time,
+                validity::DEFAULT_CLOCK_SKEW_SECONDS,
+            )
+        };
         // Single flight for failures too: a definitive refusal stands until a
         // new authorisation is stored, and a failure another runtime recorded
         // while we waited for the lock is its answer for us as well.
@@ -197,16 +195,19 @@ impl<H: Host> Keeper<H> {
                 || row.health.last_failure_at != seen.last_failure_at;
             if definitive || while_we_waited {
                 txn.commit()?;
-                let still_valid = validity::is_access_token_valid(
-                    current.tokens.access_token_expires_at,
-                    now,
-                    validity::DEFAULT_CLOCK_SKEW_SECONDS,
-                );
-                if !definitive && still_valid {
-                    return Ok(current);
+                if !definitive && still_valid(now) {
+                    return self.grant(&row);
                 }
                 return Err(recorded_failure(class));
             }
+        }
+        let current = self.open_row(&row)?;
+        if current.tokens.refresh_token.is_none() {
+            // Nothing to spend: say so, and record nothing (no provider said it).
+            txn.commit()?;
+            return Err(RefreshError::ReauthorizationRequired(
+                "no refresh token is stored; store a new authorisation".into(),
+            ));
         }
         // A refresh from this generation started and neither committed nor
         // recorded a failure: its runtime died mid-flight.
@@ -215,11 +216,9 @@ impl<H: Host> Keeper<H> {
                 .last_failure_at
                 .is_none_or(|failed| failed < *started)
         });
-        self.host
-            .record_refresh_start(provider, user_id, row.generation, now)?;
 
         // 3. Refresh, or say why not.
-        match self.refresh_locked(&config, &current, now) {
+        match self.refresh_locked(&config, &current, &txn) {
             Ok(tokens) => {
                 // Scopes the provider silently dropped. The new tokens are kept
                 // all the same: a rotating provider has already spent the old
@@ -231,6 +230,7 @@ impl<H: Host> Keeper<H> {
                     .filter(|s| !tokens.scopes.contains(s))
                     .cloned()
                     .collect();
+                let now = self.host.now();
                 let mut next = self.seal_row(provider, user_id, &tokens, now)?;
                 next.generation = row.generation + 1;
                 next.health = Health {
@@ -249,15 +249,18 @@ impl<H: Host> Keeper<H> {
                 if !missing.is_empty() {
                     return Err(RefreshError::ScopeMismatch(missing));
                 }
-                Ok(TokenRecord {
-                    tokens,
+                Ok(AccessGrant {
+                    provider: provider.into(),
+                    user_id: user_id.into(),
+                    access_token: tokens.access_token,
+                    expires_at: tokens.access_token_expires_at,
+                    scopes: tokens.scopes,
                     obtained_at: now,
                     generation: next.generation,
-                    health: next.health,
-                    ..current
                 })
             }
             Err((err, salvaged)) => {
+                let now = self.host.now();
                 let err = match (err, interrupted) {
                     (RefreshError::ReauthorizationRequired(m), Some(at))
                         if m.starts_with("provider answered") =>
@@ -313,15 +316,10 @@ impl<H: Host> Keeper<H> {
                     }
                 }
                 // Retries take time: judge the old token at the end of them.
-                let still_valid = validity::is_access_token_valid(
-                    current.tokens.access_token_expires_at,
-                    self.host.now(),
-                    validity::DEFAULT_CLOCK_SKEW_SECONDS,
-                );
-                if err.is_transient() && still_valid {
+                if err.is_transient() && still_valid(now) {
                     // Refreshed early and the provider is down: the token we
                     // have is still valid, so it is not stale. Serve it.
-                    return Ok(current);
+                    return self.grant(&row);
                 }
                 Err(err)
             }
@@ -336,48 +334,32 @@ impl<H: Host> Keeper<H> {
         user_id: &str,
         spent_generation: u64,
         threshold: u32,
-    ) -> Result<Option<TokenRecord>, RefreshError> {
+    ) -> Result<Option<AccessGrant>, RefreshError> {
         let txn = self.host.begin()?;
-        let row = txn.load_for_update(provider, user_id)?;
+        let RowRead { row, now } = txn.load_for_update(provider, user_id)?;
         txn.commit()?;
         match row {
-            Some(row)
-                if row.generation != spent_generation && !due(&row, self.host.now(), threshold) =>
-            {
-                self.open_row(&row).map(Some)
+            Some(row) if row.generation != spent_generation && !due(&row, now, threshold) => {
+                self.grant(&row).map(Some)
             }
             _ => Ok(None),
         }
     }
 
-    /// Spends the refresh token; the caller holds the row lock. Transient
-    /// failures are retried with jittered backoff while the provider's retry
-    /// budget lasts. A failure may come with a rotated refresh token salvaged
-    /// from an otherwise unusable answer.
+    /// Spends the refresh token through the host's token endpoint; the
+    /// caller holds the row lock. Transient failures are retried within the
+    /// provider's budget. A refresh token past its recorded expiry is still
+    /// offered: only the provider's refusal is definitive, never a clock.
     fn refresh_locked(
         &self,
         config: &ProviderConfig,
         current: &TokenRecord,
-        now: i64,
+        locked: &H::Txn,
     ) -> Result<TokenSet, (RefreshError, Option<SecretString>)> {
-        let old = &current.tokens;
-        let refresh_token = old.refresh_token.as_ref().ok_or_else(|| {
-            (
-                RefreshError::ReauthorizationRequired("no refresh token stored".into()),
-                None,
-            )
-        })?;
-        if !validity::is_refresh_token_valid(true, old.refresh_token_expires_at, now) {
-            return Err((
-                RefreshError::ReauthorizationRequired("refresh token expired".into()),
-                None,
-            ));
-        }
-        let body = refresh_request_body(refresh_token, &config.extra_params);
         let started = self.host.monotonic_ms();
         let mut attempt = 1;
         loop {
-            match self.exchange(config, old, refresh_token, &body) {
+            match self.exchange(config, &current.tokens, locked) {
                 Ok(tokens) => return Ok(tokens),
                 Err(failed) => {
                     match self.retry_after(
@@ -403,16 +385,11 @@ impl<H: Host> Keeper<H> {
         &self,
         config: &ProviderConfig,
         old: &TokenSet,
-        refresh_token: &SecretString,
-        body: &SecretString,
+        locked: &H::Txn,
     ) -> Result<TokenSet, Failed> {
         // Lifetimes count from when the request was sent, not when it came back.
         let sent_at = self.host.now();
-        let answer = self.host.post_form(config, body).map_err(|f| Failed {
-            not_processed: !f.maybe_delivered,
-            error: f.error,
-            salvaged: None,
-        })?;
+        let answer = self.host.request_refresh(locked).map_err(Failed::from)?;
         let (status, content_type) = (answer.status, answer.content_type.as_deref());
         let body = answer.body.expose_secret();
         parse_token_response(status, content_type, body, &config.error_codes)
@@ -430,7 +407,11 @@ impl<H: Host> Keeper<H> {
                 salvaged: matches!(error, RefreshError::InvalidProviderResponse(_))
                     .then(|| salvage_refresh_token(status, content_type, body))
                     .flatten()
-                    .filter(|new| new.expose_secret() != refresh_token.expose_secret()),
+                    .filter(|new| {
+                        old.refresh_token
+                            .as_ref()
+                            .is_none_or(|spent| new.expose_secret() != spent.expose_secret())
+                    }),
                 error,
             })
     }
@@ -457,7 +438,7 @@ impl<H: Host> Keeper<H> {
             return None;
         }
         let ceiling = 200u64 << attempt.min(8);
-        let random = u64::from_le_bytes(self.host.nonce()[..8].try_into().ok()?);
+        let random = self.host.random_u64();
         let wait = ceiling / 2 + random % (ceiling / 2 + 1);
         let spent = self.host.monotonic_ms().saturating_sub(started);
         let worst_next = spent + wait + u64::from(config.timeout_ms);
@@ -498,47 +479,6 @@ impl<H: Host> Keeper<H> {
             .collect())
     }
 
-    /// Re-encrypts one batch of rows to the active key (WIT `reseal-batch`).
-    pub fn reseal_batch(
-        &self,
-        after: Option<&RowKey>,
-        limit: u32,
-    ) -> Result<ResealProgress, RefreshError> {
-        let limit = limit.clamp(1, 10_000);
-        let rows = self.host.list(after, limit)?;
-        let active = self.host.active_key_id();
-        let mut progress = ResealProgress {
-            examined: rows.len() as u32,
-            next: (rows.len() == limit as usize)
-                .then(|| rows.last().map(SealedRow::key))
-                .flatten(),
-            ..Default::default()
-        };
-        for listed in rows.iter().filter(|r| r.key_id != active) {
-            let txn = self.host.begin()?;
-            // Look again under the lock: a refresh may have resealed it already.
-            let Some(row) = txn.load_for_update(&listed.provider, &listed.user_id)? else {
-                continue;
-            };
-            if row.key_id == active {
-                continue;
-            }
-            let Ok(record) = self.open_row(&row) else {
-                progress.undecryptable.push(row.key());
-                continue;
-            };
-            let mut resealed =
-                self.seal_row(&row.provider, &row.user_id, &record.tokens, row.obtained_at)?;
-            resealed.generation = row.generation;
-            resealed.health = row.health.clone();
-            if txn.compare_and_set(&resealed, row.generation)? {
-                txn.commit()?;
-                progress.resealed += 1;
-            }
-        }
-        Ok(progress)
-    }
-
     /// Where a record stands (WIT `token-state`).
     pub fn token_state(&self, record: &TokenRecord, threshold: u32) -> validity::TokenState {
         let t = Timing {
@@ -573,43 +513,68 @@ impl<H: Host> Keeper<H> {
         provider: &str,
         user_id: &str,
         tokens: &TokenSet,
-        now: i64,
+        obtained_at: i64,
     ) -> Result<SealedRow, RefreshError> {
-        let key_id = self.host.active_key_id();
-        let key = self.host.key(&key_id).ok_or_else(|| {
-            RefreshError::Decryption(format!("active key {key_id} is not in the keyring"))
-        })?;
-        let seal_field = |field, value: &SecretString| {
-            let binding = Binding {
-                provider,
-                user_id,
-                field,
-                key_id: &key_id,
-            };
-            seal::seal(key.expose_secret(), self.host.nonce(), &binding, value)
-                .map_err(|e| RefreshError::Decryption(e.to_string()))
-        };
+        let sealed = self.host.seal(provider, user_id, tokens)?;
         Ok(SealedRow {
             provider: provider.into(),
             user_id: user_id.into(),
-            access_token: seal_field(Field::AccessToken, &tokens.access_token)?,
-            refresh_token: tokens
-                .refresh_token
-                .as_ref()
-                .map(|t| seal_field(Field::RefreshToken, t))
-                .transpose()?,
-            key_id: key_id.clone(),
+            key_id: sealed.key_id,
+            access_token: sealed.access_token,
+            refresh_token: sealed.refresh_token,
             access_token_expires_at: tokens.access_token_expires_at,
             refresh_token_expires_at: tokens.refresh_token_expires_at,
             scopes: tokens.scopes.clone(),
-            obtained_at: now,
+            obtained_at,
             generation: 0,
             health: Default::default(),
         })
     }
 
+    fn open_field(
+        &self,
+        row: &SealedRow,
+        field: Field,
+        sealed: &[u8],
+    ) -> Result<SecretString, RefreshError> {
+        Ok(self
+            .host
+            .open(&row.provider, &row.user_id, field, &row.key_id, sealed)?)
+    }
+
+    /// The row with both tokens opened.
     fn open_row(&self, row: &SealedRow) -> Result<TokenRecord, RefreshError> {
-        open_sealed_row(row, self.host.key(&row.key_id).as_ref())
+        Ok(TokenRecord {
+            provider: row.provider.clone(),
+            user_id: row.user_id.clone(),
+            tokens: TokenSet {
+                access_token: self.open_field(row, Field::AccessToken, &row.access_token)?,
+                refresh_token: row
+                    .refresh_token
+                    .as_deref()
+                    .map(|s| self.open_field(row, Field::RefreshToken, s))
+                    .transpose()?,
+                access_token_expires_at: row.access_token_expires_at,
+                refresh_token_expires_at: row.refresh_token_expires_at,
+                scopes: row.scopes.clone(),
+            },
+            obtained_at: row.obtained_at,
+            generation: row.generation,
+            health: row.health.clone(),
+        })
+    }
+
+    /// The row's access grant: only the access token is opened.
+    fn grant(&self, row: &SealedRow) -> Result<AccessGrant, RefreshError> {
+        Ok(AccessGrant {
+            provider: row.provider.clone(),
+            user_id: row.user_id.clone(),
+            access_token: self.open_field(row, Field::AccessToken, &row.access_token)?,
+            expires_at: row.access_token_expires_at,
+            scopes: row.scopes.clone(),
+            obtained_at: row.obtained_at,
+            generation: row.generation,
+        })
     }
 }
 
@@ -622,73 +587,39 @@ struct Failed {
     salvaged: Option<SecretString>,
 }
 
-/// Decrypts a stored row with the key it names (`None`: not in the keyring).
-/// Anything but an intact row, sealed for exactly this provider, user, field
-/// and key, is a decryption error.
-pub fn open_sealed_row(row: &SealedRow, key: Option<&Key>) -> Result<TokenRecord, RefreshError> {
-    let key = key.ok_or_else(|| {
-        // The key id comes from the row, which anyone with database access
-        // can write: quoted only when it looks like a key id.
-        RefreshError::Decryption(if is_plain_name(&row.key_id) {
-            format!("key {} is not in the keyring", row.key_id)
-        } else {
-            "the row names a key id that is not in the keyring".into()
-        })
-    })?;
-    let open_field = |field, sealed: &[u8]| {
-        let binding = Binding {
-            provider: &row.provider,
-            user_id: &row.user_id,
-            field,
-            key_id: &row.key_id,
+impl From<RequestError> for Failed {
+    fn from(e: RequestError) -> Self {
+        let (error, not_processed) = match e {
+            RequestError::Denied(m) => (RefreshError::EgressDenied(m), true),
+            RequestError::NotSent(m) => (RefreshError::ProviderUnavailable(m), true),
+            RequestError::NoAnswer(m) => (RefreshError::ProviderUnavailable(m), false),
+            // The provider answered, so it has likely acted: never repeated.
+            RequestError::AnswerUnusable(m) => (RefreshError::InvalidProviderResponse(m), false),
         };
-        seal::open(key.expose_secret(), &binding, sealed)
-            .map_err(|e| RefreshError::Decryption(format!("{field:?}: {e}")))
-    };
-    Ok(TokenRecord {
-        provider: row.provider.clone(),
-        user_id: row.user_id.clone(),
-        tokens: TokenSet {
-            access_token: open_field(Field::AccessToken, &row.access_token)?,
-            refresh_token: row
-                .refresh_token
-                .as_deref()
-                .map(|s| open_field(Field::RefreshToken, s))
-                .transpose()?,
-            access_token_expires_at: row.access_token_expires_at,
-            refresh_token_expires_at: row.refresh_token_expires_at,
-            scopes: row.scopes.clone(),
-        },
-        obtained_at: row.obtained_at,
-        generation: row.generation,
-        health: row.health.clone(),
-    })
+        Failed {
+            error,
+            not_processed,
+            salvaged: None,
+        }
+    }
 }
 
 /// The error a waiter reports for a failure another runtime recorded.
 fn recorded_failure(class: ErrorClass) -> RefreshError {
-    let m = |what: &str| format!("{what} (recorded by the last refresh attempt)");
-    match class {
-        ErrorClass::ReauthorizationRequired => RefreshError::ReauthorizationRequired(m(
-            "the provider refused the refresh token; store a new authorisation",
-        )),
-        ErrorClass::ProviderRejectedClient => {
-            RefreshError::ProviderRejectedClient(m("the provider rejected the client"))
+    let what = match class {
+        ErrorClass::ReauthorizationRequired => {
+            "the provider refused the refresh token; store a new authorisation"
         }
-        ErrorClass::InvalidProviderResponse => {
-            RefreshError::InvalidProviderResponse(m("the provider answered nonsense"))
-        }
-        ErrorClass::ScopeMismatch => RefreshError::ScopeMismatch(Vec::new()),
-        ErrorClass::LockTimeout => RefreshError::LockTimeout,
-        ErrorClass::Storage => RefreshError::Storage(m("storage failed")),
-        ErrorClass::Decryption => RefreshError::Decryption(m("a ciphertext did not open")),
-        ErrorClass::NotFound => RefreshError::NotFound,
-        ErrorClass::UnknownProvider => RefreshError::UnknownProvider(m("unknown provider")),
-        ErrorClass::InvalidInput => RefreshError::InvalidInput(m("invalid input")),
-        ErrorClass::ProviderUnavailable => {
-            RefreshError::ProviderUnavailable(m("the provider is unavailable"))
-        }
-    }
+        ErrorClass::ProviderRejectedClient => "the provider rejected the client",
+        ErrorClass::InvalidProviderResponse => "the provider answered nonsense",
+        ErrorClass::ProviderUnavailable => "the provider is unavailable",
+        ErrorClass::EgressDenied => "the host refused the token request",
+        _ => "the last refresh failed",
+    };
+    RefreshError::of_class(
+        class,
+        format!("{what} (recorded by the last refresh attempt)"),
+    )
 }
 
 fn due(row: &SealedRow, now: i64, threshold: u32) -> bool {
@@ -789,3 +720,7 @@ fn check_tokens(tokens: &TokenSet) -> Result<(), RefreshError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "refresh_tests.rs"]
+mod tests;

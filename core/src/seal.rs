@@ -5,10 +5,20 @@
 //! ciphertext copied to another row or column, or relabelled with another key,
 //! fails to open instead of yielding somebody else's token.
 
+//!
+//! Only hosts seal and open: the component asks them through the WIT
+//! `sealing` interface and never holds a key.
+
+pub use crate::model::Field;
+use crate::model::{SealedRow, SealingError, TokenRecord, TokenSet};
+use crate::refresh::is_plain_name;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use thiserror::Error;
+
+/// A data-encryption key, kept secret in memory.
+pub type Key = SecretSlice<u8>;
 
 const VERSION: u8 = 1;
 /// Bytes of the nonce; callers draw it fresh from a CSPRNG for every seal.
@@ -16,13 +26,6 @@ pub const NONCE_LEN: usize = 12;
 /// Bytes of an AES-256 key.
 pub const KEY_LEN: usize = 32;
 const TAG_LEN: usize = 16;
-
-/// Which column a ciphertext belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Field {
-    AccessToken,
-    RefreshToken,
-}
 
 impl Field {
     fn label(self) -> &'static [u8] {
@@ -111,6 +114,58 @@ pub fn open(key: &[u8], binding: &Binding<'_>, sealed: &[u8]) -> Result<SecretSt
     String::from_utf8(plain)
         .map(SecretString::from)
         .map_err(|_| SealError::NotUtf8)
+}
+
+/// Opens one field of a row with the key its row names (`None`: the key is
+/// not in the keyring). Anything but an intact value, sealed for exactly this
+/// provider, user, field and key, is an error that quotes no stored bytes.
+pub fn open_field(
+    key: Option<&Key>,
+    binding: &Binding<'_>,
+    sealed: &[u8],
+) -> Result<SecretString, SealingError> {
+    let key = key.ok_or_else(|| {
+        // The key id comes from the row, which anyone with database access
+        // can write: quoted only when it looks like a key id.
+        SealingError::UnknownKey(if is_plain_name(binding.key_id) {
+            format!("key {} is not in the keyring", binding.key_id)
+        } else {
+            "the row names a key id that is not in the keyring".into()
+        })
+    })?;
+    open(key.expose_secret(), binding, sealed)
+        .map_err(|e| SealingError::Undecryptable(format!("{:?}: {e}", binding.field)))
+}
+
+/// Opens both tokens of a stored row (key rotation, the fuzz target).
+pub fn open_sealed_row(row: &SealedRow, key: Option<&Key>) -> Result<TokenRecord, SealingError> {
+    let open = |field, sealed: &[u8]| {
+        let binding = Binding {
+            provider: &row.provider,
+            user_id: &row.user_id,
+            field,
+            key_id: &row.key_id,
+        };
+        open_field(key, &binding, sealed)
+    };
+    Ok(TokenRecord {
+        provider: row.provider.clone(),
+        user_id: row.user_id.clone(),
+        tokens: TokenSet {
+            access_token: open(Field::AccessToken, &row.access_token)?,
+            refresh_token: row
+                .refresh_token
+                .as_deref()
+                .map(|s| open(Field::RefreshToken, s))
+                .transpose()?,
+            access_token_expires_at: row.access_token_expires_at,
+            refresh_token_expires_at: row.refresh_token_expires_at,
+            scopes: row.scopes.clone(),
+        },
+        obtained_at: row.obtained_at,
+        generation: row.generation,
+        health: row.health.clone(),
+    })
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! The `tokenkeep` command: see `tokenkeep --help` and the README.
 
 fn main() -> std::process::ExitCode {
-    tokenkeep::cli::main()
+    tokenkeep_cli::cli::main()
 }

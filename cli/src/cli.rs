@@ -1,18 +1,16 @@
 //! The `tokenkeep` command line: parsing, wiring and printing only; every
 //! decision is the [`Keeper`]'s.
 
-use crate::config::Config;
-use crate::conversation::{ConversationError, ConversationSettings};
-use crate::error::Error;
-use crate::keeper::{Keeper, Options, TokenSet, TokenState, TokenSummary};
-use crate::keyring::Keyring;
-use crate::runtime::SandboxLimits;
 use clap::{Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use tokenkeep_host::{
+    Config, ConversationError, ConversationSettings, Error, Keeper, Keyring, Options,
+    SandboxLimits, TokenSet, TokenState, TokenSummary,
+};
 
 /// Largest token response accepted on standard input.
 const MAX_STDIN_BYTES: u64 = 1 << 20;
@@ -153,7 +151,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
 async fn tokens(keeper: &Keeper, cmd: &TokensCommand) -> Result<(), Error> {
     match cmd {
         TokensCommand::Put { provider, user } => {
-            let tokens = read_token_response()?;
+            // Lifetimes count on the keeper's clock (the database's).
+            let tokens = token_set_from_response(read_stdin()?.expose_secret(), keeper.now())?;
             let record = keeper.store_tokens(provider, user, &tokens).await?;
             eprintln!(
                 "stored {provider}/{user} (generation {})",
@@ -163,13 +162,13 @@ async fn tokens(keeper: &Keeper, cmd: &TokensCommand) -> Result<(), Error> {
         TokensCommand::Get { provider, user } => {
             let record = keeper.ensure_fresh(provider, user).await?;
             let mut out = std::io::stdout().lock();
-            writeln!(out, "{}", record.tokens.access_token.expose_secret())
+            writeln!(out, "{}", record.access_token.expose_secret())
                 .and_then(|()| out.flush())
                 .map_err(|e| Error::Config(format!("cannot write to standard output: {e}")))?;
         }
         TokensCommand::List { json } => {
             let list = keeper.list_tokens().await?;
-            print_list(&list, *json);
+            print_list(&list, *json, keeper.now());
         }
         TokensCommand::Delete { provider, user } => {
             if !keeper.delete_tokens(provider, user).await? {
@@ -321,13 +320,9 @@ fn read_stdin() -> Result<secrecy::SecretSlice<u8>, Error> {
 }
 
 /// Reads an RFC 6749 section 5.1 token response from standard input.
-fn read_token_response() -> Result<TokenSet, Error> {
-    token_set_from_response(read_stdin()?.expose_secret(), now())
-}
-
 /// Turns a provider's token response into a token set, expiries counted from `now`.
 pub fn token_set_from_response(body: &[u8], now: i64) -> Result<TokenSet, Error> {
-    use tokenkeep_component::provider::parse_token_response;
+    use tokenkeep_core::provider::parse_token_response;
     let r = parse_token_response(200, Some("application/json"), body, &[])
         .map_err(|e| Error::InvalidInput(format!("standard input: {e}")))?;
     Ok(TokenSet {
@@ -339,8 +334,7 @@ pub fn token_set_from_response(body: &[u8], now: i64) -> Result<TokenSet, Error>
     })
 }
 
-fn print_list(list: &[TokenSummary], json: bool) {
-    let now = now();
+fn print_list(list: &[TokenSummary], json: bool, now: i64) {
     let mut out = std::io::stdout().lock();
     if !json {
         let _ = writeln!(
@@ -452,13 +446,6 @@ fn utc(ts: i64) -> String {
         secs % 3600 / 60,
         secs % 60
     )
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
 }
 
 /// Where the embedded default keeps its database and key.

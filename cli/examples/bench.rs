@@ -9,8 +9,8 @@
 
 use secrecy::SecretString;
 use std::time::{Duration, Instant};
-use tokenkeep::storage::{Store, StoreOptions};
-use tokenkeep::{Config, Keeper, Keyring, Options, SandboxLimits, TokenSet};
+use tokenkeep_host::storage::{Store, StoreOptions};
+use tokenkeep_host::{Config, Keeper, Keyring, Options, SandboxLimits, TokenSet};
 
 const ITERATIONS: u32 = 2_000;
 
@@ -70,7 +70,7 @@ async fn main() {
         )
         .await
         .expect("store");
-    let store = Store::open(&url, StoreOptions::default())
+    let store = Store::open(&url, StoreOptions::default(), Default::default())
         .await
         .expect("store");
 
@@ -91,6 +91,7 @@ async fn main() {
             .read("bench", "alice")
             .await
             .expect("read")
+            .row
             .expect("row");
     })
     .await;

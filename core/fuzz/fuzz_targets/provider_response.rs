@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    tokenkeep_component::fuzzing::provider_response(data);
+    tokenkeep_core::fuzzing::provider_response(data);
 });

@@ -2,14 +2,10 @@
 //! to expire is stored in a fresh SQLite file; several runtime processes ask
 //! for it at once; exactly one refresh reaches the local test provider.
 
-use crate::config::Config;
-use crate::devprovider::{Behaviour, DevProvider};
-use crate::error::Error;
-use crate::keeper::{Keeper, Options, TokenSet};
-use crate::keyring::Keyring;
-use crate::runtime::SandboxLimits;
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
+use tokenkeep_host::{Config, Error, Keeper, Keyring, Options, SandboxLimits, TokenSet};
+use tokenkeep_testkit::devprovider::{Behaviour, DevProvider};
 
 /// Runs the demo with `runtimes` concurrent `tokenkeep tokens get` processes.
 pub async fn run(runtimes: usize) -> Result<(), Error> {

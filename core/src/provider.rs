@@ -209,14 +209,16 @@ pub fn salvage_refresh_token(
     }
 }
 
+/// A provider's own code, as the class the catalogue gives it; only the
+/// classes a provider can mean are honoured.
 fn error_of_class(class: ErrorClass, code: &str) -> RefreshError {
-    let m = format!("provider answered {code}");
-    match class {
-        ErrorClass::ReauthorizationRequired => RefreshError::ReauthorizationRequired(m),
-        ErrorClass::ProviderRejectedClient => RefreshError::ProviderRejectedClient(m),
-        ErrorClass::ProviderUnavailable => RefreshError::ProviderUnavailable(m),
-        _ => RefreshError::InvalidProviderResponse(m),
-    }
+    let class = match class {
+        ErrorClass::ReauthorizationRequired
+        | ErrorClass::ProviderRejectedClient
+        | ErrorClass::ProviderUnavailable => class,
+        _ => ErrorClass::InvalidProviderResponse,
+    };
+    RefreshError::of_class(class, format!("provider answered {code}"))
 }
 
 /// Maps an OAuth (or provider-specific) error code onto the taxonomy.

@@ -39,11 +39,11 @@ pub struct OauthServer {
     child: Child,
     /// The server exits when this closes, even if this process is killed.
     _stdin: ChildStdin,
-    _dir: super::Scratch,
+    _dir: crate::Scratch,
 }
 
 fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn venv() -> PathBuf {
@@ -63,7 +63,7 @@ impl OauthServer {
             .status()
             .expect("run tests/oauth_server/setup.sh");
         assert!(setup.success(), "installing django-oauth-toolkit failed");
-        let dir = super::Scratch::new("oauth-server");
+        let dir = crate::Scratch::new("oauth-server");
         let mut child = Command::new(venv.join("bin/python"))
             .arg(workspace().join("tests/oauth_server/server.py"))
             .arg("--dir")

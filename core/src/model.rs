@@ -1,7 +1,7 @@
 //! The component's own view of tokens, rows and configuration, independent of
 //! the generated bindings so that the logic is testable natively.
 
-use crate::error::ErrorClass;
+use crate::error::{ErrorClass, RefreshError};
 use secrecy::{SecretSlice, SecretString};
 
 /// What a provider granted (WIT `token-set`).
@@ -33,6 +33,43 @@ pub struct TokenRecord {
     pub obtained_at: i64,
     pub generation: u64,
     pub health: Health,
+}
+
+/// What a runtime gets on the hot path: the access token and nothing else
+/// secret (WIT `access-grant`).
+#[derive(Debug, Clone)]
+pub struct AccessGrant {
+    pub provider: String,
+    pub user_id: String,
+    pub access_token: SecretString,
+    pub expires_at: Option<i64>,
+    pub scopes: Vec<String>,
+    /// When it was obtained: with `expires_at`, its lifetime.
+    pub obtained_at: i64,
+    pub generation: u64,
+}
+
+/// A row as read, with the shared clock's time from the same round trip
+/// (WIT `row-read`).
+#[derive(Debug, Clone)]
+pub struct RowRead {
+    pub row: Option<SealedRow>,
+    pub now: i64,
+}
+
+/// Which sealed column (WIT `sealing.field`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    AccessToken,
+    RefreshToken,
+}
+
+/// Both tokens of a row sealed by the host with one key (WIT `sealed-tokens`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedTokens {
+    pub key_id: String,
+    pub access_token: Vec<u8>,
+    pub refresh_token: Option<Vec<u8>>,
 }
 
 /// A row as the host stores it: ciphertexts plus plain metadata.
@@ -68,15 +105,6 @@ impl SealedRow {
     }
 }
 
-/// One batch of a key rotation (WIT `reseal-progress`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ResealProgress {
-    pub examined: u32,
-    pub resealed: u32,
-    pub undecryptable: Vec<RowKey>,
-    pub next: Option<RowKey>,
-}
-
 /// A stored token without secrets (WIT `token-summary`).
 #[derive(Debug, Clone)]
 pub struct TokenSummary {
@@ -88,8 +116,6 @@ pub struct TokenSummary {
 #[derive(Debug, Clone)]
 pub struct ProviderConfig {
     pub name: String,
-    pub token_url: String,
-    pub extra_params: Vec<(String, String)>,
     pub refresh_threshold_seconds: u32,
     pub timeout_ms: u32,
     pub max_response_bytes: u32,
@@ -113,16 +139,18 @@ pub struct ProviderConfig {
     pub retry_budget_ms: u32,
 }
 
-/// A data-encryption key, kept secret in memory.
-pub type Key = SecretSlice<u8>;
-
-/// A token request that got no answer.
-#[derive(Debug)]
-pub struct PostFailure {
-    pub error: crate::error::RefreshError,
-    /// False when the request certainly never reached the provider (refused
-    /// by the host, no connection, DNS, TLS): then repeating it is safe.
-    pub maybe_delivered: bool,
+/// Why the host's token endpoint sent nothing or got no usable answer
+/// (WIT `request-error`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    /// Refused by the host; nothing was sent.
+    Denied(String),
+    /// Certainly never reached the provider: safe to repeat.
+    NotSent(String),
+    /// Sent, but no answer began: the provider may have acted.
+    NoAnswer(String),
+    /// The answer began but was cut off or too large: the provider acted.
+    AnswerUnusable(String),
 }
 
 /// A token endpoint's raw answer.
@@ -139,13 +167,33 @@ pub struct HttpAnswer {
 pub enum StorageError {
     LockTimeout,
     Unavailable(String),
+    /// The host refused a call outside the export call's rows.
+    Refused(String),
 }
 
-impl From<StorageError> for crate::error::RefreshError {
+impl From<StorageError> for RefreshError {
     fn from(e: StorageError) -> Self {
         match e {
             StorageError::LockTimeout => Self::LockTimeout,
             StorageError::Unavailable(m) => Self::Storage(m),
+            StorageError::Refused(m) => Self::Storage(format!("refused by the host: {m}")),
+        }
+    }
+}
+
+/// Why the host's sealing failed (WIT `sealing-error`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SealingError {
+    UnknownKey(String),
+    Undecryptable(String),
+    Refused(String),
+}
+
+impl From<SealingError> for RefreshError {
+    fn from(e: SealingError) -> Self {
+        match e {
+            SealingError::UnknownKey(m) | SealingError::Undecryptable(m) => Self::Decryption(m),
+            SealingError::Refused(m) => Self::Storage(format!("refused by the host: {m}")),
         }
     }
 }
@@ -160,6 +208,17 @@ pub struct ProviderToken {
     pub refresh_token_expires_at: Option<i64>,
     pub obtained_at: Option<i64>,
     pub scopes: Vec<String>,
+}
+
+impl ProviderToken {
+    /// The token as a runtime may hold it: the refresh token stays in the keeper.
+    pub fn access_only(&self) -> Self {
+        Self {
+            refresh_token: None,
+            refresh_token_expires_at: None,
+            ..self.clone()
+        }
+    }
 }
 
 /// What is persisted for a conversation (WIT `conversation-entry`).
@@ -177,5 +236,5 @@ pub struct ConversationEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderFailure {
     pub provider: String,
-    pub error: crate::error::RefreshError,
+    pub error: RefreshError,
 }

@@ -1,0 +1,507 @@
+//! The refresh state machine through a fake host: rows in a map, a clock
+//! the test sets, a token endpoint that answers from a script, and a hook
+//! that lets "another runtime" act while this one waits for the row lock.
+
+use super::*;
+use crate::model::ConversationEntry;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+
+const T0: i64 = 1_900_000_000;
+
+type Key = (String, String);
+type Hook = Box<dyn FnOnce(&mut State)>;
+
+#[derive(Default)]
+struct State {
+    rows: BTreeMap<Key, SealedRow>,
+    now: i64,
+    answers: VecDeque<Result<HttpAnswer, RequestError>>,
+    /// Token requests made, and the refresh token each would have spent.
+    requests: Vec<String>,
+    /// Refresh starts recorded: (provider, user, generation) -> at.
+    starts: BTreeMap<Key, (u64, i64)>,
+    sleeps: Vec<u64>,
+    monotonic: u64,
+    /// Runs when a row lock is granted: what another runtime committed meanwhile.
+    on_lock: Option<Hook>,
+}
+
+#[derive(Clone, Default)]
+struct Fake(Rc<RefCell<State>>);
+
+struct FakeTxn {
+    host: Fake,
+    locked: RefCell<Option<Key>>,
+}
+
+/// The fake's sealing: readable, but bound to row and field like the real one.
+fn seal_one(provider: &str, user_id: &str, field: Field, plain: &str) -> Vec<u8> {
+    format!("{provider}|{user_id}|{field:?}|{plain}").into_bytes()
+}
+
+fn open_one(provider: &str, user_id: &str, field: Field, sealed: &[u8]) -> Option<String> {
+    let text = String::from_utf8(sealed.to_vec()).ok()?;
+    text.strip_prefix(&format!("{provider}|{user_id}|{field:?}|"))
+        .map(str::to_string)
+}
+
+fn config() -> ProviderConfig {
+    ProviderConfig {
+        name: "acme".into(),
+        refresh_threshold_seconds: 600,
+        timeout_ms: 1_000,
+        max_response_bytes: 64 * 1024,
+        kind: "custom".into(),
+        error_codes: Vec::new(),
+        default_expires_in: None,
+        default_refresh_token_expires_in: None,
+        rotates_refresh_tokens: true,
+        max_attempts: 3,
+        retry_budget_ms: 30_000,
+    }
+}
+
+impl Host for Fake {
+    type Txn = FakeTxn;
+
+    fn now(&self) -> i64 {
+        self.0.borrow().now
+    }
+    fn random_u64(&self) -> u64 {
+        7
+    }
+    fn provider(&self, name: &str) -> Option<ProviderConfig> {
+        (name == "acme").then(config)
+    }
+    fn seal(&self, p: &str, u: &str, t: &TokenSet) -> Result<SealedTokens, SealingError> {
+        Ok(SealedTokens {
+            key_id: "k1".into(),
+            access_token: seal_one(p, u, Field::AccessToken, t.access_token.expose_secret()),
+            refresh_token: t
+                .refresh_token
+                .as_ref()
+                .map(|r| seal_one(p, u, Field::RefreshToken, r.expose_secret())),
+        })
+    }
+    fn open(
+        &self,
+        p: &str,
+        u: &str,
+        field: Field,
+        _key_id: &str,
+        sealed: &[u8],
+    ) -> Result<SecretString, SealingError> {
+        open_one(p, u, field, sealed)
+            .map(SecretString::from)
+            .ok_or_else(|| SealingError::Undecryptable("moved".into()))
+    }
+    fn read(&self, p: &str, u: &str) -> Result<RowRead, StorageError> {
+        let s = self.0.borrow();
+        Ok(RowRead {
+            row: s.rows.get(&(p.into(), u.into())).cloned(),
+            now: s.now,
+        })
+    }
+    fn list(&self, after: Option<&RowKey>, limit: u32) -> Result<Vec<SealedRow>, StorageError> {
+        let s = self.0.borrow();
+        Ok(s.rows
+            .values()
+            .filter(|r| after.is_none_or(|a| r.key() > *a))
+            .take(limit as usize)
+            .cloned()
+            .collect())
+    }
+    fn upsert(&self, row: &SealedRow) -> Result<u64, StorageError> {
+        let mut s = self.0.borrow_mut();
+        let key = (row.provider.clone(), row.user_id.clone());
+        let generation = s.rows.get(&key).map_or(1, |r| r.generation + 1);
+        s.rows.insert(
+            key,
+            SealedRow {
+                generation,
+                ..row.clone()
+            },
+        );
+        Ok(generation)
+    }
+    fn insert(&self, row: &SealedRow) -> Result<bool, StorageError> {
+        let mut s = self.0.borrow_mut();
+        let key = (row.provider.clone(), row.user_id.clone());
+        if s.rows.contains_key(&key) {
+            return Ok(false);
+        }
+        s.rows.insert(
+            key,
+            SealedRow {
+                generation: 1,
+                ..row.clone()
+            },
+        );
+        Ok(true)
+    }
+    fn delete(&self, p: &str, u: &str) -> Result<bool, StorageError> {
+        Ok(self
+            .0
+            .borrow_mut()
+            .rows
+            .remove(&(p.into(), u.into()))
+            .is_some())
+    }
+    fn begin(&self) -> Result<FakeTxn, StorageError> {
+        Ok(FakeTxn {
+            host: self.clone(),
+            locked: RefCell::new(None),
+        })
+    }
+    fn conversation_entries(&self, _: &str) -> Result<Vec<ConversationEntry>, StorageError> {
+        Ok(Vec::new())
+    }
+    fn put_conversation_entry(&self, _: &ConversationEntry) -> Result<(), StorageError> {
+        Ok(())
+    }
+    fn request_refresh(&self, locked: &FakeTxn) -> Result<HttpAnswer, RequestError> {
+        let key = locked
+            .locked
+            .borrow()
+            .clone()
+            .ok_or_else(|| RequestError::Denied("no locked row".into()))?;
+        let mut s = self.0.borrow_mut();
+        let row = s.rows.get(&key).cloned().expect("the locked row exists");
+        let spent = row
+            .refresh_token
+            .as_deref()
+            .and_then(|r| open_one(&key.0, &key.1, Field::RefreshToken, r))
+            .ok_or_else(|| RequestError::Denied("no refresh token".into()))?;
+        let now = s.now;
+        s.starts.insert(key, (row.generation, now));
+        s.requests.push(spent);
+        s.answers
+            .pop_front()
+            .expect("the test scripted an answer for every request")
+    }
+    fn monotonic_ms(&self) -> u64 {
+        self.0.borrow().monotonic
+    }
+    fn sleep_ms(&self, ms: u64) {
+        let mut s = self.0.borrow_mut();
+        s.sleeps.push(ms);
+        s.monotonic += ms;
+    }
+}
+
+impl Transaction for FakeTxn {
+    fn load_for_update(&self, p: &str, u: &str) -> Result<RowRead, StorageError> {
+        let hook = self.host.0.borrow_mut().on_lock.take();
+        if let Some(hook) = hook {
+            hook(&mut self.host.0.borrow_mut());
+        }
+        let key: Key = (p.into(), u.into());
+        *self.locked.borrow_mut() = Some(key.clone());
+        let s = self.host.0.borrow();
+        let row = s.rows.get(&key).cloned().map(|mut row| {
+            row.health.refresh_started_at = s
+                .starts
+                .get(&key)
+                .filter(|(generation, _)| *generation == row.generation)
+                .map(|(_, at)| *at);
+            row
+        });
+        Ok(RowRead { row, now: s.now })
+    }
+    fn compare_and_set(&self, row: &SealedRow, expected: u64) -> Result<bool, StorageError> {
+        let mut s = self.host.0.borrow_mut();
+        let key = (row.provider.clone(), row.user_id.clone());
+        match s.rows.get(&key) {
+            Some(current) if current.generation == expected => {
+                s.rows.insert(key, row.clone());
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+    fn commit(self) -> Result<(), StorageError> {
+        Ok(())
+    }
+}
+
+/// A keeper over a fake holding alice's token: obtained an hour before it
+/// expires `expires_in` seconds after T0, refresh token `rt-1`.
+fn world(expires_in: i64) -> (Keeper<Fake>, Fake) {
+    let fake = Fake::default();
+    fake.0.borrow_mut().now = T0;
+    fake.0.borrow_mut().rows.insert(
+        ("acme".into(), "alice".into()),
+        stored_row("at-1", "rt-1", T0 + expires_in - 3600, T0 + expires_in, 1),
+    );
+    (Keeper::new(fake.clone()), fake)
+}
+
+fn stored_row(
+    access: &str,
+    refresh: &str,
+    obtained_at: i64,
+    expires_at: i64,
+    generation: u64,
+) -> SealedRow {
+    SealedRow {
+        provider: "acme".into(),
+        user_id: "alice".into(),
+        key_id: "k1".into(),
+        access_token: seal_one("acme", "alice", Field::AccessToken, access),
+        refresh_token: Some(seal_one("acme", "alice", Field::RefreshToken, refresh)),
+        access_token_expires_at: Some(expires_at),
+        refresh_token_expires_at: None,
+        scopes: vec!["repo".into()],
+        obtained_at,
+        generation,
+        health: Health::default(),
+    }
+}
+
+fn answer(status: u16, body: &str) -> Result<HttpAnswer, RequestError> {
+    Ok(HttpAnswer {
+        status,
+        content_type: Some("application/json".into()),
+        body: body.as_bytes().to_vec().into(),
+    })
+}
+
+fn granted(access: &str, refresh: &str) -> Result<HttpAnswer, RequestError> {
+    answer(
+        200,
+        &format!(
+            r#"{{"access_token":"{access}","refresh_token":"{refresh}","expires_in":3600,"scope":"repo"}}"#
+        ),
+    )
+}
+
+fn row(fake: &Fake) -> SealedRow {
+    fake.0.borrow().rows[&("acme".to_string(), "alice".to_string())].clone()
+}
+
+fn refresh_token_of(fake: &Fake) -> String {
+    let r = row(fake);
+    open_one(
+        "acme",
+        "alice",
+        Field::RefreshToken,
+        r.refresh_token.as_deref().unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn fresh_a_valid_token_is_served_from_one_read_without_a_lock_or_a_request() {
+    let (keeper, fake) = world(7200);
+    let grant = keeper.ensure_fresh("acme", "alice").unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-1");
+    assert_eq!((grant.generation, grant.expires_at), (1, Some(T0 + 7200)));
+    assert!(fake.0.borrow().requests.is_empty());
+}
+
+#[test]
+fn due_a_token_inside_its_window_is_refreshed_once_and_the_rotation_kept() {
+    let (keeper, fake) = world(300);
+    fake.0
+        .borrow_mut()
+        .answers
+        .push_back(granted("at-2", "rt-2"));
+    let grant = keeper.ensure_fresh("acme", "alice").unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-2");
+    assert_eq!(grant.generation, 2);
+    assert_eq!(
+        grant.expires_at,
+        Some(T0 + 3600),
+        "counted from when it was sent"
+    );
+    assert_eq!(fake.0.borrow().requests, ["rt-1"]);
+    assert_eq!(refresh_token_of(&fake), "rt-2");
+    assert_eq!(row(&fake).health.last_success_at, Some(T0));
+}
+
+#[test]
+fn waiter_after_success_reads_the_token_another_runtime_committed() {
+    let (keeper, fake) = world(-10);
+    // While we wait for the lock, another runtime refreshes and commits.
+    fake.0.borrow_mut().on_lock = Some(Box::new(|s: &mut State| {
+        s.rows.insert(
+            ("acme".into(), "alice".into()),
+            stored_row("at-theirs", "rt-theirs", T0, T0 + 3600, 2),
+        );
+    }));
+    let grant = keeper.ensure_fresh("acme", "alice").unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-theirs");
+    assert!(
+        fake.0.borrow().requests.is_empty(),
+        "no second provider call"
+    );
+}
+
+#[test]
+fn waiter_after_failure_gets_the_recorded_failure_without_a_request() {
+    let (keeper, fake) = world(-10);
+    fake.0.borrow_mut().on_lock = Some(Box::new(|s: &mut State| {
+        let r = s.rows.get_mut(&("acme".into(), "alice".into())).unwrap();
+        r.health.failed_attempts = 1;
+        r.health.last_failure_at = Some(T0);
+        r.health.last_failure = Some(ErrorClass::ProviderUnavailable);
+    }));
+    let e = keeper.ensure_fresh("acme", "alice").unwrap_err();
+    assert_eq!(e.class(), ErrorClass::ProviderUnavailable);
+    assert!(fake.0.borrow().requests.is_empty());
+
+    // The same failure with a still-valid token: the token is served.
+    let (keeper, fake) = world(300);
+    fake.0.borrow_mut().on_lock = Some(Box::new(|s: &mut State| {
+        let r = s.rows.get_mut(&("acme".into(), "alice".into())).unwrap();
+        r.health.failed_attempts = 1;
+        r.health.last_failure_at = Some(T0);
+        r.health.last_failure = Some(ErrorClass::ProviderUnavailable);
+    }));
+    let grant = keeper.ensure_fresh("acme", "alice").unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-1");
+    assert!(fake.0.borrow().requests.is_empty());
+}
+
+#[test]
+fn definitive_refusal_is_recorded_and_stands_without_further_requests() {
+    let (keeper, fake) = world(-10);
+    fake.0
+        .borrow_mut()
+        .answers
+        .push_back(answer(400, r#"{"error":"invalid_grant"}"#));
+    let e = keeper.ensure_fresh("acme", "alice").unwrap_err();
+    assert_eq!(e.class(), ErrorClass::ReauthorizationRequired);
+    let r = row(&fake);
+    assert_eq!(r.generation, 1, "the row is kept, not deleted");
+    assert_eq!(
+        r.health.last_failure,
+        Some(ErrorClass::ReauthorizationRequired)
+    );
+    let again = keeper.ensure_fresh("acme", "alice").unwrap_err();
+    assert_eq!(again.class(), ErrorClass::ReauthorizationRequired);
+    assert_eq!(fake.0.borrow().requests.len(), 1, "the refusal stands");
+}
+
+#[test]
+fn an_expired_refresh_token_is_offered_to_the_provider_not_refused_by_the_clock() {
+    let (keeper, fake) = world(-10);
+    fake.0
+        .borrow_mut()
+        .rows
+        .get_mut(&("acme".into(), "alice".into()))
+        .unwrap()
+        .refresh_token_expires_at = Some(T0 - 86_400);
+    fake.0
+        .borrow_mut()
+        .answers
+        .push_back(granted("at-2", "rt-2"));
+    let grant = keeper.ensure_fresh("acme", "alice").unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-2");
+    assert_eq!(fake.0.borrow().requests.len(), 1);
+    assert_eq!(row(&fake).health.last_failure, None);
+}
+
+#[test]
+fn transient_failures_are_retried_with_backoff_within_the_budget() {
+    let (keeper, fake) = world(-10);
+    {
+        let mut s = fake.0.borrow_mut();
+        s.answers.push_back(answer(503, ""));
+        s.answers
+            .push_back(Err(RequestError::NotSent("refused".into())));
+        s.answers.push_back(granted("at-2", "rt-2"));
+    }
+    let grant = keeper.ensure_fresh("acme", "alice").unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-2");
+    let s = fake.0.borrow();
+    assert_eq!(s.requests.len(), 3);
+    assert_eq!(s.sleeps.len(), 2);
+    assert!(s.sleeps[0] >= 200 && s.sleeps[1] >= 400, "{:?}", s.sleeps);
+}
+
+#[test]
+fn a_request_of_unknown_fate_is_never_repeated_to_a_rotating_provider() {
+    let (keeper, fake) = world(-10);
+    fake.0
+        .borrow_mut()
+        .answers
+        .push_back(Err(RequestError::NoAnswer("timed out".into())));
+    let e = keeper.ensure_fresh("acme", "alice").unwrap_err();
+    assert_eq!(e.class(), ErrorClass::ProviderUnavailable);
+    assert_eq!(fake.0.borrow().requests.len(), 1);
+    assert_eq!(row(&fake).health.failed_attempts, 1);
+}
+
+#[test]
+fn a_denied_request_is_a_typed_egress_error() {
+    let (keeper, fake) = world(-10);
+    fake.0
+        .borrow_mut()
+        .answers
+        .push_back(Err(RequestError::Denied("not configured".into())));
+    let e = keeper.ensure_fresh("acme", "alice").unwrap_err();
+    assert_eq!(e.class(), ErrorClass::EgressDenied);
+}
+
+#[test]
+fn lost_rotation_an_interrupted_refresh_is_named_when_the_provider_refuses() {
+    let (keeper, fake) = world(-10);
+    // A runtime recorded a refresh start from generation 1 and died.
+    fake.0
+        .borrow_mut()
+        .starts
+        .insert(("acme".into(), "alice".into()), (1, T0 - 5));
+    fake.0
+        .borrow_mut()
+        .answers
+        .push_back(answer(400, r#"{"error":"invalid_grant"}"#));
+    let e = keeper.ensure_fresh("acme", "alice").unwrap_err();
+    assert!(
+        matches!(&e, RefreshError::ReauthorizationRequired(m) if m.contains("interrupted refresh")),
+        "{e}"
+    );
+}
+
+#[test]
+fn salvage_an_unusable_answer_that_rotated_keeps_the_new_refresh_token() {
+    let (keeper, fake) = world(-10);
+    fake.0.borrow_mut().answers.push_back(answer(
+        200,
+        r#"{"access_token":42,"refresh_token":"rt-salvaged"}"#,
+    ));
+    let e = keeper.ensure_fresh("acme", "alice").unwrap_err();
+    assert_eq!(e.class(), ErrorClass::InvalidProviderResponse);
+    assert_eq!(refresh_token_of(&fake), "rt-salvaged");
+    let r = row(&fake);
+    assert_eq!(r.generation, 2);
+    assert_eq!(
+        r.health.last_failure,
+        Some(ErrorClass::InvalidProviderResponse)
+    );
+    // The next refresh spends the salvaged token.
+    fake.0
+        .borrow_mut()
+        .answers
+        .push_back(granted("at-3", "rt-3"));
+    let grant = keeper.ensure_fresh("acme", "alice").unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-3");
+    assert_eq!(fake.0.borrow().requests, ["rt-1", "rt-salvaged"]);
+}
+
+#[test]
+fn no_refresh_token_is_reauthorisation_and_records_nothing() {
+    let (keeper, fake) = world(-10);
+    fake.0
+        .borrow_mut()
+        .rows
+        .get_mut(&("acme".into(), "alice".into()))
+        .unwrap()
+        .refresh_token = None;
+    let e = keeper.ensure_fresh("acme", "alice").unwrap_err();
+    assert_eq!(e.class(), ErrorClass::ReauthorizationRequired);
+    assert_eq!(row(&fake).health, Health::default());
+    assert!(fake.0.borrow().requests.is_empty());
+}

@@ -1,0 +1,274 @@
+//! The sandbox: one engine and one pre-linked component per process, a fresh
+//! store per call, bounded in memory and fuel, confined to the rows the call
+//! is about, and given no network, files, environment or clock of its own.
+
+use crate::bindings::KeeperCorePre;
+use crate::clock::WasiWallClock;
+use crate::config::Config;
+use crate::error::Error;
+use crate::keyring::Keyring;
+use crate::linker::{KeeperCtx, KeeperCtxView, KeeperView, Scope};
+use crate::storage::Store;
+use crate::token_endpoint::DenyAllHttp;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Engine, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+/// The component built from `component/`, embedded in the binary.
+pub static COMPONENT: &[u8] = include_bytes!(env!("TOKENKEEP_COMPONENT_PATH"));
+
+/// Bounds on one call into the component.
+#[derive(Debug, Clone, Copy)]
+pub struct SandboxLimits {
+    /// Linear memory the component may grow to.
+    pub memory_bytes: usize,
+    /// Fuel per call: wasm instructions the guest may execute (waiting in host
+    /// calls for storage or HTTP costs none). A refresh uses well under 1%.
+    pub fuel: u64,
+}
+
+impl Default for SandboxLimits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 64 << 20,
+            fuel: 2_000_000_000,
+        }
+    }
+}
+
+/// What every store of a process shares.
+pub struct Shared {
+    pub store: Store,
+    pub config: Arc<Config>,
+    pub keyring: Keyring,
+}
+
+/// The state of one store: one call into the component.
+pub(crate) struct State {
+    keeper: KeeperCtx,
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    deny: DenyAllHttp,
+    table: ResourceTable,
+    limits: StoreLimits,
+}
+
+impl KeeperView for State {
+    fn keeper(&mut self) -> KeeperCtxView<'_> {
+        KeeperCtxView {
+            ctx: &mut self.keeper,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for State {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.deny,
+        }
+    }
+}
+
+/// The compiled, pre-linked component and what its calls need.
+pub(crate) struct Runtime {
+    engine: Engine,
+    pre: KeeperCorePre<State>,
+    shared: Arc<Shared>,
+    limits: SandboxLimits,
+    call_budget: Duration,
+}
+
+impl Runtime {
+    /// Compiles (or loads from the cache) `wasm`, which must implement the
+    /// `keeper-core` world.
+    pub fn new(shared: Shared, limits: SandboxLimits, wasm: &[u8]) -> Result<Self, Error> {
+        let mut config = wasmtime::Config::new();
+        // Fuel, not epochs: epochs tick while the guest waits on a row lock
+        // or a provider, and a long lock wait is not runaway guest code.
+        config.consume_fuel(true);
+        let engine = Engine::new(&config).map_err(sandbox)?;
+        let component = load_component(&engine, wasm)?;
+        let mut linker: Linker<State> = Linker::new(&engine);
+        // Full WASI p2 (a Rust guest's std imports cli/environment, exit,
+        // stdio), but the context grants no directories, sockets, arguments
+        // or environment; `wasi:http` is linked only to refuse every request,
+        // so that a guest built against it still gets a typed refusal.
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(sandbox)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(sandbox)?;
+        crate::linker::add_to_linker(&mut linker).map_err(sandbox)?;
+        let pre = KeeperCorePre::new(linker.instantiate_pre(&component).map_err(sandbox)?)
+            .map_err(sandbox)?;
+
+        // The longest a refresh may talk to its provider, retries included.
+        let slowest = shared
+            .config
+            .providers
+            .values()
+            .map(|p| p.timeout_ms.max(p.retry_budget_ms))
+            .max()
+            .unwrap_or(0);
+        // Wall-clock bound on one token's worth of work, generous on purpose:
+        // cancelling a call between the provider's answer and the commit
+        // loses a rotated refresh token. Queueing for a connection (up to two
+        // lock waits), the row lock, the provider, the re-read after a
+        // refusal (another lock wait), and the writes.
+        let call_budget = Duration::from_millis(
+            4 * u64::from(shared.config.lock_wait_ms) + u64::from(slowest) + 10_000,
+        );
+        Ok(Self {
+            engine,
+            pre,
+            shared: Arc::new(shared),
+            limits,
+            call_budget,
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Runs `f` against a fresh instance confined to `scope`, which may
+    /// refresh up to `tokens` tokens one after another. Returns what `f`
+    /// returned and the call's context, to check the result against; a call
+    /// that reached outside its scope fails whatever it returned.
+    pub async fn call<T, F>(
+        &self,
+        scope: Scope,
+        tokens: usize,
+        f: F,
+    ) -> Result<(T, KeeperCtx), Error>
+    where
+        F: AsyncFnOnce(
+            &crate::bindings::KeeperCore,
+            &mut wasmtime::Store<State>,
+        ) -> wasmtime::Result<T>,
+    {
+        let budget = self.call_budget * u32::try_from(tokens.max(1)).unwrap_or(u32::MAX);
+        let state = State {
+            keeper: KeeperCtx::new(self.shared.clone(), scope),
+            wasi: WasiCtx::builder()
+                .wall_clock(WasiWallClock(self.shared.clone()))
+                .build(),
+            http: WasiHttpCtx::new(),
+            deny: DenyAllHttp,
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(self.limits.memory_bytes)
+                .instances(16)
+                .tables(64)
+                .memories(8)
+                .trap_on_grow_failure(true)
+                .build(),
+        };
+        let mut store = wasmtime::Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_fuel(self.limits.fuel).map_err(sandbox)?;
+        let run = async {
+            let instance = self.pre.instantiate_async(&mut store).await?;
+            f(&instance, &mut store).await
+        };
+        let outcome = tokio::time::timeout(budget, run).await;
+        if let Ok(left) = store.get_fuel() {
+            tracing::trace!(fuel_used = self.limits.fuel - left, "component call");
+        }
+        let value = match outcome {
+            Ok(Ok(value)) => value,
+            Ok(Err(trap)) => {
+                tracing::error!(error = %describe_trap(&trap), "component call failed");
+                return Err(Error::Sandbox(describe_trap(&trap)));
+            }
+            Err(_) => {
+                return Err(Error::Sandbox(format!(
+                    "call exceeded {} ms",
+                    budget.as_millis()
+                )));
+            }
+        };
+        let ctx = store.into_data().keeper;
+        if let Some(first) = ctx.refusals().first() {
+            return Err(Error::Sandbox(format!(
+                "the component reached outside its call ({} refused: {first})",
+                ctx.refusals().len()
+            )));
+        }
+        Ok((value, ctx))
+    }
+}
+
+fn describe_trap(e: &wasmtime::Error) -> String {
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::OutOfFuel) => "guest exceeded its fuel (CPU) budget".into(),
+        Some(trap) => format!("guest trapped: {trap}"),
+        None => {
+            // The outermost message is a backtrace header; the cause says what.
+            let mut s = e.root_cause().to_string();
+            if s.contains("growing memory") {
+                s = format!("guest exceeded its memory limit ({s})");
+            }
+            s.truncate(200);
+            s
+        }
+    }
+}
+
+fn sandbox(e: wasmtime::Error) -> Error {
+    Error::Sandbox(e.to_string())
+}
+
+/// Compiles the component, or loads the machine code a previous process of
+/// the same build cached (compiling costs far more than loading).
+fn load_component(engine: &Engine, wasm: &[u8]) -> Result<Component, Error> {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    wasm.hash(&mut hasher);
+    let cached = cache_dir().map(|d| d.join(format!("component-{:016x}.cwasm", hasher.finish())));
+    if let Some(path) = cached.as_ref().filter(|p| p.exists()) {
+        // SAFETY: the file is named by the hash of this engine's settings and
+        // of the component's bytes, in a directory only tokenkeep writes.
+        match unsafe { Component::deserialize_file(engine, path) } {
+            Ok(component) => return Ok(component),
+            Err(e) => tracing::warn!(error = %e, "ignoring unreadable component cache"),
+        }
+    }
+    let component = Component::new(engine, wasm).map_err(sandbox)?;
+    if let (Some(path), Ok(bytes)) = (cached, component.serialize()) {
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "component cache not written");
+        }
+    }
+    Ok(component)
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("TOKENKEEP_CACHE_DIR") {
+        return (!dir.is_empty()).then(|| PathBuf::from(dir));
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("tokenkeep"))
+}

@@ -1,0 +1,337 @@
+//! The one request the component may have sent: a refresh of the row its
+//! transaction holds locked (WIT `token-endpoint`). The host builds it from
+//! the row and the configuration alone: `grant_type=refresh_token`, the
+//! row's own refresh token (opened here), the configured parameters and the
+//! client credentials, POSTed to the configured token URL within the
+//! provider's total time and size bounds. `wasi:http` is linked only to
+//! refuse: nothing the component addresses itself leaves the host.
+
+use crate::config::{ClientAuth, Provider};
+use crate::sandbox::Shared;
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use secrecy::{ExposeSecret, SecretString};
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+use tokenkeep_core::model::{HttpAnswer, RequestError, SealedRow};
+use tokenkeep_core::provider::{form_encode_into, refresh_request_body};
+use tokenkeep_core::seal::Field;
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
+
+type Io = Box<dyn Future<Output = Result<(), Error>> + Send>;
+type Sent = Box<dyn Future<Output = Result<(http::Response<WasiBody>, Io), Error>> + Send>;
+
+/// A short fingerprint of what a guest asked for, so that a refusal can be
+/// correlated without writing the guest's bytes (a channel out of the
+/// sandbox) into the log.
+pub fn fingerprint(what: &impl Hash) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    what.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// `wasi:http` hooks that refuse every request.
+#[derive(Debug, Default)]
+pub struct DenyAllHttp;
+
+impl WasiHttpHooks for DenyAllHttp {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        _options: Option<RequestOptions>,
+        _fut: Io,
+    ) -> Sent {
+        let asked = fingerprint(&(request.method().as_str(), request.uri().to_string()));
+        tracing::warn!(
+            request = %asked,
+            "egress denied: the component may not send HTTP requests of its own"
+        );
+        Box::new(async { Err(Error::HttpRequestDenied) })
+    }
+}
+
+/// Sends the refresh of `locked`, the row a transaction holds locked.
+pub async fn request_refresh(
+    shared: &Shared,
+    locked: &SealedRow,
+) -> Result<HttpAnswer, RequestError> {
+    let Some(provider) = shared.config.providers.get(&locked.provider) else {
+        return Err(denied(
+            &locked.provider,
+            "the locked row's provider is not configured",
+        ));
+    };
+    let Some(sealed) = locked.refresh_token.as_deref() else {
+        return Err(denied(
+            &provider.name,
+            "the locked row holds no refresh token",
+        ));
+    };
+    let refresh_token = shared
+        .keyring
+        .open(
+            &locked.provider,
+            &locked.user_id,
+            Field::RefreshToken,
+            &locked.key_id,
+            sealed,
+        )
+        .map_err(|_| {
+            denied(
+                &provider.name,
+                "the locked row's refresh token does not open",
+            )
+        })?;
+    // Durably, before the request leaves: if this runtime dies before its
+    // commit, the next one can tell a lost rotation from a revocation.
+    shared
+        .store
+        .record_refresh_start(&locked.provider, &locked.user_id, locked.generation)
+        .await
+        .map_err(|e| {
+            RequestError::NotSent(format!("the refresh start could not be recorded: {e}"))
+        })?;
+    post(provider, &refresh_token).await
+}
+
+fn denied(provider: &str, why: &str) -> RequestError {
+    tracing::warn!(provider = %provider, "egress denied: {why}");
+    RequestError::Denied(why.to_string())
+}
+
+/// POSTs the refresh form, bounded by the provider's total time (connect to
+/// last byte) and response size.
+async fn post(
+    provider: &Provider,
+    refresh_token: &SecretString,
+) -> Result<HttpAnswer, RequestError> {
+    let mut form = refresh_request_body(refresh_token, &provider.extra_params)
+        .expose_secret()
+        .as_bytes()
+        .to_vec();
+    let mut headers = http::HeaderMap::new();
+    attach_client_credentials(provider, &mut headers, &mut form);
+    let mut request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(&provider.token_url)
+        .header(
+            http::header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded",
+        )
+        .header(http::header::ACCEPT, "application/json")
+        .header(http::header::CONTENT_LENGTH, form.len())
+        .body(Full::new(Bytes::from(form)).map_err(|never| match never {}))
+        .map_err(|_| RequestError::Denied("the configured token URL is not a valid URI".into()))?;
+    request.headers_mut().extend(headers);
+
+    let total = Duration::from_millis(u64::from(provider.timeout_ms));
+    let deadline = tokio::time::Instant::now() + total;
+    let options = RequestOptions {
+        connect_timeout: Some(total),
+        first_byte_timeout: Some(total),
+        between_bytes_timeout: Some(total),
+    };
+    let started = std::time::Instant::now();
+    let (response, io) = match tokio::time::timeout_at(
+        deadline,
+        wasmtime_wasi_http::default_send_request(request, Some(options)),
+    )
+    .await
+    {
+        Ok(Ok(sent)) => sent,
+        Ok(Err(e)) => {
+            tracing::info!(provider = %provider.name, error = ?e, "token request failed");
+            return Err(if never_connected(&e) {
+                RequestError::NotSent("the provider could not be reached".into())
+            } else {
+                RequestError::NoAnswer(format!("no answer: {}", short(&e)))
+            });
+        }
+        Err(_) => {
+            tracing::info!(provider = %provider.name, timeout_ms = provider.timeout_ms, "token request timed out");
+            return Err(RequestError::NoAnswer("timed out".into()));
+        }
+    };
+    // The connection's own task: it moves the body while we read it.
+    let connection = tokio::spawn(async move {
+        let _ = Box::pin(io).await;
+    });
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let cap = provider.max_response_bytes as usize;
+    let mut body = response.into_body();
+    let mut buf = Vec::new();
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("answer cut off: {}", short(&e)))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > cap {
+                    return Err(format!("answer larger than {cap} bytes"));
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(())
+    };
+    let outcome = tokio::time::timeout_at(deadline, read).await;
+    connection.abort();
+    match outcome {
+        Ok(Ok(())) => {}
+        // The provider answered, so it has likely acted on the request:
+        // never repeated.
+        Ok(Err(why)) => return Err(RequestError::AnswerUnusable(why)),
+        Err(_) => {
+            return Err(RequestError::AnswerUnusable(format!(
+                "answer cut off after {} bytes: timed out",
+                buf.len()
+            )));
+        }
+    }
+    tracing::debug!(provider = %provider.name, status, elapsed_ms = started.elapsed().as_millis() as u64, "token request answered");
+    Ok(HttpAnswer {
+        status,
+        content_type,
+        body: buf.into(),
+    })
+}
+
+/// Failures before a request can have reached the provider.
+fn never_connected(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Connect(_)
+            | Error::Tls(_)
+            | Error::InvalidDnsNameError(_)
+            | Error::DnsTimeout
+            | Error::DnsError { .. }
+            | Error::DestinationNotFound
+            | Error::DestinationUnavailable
+            | Error::DestinationIpProhibited
+            | Error::DestinationIpUnroutable
+            | Error::ConnectionRefused
+            | Error::ConnectionTimeout
+            | Error::ConnectionLimitReached
+            | Error::TlsProtocolError
+            | Error::TlsCertificateError
+            | Error::TlsAlertReceived { .. }
+            | Error::HttpRequestUriInvalid
+    )
+}
+
+/// An error's kind, short, for messages (never a body).
+fn short(e: &Error) -> String {
+    let mut name = format!("{e:?}");
+    name.truncate(80);
+    name
+}
+
+/// RFC 6749 section 2.3.1: in the body, or as HTTP Basic over the
+/// form-encoded id and secret.
+fn attach_client_credentials(
+    provider: &Provider,
+    headers: &mut http::HeaderMap,
+    form: &mut Vec<u8>,
+) {
+    let mut push = |k: &str, v: &str| {
+        let mut s = String::new();
+        if !form.is_empty() {
+            s.push('&');
+        }
+        s.push_str(k);
+        s.push('=');
+        s.push_str(&form_encode(v));
+        form.extend_from_slice(s.as_bytes());
+    };
+    match (provider.client_auth, &provider.client_secret) {
+        (ClientAuth::Basic, Some(secret)) => {
+            let pair = format!(
+                "{}:{}",
+                form_encode(&provider.client_id),
+                form_encode(secret.expose_secret())
+            );
+            let value = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(pair)
+            );
+            if let Ok(mut v) = http::HeaderValue::from_str(&value) {
+                v.set_sensitive(true);
+                headers.insert(http::header::AUTHORIZATION, v);
+            }
+        }
+        (_, secret) => {
+            push("client_id", &provider.client_id);
+            if let Some(secret) = secret {
+                push("client_secret", secret.expose_secret());
+            }
+        }
+    }
+}
+
+fn form_encode(s: &str) -> String {
+    let mut out = String::new();
+    form_encode_into(&mut out, s);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn config() -> Config {
+        Config::parse(
+            "[providers.acme]\ntoken_url = \"https://auth.example/oauth/token\"\nclient_id = \"the client\"\nclient_secret = \"s3cret&=\"\n\
+             [providers.basic]\ntoken_url = \"https://auth.example/basic\"\nclient_id = \"id\"\nclient_secret = \"pw\"\nclient_auth = \"basic\"\n",
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_component_may_send_no_http_request_of_its_own() {
+        for (method, url) in [
+            ("POST", "https://auth.example/oauth/token"),
+            ("GET", "http://127.0.0.1:1/anything"),
+        ] {
+            let request = http::Request::builder()
+                .method(method)
+                .uri(url)
+                .body(
+                    Full::new(Bytes::from_static(b"grant_type=client_credentials"))
+                        .map_err(|never| match never {})
+                        .boxed_unsync(),
+                )
+                .unwrap();
+            let sent = DenyAllHttp.send_request(request, None, Box::new(async { Ok(()) }));
+            assert!(matches!(
+                Box::into_pin(sent).await,
+                Err(Error::HttpRequestDenied)
+            ));
+        }
+    }
+
+    #[test]
+    fn client_credentials_are_attached_by_the_host() {
+        let config = config();
+        let mut headers = http::HeaderMap::new();
+        let mut form = b"grant_type=refresh_token".to_vec();
+        attach_client_credentials(&config.providers["acme"], &mut headers, &mut form);
+        assert_eq!(
+            String::from_utf8(form).unwrap(),
+            "grant_type=refresh_token&client_id=the+client&client_secret=s3cret%26%3D"
+        );
+        assert!(headers.get(http::header::AUTHORIZATION).is_none());
+
+        let mut form = b"grant_type=refresh_token".to_vec();
+        attach_client_credentials(&config.providers["basic"], &mut headers, &mut form);
+        assert_eq!(form, b"grant_type=refresh_token");
+        let auth = headers.get(http::header::AUTHORIZATION).unwrap();
+        assert!(auth.is_sensitive());
+        assert_eq!(auth.to_str().unwrap(), "Basic aWQ6cHc=");
+    }
+}
