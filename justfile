@@ -22,6 +22,10 @@ lint:
 wit: build
     wasm-tools component wit target/wasm/wasm32-wasip2/component/tokenkeep_component.wasm
 
+# Check that the built component imports and exports exactly wit/'s keeper-core.
+contract:
+    cargo test -p tokenkeep --test contract
+
 # Size of the built component in bytes.
 size: build
     wc -c target/wasm/wasm32-wasip2/component/tokenkeep_component.wasm
@@ -39,4 +43,4 @@ soak:
 # Fuzz one target for a while (needs `cargo install cargo-fuzz` and a nightly
 # toolchain): just fuzz provider_response 600   or   just fuzz sealed_row 600
 fuzz target="provider_response" seconds="300":
-    cd component && cargo +nightly fuzz run {{target}} fuzz/corpus/{{target}} -- -max_total_time={{seconds}}
+    cd core && cargo +nightly fuzz run {{target}} fuzz/corpus/{{target}} -- -max_total_time={{seconds}}

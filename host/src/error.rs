@@ -115,15 +115,6 @@ impl Error {
     }
 }
 
-impl From<crate::storage::StorageError> for Error {
-    fn from(e: crate::storage::StorageError) -> Self {
-        match e {
-            crate::storage::StorageError::LockTimeout => Error::LockTimeout,
-            crate::storage::StorageError::Unavailable(m) => Error::Storage(m),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,8 @@ pub mod postgres;
 pub mod sqlite;
 
 use crate::clock::{Clock, SharedClock};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
@@ -23,29 +25,109 @@ pub enum StorageError {
     Unavailable(String),
 }
 
+impl From<StorageError> for crate::Error {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::LockTimeout => crate::Error::LockTimeout,
+            StorageError::Unavailable(m) => crate::Error::Storage(m),
+        }
+    }
+}
+
+/// A row as a backend read it (none: no row) and the database's time, when
+/// the database has a clock of its own.
+pub type BackendRead = (Option<SealedRow>, Option<i64>);
+
+/// A future a backend returns: boxed, so backends sit behind `dyn Backend`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A database that keeps sealed rows with row locks. The backend never sees
+/// a plaintext token; reads report the database's time when it has its own
+/// clock (`None`: the owning host's clock is the database's).
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// The database's time, when it has a clock of its own.
+    fn database_now(&self) -> BoxFuture<'_, Result<Option<i64>, StorageError>>;
+    /// The last committed row, unlocked, and the database's time.
+    fn read<'a>(
+        &'a self,
+        provider: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<BackendRead, StorageError>>;
+    /// Up to `limit` rows after `after`, ordered by provider then user.
+    fn list<'a>(
+        &'a self,
+        after: Option<&'a RowKey>,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<SealedRow>, StorageError>>;
+    /// Inserts `row` (generation 1) only if none exists; false when one does.
+    fn insert<'a>(
+        &'a self,
+        row: &'a SealedRow,
+        now: i64,
+    ) -> BoxFuture<'a, Result<bool, StorageError>>;
+    /// Inserts or replaces `row`; the generation written.
+    fn upsert<'a>(
+        &'a self,
+        row: &'a SealedRow,
+        now: i64,
+    ) -> BoxFuture<'a, Result<u64, StorageError>>;
+    /// Deletes a row and its refresh-start record; false when there was no row.
+    fn delete<'a>(
+        &'a self,
+        provider: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StorageError>>;
+    /// A transaction whose row loads lock.
+    fn begin(&self) -> BoxFuture<'_, Result<Box<dyn BackendTransaction>, StorageError>>;
+    fn conversation_entries<'a>(
+        &'a self,
+        conversation_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ConversationEntry>, StorageError>>;
+    fn put_conversation_entry<'a>(
+        &'a self,
+        entry: &'a ConversationEntry,
+    ) -> BoxFuture<'a, Result<(), StorageError>>;
+    /// Records at once, durably and outside any transaction (it must not wait
+    /// for the row's lock), that a refresh from `generation` started at `at`.
+    fn record_refresh_start<'a>(
+        &'a self,
+        provider: &'a str,
+        user_id: &'a str,
+        generation: u64,
+        at: i64,
+    ) -> BoxFuture<'a, Result<(), StorageError>>;
+}
+
+/// An open backend transaction; dropping it rolls back.
+pub trait BackendTransaction: Send {
+    /// Reads and locks a row, with its refresh-start record for the current
+    /// generation, and the database's time after the lock was granted.
+    fn load_for_update<'a>(
+        &'a mut self,
+        provider: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<BackendRead, StorageError>>;
+    /// Writes `row` if the stored generation is still `expected`.
+    fn compare_and_set<'a>(
+        &'a mut self,
+        row: &'a SealedRow,
+        expected: u64,
+        now: i64,
+    ) -> BoxFuture<'a, Result<bool, StorageError>>;
+    fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), StorageError>>;
+}
+
 /// Where the tokens live, and the keeper's clock (the database's).
 #[derive(Debug)]
 pub struct Store {
-    backend: Backend,
+    backend: Box<dyn Backend>,
     clock: Arc<SharedClock>,
-}
-
-#[derive(Clone, Debug)]
-enum Backend {
-    Postgres(postgres::PgStore),
-    Sqlite(sqlite::SqliteStore),
 }
 
 /// An open transaction; dropping it rolls back and releases its locks.
 pub struct Transaction {
-    inner: TxnInner,
+    inner: Box<dyn BackendTransaction>,
     clock: Arc<SharedClock>,
-}
-
-enum TxnInner {
-    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
-    /// With the pool of the file that holds refresh-start records.
-    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::SqlitePool),
 }
 
 /// Connection settings shared by the backends.
@@ -74,27 +156,30 @@ impl Store {
         options: StoreOptions,
         clock: Clock,
     ) -> Result<Self, StorageError> {
-        let clock = Arc::new(SharedClock::new(clock));
-        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let pg = postgres::PgStore::open(url, options).await?;
-            clock.observe(Some(pg.database_now().await?));
-            Backend::Postgres(pg)
-        } else if let Some(path) = url
-            .strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))
-        {
-            Backend::Sqlite(sqlite::SqliteStore::open(path, options).await?)
-        } else {
-            return Err(StorageError::Unavailable(
-                "database URL must start with postgres://, postgresql:// or sqlite:".into(),
-            ));
-        };
-        Ok(Self { backend, clock })
+        let backend: Box<dyn Backend> =
+            if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                Box::new(postgres::PgStore::open(url, options).await?)
+            } else if let Some(path) = url
+                .strip_prefix("sqlite://")
+                .or_else(|| url.strip_prefix("sqlite:"))
+            {
+                Box::new(sqlite::SqliteStore::open(path, options).await?)
+            } else {
+                return Err(StorageError::Unavailable(
+                    "database URL must start with postgres://, postgresql:// or sqlite:".into(),
+                ));
+            };
+        Self::with_backend(backend, clock).await
     }
 
-    /// True for the embedded SQLite backend.
-    pub fn is_sqlite(&self) -> bool {
-        matches!(self.backend, Backend::Sqlite(_))
+    /// A store over any backend.
+    pub async fn with_backend(
+        backend: Box<dyn Backend>,
+        clock: Clock,
+    ) -> Result<Self, StorageError> {
+        let clock = Arc::new(SharedClock::new(clock));
+        clock.observe(backend.database_now().await?);
+        Ok(Self { backend, clock })
     }
 
     /// The shared time (the database's), without a round trip.
@@ -109,10 +194,7 @@ impl Store {
 
     /// The last committed row, unlocked, with the database's time.
     pub async fn read(&self, provider: &str, user_id: &str) -> Result<RowRead, StorageError> {
-        let (row, db_now) = match &self.backend {
-            Backend::Postgres(s) => postgres::rows::read(&s.pool, provider, user_id).await?,
-            Backend::Sqlite(s) => sqlite::rows::read(&s.pool, provider, user_id).await?,
-        };
+        let (row, db_now) = self.backend.read(provider, user_id).await?;
         Ok(RowRead {
             row,
             now: self.clock.observe(db_now),
@@ -125,54 +207,30 @@ impl Store {
         after: Option<&RowKey>,
         limit: u32,
     ) -> Result<Vec<SealedRow>, StorageError> {
-        match &self.backend {
-            Backend::Postgres(s) => postgres::rows::list(&s.pool, after, limit).await,
-            Backend::Sqlite(s) => sqlite::rows::list(&s.pool, after, limit).await,
-        }
+        self.backend.list(after, limit).await
     }
 
     /// Inserts `row` only if none exists; false when one does.
     pub async fn insert(&self, row: &SealedRow) -> Result<bool, StorageError> {
-        let now = self.now();
-        match &self.backend {
-            Backend::Postgres(s) => postgres::rows::insert(&s.pool, row, now).await,
-            Backend::Sqlite(s) => sqlite::rows::insert(&s.pool, row, now).await,
-        }
+        self.backend.insert(row, self.now()).await
     }
 
     /// Inserts or replaces `row`; the generation written.
     pub async fn upsert(&self, row: &SealedRow) -> Result<u64, StorageError> {
-        let now = self.now();
-        match &self.backend {
-            Backend::Postgres(s) => postgres::rows::upsert(&s.pool, row, now).await,
-            Backend::Sqlite(s) => sqlite::rows::upsert(&s.pool, row, now).await,
-        }
+        self.backend.upsert(row, self.now()).await
     }
 
     /// Deletes a row and its refresh-start record (a later row for the same
     /// user starts again at generation 1 and must not inherit it).
     pub async fn delete(&self, provider: &str, user_id: &str) -> Result<bool, StorageError> {
-        match &self.backend {
-            Backend::Postgres(s) => {
-                postgres::rows::delete_refresh_start(&s.pool, provider, user_id).await?;
-                postgres::rows::delete(&s.pool, provider, user_id).await
-            }
-            Backend::Sqlite(s) => {
-                sqlite::rows::delete_refresh_start(&s.markers, provider, user_id).await?;
-                sqlite::rows::delete(&s.pool, provider, user_id).await
-            }
-        }
+        self.backend.delete(provider, user_id).await
     }
 
     /// Opens a transaction whose row loads lock (Postgres: `FOR UPDATE` with
     /// a `lock_timeout`; SQLite: the write lock taken up front).
     pub async fn begin(&self) -> Result<Transaction, StorageError> {
-        let inner = match &self.backend {
-            Backend::Postgres(s) => TxnInner::Postgres(s.begin().await?),
-            Backend::Sqlite(s) => TxnInner::Sqlite(s.begin().await?, s.markers.clone()),
-        };
         Ok(Transaction {
-            inner,
+            inner: self.backend.begin().await?,
             clock: self.clock.clone(),
         })
     }
@@ -182,14 +240,7 @@ impl Store {
         &self,
         conversation_id: &str,
     ) -> Result<Vec<ConversationEntry>, StorageError> {
-        match &self.backend {
-            Backend::Postgres(s) => {
-                postgres::rows::conversation_entries(&s.pool, conversation_id).await
-            }
-            Backend::Sqlite(s) => {
-                sqlite::rows::conversation_entries(&s.pool, conversation_id).await
-            }
-        }
+        self.backend.conversation_entries(conversation_id).await
     }
 
     /// Inserts or replaces one entry of a conversation.
@@ -197,10 +248,7 @@ impl Store {
         &self,
         entry: &ConversationEntry,
     ) -> Result<(), StorageError> {
-        match &self.backend {
-            Backend::Postgres(s) => postgres::rows::put_conversation_entry(&s.pool, entry).await,
-            Backend::Sqlite(s) => sqlite::rows::put_conversation_entry(&s.pool, entry).await,
-        }
+        self.backend.put_conversation_entry(entry).await
     }
 
     /// Records at once, outside any transaction, that a refresh from
@@ -211,17 +259,9 @@ impl Store {
         user_id: &str,
         generation: u64,
     ) -> Result<(), StorageError> {
-        let at = self.now();
-        match &self.backend {
-            Backend::Postgres(s) => {
-                s.record_refresh_start(provider, user_id, generation, at)
-                    .await
-            }
-            Backend::Sqlite(s) => {
-                sqlite::rows::record_refresh_start(&s.markers, provider, user_id, generation, at)
-                    .await
-            }
-        }
+        self.backend
+            .record_refresh_start(provider, user_id, generation, self.now())
+            .await
     }
 }
 
@@ -232,14 +272,7 @@ impl Transaction {
         provider: &str,
         user_id: &str,
     ) -> Result<RowRead, StorageError> {
-        let (row, db_now) = match &mut self.inner {
-            TxnInner::Postgres(tx) => {
-                postgres::rows::load_for_update(tx, None, provider, user_id).await?
-            }
-            TxnInner::Sqlite(tx, markers) => {
-                sqlite::rows::load_for_update(tx, Some(markers), provider, user_id).await?
-            }
-        };
+        let (row, db_now) = self.inner.load_for_update(provider, user_id).await?;
         Ok(RowRead {
             row,
             now: self.clock.observe(db_now),
@@ -252,17 +285,11 @@ impl Transaction {
         expected: u64,
     ) -> Result<bool, StorageError> {
         let now = self.clock.now();
-        match &mut self.inner {
-            TxnInner::Postgres(tx) => postgres::rows::compare_and_set(tx, row, expected, now).await,
-            TxnInner::Sqlite(tx, _) => sqlite::rows::compare_and_set(tx, row, expected, now).await,
-        }
+        self.inner.compare_and_set(row, expected, now).await
     }
 
     pub async fn commit(self) -> Result<(), StorageError> {
-        match self.inner {
-            TxnInner::Postgres(tx) => tx.commit().await.map_err(postgres::error),
-            TxnInner::Sqlite(tx, _) => tx.commit().await.map_err(sqlite::error),
-        }
+        self.inner.commit().await
     }
 }
 

@@ -4,7 +4,10 @@
 //! `lock_timeout` is the configured lock wait; a runtime that dies drops its
 //! connection and Postgres rolls its transaction back, releasing the lock.
 
-use super::{StorageError, StoreOptions};
+use super::{
+    BackendRead, BackendTransaction, BoxFuture, ConversationEntry, RowKey, SealedRow, StorageError,
+    StoreOptions,
+};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use std::str::FromStr;
@@ -265,4 +268,101 @@ pub(crate) fn error(e: sqlx::Error) -> StorageError {
         sqlx::Error::Tls(_) => "postgres: TLS failure".into(),
         other => format!("postgres: {other}"),
     })
+}
+
+impl super::Backend for PgStore {
+    fn database_now(&self) -> BoxFuture<'_, Result<Option<i64>, StorageError>> {
+        Box::pin(async move { PgStore::database_now(self).await.map(Some) })
+    }
+    fn read<'a>(
+        &'a self,
+        provider: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<BackendRead, StorageError>> {
+        Box::pin(rows::read(&self.pool, provider, user_id))
+    }
+    fn list<'a>(
+        &'a self,
+        after: Option<&'a RowKey>,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<SealedRow>, StorageError>> {
+        Box::pin(rows::list(&self.pool, after, limit))
+    }
+    fn insert<'a>(
+        &'a self,
+        row: &'a SealedRow,
+        now: i64,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(rows::insert(&self.pool, row, now))
+    }
+    fn upsert<'a>(
+        &'a self,
+        row: &'a SealedRow,
+        now: i64,
+    ) -> BoxFuture<'a, Result<u64, StorageError>> {
+        Box::pin(rows::upsert(&self.pool, row, now))
+    }
+    fn delete<'a>(
+        &'a self,
+        provider: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(async move {
+            rows::delete_refresh_start(&self.pool, provider, user_id).await?;
+            rows::delete(&self.pool, provider, user_id).await
+        })
+    }
+    fn begin(&self) -> BoxFuture<'_, Result<Box<dyn BackendTransaction>, StorageError>> {
+        Box::pin(async move {
+            let tx = PgStore::begin(self).await?;
+            Ok(Box::new(PgTransaction(tx)) as Box<dyn BackendTransaction>)
+        })
+    }
+    fn conversation_entries<'a>(
+        &'a self,
+        conversation_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ConversationEntry>, StorageError>> {
+        Box::pin(rows::conversation_entries(&self.pool, conversation_id))
+    }
+    fn put_conversation_entry<'a>(
+        &'a self,
+        entry: &'a ConversationEntry,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(rows::put_conversation_entry(&self.pool, entry))
+    }
+    fn record_refresh_start<'a>(
+        &'a self,
+        provider: &'a str,
+        user_id: &'a str,
+        generation: u64,
+        at: i64,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(PgStore::record_refresh_start(
+            self, provider, user_id, generation, at,
+        ))
+    }
+}
+
+/// A Postgres transaction: its locking read joins the refresh-start record.
+struct PgTransaction(sqlx::Transaction<'static, sqlx::Postgres>);
+
+impl BackendTransaction for PgTransaction {
+    fn load_for_update<'a>(
+        &'a mut self,
+        provider: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<BackendRead, StorageError>> {
+        Box::pin(rows::load_for_update(&mut self.0, None, provider, user_id))
+    }
+    fn compare_and_set<'a>(
+        &'a mut self,
+        row: &'a SealedRow,
+        expected: u64,
+        now: i64,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(rows::compare_and_set(&mut self.0, row, expected, now))
+    }
+    fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), StorageError>> {
+        Box::pin(async move { self.0.commit().await.map_err(error) })
+    }
 }

@@ -4,7 +4,10 @@
 //! read takes that lock up front (`BEGIN IMMEDIATE`) and waits for it at most
 //! the lock wait (the busy timeout).
 
-use super::{StorageError, StoreOptions};
+use super::{
+    BackendRead, BackendTransaction, BoxFuture, ConversationEntry, RowKey, SealedRow, StorageError,
+    StoreOptions,
+};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -171,4 +174,118 @@ pub(crate) fn error(e: sqlx::Error) -> StorageError {
         sqlx::Error::Io(io) => format!("sqlite: {}", io.kind()),
         other => format!("sqlite: {other}"),
     })
+}
+
+impl super::Backend for SqliteStore {
+    fn database_now(&self) -> BoxFuture<'_, Result<Option<i64>, StorageError>> {
+        // One owner: its clock is the database's.
+        Box::pin(async { Ok(None) })
+    }
+    fn read<'a>(
+        &'a self,
+        provider: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<BackendRead, StorageError>> {
+        Box::pin(rows::read(&self.pool, provider, user_id))
+    }
+    fn list<'a>(
+        &'a self,
+        after: Option<&'a RowKey>,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<SealedRow>, StorageError>> {
+        Box::pin(rows::list(&self.pool, after, limit))
+    }
+    fn insert<'a>(
+        &'a self,
+        row: &'a SealedRow,
+        now: i64,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(rows::insert(&self.pool, row, now))
+    }
+    fn upsert<'a>(
+        &'a self,
+        row: &'a SealedRow,
+        now: i64,
+    ) -> BoxFuture<'a, Result<u64, StorageError>> {
+        Box::pin(rows::upsert(&self.pool, row, now))
+    }
+    fn delete<'a>(
+        &'a self,
+        provider: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(async move {
+            rows::delete_refresh_start(&self.markers, provider, user_id).await?;
+            rows::delete(&self.pool, provider, user_id).await
+        })
+    }
+    fn begin(&self) -> BoxFuture<'_, Result<Box<dyn BackendTransaction>, StorageError>> {
+        Box::pin(async move {
+            let tx = SqliteStore::begin(self).await?;
+            Ok(Box::new(SqliteTransaction {
+                tx,
+                markers: self.markers.clone(),
+            }) as Box<dyn BackendTransaction>)
+        })
+    }
+    fn conversation_entries<'a>(
+        &'a self,
+        conversation_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ConversationEntry>, StorageError>> {
+        Box::pin(rows::conversation_entries(&self.pool, conversation_id))
+    }
+    fn put_conversation_entry<'a>(
+        &'a self,
+        entry: &'a ConversationEntry,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(rows::put_conversation_entry(&self.pool, entry))
+    }
+    fn record_refresh_start<'a>(
+        &'a self,
+        provider: &'a str,
+        user_id: &'a str,
+        generation: u64,
+        at: i64,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(rows::record_refresh_start(
+            &self.markers,
+            provider,
+            user_id,
+            generation,
+            at,
+        ))
+    }
+}
+
+/// A SQLite transaction holding the file's write lock; refresh-start
+/// records come from their own file.
+struct SqliteTransaction {
+    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    markers: SqlitePool,
+}
+
+impl BackendTransaction for SqliteTransaction {
+    fn load_for_update<'a>(
+        &'a mut self,
+        provider: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<BackendRead, StorageError>> {
+        Box::pin(rows::load_for_update(
+            &mut self.tx,
+            Some(&self.markers),
+            provider,
+            user_id,
+        ))
+    }
+    fn compare_and_set<'a>(
+        &'a mut self,
+        row: &'a SealedRow,
+        expected: u64,
+        now: i64,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(rows::compare_and_set(&mut self.tx, row, expected, now))
+    }
+    fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), StorageError>> {
+        Box::pin(async move { self.tx.commit().await.map_err(error) })
+    }
 }
