@@ -184,6 +184,35 @@ async fn a_compromised_component_is_refused_and_nothing_it_chose_reaches_a_log(b
         );
     }
 
+    // Asked about its own row, it tries to get the refresh token out (sealed
+    // as an access token, returned as one, in a scope, in an error), to
+    // hammer the provider with it, to rewrite the row without moving its
+    // generation, and to open a second transaction.
+    let chain = w.provider.current_refresh_token().unwrap();
+    for (trick, outcome) in [
+        ("leak:seal", "sealed as an access token"),
+        ("leak:return", "not the requested row"),
+        ("leak:scope", "not the requested row"),
+        ("leak:error", "quoted a refresh token"),
+        ("leak:hammer", "beyond the provider's retry rules"),
+        (
+            "leak:generation",
+            "does not follow the locked row's generation",
+        ),
+        ("leak:two-transactions", "a second transaction"),
+    ] {
+        w.store(trick, "at-own", Some(&chain), -10).await;
+        let before = w.provider.calls();
+        let e = rogue.ensure_fresh("acme", trick).await.unwrap_err();
+        assert!(
+            matches!(&e, Error::Sandbox(m) if m.contains(outcome)),
+            "{trick}: {e}"
+        );
+        assert!(!e.to_string().contains(&chain), "{trick}: {e}");
+        let sent = w.provider.calls() - before;
+        assert!(sent <= 1, "{trick}: {sent} token requests");
+    }
+
     // It posts requests of its own: another grant with our client's name on
     // it, a refresh with another row's refresh token, data in a URL.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -208,7 +237,11 @@ async fn a_compromised_component_is_refused_and_nothing_it_chose_reaches_a_log(b
         );
     }
     assert_eq!(connections.load(Ordering::SeqCst), 0, "no connection made");
-    assert_eq!(w.provider.arrived(), 0, "nothing reached the provider");
+    assert_eq!(
+        w.provider.arrived(),
+        1,
+        "nothing reached the provider but the one refresh the host allowed"
+    );
 
     // Nothing changed, and the real component serves on.
     let after = w.stored("alice").await;

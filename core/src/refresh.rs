@@ -219,7 +219,7 @@ impl<H: Host> Keeper<H> {
 
         // 3. Refresh, or say why not.
         match self.refresh_locked(&config, &current, &txn) {
-            Ok(tokens) => {
+            Ok((tokens, sent_at)) => {
                 // Scopes the provider silently dropped. The new tokens are kept
                 // all the same: a rotating provider has already spent the old
                 // refresh token, so dropping the answer would kill the chain.
@@ -231,7 +231,9 @@ impl<H: Host> Keeper<H> {
                     .cloned()
                     .collect();
                 let now = self.host.now();
-                let mut next = self.seal_row(provider, user_id, &tokens, now)?;
+                // Obtained when the successful request was sent: its
+                // lifetime counts from there, and so does the refresh window.
+                let mut next = self.seal_row(provider, user_id, &tokens, sent_at)?;
                 next.generation = row.generation + 1;
                 next.health = Health {
                     last_success_at: Some(now),
@@ -255,7 +257,7 @@ impl<H: Host> Keeper<H> {
                     access_token: tokens.access_token,
                     expires_at: tokens.access_token_expires_at,
                     scopes: tokens.scopes,
-                    obtained_at: now,
+                    obtained_at: sent_at,
                     generation: next.generation,
                 })
             }
@@ -347,7 +349,8 @@ impl<H: Host> Keeper<H> {
     }
 
     /// Spends the refresh token through the host's token endpoint; the
-    /// caller holds the row lock. Transient failures are retried within the
+    /// caller holds the row lock. Returns the tokens and when the request
+    /// that got them was sent. Transient failures are retried within the
     /// provider's budget. A refresh token past its recorded expiry is still
     /// offered: only the provider's refusal is definitive, never a clock.
     fn refresh_locked(
@@ -355,7 +358,7 @@ impl<H: Host> Keeper<H> {
         config: &ProviderConfig,
         current: &TokenRecord,
         locked: &H::Txn,
-    ) -> Result<TokenSet, (RefreshError, Option<SecretString>)> {
+    ) -> Result<(TokenSet, i64), (RefreshError, Option<SecretString>)> {
         let started = self.host.monotonic_ms();
         let mut attempt = 1;
         loop {
@@ -386,7 +389,7 @@ impl<H: Host> Keeper<H> {
         config: &ProviderConfig,
         old: &TokenSet,
         locked: &H::Txn,
-    ) -> Result<TokenSet, Failed> {
+    ) -> Result<(TokenSet, i64), Failed> {
         // Lifetimes count from when the request was sent, not when it came back.
         let sent_at = self.host.now();
         let answer = self.host.request_refresh(locked).map_err(Failed::from)?;
@@ -400,7 +403,7 @@ impl<H: Host> Keeper<H> {
                     RefreshError::InvalidInput(m) => RefreshError::InvalidProviderResponse(m),
                     other => other,
                 })?;
-                Ok(tokens)
+                Ok((tokens, sent_at))
             })
             .map_err(|error| Failed {
                 not_processed: asks_to_retry(status, content_type, body),

@@ -52,7 +52,8 @@ impl Clock {
     }
 }
 
-fn system_now() -> i64 {
+/// The machine's clock, seconds since the epoch.
+pub(crate) fn system_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -103,11 +104,6 @@ impl SharedClock {
         self.host
             .now()
             .saturating_add(self.offset.load(Ordering::Relaxed))
-    }
-
-    /// The host's own clock (what WASI's wall clock would have said).
-    pub fn host(&self) -> &Clock {
-        &self.host
     }
 }
 

@@ -144,7 +144,7 @@ impl Keeper {
                     .await
             })
             .await?;
-        let record = r.map_err(|e| refresh_error(e, provider, user_id))?;
+        let record = r.map_err(|e| refresh_error(&ctx, e, provider, user_id))?;
         checked_record(record, &ctx, provider, user_id)
     }
 
@@ -164,7 +164,7 @@ impl Keeper {
                     .await
             })
             .await?;
-        r.map_err(|e| refresh_error(e, provider, user_id))?
+        r.map_err(|e| refresh_error(&ctx, e, provider, user_id))?
             .map(|record| checked_record(record, &ctx, provider, user_id))
             .transpose()
     }
@@ -180,10 +180,11 @@ impl Keeper {
                     .await
             })
             .await?;
-        let g = r.map_err(|e| refresh_error(e, provider, user_id))?;
+        let g = r.map_err(|e| refresh_error(&ctx, e, provider, user_id))?;
         if g.provider != provider
             || g.user_id != user_id
             || !ctx.vouches_for(provider, Some(user_id), &g.access_token)
+            || g.scopes.iter().any(|s| ctx.leaks(s))
         {
             return Err(not_the_rows());
         }
@@ -200,25 +201,25 @@ impl Keeper {
 
     /// Deletes a user's tokens; false when there were none.
     pub async fn delete_tokens(&self, provider: &str, user_id: &str) -> Result<bool, Error> {
-        let (r, _) = self
+        let (r, ctx) = self
             .on_row(provider, user_id, async |k, s| {
                 k.tokenkeep_oauth_token_store()
                     .call_delete_tokens(s, provider, user_id)
                     .await
             })
             .await?;
-        r.map_err(|e| refresh_error(e, provider, user_id))
+        r.map_err(|e| refresh_error(&ctx, e, provider, user_id))
     }
 
     /// Every stored token, without secrets.
     pub async fn list_tokens(&self) -> Result<Vec<TokenSummary>, Error> {
-        let (r, _) = self
+        let (r, ctx) = self
             .runtime
             .call(Scope::Listing, 1, async |k, s| {
                 k.tokenkeep_oauth_token_store().call_list_tokens(s).await
             })
             .await?;
-        r.map_err(|e| refresh_error(e, "", ""))
+        r.map_err(|e| refresh_error(&ctx, e, "", ""))
     }
 
     /// Re-encrypts every row sealed with an older key to the active key, in
@@ -339,7 +340,7 @@ impl Keeper {
             })
             .await
             .map_err(ConversationError::whole)?;
-        let out = r.map_err(|f| failure_from_wit(f, user_id))?;
+        let out = r.map_err(|f| failure_from_wit(&ctx, f, user_id))?;
         checked_settings(out, &ctx, settings).map_err(ConversationError::whole)
     }
 
@@ -366,7 +367,7 @@ impl Keeper {
             failures: r
                 .failures
                 .into_iter()
-                .map(|f| failure_from_wit(f, user_id))
+                .map(|f| failure_from_wit(&ctx, f, user_id))
                 .collect(),
         })
     }
@@ -404,7 +405,7 @@ impl Keeper {
             })
             .await
             .map_err(ConversationError::whole)?;
-        r.map_err(|f| failure_from_wit(f, ""))?
+        r.map_err(|f| failure_from_wit(&ctx, f, ""))?
             .map(|out| {
                 checked_settings(out, &ctx, &ConversationSettings::default())
                     .map_err(ConversationError::whole)
@@ -421,7 +422,7 @@ impl Keeper {
             rows: Vec::new(),
             conversation: Some(conversation_id.to_string()),
         };
-        let (r, _) = self
+        let (r, ctx) = self
             .runtime
             .call(scope, 1, async |k, s| {
                 k.tokenkeep_oauth_conversations()
@@ -430,7 +431,7 @@ impl Keeper {
             })
             .await?;
         r.map(|v| v.into_iter().map(convert::entry_from_wit).collect())
-            .map_err(|e| refresh_error(e, "", ""))
+            .map_err(|e| refresh_error(&ctx, e, "", ""))
     }
 
     /// For a runtime's timer: refreshes every token of the named live
@@ -545,6 +546,7 @@ fn checked_settings(
             .any(|i| i.provider == t.provider && i.access_token.expose_secret() == t.access_token);
         if t.refresh_token.is_some()
             || !(handed_in || ctx.vouches_for(&t.provider, None, &t.access_token))
+            || t.scopes.iter().any(|s| ctx.leaks(s))
         {
             return Err(not_the_rows());
         }
@@ -563,30 +565,56 @@ fn record_to_wit(r: &TokenRecord) -> wit::TokenRecord {
     }
 }
 
-fn failure_from_wit(f: wit::ProviderFailure, user_id: &str) -> ConversationError {
-    let error = refresh_error(f.error, &f.provider, user_id);
+fn failure_from_wit(ctx: &KeeperCtx, f: wit::ProviderFailure, user_id: &str) -> ConversationError {
+    let error = refresh_error(ctx, f.error, &f.provider, user_id);
     ConversationError {
         provider: f.provider,
         error,
     }
 }
 
-/// The host's error for the component's `refresh-error`.
-fn refresh_error(e: wit::RefreshError, provider: &str, user_id: &str) -> Error {
+/// Longest message of the component's that the host passes on.
+const MAX_GUEST_MESSAGE: usize = 300;
+
+/// The component's words, as the host passes them on: one line, bounded.
+fn tidy(m: String) -> String {
+    let mut m: String = m
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if m.len() > MAX_GUEST_MESSAGE {
+        let mut end = MAX_GUEST_MESSAGE;
+        while !m.is_char_boundary(end) {
+            end -= 1;
+        }
+        m.truncate(end);
+        m.push('…');
+    }
+    m
+}
+
+/// The host's error for the component's `refresh-error`: messages tidied,
+/// and none that quotes a refresh token the call saw.
+fn refresh_error(ctx: &KeeperCtx, e: wit::RefreshError, provider: &str, user_id: &str) -> Error {
     use wit::RefreshError as W;
+    if ctx.leaks(&format!("{e:?}")) {
+        return Error::Sandbox("the component's error quoted a refresh token".into());
+    }
     let e = match e {
         W::NotFound => RefreshError::NotFound,
-        W::ReauthorizationRequired(m) => RefreshError::ReauthorizationRequired(m),
-        W::ProviderUnavailable(m) => RefreshError::ProviderUnavailable(m),
-        W::ProviderRejectedClient(m) => RefreshError::ProviderRejectedClient(m),
-        W::ScopeMismatch(m) => RefreshError::ScopeMismatch(m),
+        W::ReauthorizationRequired(m) => RefreshError::ReauthorizationRequired(tidy(m)),
+        W::ProviderUnavailable(m) => RefreshError::ProviderUnavailable(tidy(m)),
+        W::ProviderRejectedClient(m) => RefreshError::ProviderRejectedClient(tidy(m)),
+        W::ScopeMismatch(m) => {
+            RefreshError::ScopeMismatch(m.into_iter().take(64).map(tidy).collect())
+        }
         W::LockTimeout => RefreshError::LockTimeout,
-        W::Storage(m) => RefreshError::Storage(m),
-        W::Decryption(m) => RefreshError::Decryption(m),
-        W::InvalidProviderResponse(m) => RefreshError::InvalidProviderResponse(m),
-        W::UnknownProvider(m) => RefreshError::UnknownProvider(m),
-        W::InvalidInput(m) => RefreshError::InvalidInput(m),
-        W::EgressDenied(m) => RefreshError::EgressDenied(m),
+        W::Storage(m) => RefreshError::Storage(tidy(m)),
+        W::Decryption(m) => RefreshError::Decryption(tidy(m)),
+        W::InvalidProviderResponse(m) => RefreshError::InvalidProviderResponse(tidy(m)),
+        W::UnknownProvider(m) => RefreshError::UnknownProvider(tidy(m)),
+        W::InvalidInput(m) => RefreshError::InvalidInput(tidy(m)),
+        W::EgressDenied(m) => RefreshError::EgressDenied(tidy(m)),
     };
     Error::from_refresh(e, provider, user_id)
 }

@@ -4,9 +4,9 @@
 //! runs wasmtime links tokenkeep's imports into its own `Linker`.
 //!
 //! Each call is confined to a [`Scope`]: the rows the export was asked
-//! about. Anything outside it is refused and recorded, and the embedder
-//! fails the call ([`KeeperCtx::refusals`]); what the component returns is
-//! checked against what this call opened or sealed ([`KeeperCtx::vouches_for`]).
+//! about. Anything outside it traps the component ([`REFUSED`]); what the
+//! component returns is checked against what this call opened or sealed
+//! ([`KeeperCtx::vouches_for`], [`KeeperCtx::leaks`]).
 
 use crate::bindings::tokenkeep::oauth::{
     clock, providers, sealing, storage, token_endpoint, types,
@@ -18,6 +18,7 @@ use crate::token_endpoint::fingerprint;
 use secrecy::{ExposeSecret, SecretString};
 use std::sync::Arc;
 use tokenkeep_core::model::{RequestError, RowKey, SealedRow, SealingError};
+use tokenkeep_core::provider::{asks_to_retry, salvage_refresh_token};
 use tokenkeep_core::seal::Field;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
@@ -58,14 +59,23 @@ impl Scope {
     }
 }
 
+/// Most access tokens one call may open or seal: a conversation's worth.
+const MAX_HANDED: usize = 256;
+
 /// The state of one call into the component.
 pub struct KeeperCtx {
     shared: Arc<Shared>,
     scope: Scope,
     /// Access tokens this call opened or sealed, by row: what it may return.
     handed: Vec<(RowKey, SecretString)>,
-    /// What was refused, in the host's words (never the guest's).
-    refusals: Vec<&'static str>,
+    /// Refresh tokens this call saw (opened, sealed, spent, or granted by a
+    /// provider): none of them may leave in what the call returns.
+    kept: Vec<SecretString>,
+    /// The row the live transaction locked, and whether one is live: one
+    /// transaction per call.
+    live: Option<Option<RowKey>>,
+    /// Token requests per row in this call: (row, generation, sent, closed).
+    requests: Vec<(RowKey, u64, u32, bool)>,
 }
 
 impl KeeperCtx {
@@ -74,53 +84,102 @@ impl KeeperCtx {
             shared,
             scope,
             handed: Vec::new(),
-            refusals: Vec::new(),
+            kept: Vec::new(),
+            live: None,
+            requests: Vec::new(),
         }
     }
 
-    /// Import calls this call made outside its scope. A call with any
-    /// refusal must fail whatever the component returned.
-    pub fn refusals(&self) -> &[&'static str] {
-        &self.refusals
-    }
-
     /// Whether `access_token`, returned for (provider, user id), is one this
-    /// call opened or sealed for that row (`user_id` none: any row of the
-    /// provider in scope, for conversations).
+    /// call opened or sealed for that row as an access token (`user_id` none:
+    /// any row of the provider in scope, for conversations), and no refresh
+    /// token.
     pub fn vouches_for(&self, provider: &str, user_id: Option<&str>, access_token: &str) -> bool {
-        self.handed.iter().any(|(k, t)| {
+        !self.is_kept(access_token)
+            && self.handed.iter().any(|(k, t)| {
+                k.provider == provider
+                    && user_id.is_none_or(|u| k.user_id == u)
+                    && t.expose_secret() == access_token
+            })
+    }
+
+    /// Whether `text` quotes a refresh token this call saw.
+    pub fn leaks(&self, text: &str) -> bool {
+        self.kept
+            .iter()
+            .any(|t| !t.expose_secret().is_empty() && text.contains(t.expose_secret()))
+    }
+
+    fn is_kept(&self, token: &str) -> bool {
+        self.kept.iter().any(|t| t.expose_secret() == token)
+    }
+
+    fn vouch(
+        &mut self,
+        provider: &str,
+        user_id: &str,
+        access_token: &SecretString,
+    ) -> wasmtime::Result<()> {
+        let known = self.handed.iter().any(|(k, t)| {
             k.provider == provider
-                && user_id.is_none_or(|u| k.user_id == u)
-                && t.expose_secret() == access_token
-        })
+                && k.user_id == user_id
+                && t.expose_secret() == access_token.expose_secret()
+        });
+        if !known {
+            if self.handed.len() >= MAX_HANDED {
+                return Err(self.refuse("more tokens than a call can need", &()));
+            }
+            self.handed.push((
+                RowKey {
+                    provider: provider.into(),
+                    user_id: user_id.into(),
+                },
+                access_token.clone(),
+            ));
+        }
+        Ok(())
     }
 
-    /// Lets a token the caller handed in come back out unchanged.
-    pub(crate) fn vouch(&mut self, provider: &str, user_id: &str, access_token: &SecretString) {
-        self.handed.push((
-            RowKey {
-                provider: provider.into(),
-                user_id: user_id.into(),
-            },
-            access_token.clone(),
-        ));
+    fn keep(&mut self, refresh_token: SecretString) {
+        if !self.is_kept(refresh_token.expose_secret()) {
+            self.kept.push(refresh_token);
+        }
     }
 
-    fn refuse(&mut self, what: &'static str, asked: &impl std::hash::Hash) -> String {
+    /// Ends the call: a component that reached outside its call is trapped,
+    /// so it can neither go on nor pretend it was not refused. Logs the kind
+    /// of refusal and a fingerprint of what was asked, never the asking.
+    fn refuse(&self, what: &'static str, asked: &impl std::hash::Hash) -> wasmtime::Error {
         tracing::warn!(request = %fingerprint(asked), "component refused: {what}");
-        self.refusals.push(what);
-        what.to_string()
+        wasmtime::Error::msg(format!("{REFUSED}: {what}"))
     }
 
     /// Refuses (provider, user id) unless it is in scope.
-    fn check_row(&mut self, provider: &str, user_id: &str) -> Result<(), String> {
+    fn check_row(&mut self, provider: &str, user_id: &str) -> wasmtime::Result<()> {
         if self.scope.allows(provider, user_id) {
             Ok(())
         } else {
             Err(self.refuse("a row outside the call's scope", &(provider, user_id)))
         }
     }
+
+    /// Refuses a write through the pool to the row the live transaction
+    /// holds locked: it would wait on its own lock.
+    fn check_unlocked(&mut self, provider: &str, user_id: &str) -> wasmtime::Result<()> {
+        let locked =
+            matches!(&self.live, Some(Some(k)) if k.provider == provider && k.user_id == user_id);
+        if locked {
+            return Err(self.refuse(
+                "a write beside the transaction that locks the row",
+                &(provider, user_id),
+            ));
+        }
+        Ok(())
+    }
 }
+
+/// What a call that reached outside its scope fails with (the trap's message).
+pub const REFUSED: &str = "the component reached outside its call";
 
 /// A transaction as the component holds it: the row it locked (at most
 /// one), which is all `compare-and-set` may write and `token-endpoint` may
@@ -165,10 +224,6 @@ pub fn add_to_linker<T: KeeperView + 'static>(linker: &mut Linker<T>) -> wasmtim
 
 type Res<T, E> = wasmtime::Result<Result<T, E>>;
 
-fn refused<T>(m: String) -> Res<T, storage::StorageError> {
-    Ok(Err(storage::StorageError::Refused(m)))
-}
-
 fn storage_error(e: crate::storage::StorageError) -> storage::StorageError {
     match e {
         crate::storage::StorageError::LockTimeout => storage::StorageError::LockTimeout,
@@ -194,9 +249,7 @@ impl storage::Host for KeeperCtxView<'_> {
         provider: String,
         user_id: String,
     ) -> Res<storage::RowRead, storage::StorageError> {
-        if let Err(m) = self.ctx.check_row(&provider, &user_id) {
-            return refused(m);
-        }
+        self.ctx.check_row(&provider, &user_id)?;
         Ok(self
             .ctx
             .shared
@@ -213,8 +266,7 @@ impl storage::Host for KeeperCtxView<'_> {
         limit: u32,
     ) -> Res<Vec<storage::SealedRow>, storage::StorageError> {
         if self.ctx.scope != Scope::Listing {
-            let m = self.ctx.refuse("a scan outside a listing", &limit);
-            return refused(m);
+            return Err(self.ctx.refuse("a scan outside a listing", &limit));
         }
         let after = after.map(convert::key_from_wit);
         Ok(self
@@ -228,9 +280,8 @@ impl storage::Host for KeeperCtxView<'_> {
     }
 
     async fn upsert(&mut self, row: storage::SealedRow) -> Res<u64, storage::StorageError> {
-        if let Err(m) = self.ctx.check_row(&row.provider, &row.user_id) {
-            return refused(m);
-        }
+        self.ctx.check_row(&row.provider, &row.user_id)?;
+        self.ctx.check_unlocked(&row.provider, &row.user_id)?;
         let row = convert::row_from_wit(row);
         Ok(self
             .ctx
@@ -242,9 +293,8 @@ impl storage::Host for KeeperCtxView<'_> {
     }
 
     async fn insert(&mut self, row: storage::SealedRow) -> Res<bool, storage::StorageError> {
-        if let Err(m) = self.ctx.check_row(&row.provider, &row.user_id) {
-            return refused(m);
-        }
+        self.ctx.check_row(&row.provider, &row.user_id)?;
+        self.ctx.check_unlocked(&row.provider, &row.user_id)?;
         let row = convert::row_from_wit(row);
         Ok(self
             .ctx
@@ -260,9 +310,8 @@ impl storage::Host for KeeperCtxView<'_> {
         provider: String,
         user_id: String,
     ) -> Res<bool, storage::StorageError> {
-        if let Err(m) = self.ctx.check_row(&provider, &user_id) {
-            return refused(m);
-        }
+        self.ctx.check_row(&provider, &user_id)?;
+        self.ctx.check_unlocked(&provider, &user_id)?;
         Ok(self
             .ctx
             .shared
@@ -277,8 +326,7 @@ impl storage::Host for KeeperCtxView<'_> {
         conversation_id: String,
     ) -> Res<Vec<types::ConversationEntry>, storage::StorageError> {
         if !self.ctx.scope.allows_conversation(&conversation_id) {
-            let m = self.ctx.refuse("another conversation", &conversation_id);
-            return refused(m);
+            return Err(self.ctx.refuse("another conversation", &conversation_id));
         }
         Ok(self
             .ctx
@@ -295,14 +343,11 @@ impl storage::Host for KeeperCtxView<'_> {
         entry: types::ConversationEntry,
     ) -> Res<(), storage::StorageError> {
         if !self.ctx.scope.allows_conversation(&entry.conversation_id) {
-            let m = self
+            return Err(self
                 .ctx
-                .refuse("another conversation", &entry.conversation_id);
-            return refused(m);
+                .refuse("another conversation", &entry.conversation_id));
         }
-        if let Err(m) = self.ctx.check_row(&entry.provider, &entry.user_id) {
-            return refused(m);
-        }
+        self.ctx.check_row(&entry.provider, &entry.user_id)?;
         let entry = convert::entry_from_wit(entry);
         Ok(self
             .ctx
@@ -315,15 +360,20 @@ impl storage::Host for KeeperCtxView<'_> {
 
     async fn begin(&mut self) -> Res<Resource<LockedTxn>, storage::StorageError> {
         if !matches!(self.ctx.scope, Scope::Rows { .. }) {
-            let m = self.ctx.refuse("a transaction in a call about no row", &());
-            return refused(m);
+            return Err(self.ctx.refuse("a transaction in a call about no row", &()));
+        }
+        if self.ctx.live.is_some() {
+            return Err(self.ctx.refuse("a second transaction in one call", &()));
         }
         match self.ctx.shared.store.begin().await {
-            Ok(txn) => Ok(Ok(self.table.push(LockedTxn {
-                txn: Some(txn),
-                locked: None,
-                key: None,
-            })?)),
+            Ok(txn) => {
+                self.ctx.live = Some(None);
+                Ok(Ok(self.table.push(LockedTxn {
+                    txn: Some(txn),
+                    locked: None,
+                    key: None,
+                })?))
+            }
             Err(e) => Ok(Err(storage_error(e))),
         }
     }
@@ -336,19 +386,16 @@ impl storage::HostTransaction for KeeperCtxView<'_> {
         provider: String,
         user_id: String,
     ) -> Res<storage::RowRead, storage::StorageError> {
-        if let Err(m) = self.ctx.check_row(&provider, &user_id) {
-            return refused(m);
-        }
+        self.ctx.check_row(&provider, &user_id)?;
         let slot = self.table.get_mut(&tx)?;
         if slot
             .key
             .as_ref()
             .is_some_and(|(p, u)| *p != provider || *u != user_id)
         {
-            let m = self
+            return Err(self
                 .ctx
-                .refuse("a second row in one transaction", &(provider, user_id));
-            return refused(m);
+                .refuse("a second row in one transaction", &(provider, user_id)));
         }
         let Some(txn) = slot.txn.as_mut() else {
             return Ok(Err(committed()));
@@ -358,6 +405,10 @@ impl storage::HostTransaction for KeeperCtxView<'_> {
             Err(e) => return Ok(Err(storage_error(e))),
         };
         slot.locked = read.row.clone();
+        self.ctx.live = Some(Some(RowKey {
+            provider: provider.clone(),
+            user_id: user_id.clone(),
+        }));
         slot.key = Some((provider, user_id));
         Ok(Ok(convert::read_to_wit(read)))
     }
@@ -369,21 +420,26 @@ impl storage::HostTransaction for KeeperCtxView<'_> {
         expected_generation: u64,
     ) -> Res<bool, storage::StorageError> {
         let slot = self.table.get_mut(&tx)?;
-        let locked_this_row = slot
+        let Some(locked) = slot
             .locked
             .as_ref()
-            .is_some_and(|l| l.provider == row.provider && l.user_id == row.user_id);
-        if !locked_this_row {
-            let m = self.ctx.refuse(
+            .filter(|l| l.provider == row.provider && l.user_id == row.user_id)
+        else {
+            return Err(self.ctx.refuse(
                 "a write to a row the transaction did not lock",
                 &(&row.provider, &row.user_id),
-            );
-            return refused(m);
+            ));
+        };
+        let row = convert::row_from_wit(row);
+        if !honest_successor(locked, &row, expected_generation) {
+            return Err(self.ctx.refuse(
+                "a write that does not follow the locked row's generation",
+                &(&row.provider, &row.user_id, row.generation),
+            ));
         }
         let Some(txn) = slot.txn.as_mut() else {
             return Ok(Err(committed()));
         };
-        let row = convert::row_from_wit(row);
         match txn.compare_and_set(&row, expected_generation).await {
             Ok(written) => {
                 if written {
@@ -402,14 +458,36 @@ impl storage::HostTransaction for KeeperCtxView<'_> {
         let Some(txn) = slot.txn.take() else {
             return Ok(Err(committed()));
         };
+        self.ctx.live = None;
         Ok(txn.commit().await.map_err(storage_error))
     }
 
     async fn drop(&mut self, tx: Resource<LockedTxn>) -> wasmtime::Result<()> {
         // An uncommitted transaction rolls back as it drops.
-        self.table.delete(tx)?;
+        if self.table.delete(tx)?.txn.is_some() {
+            self.ctx.live = None;
+        }
         Ok(())
     }
+}
+
+/// A write under the lock either keeps the tokens and the generation
+/// (bookkeeping: the failure count, the class) or is the next generation.
+fn honest_successor(locked: &SealedRow, row: &SealedRow, expected: u64) -> bool {
+    if expected != locked.generation {
+        return false;
+    }
+    if row.generation == locked.generation + 1 {
+        return true;
+    }
+    row.generation == locked.generation
+        && row.key_id == locked.key_id
+        && row.access_token == locked.access_token
+        && row.refresh_token == locked.refresh_token
+        && row.access_token_expires_at == locked.access_token_expires_at
+        && row.refresh_token_expires_at == locked.refresh_token_expires_at
+        && row.scopes == locked.scopes
+        && row.obtained_at == locked.obtained_at
 }
 
 fn sealing_error(e: SealingError) -> sealing::SealingError {
@@ -428,11 +506,18 @@ impl sealing::Host for KeeperCtxView<'_> {
         access_token: String,
         refresh_token: Option<String>,
     ) -> Res<sealing::SealedTokens, sealing::SealingError> {
-        if let Err(m) = self.ctx.check_row(&provider, &user_id) {
-            return Ok(Err(sealing::SealingError::Refused(m)));
-        }
+        self.ctx.check_row(&provider, &user_id)?;
         let access_token = SecretString::from(access_token);
         let refresh_token = refresh_token.map(SecretString::from);
+        if let Some(r) = &refresh_token {
+            self.ctx.keep(r.clone());
+        }
+        if self.ctx.is_kept(access_token.expose_secret()) {
+            return Err(self.ctx.refuse(
+                "a refresh token sealed as an access token",
+                &(&provider, &user_id),
+            ));
+        }
         let sealed = self.ctx.shared.keyring.seal_tokens(
             &provider,
             &user_id,
@@ -440,7 +525,7 @@ impl sealing::Host for KeeperCtxView<'_> {
             refresh_token.as_ref(),
         );
         if sealed.is_ok() {
-            self.ctx.vouch(&provider, &user_id, &access_token);
+            self.ctx.vouch(&provider, &user_id, &access_token)?;
         }
         Ok(sealed
             .map(|s| sealing::SealedTokens {
@@ -459,9 +544,7 @@ impl sealing::Host for KeeperCtxView<'_> {
         key_id: String,
         ciphertext: Vec<u8>,
     ) -> Res<String, sealing::SealingError> {
-        if let Err(m) = self.ctx.check_row(&provider, &user_id) {
-            return Ok(Err(sealing::SealingError::Refused(m)));
-        }
+        self.ctx.check_row(&provider, &user_id)?;
         let field = match field {
             sealing::Field::AccessToken => Field::AccessToken,
             sealing::Field::RefreshToken => Field::RefreshToken,
@@ -474,8 +557,9 @@ impl sealing::Host for KeeperCtxView<'_> {
         match opened {
             Ok(token) => {
                 let plain = token.expose_secret().to_string();
-                if field == Field::AccessToken {
-                    self.ctx.vouch(&provider, &user_id, &token);
+                match field {
+                    Field::AccessToken => self.ctx.vouch(&provider, &user_id, &token)?,
+                    Field::RefreshToken => self.ctx.keep(token),
                 }
                 Ok(Ok(plain))
             }
@@ -522,16 +606,78 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
     ) -> Res<token_endpoint::ProviderAnswer, token_endpoint::RequestError> {
         use token_endpoint::RequestError as E;
         let slot = self.table.get(&locked)?;
-        let row = match (&slot.txn, &slot.locked) {
-            (Some(_), Some(row)) => row.clone(),
-            _ => {
-                let m = self.ctx.refuse("a refresh without a locked row", &());
-                return Ok(Err(E::Denied(m)));
+        let Some(row) = slot.locked.clone().filter(|_| slot.txn.is_some()) else {
+            return Err(self.ctx.refuse("a refresh without a locked row", &()));
+        };
+        let key = row.key();
+        let Some(provider) = self.ctx.shared.config.providers.get(&row.provider).cloned() else {
+            return Ok(Err(E::Denied(
+                "the locked row's provider is not configured".into(),
+            )));
+        };
+        // The provider's own retry rules, held by the host: at most
+        // `max-attempts` requests per row and call, and none after one whose
+        // answer (or lost answer) may have spent the token.
+        let i = match self
+            .ctx
+            .requests
+            .iter()
+            .position(|(k, generation, ..)| *k == key && *generation == row.generation)
+        {
+            Some(i) => i,
+            None => {
+                self.ctx
+                    .requests
+                    .push((key.clone(), row.generation, 0, false));
+                self.ctx.requests.len() - 1
             }
         };
+        let (_, _, sent, closed) = self.ctx.requests[i];
+        if closed || sent >= provider.max_attempts {
+            return Err(self.ctx.refuse(
+                "a token request beyond the provider's retry rules",
+                &(&key.provider, &key.user_id),
+            ));
+        }
+        let Some(sealed) = row.refresh_token.as_deref() else {
+            return Ok(Err(E::Denied(
+                "the locked row holds no refresh token".into(),
+            )));
+        };
+        let Ok(refresh_token) = self.ctx.shared.keyring.open(
+            &row.provider,
+            &row.user_id,
+            Field::RefreshToken,
+            &row.key_id,
+            sealed,
+        ) else {
+            return Ok(Err(E::Denied(
+                "the locked row's refresh token does not open".into(),
+            )));
+        };
+        self.ctx.keep(refresh_token.clone());
         let shared = self.ctx.shared.clone();
-        Ok(crate::token_endpoint::request_refresh(&shared, &row)
-            .await
+        let outcome =
+            crate::token_endpoint::request_refresh(&shared, &provider, &row, &refresh_token).await;
+        let may_repeat = match &outcome {
+            Ok(a) => {
+                let body = a.body.expose_secret();
+                if let Some(granted) =
+                    salvage_refresh_token(a.status, a.content_type.as_deref(), body)
+                {
+                    self.ctx.keep(granted);
+                }
+                asks_to_retry(a.status, a.content_type.as_deref(), body)
+                    || (!provider.rotates_refresh_tokens && a.status >= 500)
+            }
+            Err(RequestError::NotSent(_)) => true,
+            Err(RequestError::NoAnswer(_)) => !provider.rotates_refresh_tokens,
+            Err(_) => false,
+        };
+        let entry = &mut self.ctx.requests[i];
+        entry.2 += 1;
+        entry.3 = !may_repeat;
+        Ok(outcome
             .map(|a| token_endpoint::ProviderAnswer {
                 status: a.status,
                 content_type: a.content_type,

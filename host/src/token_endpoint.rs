@@ -13,11 +13,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use secrecy::{ExposeSecret, SecretString};
 use std::future::Future;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 use std::time::Duration;
 use tokenkeep_core::model::{HttpAnswer, RequestError, SealedRow};
 use tokenkeep_core::provider::{form_encode_into, refresh_request_body};
-use tokenkeep_core::seal::Field;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 type Io = Box<dyn Future<Output = Result<(), Error>> + Send>;
@@ -25,16 +24,19 @@ type Sent = Box<dyn Future<Output = Result<(http::Response<WasiBody>, Io), Error
 
 /// A short fingerprint of what a guest asked for, so that a refusal can be
 /// correlated without writing the guest's bytes (a channel out of the
-/// sandbox) into the log.
+/// sandbox) into the log. Keyed per process, so a guest cannot choose
+/// inputs whose fingerprints spell something.
 pub fn fingerprint(what: &impl Hash) -> String {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    what.hash(&mut h);
-    format!("{:016x}", h.finish())
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    format!("{:016x}", KEYS.get_or_init(Default::default).hash_one(what))
 }
 
-/// `wasi:http` hooks that refuse every request.
+/// `wasi:http` hooks that refuse every request, logging the first of a call.
 #[derive(Debug, Default)]
-pub struct DenyAllHttp;
+pub struct DenyAllHttp {
+    logged: bool,
+}
 
 impl WasiHttpHooks for DenyAllHttp {
     fn send_request(
@@ -43,47 +45,25 @@ impl WasiHttpHooks for DenyAllHttp {
         _options: Option<RequestOptions>,
         _fut: Io,
     ) -> Sent {
-        let asked = fingerprint(&(request.method().as_str(), request.uri().to_string()));
-        tracing::warn!(
-            request = %asked,
-            "egress denied: the component may not send HTTP requests of its own"
-        );
+        if !std::mem::replace(&mut self.logged, true) {
+            let asked = fingerprint(&(request.method().as_str(), request.uri().to_string()));
+            tracing::warn!(
+                request = %asked,
+                "egress denied: the component may not send HTTP requests of its own"
+            );
+        }
         Box::new(async { Err(Error::HttpRequestDenied) })
     }
 }
 
-/// Sends the refresh of `locked`, the row a transaction holds locked.
+/// Sends the refresh of `locked`, the row a transaction holds locked, whose
+/// refresh token the caller opened.
 pub async fn request_refresh(
     shared: &Shared,
+    provider: &Provider,
     locked: &SealedRow,
+    refresh_token: &SecretString,
 ) -> Result<HttpAnswer, RequestError> {
-    let Some(provider) = shared.config.providers.get(&locked.provider) else {
-        return Err(denied(
-            &locked.provider,
-            "the locked row's provider is not configured",
-        ));
-    };
-    let Some(sealed) = locked.refresh_token.as_deref() else {
-        return Err(denied(
-            &provider.name,
-            "the locked row holds no refresh token",
-        ));
-    };
-    let refresh_token = shared
-        .keyring
-        .open(
-            &locked.provider,
-            &locked.user_id,
-            Field::RefreshToken,
-            &locked.key_id,
-            sealed,
-        )
-        .map_err(|_| {
-            denied(
-                &provider.name,
-                "the locked row's refresh token does not open",
-            )
-        })?;
     // Durably, before the request leaves: if this runtime dies before its
     // commit, the next one can tell a lost rotation from a revocation.
     shared
@@ -93,12 +73,7 @@ pub async fn request_refresh(
         .map_err(|e| {
             RequestError::NotSent(format!("the refresh start could not be recorded: {e}"))
         })?;
-    post(provider, &refresh_token).await
-}
-
-fn denied(provider: &str, why: &str) -> RequestError {
-    tracing::warn!(provider = %provider, "egress denied: {why}");
-    RequestError::Denied(why.to_string())
+    post(provider, refresh_token).await
 }
 
 /// POSTs the refresh form, bounded by the provider's total time (connect to
@@ -113,9 +88,19 @@ async fn post(
         .to_vec();
     let mut headers = http::HeaderMap::new();
     attach_client_credentials(provider, &mut headers, &mut form);
+    let uri: http::Uri = provider
+        .token_url
+        .parse()
+        .map_err(|_| RequestError::Denied("the configured token URL is not a valid URI".into()))?;
+    // HTTP/1.1 requires Host; hyper's client connection does not add it.
+    let host = uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .ok_or_else(|| RequestError::Denied("the configured token URL has no host".into()))?;
     let mut request = http::Request::builder()
         .method(http::Method::POST)
-        .uri(&provider.token_url)
+        .uri(uri)
+        .header(http::header::HOST, host)
         .header(
             http::header::CONTENT_TYPE,
             "application/x-www-form-urlencoded",
@@ -128,8 +113,11 @@ async fn post(
 
     let total = Duration::from_millis(u64::from(provider.timeout_ms));
     let deadline = tokio::time::Instant::now() + total;
+    // Connecting gets half the budget, so that a connection that never came
+    // up ends as "not sent" (safe to repeat) before the whole deadline, which
+    // means "sent, no answer".
     let options = RequestOptions {
-        connect_timeout: Some(total),
+        connect_timeout: Some(total / 2),
         first_byte_timeout: Some(total),
         between_bytes_timeout: Some(total),
     };
@@ -154,10 +142,11 @@ async fn post(
             return Err(RequestError::NoAnswer("timed out".into()));
         }
     };
-    // The connection's own task: it moves the body while we read it.
-    let connection = tokio::spawn(async move {
+    // The connection's own task: it moves the body while we read it, and
+    // ends with this call however the call ends (a cancelled caller too).
+    let _connection = AbortOnDrop(tokio::spawn(async move {
         let _ = Box::pin(io).await;
-    });
+    }));
     let status = response.status().as_u16();
     let content_type = response
         .headers()
@@ -179,9 +168,7 @@ async fn post(
         }
         Ok(())
     };
-    let outcome = tokio::time::timeout_at(deadline, read).await;
-    connection.abort();
-    match outcome {
+    match tokio::time::timeout_at(deadline, read).await {
         Ok(Ok(())) => {}
         // The provider answered, so it has likely acted on the request:
         // never repeated.
@@ -199,6 +186,15 @@ async fn post(
         content_type,
         body: buf.into(),
     })
+}
+
+/// A spawned task that ends when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Failures before a request can have reached the provider.
@@ -307,7 +303,8 @@ mod tests {
                         .boxed_unsync(),
                 )
                 .unwrap();
-            let sent = DenyAllHttp.send_request(request, None, Box::new(async { Ok(()) }));
+            let sent =
+                DenyAllHttp::default().send_request(request, None, Box::new(async { Ok(()) }));
             assert!(matches!(
                 Box::into_pin(sent).await,
                 Err(Error::HttpRequestDenied)

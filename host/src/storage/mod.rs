@@ -187,11 +187,6 @@ impl Store {
         self.clock.now()
     }
 
-    /// The keeper's clock.
-    pub fn clock(&self) -> &SharedClock {
-        &self.clock
-    }
-
     /// The last committed row, unlocked, with the database's time.
     pub async fn read(&self, provider: &str, user_id: &str) -> Result<RowRead, StorageError> {
         let (row, db_now) = self.backend.read(provider, user_id).await?;
@@ -297,15 +292,6 @@ const COLUMNS: &str = "provider, user_id, key_id, access_token, refresh_token, a
      refresh_token_expires_at, scopes, obtained_at, generation, failed_attempts, last_failure_at, \
      last_failure, last_success_at, refresh_started_at";
 
-/// The host's own time, for bookkeeping columns that decide nothing
-/// (`updated_at`, when a migration was applied).
-fn host_seconds() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
-}
-
 fn to_i64(v: u64) -> Result<i64, StorageError> {
     i64::try_from(v).map_err(|_| StorageError::Unavailable("generation out of range".into()))
 }
@@ -314,7 +300,7 @@ fn to_i64(v: u64) -> Result<i64, StorageError> {
 /// for each backend's types. Each backend module defines `READ_SQL` and
 /// `LOCK_SQL`: one row with the columns (null when there is no row) and
 /// `db_now`, the database's time or null where the host's clock is the
-/// database's; `LOCK_SQL` also `started_at`, the refresh-start record.
+/// database's.
 macro_rules! rows {
     ($db:ty, $error:path) => {
         use crate::storage::{to_i64, COLUMNS, ConversationEntry, Health, RowKey, SealedRow};
@@ -385,21 +371,22 @@ macro_rules! rows {
             let Some(mut row) = row else {
                 return Ok((None, db_now));
             };
-            // Where the records live in the same database, the locking query
-            // joined them; otherwise they come from their own file.
+            // A statement of its own, after the lock: it sees a record that a
+            // refresher which held the lock committed while we waited. Where
+            // the records live in the same database, in the row's own
+            // transaction; otherwise from their own file.
+            let marker = sqlx::query_scalar(
+                "SELECT started_at FROM tokenkeep_refresh_starts \
+                 WHERE provider = $1 AND user_id = $2 AND generation = $3",
+            )
+            .bind(provider)
+            .bind(user_id)
+            .bind(to_i64(row.generation)?);
             row.health.refresh_started_at = match markers {
-                Some(pool) => sqlx::query_scalar(
-                    "SELECT started_at FROM tokenkeep_refresh_starts \
-                     WHERE provider = $1 AND user_id = $2 AND generation = $3",
-                )
-                .bind(provider)
-                .bind(user_id)
-                .bind(to_i64(row.generation)?)
-                .fetch_optional(pool)
-                .await
-                .map_err($error)?,
-                None => found.try_get("started_at").map_err($error)?,
-            };
+                Some(pool) => marker.fetch_optional(pool).await,
+                None => marker.fetch_optional(&mut **tx).await,
+            }
+            .map_err($error)?;
             Ok((Some(row), db_now))
         }
 

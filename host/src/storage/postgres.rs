@@ -99,20 +99,19 @@ const READ_SQL: &str = concat!(
      LEFT JOIN tokenkeep_tokens AS t ON t.provider = $1 AND t.user_id = $2"
 );
 
-/// One round trip: the row locked, its refresh-start record, and the
-/// database's time read after the lock was granted (the materialised CTE
-/// runs, and waits, before the outer projection).
+/// The row locked, and the database's time read after the lock was granted
+/// (the materialised CTE runs, and waits, before the outer projection). The
+/// refresh-start record is read by the next statement: under READ COMMITTED
+/// a join here would see the table as it was before the lock wait, and miss
+/// the record of a refresher that died while this one waited.
 const LOCK_SQL: &str = concat!(
     "WITH t AS MATERIALIZED (SELECT * FROM tokenkeep_tokens \
      WHERE provider = $1 AND user_id = $2 FOR UPDATE) \
      SELECT t.provider, t.user_id, t.key_id, t.access_token, t.refresh_token, \
      t.access_token_expires_at, t.refresh_token_expires_at, t.scopes, t.obtained_at, t.generation, \
-     t.failed_attempts, t.last_failure_at, t.last_failure, t.last_success_at, t.refresh_started_at, \
-     s.started_at, ",
+     t.failed_attempts, t.last_failure_at, t.last_failure, t.last_success_at, t.refresh_started_at, ",
     db_now!(),
-    " AS db_now FROM (SELECT 1) AS one LEFT JOIN t ON true \
-     LEFT JOIN tokenkeep_refresh_starts AS s \
-     ON s.provider = t.provider AND s.user_id = t.user_id AND s.generation = t.generation"
+    " AS db_now FROM (SELECT 1) AS one LEFT JOIN t ON true"
 );
 
 pub(crate) mod rows {
@@ -130,7 +129,13 @@ impl PgStore {
     pub async fn open(url: &str, options: StoreOptions) -> Result<Self, StorageError> {
         let connect = PgConnectOptions::from_str(url)
             .map_err(|_| StorageError::Unavailable("the Postgres URL is not valid".into()))?
-            .application_name("tokenkeep");
+            .application_name("tokenkeep")
+            // Every connection waits at most the lock wait for a row lock,
+            // set at connect time so that no transaction pays a round trip.
+            .options([(
+                "lock_timeout",
+                format!("{}ms", options.lock_wait.as_millis()),
+            )]);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.lock_wait)
@@ -240,16 +245,7 @@ impl PgStore {
     pub(crate) async fn begin(
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StorageError> {
-        let mut tx = self.tx_pool.begin().await.map_err(error)?;
-        // SET cannot take a bind parameter; the value is our own integer.
-        sqlx::query(&format!(
-            "SET LOCAL lock_timeout = '{}ms'",
-            self.lock_wait_ms
-        ))
-        .execute(&mut *tx)
-        .await
-        .map_err(error)?;
-        Ok(tx)
+        self.tx_pool.begin().await.map_err(error)
     }
 }
 

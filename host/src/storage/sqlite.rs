@@ -126,7 +126,7 @@ impl SqliteStore {
             sqlx::query(sql).execute(&mut *tx).await.map_err(error)?;
             sqlx::query("INSERT INTO tokenkeep_schema (version, applied_at) VALUES ($1, $2)")
                 .bind(version)
-                .bind(crate::storage::host_seconds())
+                .bind(crate::clock::system_now())
                 .execute(&mut *tx)
                 .await
                 .map_err(error)?;

@@ -223,14 +223,23 @@ async fn serve(mut socket: tokio::net::TcpStream, state: Arc<Mutex<Inner>>) -> s
     let head = String::from_utf8_lossy(&buf[..header_end]).to_string();
     let mut content_length = 0usize;
     let mut authorization = None;
+    let mut host = None;
     for line in head.lines().skip(1) {
         if let Some((k, v)) = line.split_once(':') {
             if k.eq_ignore_ascii_case("content-length") {
                 content_length = v.trim().parse().unwrap_or(0);
             } else if k.eq_ignore_ascii_case("authorization") {
                 authorization = Some(v.trim().to_string());
+            } else if k.eq_ignore_ascii_case("host") {
+                host = Some(v.trim().to_string());
             }
         }
+    }
+    // Like every real front end: HTTP/1.1 without the right Host is a 400.
+    if host != socket.local_addr().ok().map(|a| a.to_string()) {
+        let reply = "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        socket.write_all(reply.as_bytes()).await?;
+        return socket.shutdown().await;
     }
     while buf.len() < header_end + content_length {
         let n = socket.read(&mut chunk).await?;

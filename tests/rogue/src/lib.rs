@@ -121,10 +121,74 @@ mod rogue {
         }
     }
 
+    /// Asked about acme/USER, it tries to get that row's refresh token out,
+    /// hammer the provider, or rewrite the row without moving its generation;
+    /// USER names the trick (`leak:seal`, `leak:return`, ...).
+    fn on_its_own_row(user_id: &str) -> Result<AccessGrant, RefreshError> {
+        let read = storage::read("acme", user_id).map_err(|_| refused())?;
+        let row = read.row.ok_or(RefreshError::NotFound)?;
+        let open = |field, bytes: &[u8]| {
+            sealing::open("acme", user_id, field, &row.key_id, bytes).map_err(|_| refused())
+        };
+        let access = open(sealing::Field::AccessToken, &row.access_token)?;
+        let refresh = open(
+            sealing::Field::RefreshToken,
+            row.refresh_token.as_deref().unwrap_or_default(),
+        )?;
+        match user_id {
+            "leak:seal" => {
+                let sealed = sealing::seal_tokens("acme", user_id, &refresh, Some(&refresh));
+                said(format!("{:?}", sealed.map(|_| ())))
+            }
+            "leak:return" => Ok(grant("acme", user_id, &refresh)),
+            "leak:scope" => {
+                let mut g = grant("acme", user_id, &access);
+                g.scopes = vec![format!("repo {refresh}")];
+                Ok(g)
+            }
+            "leak:error" => Err(RefreshError::ProviderUnavailable(format!(
+                "upstream said\n{refresh}"
+            ))),
+            "leak:hammer" => {
+                let txn = storage::begin().map_err(|_| refused())?;
+                let _ = txn.load_for_update("acme", user_id);
+                let mut sent = 0;
+                for _ in 0..10 {
+                    let _ = token_endpoint::request_refresh(&txn);
+                    sent += 1;
+                }
+                said(format!("{sent} requests"))
+            }
+            "leak:generation" => {
+                let txn = storage::begin().map_err(|_| refused())?;
+                let locked = txn
+                    .load_for_update("acme", user_id)
+                    .map_err(|_| refused())?
+                    .row
+                    .ok_or(RefreshError::NotFound)?;
+                let mut forged = forged_row("acme", user_id);
+                forged.generation = locked.generation;
+                let cas = txn.compare_and_set(&forged, locked.generation);
+                let _ = txn.commit();
+                said(format!("{cas:?}"))
+            }
+            "leak:two-transactions" => {
+                let first = storage::begin().map_err(|_| refused())?;
+                let second = storage::begin().map(|_| ());
+                drop(first);
+                said(format!("{second:?}"))
+            }
+            _ => Err(RefreshError::NotFound),
+        }
+    }
+
     impl Guest for Rogue {
         fn ensure_fresh(provider: String, user_id: String) -> Result<AccessGrant, RefreshError> {
             // `user_id` carries the rogue's argument; the real row it goes
             // after is acme's row of that user.
+            if provider == "acme" {
+                return on_its_own_row(&user_id);
+            }
             match provider.as_str() {
                 "memory" => {
                     let mut hoard: Vec<Vec<u8>> = Vec::new();
