@@ -188,7 +188,7 @@ async fn a_compromised_component_is_refused_and_nothing_it_chose_reaches_a_log(b
     // as an access token, returned as one, in a scope, in an error), to
     // hammer the provider with it, to rewrite the row without moving its
     // generation, and to open a second transaction.
-    let chain = w.provider.current_refresh_token().unwrap();
+    let mut secrets = Vec::new();
     for (trick, outcome) in [
         ("leak:seal", "sealed as an access token"),
         ("leak:return", "not the requested row"),
@@ -196,22 +196,44 @@ async fn a_compromised_component_is_refused_and_nothing_it_chose_reaches_a_log(b
         ("leak:error", "quoted a refresh token"),
         ("leak:hammer", "beyond the provider's retry rules"),
         (
+            "leak:rotate-and-hammer",
+            "beyond the provider's retry rules",
+        ),
+        ("leak:mismatch", "scopes the row never had"),
+        ("leak:upsert", "a call that only reads"),
+        (
             "leak:generation",
             "does not follow the locked row's generation",
         ),
         ("leak:two-transactions", "a second transaction"),
     ] {
-        w.store(trick, "at-own", Some(&chain), -10).await;
+        let secret = format!("rt-{trick}-SECRET-0123456789");
+        w.store(trick, "at-own", Some(&secret), -10).await;
         let before = w.provider.calls();
         let e = rogue.ensure_fresh("acme", trick).await.unwrap_err();
         assert!(
             matches!(&e, Error::Sandbox(m) if m.contains(outcome)),
             "{trick}: {e}"
         );
-        assert!(!e.to_string().contains(&chain), "{trick}: {e}");
+        assert!(!e.to_string().contains(&secret), "{trick}: {e}");
+        secrets.push(secret);
         let sent = w.provider.calls() - before;
         assert!(sent <= 1, "{trick}: {sent} token requests");
     }
+
+    // It names, in a conversation's failure, a provider the call is not about.
+    let settings = tokenkeep_host::ConversationSettings::from_json(
+        br#"{"provider_tokens":{"acme":{"token":"at-conv","expires_at":1}}}"#,
+    )
+    .unwrap();
+    let e = rogue
+        .refresh_provider_tokens(&settings, "conv", "alice")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e.error, Error::Sandbox(m) if m.contains("not about")) && e.provider.is_empty(),
+        "{e}"
+    );
 
     // It posts requests of its own: another grant with our client's name on
     // it, a refresh with another row's refresh token, data in a URL.
@@ -239,8 +261,8 @@ async fn a_compromised_component_is_refused_and_nothing_it_chose_reaches_a_log(b
     assert_eq!(connections.load(Ordering::SeqCst), 0, "no connection made");
     assert_eq!(
         w.provider.arrived(),
-        1,
-        "nothing reached the provider but the one refresh the host allowed"
+        2,
+        "nothing reached the provider but the one refresh per trick the host allowed"
     );
 
     // Nothing changed, and the real component serves on.

@@ -7,6 +7,7 @@
 //! sanitised OAuth error codes.
 
 use crate::error::{ErrorClass, RefreshError};
+use crate::model::RequestError;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
@@ -83,6 +84,30 @@ fn form_decode(s: &str) -> Option<String> {
         i += 1;
     }
     String::from_utf8(out).ok()
+}
+
+/// Whether a token request may be sent again after its outcome (`Ok`: the
+/// answer's status, content type and body): only after a transient failure,
+/// and to a provider that rotates refresh tokens only when it certainly did
+/// not act on the request (never sent, or it asked to be asked again). The
+/// component's retries and the host that enforces them decide with this
+/// one function.
+pub fn may_repeat(
+    outcome: Result<(u16, Option<&str>, &[u8]), &RequestError>,
+    provider_codes: &[(String, ErrorClass)],
+    rotates_refresh_tokens: bool,
+) -> bool {
+    match outcome {
+        Ok((status, content_type, body)) => {
+            matches!(
+                parse_token_response(status, content_type, body, provider_codes),
+                Err(RefreshError::ProviderUnavailable(_))
+            ) && (!rotates_refresh_tokens || asks_to_retry(status, content_type, body))
+        }
+        Err(RequestError::NotSent(_)) => true,
+        Err(RequestError::NoAnswer(_)) => !rotates_refresh_tokens,
+        Err(RequestError::Denied(_) | RequestError::AnswerUnusable(_)) => false,
+    }
 }
 
 /// Reads a token endpoint's answer. `provider_codes` are the provider's own
@@ -483,5 +508,44 @@ mod tests {
             body.expose_secret(),
             "grant_type=refresh_token&refresh_token=r%2F%2B+%26%3D&scope=a+b"
         );
+    }
+
+    #[test]
+    fn only_transient_failures_are_repeated_and_to_rotating_providers_only_unprocessed_ones() {
+        let unavailable = br#"{"error":"server_error"}"#.as_slice();
+        let json = Some("application/json");
+        let no_codes = &[];
+        // A 200 or 400 carrying a transient OAuth error: repeated where the
+        // provider does not rotate, not where a repeat could be a reuse.
+        for status in [200, 400] {
+            assert!(may_repeat(Ok((status, json, unavailable)), no_codes, false));
+            assert!(!may_repeat(Ok((status, json, unavailable)), no_codes, true));
+        }
+        let slow_down = br#"{"error":"temporarily_unavailable"}"#.as_slice();
+        assert!(may_repeat(Ok((400, json, slow_down)), no_codes, true));
+        assert!(may_repeat(Ok((503, None, b"".as_slice())), no_codes, true));
+        assert!(!may_repeat(
+            Ok((400, json, br#"{"error":"invalid_grant"}"#.as_slice())),
+            no_codes,
+            false
+        ));
+        assert!(!may_repeat(
+            Ok((200, json, br#"{"access_token":"a"}"#.as_slice())),
+            no_codes,
+            false
+        ));
+        let fate_unknown = RequestError::NoAnswer("timed out".into());
+        assert!(may_repeat(Err(&fate_unknown), no_codes, false));
+        assert!(!may_repeat(Err(&fate_unknown), no_codes, true));
+        assert!(may_repeat(
+            Err(&RequestError::NotSent("refused".into())),
+            no_codes,
+            true
+        ));
+        assert!(!may_repeat(
+            Err(&RequestError::AnswerUnusable("cut".into())),
+            no_codes,
+            false
+        ));
     }
 }

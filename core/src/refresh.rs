@@ -8,7 +8,7 @@ use crate::model::{
     AccessGrant, Field, Health, HttpAnswer, ProviderConfig, RequestError, RowKey, RowRead,
     SealedRow, SealedTokens, SealingError, StorageError, TokenRecord, TokenSet, TokenSummary,
 };
-use crate::provider::{TokenResponse, asks_to_retry, parse_token_response, salvage_refresh_token};
+use crate::provider::{TokenResponse, may_repeat, parse_token_response, salvage_refresh_token};
 use crate::validity::{self, Timing};
 use secrecy::{ExposeSecret, SecretString};
 
@@ -299,12 +299,16 @@ impl<H: Host> Keeper<H> {
                 let salvaging = failed.generation != row.generation;
                 if txn.compare_and_set(&failed, row.generation)? {
                     txn.commit()?;
-                } else if salvaging {
-                    return Err(RefreshError::Storage(
-                        "the row changed while locked: a rotated refresh token from an unusable \
-                         answer could not be saved"
-                            .into(),
-                    ));
+                } else {
+                    // Released before any re-read below.
+                    drop(txn);
+                    if salvaging {
+                        return Err(RefreshError::Storage(
+                            "the row changed while locked: a rotated refresh token from an \
+                             unusable answer could not be saved"
+                                .into(),
+                        ));
+                    }
                 }
                 if matches!(err, RefreshError::ReauthorizationRequired(_)) {
                     // Race or revocation? If someone wrote a newer token while
@@ -365,13 +369,7 @@ impl<H: Host> Keeper<H> {
             match self.exchange(config, &current.tokens, locked) {
                 Ok(tokens) => return Ok(tokens),
                 Err(failed) => {
-                    match self.retry_after(
-                        config,
-                        &failed.error,
-                        failed.not_processed,
-                        attempt,
-                        started,
-                    ) {
+                    match self.retry_after(config, failed.repeatable, attempt, started) {
                         Some(wait) => {
                             self.host.sleep_ms(wait);
                             attempt += 1;
@@ -392,7 +390,18 @@ impl<H: Host> Keeper<H> {
     ) -> Result<(TokenSet, i64), Failed> {
         // Lifetimes count from when the request was sent, not when it came back.
         let sent_at = self.host.now();
-        let answer = self.host.request_refresh(locked).map_err(Failed::from)?;
+        let answer = self.host.request_refresh(locked).map_err(|e| Failed {
+            repeatable: may_repeat(Err(&e), &config.error_codes, config.rotates_refresh_tokens),
+            error: match e {
+                RequestError::Denied(m) => RefreshError::EgressDenied(m),
+                RequestError::NotSent(m) | RequestError::NoAnswer(m) => {
+                    RefreshError::ProviderUnavailable(m)
+                }
+                // The provider answered, so it has likely acted.
+                RequestError::AnswerUnusable(m) => RefreshError::InvalidProviderResponse(m),
+            },
+            salvaged: None,
+        })?;
         let (status, content_type) = (answer.status, answer.content_type.as_deref());
         let body = answer.body.expose_secret();
         parse_token_response(status, content_type, body, &config.error_codes)
@@ -406,7 +415,11 @@ impl<H: Host> Keeper<H> {
                 Ok((tokens, sent_at))
             })
             .map_err(|error| Failed {
-                not_processed: asks_to_retry(status, content_type, body),
+                repeatable: may_repeat(
+                    Ok((status, content_type, body)),
+                    &config.error_codes,
+                    config.rotates_refresh_tokens,
+                ),
                 salvaged: matches!(error, RefreshError::InvalidProviderResponse(_))
                     .then(|| salvage_refresh_token(status, content_type, body))
                     .flatten()
@@ -424,20 +437,11 @@ impl<H: Host> Keeper<H> {
     fn retry_after(
         &self,
         config: &ProviderConfig,
-        error: &RefreshError,
-        not_processed: bool,
+        repeatable: bool,
         attempt: u32,
         started: u64,
     ) -> Option<u64> {
-        // Only failures that say nothing about the token; an answer that
-        // did not parse may have spent it and is never repeated.
-        if !matches!(error, RefreshError::ProviderUnavailable(_)) || attempt >= config.max_attempts
-        {
-            return None;
-        }
-        // A rotating provider may have acted on a request whose fate is
-        // unknown: repeating it could be a reuse that revokes the chain.
-        if config.rotates_refresh_tokens && !not_processed {
+        if !repeatable || attempt >= config.max_attempts {
             return None;
         }
         let ceiling = 200u64 << attempt.min(8);
@@ -584,27 +588,10 @@ impl<H: Host> Keeper<H> {
 /// A failed exchange with the token endpoint.
 struct Failed {
     error: RefreshError,
-    /// The provider certainly did not act on the request: safe to repeat.
-    not_processed: bool,
+    /// The provider's rules allow asking again ([`may_repeat`]).
+    repeatable: bool,
     /// A rotated refresh token from an otherwise unusable answer.
     salvaged: Option<SecretString>,
-}
-
-impl From<RequestError> for Failed {
-    fn from(e: RequestError) -> Self {
-        let (error, not_processed) = match e {
-            RequestError::Denied(m) => (RefreshError::EgressDenied(m), true),
-            RequestError::NotSent(m) => (RefreshError::ProviderUnavailable(m), true),
-            RequestError::NoAnswer(m) => (RefreshError::ProviderUnavailable(m), false),
-            // The provider answered, so it has likely acted: never repeated.
-            RequestError::AnswerUnusable(m) => (RefreshError::InvalidProviderResponse(m), false),
-        };
-        Failed {
-            error,
-            not_processed,
-            salvaged: None,
-        }
-    }
 }
 
 /// The error a waiter reports for a failure another runtime recorded.

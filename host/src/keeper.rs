@@ -136,15 +136,33 @@ impl Keeper {
         user_id: &str,
         tokens: &TokenSet,
     ) -> Result<TokenRecord, Error> {
-        let tokens = convert::tokens_to_wit(tokens);
+        let input = convert::tokens_to_wit(tokens);
         let (r, ctx) = self
-            .on_row(provider, user_id, async |k, s| {
+            .runtime
+            .call(Scope::writable_row(provider, user_id), 1, async |k, s| {
                 k.tokenkeep_oauth_token_store()
-                    .call_store_tokens(s, provider, user_id, &tokens)
+                    .call_store_tokens(s, provider, user_id, &input)
                     .await
             })
             .await?;
         let record = r.map_err(|e| refresh_error(&ctx, e, provider, user_id))?;
+        // What was stored is what was given: nothing else comes back.
+        let (got, given) = (&record.tokens, &input);
+        if (
+            &got.access_token,
+            &got.refresh_token,
+            got.access_token_expires_at,
+            got.refresh_token_expires_at,
+            &got.scopes,
+        ) != (
+            &given.access_token,
+            &given.refresh_token,
+            given.access_token_expires_at,
+            given.refresh_token_expires_at,
+            &given.scopes,
+        ) {
+            return Err(not_the_rows());
+        }
         checked_record(record, &ctx, provider, user_id)
     }
 
@@ -184,7 +202,7 @@ impl Keeper {
         if g.provider != provider
             || g.user_id != user_id
             || !ctx.vouches_for(provider, Some(user_id), &g.access_token)
-            || g.scopes.iter().any(|s| ctx.leaks(s))
+            || !ctx.saw_scopes(provider, Some(user_id), &g.scopes)
         {
             return Err(not_the_rows());
         }
@@ -202,7 +220,8 @@ impl Keeper {
     /// Deletes a user's tokens; false when there were none.
     pub async fn delete_tokens(&self, provider: &str, user_id: &str) -> Result<bool, Error> {
         let (r, ctx) = self
-            .on_row(provider, user_id, async |k, s| {
+            .runtime
+            .call(Scope::writable_row(provider, user_id), 1, async |k, s| {
                 k.tokenkeep_oauth_token_store()
                     .call_delete_tokens(s, provider, user_id)
                     .await
@@ -395,6 +414,7 @@ impl Keeper {
                 })
                 .collect(),
             conversation: Some(conversation_id.to_string()),
+            writes: false,
         };
         let (r, ctx) = self
             .runtime
@@ -421,6 +441,7 @@ impl Keeper {
         let scope = Scope::Rows {
             rows: Vec::new(),
             conversation: Some(conversation_id.to_string()),
+            writes: false,
         };
         let (r, ctx) = self
             .runtime
@@ -500,6 +521,8 @@ fn conversation_scope(
             })
             .collect(),
         conversation: Some(conversation_id.to_string()),
+        // A token the keeper has never seen seeds its row.
+        writes: true,
     }
 }
 
@@ -566,6 +589,11 @@ fn record_to_wit(r: &TokenRecord) -> wit::TokenRecord {
 }
 
 fn failure_from_wit(ctx: &KeeperCtx, f: wit::ProviderFailure, user_id: &str) -> ConversationError {
+    if !f.provider.is_empty() && !ctx.is_about(&f.provider) {
+        return ConversationError::whole(Error::Sandbox(
+            "the component named a provider the call is not about".into(),
+        ));
+    }
     let error = refresh_error(ctx, f.error, &f.provider, user_id);
     ConversationError {
         provider: f.provider,
@@ -574,21 +602,24 @@ fn failure_from_wit(ctx: &KeeperCtx, f: wit::ProviderFailure, user_id: &str) -> 
 }
 
 /// Longest message of the component's that the host passes on.
-const MAX_GUEST_MESSAGE: usize = 300;
+const MAX_GUEST_MESSAGE: usize = 200;
 
-/// The component's words, as the host passes them on: one line, bounded.
+/// The component's words, as the host passes them on: one line of
+/// printable ASCII, bounded.
 fn tidy(m: String) -> String {
     let mut m: String = m
         .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect();
     if m.len() > MAX_GUEST_MESSAGE {
-        let mut end = MAX_GUEST_MESSAGE;
-        while !m.is_char_boundary(end) {
-            end -= 1;
-        }
-        m.truncate(end);
-        m.push('…');
+        m.truncate(MAX_GUEST_MESSAGE);
+        m.push_str("...");
     }
     m
 }
@@ -599,6 +630,11 @@ fn refresh_error(ctx: &KeeperCtx, e: wit::RefreshError, provider: &str, user_id:
     use wit::RefreshError as W;
     if ctx.leaks(&format!("{e:?}")) {
         return Error::Sandbox("the component's error quoted a refresh token".into());
+    }
+    if let W::ScopeMismatch(missing) = &e
+        && !ctx.saw_each_scope(Some(provider).filter(|p| !p.is_empty()), missing)
+    {
+        return Error::Sandbox("the component named scopes the row never had".into());
     }
     let e = match e {
         W::NotFound => RefreshError::NotFound,

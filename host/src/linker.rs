@@ -18,7 +18,8 @@ use crate::token_endpoint::fingerprint;
 use secrecy::{ExposeSecret, SecretString};
 use std::sync::Arc;
 use tokenkeep_core::model::{RequestError, RowKey, SealedRow, SealingError};
-use tokenkeep_core::provider::{asks_to_retry, salvage_refresh_token};
+use tokenkeep_core::provider::{may_repeat, salvage_refresh_token};
+use tokenkeep_core::refresh::MAX_TOKEN_LEN;
 use tokenkeep_core::seal::Field;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
@@ -29,16 +30,20 @@ pub enum Scope {
     #[default]
     Nothing,
     /// These rows, and this conversation's entries if one is named.
+    /// `writes`: whether the call may write rows outside a transaction
+    /// (storing, deleting, seeding), which only some exports need.
     Rows {
         rows: Vec<RowKey>,
         conversation: Option<String>,
+        writes: bool,
     },
     /// A listing: rows without opening them.
     Listing,
 }
 
 impl Scope {
-    /// The one row an export about (provider, user id) may touch.
+    /// The one row an export about (provider, user id) may touch, through
+    /// reads and its transaction only.
     pub fn row(provider: &str, user_id: &str) -> Self {
         Scope::Rows {
             rows: vec![RowKey {
@@ -46,7 +51,26 @@ impl Scope {
                 user_id: user_id.into(),
             }],
             conversation: None,
+            writes: false,
         }
+    }
+
+    /// The one row an export that stores or deletes it may touch.
+    pub fn writable_row(provider: &str, user_id: &str) -> Self {
+        match Self::row(provider, user_id) {
+            Scope::Rows {
+                rows, conversation, ..
+            } => Scope::Rows {
+                rows,
+                conversation,
+                writes: true,
+            },
+            other => other,
+        }
+    }
+
+    fn allows_writes(&self) -> bool {
+        matches!(self, Scope::Rows { writes: true, .. })
     }
 
     fn allows(&self, provider: &str, user_id: &str) -> bool {
@@ -59,8 +83,12 @@ impl Scope {
     }
 }
 
-/// Most access tokens one call may open or seal: a conversation's worth.
+/// Most access or refresh tokens one call may open or seal: a conversation's worth.
 const MAX_HANDED: usize = 256;
+
+/// Shortest refresh token looked for inside returned text: shorter ones
+/// would match honest words.
+const MIN_LEAK_LEN: usize = 8;
 
 /// The state of one call into the component.
 pub struct KeeperCtx {
@@ -72,10 +100,13 @@ pub struct KeeperCtx {
     /// provider): none of them may leave in what the call returns.
     kept: Vec<SecretString>,
     /// The row the live transaction locked, and whether one is live: one
-    /// transaction per call.
+    /// live transaction at a time.
     live: Option<Option<RowKey>>,
-    /// Token requests per row in this call: (row, generation, sent, closed).
-    requests: Vec<(RowKey, u64, u32, bool)>,
+    /// Token requests per row in this call: (row, sent, closed).
+    requests: Vec<(RowKey, u32, bool)>,
+    /// Scopes each row held or was given in this call: what a grant of it
+    /// may list.
+    scopes: Vec<(RowKey, Vec<String>)>,
 }
 
 impl KeeperCtx {
@@ -87,6 +118,7 @@ impl KeeperCtx {
             kept: Vec::new(),
             live: None,
             requests: Vec::new(),
+            scopes: Vec::new(),
         }
     }
 
@@ -105,9 +137,44 @@ impl KeeperCtx {
 
     /// Whether `text` quotes a refresh token this call saw.
     pub fn leaks(&self, text: &str) -> bool {
-        self.kept
+        self.kept.iter().any(|t| {
+            let t = t.expose_secret();
+            t == text || (t.len() >= MIN_LEAK_LEN && text.contains(t))
+        })
+    }
+
+    /// Whether `scopes` are a scope list this call saw for a row of
+    /// `provider` (`user_id` none: any user's in scope).
+    pub fn saw_scopes(&self, provider: &str, user_id: Option<&str>, scopes: &[String]) -> bool {
+        self.scopes.iter().any(|(k, s)| {
+            k.provider == provider && user_id.is_none_or(|u| k.user_id == u) && s == scopes
+        })
+    }
+
+    /// Whether each of `scopes` is one this call saw on a row of `provider`
+    /// (none: of any provider).
+    pub fn saw_each_scope(&self, provider: Option<&str>, scopes: &[String]) -> bool {
+        scopes.iter().all(|scope| {
+            self.scopes
+                .iter()
+                .any(|(k, s)| provider.is_none_or(|p| k.provider == p) && s.contains(scope))
+        })
+    }
+
+    /// Whether `provider` is one this call is about.
+    pub fn is_about(&self, provider: &str) -> bool {
+        matches!(&self.scope, Scope::Rows { rows, .. } if rows.iter().any(|k| k.provider == provider))
+    }
+
+    fn saw_row(&mut self, row: &SealedRow) {
+        let key = row.key();
+        if !self
+            .scopes
             .iter()
-            .any(|t| !t.expose_secret().is_empty() && text.contains(t.expose_secret()))
+            .any(|(k, s)| *k == key && *s == row.scopes)
+        {
+            self.scopes.push((key, row.scopes.clone()));
+        }
     }
 
     fn is_kept(&self, token: &str) -> bool {
@@ -140,10 +207,17 @@ impl KeeperCtx {
         Ok(())
     }
 
-    fn keep(&mut self, refresh_token: SecretString) {
+    fn keep(&mut self, refresh_token: SecretString) -> wasmtime::Result<()> {
+        if refresh_token.expose_secret().len() > MAX_TOKEN_LEN {
+            return Err(self.refuse("a token longer than any token", &()));
+        }
         if !self.is_kept(refresh_token.expose_secret()) {
+            if self.kept.len() >= MAX_HANDED {
+                return Err(self.refuse("more tokens than a call can need", &()));
+            }
             self.kept.push(refresh_token);
         }
+        Ok(())
     }
 
     /// Ends the call: a component that reached outside its call is trapped,
@@ -163,9 +237,16 @@ impl KeeperCtx {
         }
     }
 
-    /// Refuses a write through the pool to the row the live transaction
-    /// holds locked: it would wait on its own lock.
-    fn check_unlocked(&mut self, provider: &str, user_id: &str) -> wasmtime::Result<()> {
+    /// Refuses a write through the pool outside the scope, or to the row the
+    /// live transaction holds locked (it would wait on its own lock).
+    fn check_write(&mut self, provider: &str, user_id: &str) -> wasmtime::Result<()> {
+        self.check_row(provider, user_id)?;
+        if !self.scope.allows_writes() {
+            return Err(self.refuse(
+                "a write outside a transaction in a call that only reads",
+                &(provider, user_id),
+            ));
+        }
         let locked =
             matches!(&self.live, Some(Some(k)) if k.provider == provider && k.user_id == user_id);
         if locked {
@@ -250,14 +331,11 @@ impl storage::Host for KeeperCtxView<'_> {
         user_id: String,
     ) -> Res<storage::RowRead, storage::StorageError> {
         self.ctx.check_row(&provider, &user_id)?;
-        Ok(self
-            .ctx
-            .shared
-            .store
-            .read(&provider, &user_id)
-            .await
-            .map(convert::read_to_wit)
-            .map_err(storage_error))
+        let read = self.ctx.shared.store.read(&provider, &user_id).await;
+        if let Ok(Some(row)) = read.as_ref().map(|r| r.row.as_ref()) {
+            self.ctx.saw_row(row);
+        }
+        Ok(read.map(convert::read_to_wit).map_err(storage_error))
     }
 
     async fn list_rows(
@@ -280,8 +358,7 @@ impl storage::Host for KeeperCtxView<'_> {
     }
 
     async fn upsert(&mut self, row: storage::SealedRow) -> Res<u64, storage::StorageError> {
-        self.ctx.check_row(&row.provider, &row.user_id)?;
-        self.ctx.check_unlocked(&row.provider, &row.user_id)?;
+        self.ctx.check_write(&row.provider, &row.user_id)?;
         let row = convert::row_from_wit(row);
         Ok(self
             .ctx
@@ -293,8 +370,7 @@ impl storage::Host for KeeperCtxView<'_> {
     }
 
     async fn insert(&mut self, row: storage::SealedRow) -> Res<bool, storage::StorageError> {
-        self.ctx.check_row(&row.provider, &row.user_id)?;
-        self.ctx.check_unlocked(&row.provider, &row.user_id)?;
+        self.ctx.check_write(&row.provider, &row.user_id)?;
         let row = convert::row_from_wit(row);
         Ok(self
             .ctx
@@ -310,8 +386,7 @@ impl storage::Host for KeeperCtxView<'_> {
         provider: String,
         user_id: String,
     ) -> Res<bool, storage::StorageError> {
-        self.ctx.check_row(&provider, &user_id)?;
-        self.ctx.check_unlocked(&provider, &user_id)?;
+        self.ctx.check_write(&provider, &user_id)?;
         Ok(self
             .ctx
             .shared
@@ -405,6 +480,9 @@ impl storage::HostTransaction for KeeperCtxView<'_> {
             Err(e) => return Ok(Err(storage_error(e))),
         };
         slot.locked = read.row.clone();
+        if let Some(row) = &read.row {
+            self.ctx.saw_row(row);
+        }
         self.ctx.live = Some(Some(RowKey {
             provider: provider.clone(),
             user_id: user_id.clone(),
@@ -431,7 +509,8 @@ impl storage::HostTransaction for KeeperCtxView<'_> {
             ));
         };
         let row = convert::row_from_wit(row);
-        if !honest_successor(locked, &row, expected_generation) {
+        let requested = self.ctx.requests.iter().any(|(k, ..)| *k == row.key());
+        if !honest_successor(locked, &row, expected_generation, requested) {
             return Err(self.ctx.refuse(
                 "a write that does not follow the locked row's generation",
                 &(&row.provider, &row.user_id, row.generation),
@@ -443,6 +522,7 @@ impl storage::HostTransaction for KeeperCtxView<'_> {
         match txn.compare_and_set(&row, expected_generation).await {
             Ok(written) => {
                 if written {
+                    self.ctx.saw_row(&row);
                     // The refresh endpoint must spend the newest token.
                     slot.locked = Some(row);
                 }
@@ -472,13 +552,14 @@ impl storage::HostTransaction for KeeperCtxView<'_> {
 }
 
 /// A write under the lock either keeps the tokens and the generation
-/// (bookkeeping: the failure count, the class) or is the next generation.
-fn honest_successor(locked: &SealedRow, row: &SealedRow, expected: u64) -> bool {
+/// (bookkeeping: the failure count, the class) or, once this call asked the
+/// provider for the row, is the next generation.
+fn honest_successor(locked: &SealedRow, row: &SealedRow, expected: u64, requested: bool) -> bool {
     if expected != locked.generation {
         return false;
     }
     if row.generation == locked.generation + 1 {
-        return true;
+        return requested;
     }
     row.generation == locked.generation
         && row.key_id == locked.key_id
@@ -510,7 +591,7 @@ impl sealing::Host for KeeperCtxView<'_> {
         let access_token = SecretString::from(access_token);
         let refresh_token = refresh_token.map(SecretString::from);
         if let Some(r) = &refresh_token {
-            self.ctx.keep(r.clone());
+            self.ctx.keep(r.clone())?;
         }
         if self.ctx.is_kept(access_token.expose_secret()) {
             return Err(self.ctx.refuse(
@@ -559,7 +640,7 @@ impl sealing::Host for KeeperCtxView<'_> {
                 let plain = token.expose_secret().to_string();
                 match field {
                     Field::AccessToken => self.ctx.vouch(&provider, &user_id, &token)?,
-                    Field::RefreshToken => self.ctx.keep(token),
+                    Field::RefreshToken => self.ctx.keep(token)?,
                 }
                 Ok(Ok(plain))
             }
@@ -617,22 +698,15 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
         };
         // The provider's own retry rules, held by the host: at most
         // `max-attempts` requests per row and call, and none after one whose
-        // answer (or lost answer) may have spent the token.
-        let i = match self
-            .ctx
-            .requests
-            .iter()
-            .position(|(k, generation, ..)| *k == key && *generation == row.generation)
-        {
+        // answer (or lost answer) may have spent the token ([`may_repeat`]).
+        let i = match self.ctx.requests.iter().position(|(k, ..)| *k == key) {
             Some(i) => i,
             None => {
-                self.ctx
-                    .requests
-                    .push((key.clone(), row.generation, 0, false));
+                self.ctx.requests.push((key.clone(), 0, false));
                 self.ctx.requests.len() - 1
             }
         };
-        let (_, _, sent, closed) = self.ctx.requests[i];
+        let (_, sent, closed) = self.ctx.requests[i];
         if closed || sent >= provider.max_attempts {
             return Err(self.ctx.refuse(
                 "a token request beyond the provider's retry rules",
@@ -655,28 +729,26 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
                 "the locked row's refresh token does not open".into(),
             )));
         };
-        self.ctx.keep(refresh_token.clone());
+        self.ctx.keep(refresh_token.clone())?;
         let shared = self.ctx.shared.clone();
         let outcome =
             crate::token_endpoint::request_refresh(&shared, &provider, &row, &refresh_token).await;
-        let may_repeat = match &outcome {
-            Ok(a) => {
-                let body = a.body.expose_secret();
-                if let Some(granted) =
-                    salvage_refresh_token(a.status, a.content_type.as_deref(), body)
-                {
-                    self.ctx.keep(granted);
-                }
-                asks_to_retry(a.status, a.content_type.as_deref(), body)
-                    || (!provider.rotates_refresh_tokens && a.status >= 500)
-            }
-            Err(RequestError::NotSent(_)) => true,
-            Err(RequestError::NoAnswer(_)) => !provider.rotates_refresh_tokens,
-            Err(_) => false,
-        };
+        if let Ok(a) = &outcome
+            && let Some(granted) =
+                salvage_refresh_token(a.status, a.content_type.as_deref(), a.body.expose_secret())
+        {
+            self.ctx.keep(granted)?;
+        }
+        let repeatable = may_repeat(
+            outcome
+                .as_ref()
+                .map(|a| (a.status, a.content_type.as_deref(), a.body.expose_secret())),
+            &provider.error_codes,
+            provider.rotates_refresh_tokens,
+        );
         let entry = &mut self.ctx.requests[i];
-        entry.2 += 1;
-        entry.3 = !may_repeat;
+        entry.1 += 1;
+        entry.2 = !repeatable;
         Ok(outcome
             .map(|a| token_endpoint::ProviderAnswer {
                 status: a.status,

@@ -92,11 +92,17 @@ async fn post(
         .token_url
         .parse()
         .map_err(|_| RequestError::Denied("the configured token URL is not a valid URI".into()))?;
-    // HTTP/1.1 requires Host; hyper's client connection does not add it.
-    let host = uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .ok_or_else(|| RequestError::Denied("the configured token URL has no host".into()))?;
+    // HTTP/1.1 requires Host (host and port, never user info); hyper's
+    // client connection does not add it.
+    let host = match (uri.host(), uri.port_u16()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        (Some(host), None) => host.to_string(),
+        (None, _) => {
+            return Err(RequestError::Denied(
+                "the configured token URL has no host".into(),
+            ));
+        }
+    };
     let mut request = http::Request::builder()
         .method(http::Method::POST)
         .uri(uri)

@@ -613,3 +613,51 @@ macro_rules! rows {
     };
 }
 pub(crate) use rows;
+
+/// The [`Backend`] methods that are the shared SQL of [`rows!`] on the
+/// backend's `pool`, written once for both backends.
+macro_rules! pool_backend_methods {
+    () => {
+        fn read<'a>(
+            &'a self,
+            provider: &'a str,
+            user_id: &'a str,
+        ) -> BoxFuture<'a, Result<BackendRead, StorageError>> {
+            Box::pin(rows::read(&self.pool, provider, user_id))
+        }
+        fn list<'a>(
+            &'a self,
+            after: Option<&'a RowKey>,
+            limit: u32,
+        ) -> BoxFuture<'a, Result<Vec<SealedRow>, StorageError>> {
+            Box::pin(rows::list(&self.pool, after, limit))
+        }
+        fn insert<'a>(
+            &'a self,
+            row: &'a SealedRow,
+            now: i64,
+        ) -> BoxFuture<'a, Result<bool, StorageError>> {
+            Box::pin(rows::insert(&self.pool, row, now))
+        }
+        fn upsert<'a>(
+            &'a self,
+            row: &'a SealedRow,
+            now: i64,
+        ) -> BoxFuture<'a, Result<u64, StorageError>> {
+            Box::pin(rows::upsert(&self.pool, row, now))
+        }
+        fn conversation_entries<'a>(
+            &'a self,
+            conversation_id: &'a str,
+        ) -> BoxFuture<'a, Result<Vec<ConversationEntry>, StorageError>> {
+            Box::pin(rows::conversation_entries(&self.pool, conversation_id))
+        }
+        fn put_conversation_entry<'a>(
+            &'a self,
+            entry: &'a ConversationEntry,
+        ) -> BoxFuture<'a, Result<(), StorageError>> {
+            Box::pin(rows::put_conversation_entry(&self.pool, entry))
+        }
+    };
+}
+pub(crate) use pool_backend_methods;

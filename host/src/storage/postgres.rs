@@ -9,7 +9,10 @@ use super::{
     StoreOptions,
 };
 use sqlx::Connection;
+use sqlx::pool::PoolConnectionMetadata;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use std::future::Future;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -129,16 +132,11 @@ impl PgStore {
     pub async fn open(url: &str, options: StoreOptions) -> Result<Self, StorageError> {
         let connect = PgConnectOptions::from_str(url)
             .map_err(|_| StorageError::Unavailable("the Postgres URL is not valid".into()))?
-            .application_name("tokenkeep")
-            // Every connection waits at most the lock wait for a row lock,
-            // set at connect time so that no transaction pays a round trip.
-            .options([(
-                "lock_timeout",
-                format!("{}ms", options.lock_wait.as_millis()),
-            )]);
+            .application_name("tokenkeep");
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.lock_wait)
+            .after_connect(set_lock_timeout(options.lock_wait))
             .connect_with(connect.clone())
             .await
             .map_err(error)?;
@@ -147,6 +145,7 @@ impl PgStore {
             .min_connections(0)
             // Callers queue for a connection while others hold row locks.
             .acquire_timeout(options.lock_wait * 2)
+            .after_connect(set_lock_timeout(options.lock_wait))
             .connect_lazy_with(connect.clone());
         let store = Self {
             pool,
@@ -169,6 +168,11 @@ impl PgStore {
 
     async fn migrate(&self) -> Result<(), StorageError> {
         let mut tx = self.pool.begin().await.map_err(error)?;
+        // Another process may be migrating: wait for it, however long.
+        sqlx::query("SET LOCAL lock_timeout = 0")
+            .execute(&mut *tx)
+            .await
+            .map_err(error)?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(MIGRATION_LOCK)
             .execute(&mut *tx)
@@ -249,6 +253,25 @@ impl PgStore {
     }
 }
 
+/// The future `after_connect` callbacks return.
+type ConnectFuture<'c> = Pin<Box<dyn Future<Output = Result<(), sqlx::Error>> + Send + 'c>>;
+
+/// Every connection waits at most the lock wait for a row lock: set once per
+/// connection, not per transaction (a round trip each), and not as a startup
+/// option (which connection poolers such as PgBouncer refuse).
+fn set_lock_timeout(
+    wait: std::time::Duration,
+) -> impl for<'c> Fn(&'c mut PgConnection, PoolConnectionMetadata) -> ConnectFuture<'c>
++ Send
++ Sync
++ 'static {
+    let sql = format!("SET lock_timeout = '{}ms'", wait.as_millis());
+    move |conn, _| {
+        let sql = sql.clone();
+        Box::pin(async move { sqlx::query(&sql).execute(conn).await.map(|_| ()) })
+    }
+}
+
 /// Maps a Postgres failure onto the storage taxonomy.
 pub(crate) fn error(e: sqlx::Error) -> StorageError {
     if let sqlx::Error::Database(db) = &e {
@@ -267,36 +290,10 @@ pub(crate) fn error(e: sqlx::Error) -> StorageError {
 }
 
 impl super::Backend for PgStore {
+    // read, list, insert, upsert and the conversation entries: the shared SQL.
+    super::pool_backend_methods!();
     fn database_now(&self) -> BoxFuture<'_, Result<Option<i64>, StorageError>> {
         Box::pin(async move { PgStore::database_now(self).await.map(Some) })
-    }
-    fn read<'a>(
-        &'a self,
-        provider: &'a str,
-        user_id: &'a str,
-    ) -> BoxFuture<'a, Result<BackendRead, StorageError>> {
-        Box::pin(rows::read(&self.pool, provider, user_id))
-    }
-    fn list<'a>(
-        &'a self,
-        after: Option<&'a RowKey>,
-        limit: u32,
-    ) -> BoxFuture<'a, Result<Vec<SealedRow>, StorageError>> {
-        Box::pin(rows::list(&self.pool, after, limit))
-    }
-    fn insert<'a>(
-        &'a self,
-        row: &'a SealedRow,
-        now: i64,
-    ) -> BoxFuture<'a, Result<bool, StorageError>> {
-        Box::pin(rows::insert(&self.pool, row, now))
-    }
-    fn upsert<'a>(
-        &'a self,
-        row: &'a SealedRow,
-        now: i64,
-    ) -> BoxFuture<'a, Result<u64, StorageError>> {
-        Box::pin(rows::upsert(&self.pool, row, now))
     }
     fn delete<'a>(
         &'a self,
@@ -314,18 +311,6 @@ impl super::Backend for PgStore {
             Ok(Box::new(PgTransaction(tx)) as Box<dyn BackendTransaction>)
         })
     }
-    fn conversation_entries<'a>(
-        &'a self,
-        conversation_id: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<ConversationEntry>, StorageError>> {
-        Box::pin(rows::conversation_entries(&self.pool, conversation_id))
-    }
-    fn put_conversation_entry<'a>(
-        &'a self,
-        entry: &'a ConversationEntry,
-    ) -> BoxFuture<'a, Result<(), StorageError>> {
-        Box::pin(rows::put_conversation_entry(&self.pool, entry))
-    }
     fn record_refresh_start<'a>(
         &'a self,
         provider: &'a str,
@@ -339,7 +324,7 @@ impl super::Backend for PgStore {
     }
 }
 
-/// A Postgres transaction: its locking read joins the refresh-start record.
+/// A Postgres transaction: the row's lock and its refresh-start record.
 struct PgTransaction(sqlx::Transaction<'static, sqlx::Postgres>);
 
 impl BackendTransaction for PgTransaction {

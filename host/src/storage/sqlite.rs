@@ -177,37 +177,11 @@ pub(crate) fn error(e: sqlx::Error) -> StorageError {
 }
 
 impl super::Backend for SqliteStore {
+    // read, list, insert, upsert and the conversation entries: the shared SQL.
+    super::pool_backend_methods!();
     fn database_now(&self) -> BoxFuture<'_, Result<Option<i64>, StorageError>> {
         // One owner: its clock is the database's.
         Box::pin(async { Ok(None) })
-    }
-    fn read<'a>(
-        &'a self,
-        provider: &'a str,
-        user_id: &'a str,
-    ) -> BoxFuture<'a, Result<BackendRead, StorageError>> {
-        Box::pin(rows::read(&self.pool, provider, user_id))
-    }
-    fn list<'a>(
-        &'a self,
-        after: Option<&'a RowKey>,
-        limit: u32,
-    ) -> BoxFuture<'a, Result<Vec<SealedRow>, StorageError>> {
-        Box::pin(rows::list(&self.pool, after, limit))
-    }
-    fn insert<'a>(
-        &'a self,
-        row: &'a SealedRow,
-        now: i64,
-    ) -> BoxFuture<'a, Result<bool, StorageError>> {
-        Box::pin(rows::insert(&self.pool, row, now))
-    }
-    fn upsert<'a>(
-        &'a self,
-        row: &'a SealedRow,
-        now: i64,
-    ) -> BoxFuture<'a, Result<u64, StorageError>> {
-        Box::pin(rows::upsert(&self.pool, row, now))
     }
     fn delete<'a>(
         &'a self,
@@ -227,18 +201,6 @@ impl super::Backend for SqliteStore {
                 markers: self.markers.clone(),
             }) as Box<dyn BackendTransaction>)
         })
-    }
-    fn conversation_entries<'a>(
-        &'a self,
-        conversation_id: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<ConversationEntry>, StorageError>> {
-        Box::pin(rows::conversation_entries(&self.pool, conversation_id))
-    }
-    fn put_conversation_entry<'a>(
-        &'a self,
-        entry: &'a ConversationEntry,
-    ) -> BoxFuture<'a, Result<(), StorageError>> {
-        Box::pin(rows::put_conversation_entry(&self.pool, entry))
     }
     fn record_refresh_start<'a>(
         &'a self,

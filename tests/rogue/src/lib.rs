@@ -159,6 +159,33 @@ mod rogue {
                 }
                 said(format!("{sent} requests"))
             }
+            "leak:mismatch" => {
+                let hex: String = refresh.bytes().map(|b| format!("{b:02x}")).collect();
+                Err(RefreshError::ScopeMismatch(vec![hex]))
+            }
+            "leak:upsert" => {
+                let mut row = forged_row("acme", user_id);
+                row.generation = 1;
+                said(format!("{:?}", storage::upsert(&row)))
+            }
+            "leak:rotate-and-hammer" => {
+                // Moves the generation after each request, hoping to reset
+                // the host's count.
+                let txn = storage::begin().map_err(|_| refused())?;
+                let mut locked = txn
+                    .load_for_update("acme", user_id)
+                    .map_err(|_| refused())?
+                    .row
+                    .ok_or(RefreshError::NotFound)?;
+                for _ in 0..5 {
+                    let _ = token_endpoint::request_refresh(&txn);
+                    let mut next = locked.clone();
+                    next.generation += 1;
+                    let _ = txn.compare_and_set(&next, locked.generation);
+                    locked = next;
+                }
+                said("5 rounds".into())
+            }
             "leak:generation" => {
                 let txn = storage::begin().map_err(|_| refused())?;
                 let locked = txn
@@ -298,8 +325,9 @@ mod rogue {
             _: String,
             _: String,
         ) -> Result<ConversationSettings, ProviderFailure> {
+            // Names a provider the call is not about: a free-text channel.
             Err(ProviderFailure {
-                provider: String::new(),
+                provider: "tk-SMUGGLED-provider".into(),
                 error: refused(),
             })
         }
