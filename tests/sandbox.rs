@@ -326,3 +326,32 @@ async fn the_real_component_fits_its_sandbox_with_room_to_spare() {
     let record = tight.ensure_fresh("acme", "alice").await.unwrap();
     assert_eq!(record.generation, 2);
 }
+
+/// Guests that spin through their fuel yield to the executor: four of them
+/// on a two-worker runtime do not stall a fifth, healthy call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spinning_guests_do_not_stall_a_healthy_call() {
+    let w = World::new(Backend::Sqlite, "sandbox-spin").await;
+    w.store("alice", "at-alice", Some("rt-0"), 3600).await;
+    let rogue = rogue_keeper(&w, SandboxLimits::default()).await;
+    let spinners: Vec<_> = (0..4)
+        .map(|_| {
+            let rogue = rogue.clone();
+            tokio::spawn(async move { rogue.ensure_fresh("spin", "u").await })
+        })
+        .collect();
+    let keeper = w.keeper.clone();
+    let healthy = tokio::spawn(async move { keeper.ensure_fresh("acme", "alice").await })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(healthy.access_token.expose_secret(), "at-alice");
+    assert!(
+        spinners.iter().all(|s| !s.is_finished()),
+        "the healthy call finished while every guest still spun"
+    );
+    for spinner in spinners {
+        let e = spinner.await.unwrap().unwrap_err();
+        assert!(matches!(&e, Error::Sandbox(m) if m.contains("fuel")), "{e}");
+    }
+}

@@ -32,7 +32,42 @@ on_both_backends!(
     the_cli_lists_states_and_deletes,
     a_runtime_killed_mid_refresh_is_reported_as_a_lost_rotation,
     a_failed_refresh_is_single_flight_too,
+    a_three_second_token_is_refreshed_once_per_expiry_however_many_ask,
 );
+
+async fn a_three_second_token_is_refreshed_once_per_expiry_however_many_ask(b: Backend) {
+    // A slow provider, so that callers pile up on the lock behind it.
+    let w = frozen(
+        b,
+        "short-lived",
+        Behaviour {
+            expires_in: 3,
+            delay: Duration::from_millis(200),
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    w.store("alice", "at-0", Some("rt-0"), -1).await;
+    for round in 1..=3 {
+        let callers: Vec<_> = (0..20)
+            .map(|_| {
+                let keeper = w.keeper.clone();
+                tokio::spawn(async move { keeper.ensure_fresh("acme", "alice").await })
+            })
+            .collect();
+        let mut tokens = std::collections::BTreeSet::new();
+        for caller in callers {
+            let grant = caller.await.unwrap().unwrap();
+            tokens.insert(grant.access_token.expose_secret().to_string());
+        }
+        assert_eq!(w.provider.calls(), round, "one refresh in round {round}");
+        assert_eq!(tokens.len(), 1, "every caller got the same token");
+        assert!(!w.provider.revoked());
+        // The token dies; the next round finds it expired.
+        w.clock.advance(3);
+    }
+}
 
 async fn the_clock_skew_is_exact_at_59_60_and_61_seconds(b: Backend) {
     let w = frozen(b, "skew", Behaviour::default(), "").await;
@@ -402,6 +437,13 @@ async fn the_cli_lists_states_and_deletes(b: Backend) {
     let w = World::new(b, "cli-list").await;
     w.store("fresh-user", "at", Some("rt-0"), 3600).await;
     w.store("due-user", "at", Some("rt-0"), 30).await;
+    // An hour-long token with 30 seconds left (a token stored with 30
+    // seconds to live is short-lived, and fresh for half of them).
+    raw_sql(
+        &w.database_url,
+        "UPDATE tokenkeep_tokens SET obtained_at = obtained_at - 3600 WHERE user_id = 'due-user'",
+    )
+    .await;
     w.store("dead-user", "at", Some("rt-dead"), -10).await;
     let _ = w
         .keeper
@@ -425,8 +467,23 @@ async fn the_cli_lists_states_and_deletes(b: Backend) {
         !text.contains("\"at\"") && !text.contains("rt-0"),
         "no secret in the listing"
     );
+    let failure = |user: &str| {
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["user_id"] == user)
+            .map(|v| v["last_failure"].clone())
+            .unwrap()
+    };
+    assert_eq!(failure("dead-user"), "reauthorization-required");
+    assert_eq!(failure("fresh-user"), serde_json::Value::Null);
     let table = w.cli().args(["tokens", "list"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&table.stdout).contains("reauthorization-required"));
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    let dead = table.lines().find(|l| l.contains("dead-user")).unwrap();
+    assert!(
+        dead.matches("reauthorization-required").count() == 2,
+        "state and last failure by their documented names: {dead}"
+    );
+    assert!(!table.contains("Reauthorization"), "{table}");
 
     assert!(
         w.cli()
@@ -435,14 +492,32 @@ async fn the_cli_lists_states_and_deletes(b: Backend) {
             .unwrap()
             .success()
     );
-    assert_eq!(
-        w.cli()
-            .args(["tokens", "get", "acme", "fresh-user"])
-            .output()
-            .unwrap()
-            .status
-            .code(),
-        Some(3)
+    let missing = w
+        .cli()
+        .args(["tokens", "get", "acme", "fresh-user"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one line per failure: {stderr}");
+    assert!(stderr.starts_with("tokenkeep: not-found: "), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "no colour when stderr is not a terminal"
+    );
+    // A class is named once, not twice.
+    let down = w
+        .cli()
+        .env("TOKENKEEP_DATABASE", "postgres://127.0.0.1:1/none")
+        .args(["tokens", "get", "acme", "fresh-user"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&down.stderr);
+    assert_eq!(down.status.code(), Some(9), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("tokenkeep: storage: ") && !stderr.contains("storage: storage"),
+        "{stderr}"
     );
     assert_eq!(
         w.cli()
@@ -611,4 +686,32 @@ async fn a_failed_refresh_is_single_flight_too(b: Backend) {
         3,
         "not sent again until a new authorisation"
     );
+}
+
+/// On SQLite, a process start finds the schema current with a read: a
+/// `tokens get` of a fresh token does not wait behind a refresh that holds
+/// the file's write lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_a_start_does_not_wait_for_the_write_lock() {
+    use sqlx::Connection;
+    let w = World::new(Backend::Sqlite, "sqlite-start").await;
+    w.store("alice", "at-fresh", Some("rt-0"), 3600).await;
+    let path = w.database_url.trim_start_matches("sqlite:").to_string();
+    let mut holder = sqlx::SqliteConnection::connect(&format!("sqlite://{path}"))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    // The write lock is held (a refresh in flight): a new process starts.
+    let started = tokio::time::timeout(Duration::from_secs(10), async {
+        let keeper = w.another_keeper().await;
+        keeper.ensure_fresh("acme", "alice").await
+    })
+    .await
+    .expect("a start and a read of a fresh token must not wait for the write lock")
+    .unwrap();
+    assert_eq!(started.access_token.expose_secret(), "at-fresh");
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
 }

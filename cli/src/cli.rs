@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use tokenkeep_host::keeper::error_class_name;
 use tokenkeep_host::{
     Config, ConversationError, ConversationSettings, Error, Keeper, Keyring, Options,
     SandboxLimits, TokenSet, TokenState, TokenSummary,
@@ -115,18 +116,26 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tokenkeep: {}: {e}", e.class());
+            // One line: the class, then the message without a repeat of it.
+            let message = e.to_string();
+            let prefix = format!("{}: ", e.class());
+            let message = message.strip_prefix(&prefix).unwrap_or(&message);
+            eprintln!("tokenkeep: {}: {message}", e.class());
             ExitCode::from(e.exit_code() as u8)
         }
     }
 }
 
 fn init_logging() {
+    use std::io::IsTerminal;
+    // sqlx's "slow statement" notes are for its own debugging: a waiter on a
+    // row lock is not a failure, so they stay out of the default output.
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOKENKEEP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx::query=error"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
@@ -358,6 +367,7 @@ fn print_list(list: &[TokenSummary], json: bool, now: i64) {
                 "generation": s.generation,
                 "key_id": s.key_id,
                 "failed_attempts": s.health.failed_attempts,
+                "last_failure": s.health.last_failure.map(error_class_name),
                 "last_failure_at": s.health.last_failure_at,
                 "last_success_at": s.health.last_success_at,
             });
@@ -365,7 +375,8 @@ fn print_list(list: &[TokenSummary], json: bool, now: i64) {
         } else {
             let failure = match (s.health.last_failure, s.health.last_failure_at) {
                 (Some(class), Some(at)) => format!(
-                    "{class:?} {} ({} attempts)",
+                    "{} {} ({} attempts)",
+                    error_class_name(class),
                     relative(at, now),
                     s.health.failed_attempts
                 ),

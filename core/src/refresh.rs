@@ -172,10 +172,17 @@ impl<H: Host> Keeper<H> {
 
         // 2. Lock the row and look again: another runtime may have refreshed it
         //    while we waited for the lock.
+        let seen_generation = row.generation;
         let txn = self.host.begin()?;
         let RowRead { row, now } = txn.load_for_update(provider, user_id)?;
         let row = row.ok_or(RefreshError::NotFound)?;
-        if !due(&row, now, threshold) {
+        // Not due, or refreshed by another runtime while we waited and not
+        // expired: that refresh is ours too (a short-lived token may be due
+        // again already; refreshing it once per waiter would be a stampede).
+        let refreshed_meanwhile = row.generation != seen_generation
+            && row.health.last_failure.is_none()
+            && validity::is_access_token_valid(row.access_token_expires_at, now, 0);
+        if !due(&row, now, threshold) || refreshed_meanwhile {
             txn.commit()?;
             return self.grant(&row);
         }

@@ -340,6 +340,22 @@ fn waiter_after_success_reads_the_token_another_runtime_committed() {
 }
 
 #[test]
+fn waiter_after_success_takes_a_short_lived_token_that_is_due_again() {
+    let (keeper, fake) = world(-10);
+    // Another runtime's refresh got a 3-second token, due again at once by
+    // the time we hold the lock: it is still ours, not a second refresh.
+    fake.0.borrow_mut().on_lock = Some(Box::new(|s: &mut State| {
+        s.rows.insert(
+            ("acme".into(), "alice".into()),
+            stored_row("at-short", "rt-short", T0 - 2, T0 + 1, 2),
+        );
+    }));
+    let grant = keeper.ensure_fresh("acme", "alice").unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-short");
+    assert!(fake.0.borrow().requests.is_empty());
+}
+
+#[test]
 fn waiter_after_failure_gets_the_recorded_failure_without_a_request() {
     let (keeper, fake) = world(-10);
     fake.0.borrow_mut().on_lock = Some(Box::new(|s: &mut State| {

@@ -526,6 +526,11 @@ fn conversation_scope(
     }
 }
 
+/// The documented name of a class as listings carry it.
+pub fn error_class_name(class: wit::ErrorClass) -> &'static str {
+    convert::class_from_wit(class).name()
+}
+
 /// The component returned a token this call never opened or sealed for the
 /// row it was asked about.
 fn not_the_rows() -> Error {

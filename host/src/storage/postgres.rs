@@ -66,6 +66,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
 ];
 
+/// How long opening the store waits for the database to answer at all.
+const FIRST_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Any constant distinct from other applications' advisory locks.
 const MIGRATION_LOCK: i64 = 0x746f_6b65_6e6b;
 
@@ -133,13 +136,21 @@ impl PgStore {
         let connect = PgConnectOptions::from_str(url)
             .map_err(|_| StorageError::Unavailable("the Postgres URL is not valid".into()))?
             .application_name("tokenkeep");
+        // One connection first, so that a database that is down or refuses
+        // us is reported at once (a pool retries until its acquire timeout).
+        // It becomes the refresh-start writer's.
+        let first = tokio::time::timeout(
+            FIRST_CONNECT_TIMEOUT.min(options.lock_wait),
+            PgConnection::connect_with(&connect),
+        )
+        .await
+        .map_err(|_| StorageError::Unavailable("postgres: connect timed out".into()))?
+        .map_err(error)?;
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.lock_wait)
             .after_connect(set_lock_timeout(options.lock_wait))
-            .connect_with(connect.clone())
-            .await
-            .map_err(error)?;
+            .connect_lazy_with(connect.clone());
         let tx_pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .min_connections(0)
@@ -150,7 +161,7 @@ impl PgStore {
         let store = Self {
             pool,
             tx_pool,
-            markers: Arc::new(tokio::sync::Mutex::new(None)),
+            markers: Arc::new(tokio::sync::Mutex::new(Some(first))),
             connect: Arc::new(connect),
             lock_wait_ms: options.lock_wait.as_millis(),
         };

@@ -109,6 +109,17 @@ impl SqliteStore {
     }
 
     async fn migrate(&self) -> Result<(), StorageError> {
+        // Most starts find the schema current: a read, which waits for no
+        // refresh holding the write lock. Only a start that must migrate
+        // takes the lock.
+        let latest = MIGRATIONS.last().map(|(v, _)| *v);
+        let current: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM tokenkeep_schema")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(None);
+        if current >= latest {
+            return Ok(());
+        }
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
