@@ -277,6 +277,16 @@ fn granted(access: &str, refresh: &str) -> Result<HttpAnswer, RequestError> {
     )
 }
 
+/// Another runtime's refresh of alice's row failed while we waited.
+fn failed_meanwhile(class: ErrorClass) -> Hook {
+    Box::new(move |s: &mut State| {
+        let r = s.rows.get_mut(&("acme".into(), "alice".into())).unwrap();
+        r.health.failed_attempts = 1;
+        r.health.last_failure_at = Some(T0);
+        r.health.last_failure = Some(class);
+    })
+}
+
 fn row(fake: &Fake) -> SealedRow {
     fake.0.borrow().rows[&("acme".to_string(), "alice".to_string())].clone()
 }
@@ -358,24 +368,14 @@ fn waiter_after_success_takes_a_short_lived_token_that_is_due_again() {
 #[test]
 fn waiter_after_failure_gets_the_recorded_failure_without_a_request() {
     let (keeper, fake) = world(-10);
-    fake.0.borrow_mut().on_lock = Some(Box::new(|s: &mut State| {
-        let r = s.rows.get_mut(&("acme".into(), "alice".into())).unwrap();
-        r.health.failed_attempts = 1;
-        r.health.last_failure_at = Some(T0);
-        r.health.last_failure = Some(ErrorClass::ProviderUnavailable);
-    }));
+    fake.0.borrow_mut().on_lock = Some(failed_meanwhile(ErrorClass::ProviderUnavailable));
     let e = keeper.ensure_fresh("acme", "alice").unwrap_err();
     assert_eq!(e.class(), ErrorClass::ProviderUnavailable);
     assert!(fake.0.borrow().requests.is_empty());
 
     // The same failure with a still-valid token: the token is served.
     let (keeper, fake) = world(300);
-    fake.0.borrow_mut().on_lock = Some(Box::new(|s: &mut State| {
-        let r = s.rows.get_mut(&("acme".into(), "alice".into())).unwrap();
-        r.health.failed_attempts = 1;
-        r.health.last_failure_at = Some(T0);
-        r.health.last_failure = Some(ErrorClass::ProviderUnavailable);
-    }));
+    fake.0.borrow_mut().on_lock = Some(failed_meanwhile(ErrorClass::ProviderUnavailable));
     let grant = keeper.ensure_fresh("acme", "alice").unwrap();
     assert_eq!(grant.access_token.expose_secret(), "at-1");
     assert!(fake.0.borrow().requests.is_empty());

@@ -7,16 +7,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value, json};
 
 /// One provider's token in a conversation. Debug redacts the tokens.
-#[derive(Debug, Clone)]
-pub struct ProviderToken {
-    pub provider: String,
-    pub access_token: SecretString,
-    pub refresh_token: Option<SecretString>,
-    pub expires_at: Option<i64>,
-    pub refresh_token_expires_at: Option<i64>,
-    pub obtained_at: Option<i64>,
-    pub scopes: Vec<String>,
-}
+pub use tokenkeep_core::model::ProviderToken;
 
 /// The provider tokens a runtime holds for one conversation.
 #[derive(Debug, Clone, Default)]
