@@ -277,6 +277,13 @@ fn granted(access: &str, refresh: &str) -> Result<HttpAnswer, RequestError> {
     )
 }
 
+/// Another runtime refreshed alice's row to `row` while we waited.
+fn refreshed_meanwhile(row: SealedRow) -> Hook {
+    Box::new(move |s: &mut State| {
+        s.rows.insert(("acme".into(), "alice".into()), row);
+    })
+}
+
 /// Another runtime's refresh of alice's row failed while we waited.
 fn failed_meanwhile(class: ErrorClass) -> Hook {
     Box::new(move |s: &mut State| {
@@ -335,12 +342,13 @@ fn due_a_token_inside_its_window_is_refreshed_once_and_the_rotation_kept() {
 fn waiter_after_success_reads_the_token_another_runtime_committed() {
     let (keeper, fake) = world(-10);
     // While we wait for the lock, another runtime refreshes and commits.
-    fake.0.borrow_mut().on_lock = Some(Box::new(|s: &mut State| {
-        s.rows.insert(
-            ("acme".into(), "alice".into()),
-            stored_row("at-theirs", "rt-theirs", T0, T0 + 3600, 2),
-        );
-    }));
+    fake.0.borrow_mut().on_lock = Some(refreshed_meanwhile(stored_row(
+        "at-theirs",
+        "rt-theirs",
+        T0,
+        T0 + 3600,
+        2,
+    )));
     let grant = keeper.ensure_fresh("acme", "alice").unwrap();
     assert_eq!(grant.access_token.expose_secret(), "at-theirs");
     assert!(
@@ -354,12 +362,13 @@ fn waiter_after_success_takes_a_short_lived_token_that_is_due_again() {
     let (keeper, fake) = world(-10);
     // Another runtime's refresh got a 3-second token, due again at once by
     // the time we hold the lock: it is still ours, not a second refresh.
-    fake.0.borrow_mut().on_lock = Some(Box::new(|s: &mut State| {
-        s.rows.insert(
-            ("acme".into(), "alice".into()),
-            stored_row("at-short", "rt-short", T0 - 2, T0 + 1, 2),
-        );
-    }));
+    fake.0.borrow_mut().on_lock = Some(refreshed_meanwhile(stored_row(
+        "at-short",
+        "rt-short",
+        T0 - 2,
+        T0 + 1,
+        2,
+    )));
     let grant = keeper.ensure_fresh("acme", "alice").unwrap();
     assert_eq!(grant.access_token.expose_secret(), "at-short");
     assert!(fake.0.borrow().requests.is_empty());
