@@ -114,7 +114,11 @@ pub fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Finished::Done) => ExitCode::SUCCESS,
+        Ok(Finished::Interrupted(signal)) => {
+            eprintln!("tokenkeep: interrupted: refreshes in flight were saved first");
+            ExitCode::from(128 + signal)
+        }
         Err(e) => {
             // One line: the class, then the message without a repeat of it.
             let message = e.to_string();
@@ -139,20 +143,61 @@ fn init_logging() {
         .try_init();
 }
 
-async fn run(cli: Cli) -> Result<(), Error> {
-    match &cli.command {
-        Command::Demo { runtimes } => crate::demo::run(*runtimes).await,
-        Command::Tokens(cmd) => {
-            let keeper = open(&cli).await?;
-            tokens(&keeper, cmd).await
+/// How a command ended, when it did not fail.
+enum Finished {
+    Done,
+    /// By this signal, after the refreshes in flight were saved.
+    Interrupted(u8),
+}
+
+async fn run(cli: Cli) -> Result<Finished, Error> {
+    if let Command::Demo { runtimes } = &cli.command {
+        return crate::demo::run(*runtimes).await.map(|()| Finished::Done);
+    }
+    // Before anything is in flight: from here on, SIGTERM and SIGINT wait
+    // for refreshes to commit (a provider may already have rotated the token).
+    let mut signals = Signals::new()?;
+    let keeper = open(&cli).await?;
+    let work = async {
+        match &cli.command {
+            Command::Demo { .. } => Ok(()),
+            Command::Tokens(cmd) => tokens(&keeper, cmd).await,
+            Command::Keys(cmd) => keys(&keeper, cmd).await,
+            Command::Conversations(cmd) => conversations(&keeper, cmd).await,
         }
-        Command::Keys(cmd) => {
-            let keeper = open(&cli).await?;
-            keys(&keeper, cmd).await
+    };
+    tokio::select! {
+        done = work => done.map(|()| Finished::Done),
+        signal = signals.next() => {
+            keeper.shutdown().await;
+            Ok(Finished::Interrupted(signal))
         }
-        Command::Conversations(cmd) => {
-            let keeper = open(&cli).await?;
-            conversations(&keeper, cmd).await
+    }
+}
+
+/// SIGTERM and SIGINT, caught rather than fatal.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, Error> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let catch = |kind: SignalKind| {
+            signal(kind).map_err(|e| Error::Config(format!("cannot catch signals: {e}")))
+        };
+        Ok(Self {
+            terminate: catch(SignalKind::terminate())?,
+            interrupt: catch(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The number of the first signal to arrive.
+    async fn next(&mut self) -> u8 {
+        tokio::select! {
+            _ = self.terminate.recv() => 15,
+            _ = self.interrupt.recv() => 2,
         }
     }
 }

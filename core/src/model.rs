@@ -89,7 +89,7 @@ pub struct SealedRow {
 }
 
 /// Identifies a row; the cursor of paginated scans (WIT `row-key`).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RowKey {
     pub provider: String,
     pub user_id: String,

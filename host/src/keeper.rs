@@ -12,10 +12,13 @@ use crate::linker::{KeeperCtx, Scope};
 use crate::sandbox::{Runtime, SandboxLimits, Shared, State};
 use crate::storage::{Store, StoreOptions};
 use secrecy::ExposeSecret;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokenkeep_core::error::RefreshError;
 use tokenkeep_core::model::RowKey;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 pub use crate::bindings::tokenkeep::oauth::types::{TokenState, TokenSummary};
 pub use tokenkeep_core::model::{AccessGrant, ConversationEntry, Health, TokenRecord, TokenSet};
@@ -78,7 +81,43 @@ pub struct KeyStatus {
 /// Cheap to share (`Arc`); every call runs in a fresh component instance
 /// confined to the rows it is about.
 pub struct Keeper {
-    runtime: Runtime,
+    runtime: Arc<Runtime>,
+    /// Refreshing calls run on tasks of their own, tracked here: a caller
+    /// that stops waiting (a timeout, a `select!`, a deploy's SIGTERM) never
+    /// cancels a refresh between the provider's answer and the commit, and
+    /// [`Keeper::shutdown`] waits for them.
+    detached: TaskTracker,
+    /// `ensure_fresh` calls in flight, per row: callers in this process
+    /// for the same token share one call (one connection, one refresh).
+    flights: Arc<Mutex<HashMap<RowKey, Flight>>>,
+}
+
+/// The answer of an `ensure_fresh` call in flight, once it has one.
+type Flight = watch::Receiver<Option<Result<AccessGrant, Error>>>;
+
+/// Takes the flights map even if a task panicked holding it.
+fn flights(map: &Mutex<HashMap<RowKey, Flight>>) -> MutexGuard<'_, HashMap<RowKey, Flight>> {
+    map.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Takes a flight off the map when its task ends, however it ends (a panic
+/// included), and only that flight.
+struct Landing {
+    flights: Arc<Mutex<HashMap<RowKey, Flight>>>,
+    key: RowKey,
+    flight: Flight,
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        let mut map = flights(&self.flights);
+        if map
+            .get(&self.key)
+            .is_some_and(|f| f.same_channel(&self.flight))
+        {
+            map.remove(&self.key);
+        }
+    }
 }
 
 impl Keeper {
@@ -103,12 +142,46 @@ impl Keeper {
         };
         // Compiling (or loading the cached machine code) happens once per process.
         let runtime = Runtime::new(shared, options.limits, wasm)?;
-        Ok(Arc::new(Self { runtime }))
+        Ok(Arc::new(Self {
+            runtime: Arc::new(runtime),
+            detached: TaskTracker::new(),
+            flights: Arc::default(),
+        }))
     }
 
     /// The configuration this keeper runs with.
     pub fn config(&self) -> &Config {
         &self.runtime.shared().config
+    }
+
+    /// Waits until every refresh in flight has committed or failed: call it
+    /// on SIGTERM before the runtime exits. Calls made meanwhile still run
+    /// and are waited for too.
+    pub async fn shutdown(&self) {
+        self.detached.close();
+        self.detached.wait().await;
+        self.detached.reopen();
+    }
+
+    /// Runs `work` on a tracked task of its own, so that dropping the
+    /// caller's future does not cancel it.
+    async fn detached<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = Result<T, Error>> + Send + 'static,
+    ) -> Result<T, Error> {
+        self.detached
+            .spawn(work)
+            .await
+            .map_err(|_| Error::Sandbox("the call's task panicked".into()))?
+    }
+
+    /// What a detached call takes with it.
+    fn owned(&self, conversation_id: &str, user_id: &str) -> (Arc<Runtime>, String, String) {
+        (
+            self.runtime.clone(),
+            conversation_id.to_string(),
+            user_id.to_string(),
+        )
     }
 
     /// The shared time (the database's clock), seconds since the epoch.
@@ -191,30 +264,45 @@ impl Keeper {
     /// needed; one provider call however many runtimes ask. The refresh
     /// token stays in the keeper.
     pub async fn ensure_fresh(&self, provider: &str, user_id: &str) -> Result<AccessGrant, Error> {
-        let (r, ctx) = self
-            .on_row(provider, user_id, async |k, s| {
-                k.tokenkeep_oauth_token_store()
-                    .call_ensure_fresh(s, provider, user_id)
-                    .await
-            })
-            .await?;
-        let g = r.map_err(|e| refresh_error(&ctx, e, provider, user_id))?;
-        if g.provider != provider
-            || g.user_id != user_id
-            || !ctx.vouches_for(provider, Some(user_id), &g.access_token)
-            || !ctx.saw_scopes(provider, Some(user_id), &g.scopes)
-        {
-            return Err(not_the_rows());
+        let key = RowKey {
+            provider: provider.to_string(),
+            user_id: user_id.to_string(),
+        };
+        let mut flight = {
+            let mut map = flights(&self.flights);
+            match map.get(&key) {
+                Some(flight) => flight.clone(),
+                None => {
+                    let (answer, flight) = watch::channel(None);
+                    map.insert(key.clone(), flight.clone());
+                    let landing = Landing {
+                        flights: self.flights.clone(),
+                        key,
+                        flight: flight.clone(),
+                    };
+                    let runtime = self.runtime.clone();
+                    self.detached.spawn(async move {
+                        let key = &landing.key;
+                        let got = ensure_fresh_once(&runtime, &key.provider, &key.user_id).await;
+                        // Later callers start a flight of their own: this
+                        // answer may be older than what they ask for.
+                        drop(landing);
+                        answer.send_replace(Some(got));
+                    });
+                    flight
+                }
+            }
+        };
+        let landed = flight
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Error::Sandbox("the call's task panicked".into()))?;
+        match &*landed {
+            Some(got) => got.clone(),
+            None => Err(Error::Sandbox(
+                "the call's task ended without an answer".into(),
+            )),
         }
-        Ok(AccessGrant {
-            provider: g.provider,
-            user_id: g.user_id,
-            access_token: g.access_token.into(),
-            expires_at: g.expires_at,
-            scopes: g.scopes,
-            obtained_at: g.obtained_at,
-            generation: g.generation,
-        })
     }
 
     /// Deletes a user's tokens; false when there were none.
@@ -350,11 +438,15 @@ impl Keeper {
     ) -> Result<ConversationSettings, ConversationError> {
         let input = settings.to_wit();
         let scope = conversation_scope(conversation_id, settings, user_id);
+        let (runtime, conversation, user) = self.owned(conversation_id, user_id);
         let (r, ctx) = self
-            .runtime
-            .call(scope, input.provider_tokens.len(), async |k, s| {
-                k.tokenkeep_oauth_conversations()
-                    .call_refresh_provider_tokens(s, &input, conversation_id, user_id)
+            .detached(async move {
+                runtime
+                    .call(scope, input.provider_tokens.len(), async |k, s| {
+                        k.tokenkeep_oauth_conversations()
+                            .call_refresh_provider_tokens(s, &input, &conversation, &user)
+                            .await
+                    })
                     .await
             })
             .await
@@ -373,11 +465,15 @@ impl Keeper {
     ) -> Result<PartialRefresh, Error> {
         let input = settings.to_wit();
         let scope = conversation_scope(conversation_id, settings, user_id);
+        let (runtime, conversation, user) = self.owned(conversation_id, user_id);
         let (r, ctx) = self
-            .runtime
-            .call(scope, input.provider_tokens.len(), async |k, s| {
-                k.tokenkeep_oauth_conversations()
-                    .call_refresh_provider_tokens_partial(s, &input, conversation_id, user_id)
+            .detached(async move {
+                runtime
+                    .call(scope, input.provider_tokens.len(), async |k, s| {
+                        k.tokenkeep_oauth_conversations()
+                            .call_refresh_provider_tokens_partial(s, &input, &conversation, &user)
+                            .await
+                    })
                     .await
             })
             .await?;
@@ -416,11 +512,15 @@ impl Keeper {
             conversation: Some(conversation_id.to_string()),
             writes: false,
         };
+        let (runtime, conversation, _) = self.owned(conversation_id, "");
         let (r, ctx) = self
-            .runtime
-            .call(scope, entries.len(), async |k, s| {
-                k.tokenkeep_oauth_conversations()
-                    .call_resume(s, conversation_id)
+            .detached(async move {
+                runtime
+                    .call(scope, entries.len(), async |k, s| {
+                        k.tokenkeep_oauth_conversations()
+                            .call_resume(s, &conversation)
+                            .await
+                    })
                     .await
             })
             .await
@@ -503,6 +603,38 @@ impl Keeper {
             .await?;
         Ok(valid)
     }
+}
+
+/// One `ensure-fresh` call into the component, its answer checked.
+async fn ensure_fresh_once(
+    runtime: &Runtime,
+    provider: &str,
+    user_id: &str,
+) -> Result<AccessGrant, Error> {
+    let (r, ctx) = runtime
+        .call(Scope::row(provider, user_id), 1, async |k, s| {
+            k.tokenkeep_oauth_token_store()
+                .call_ensure_fresh(s, provider, user_id)
+                .await
+        })
+        .await?;
+    let g = r.map_err(|e| refresh_error(&ctx, e, provider, user_id))?;
+    if g.provider != provider
+        || g.user_id != user_id
+        || !ctx.vouches_for(provider, Some(user_id), &g.access_token)
+        || !ctx.saw_scopes(provider, Some(user_id), &g.scopes)
+    {
+        return Err(not_the_rows());
+    }
+    Ok(AccessGrant {
+        provider: g.provider,
+        user_id: g.user_id,
+        access_token: g.access_token.into(),
+        expires_at: g.expires_at,
+        scopes: g.scopes,
+        obtained_at: g.obtained_at,
+        generation: g.generation,
+    })
 }
 
 /// The rows a conversation call may touch: each provider's row of `user_id`.

@@ -88,6 +88,10 @@ struct Inner {
 pub struct DevProvider {
     addr: SocketAddr,
     inner: Arc<Mutex<Inner>>,
+    /// Whether processed answers are held back (see [`DevProvider::hold_answers`]).
+    held: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Woken whenever a request arrives or is processed.
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl DevProvider {
@@ -99,16 +103,25 @@ impl DevProvider {
             behaviour,
             ..Default::default()
         }));
+        let held = Arc::new(tokio::sync::watch::Sender::new(false));
+        let changed = Arc::new(tokio::sync::Notify::new());
         let state = inner.clone();
+        let (gate, events) = (held.clone(), changed.clone());
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
                 let state = state.clone();
+                let (gate, events) = (gate.subscribe(), events.clone());
                 tokio::spawn(async move {
-                    let _ = serve(socket, state).await;
+                    let _ = serve(socket, state, gate, events).await;
                 });
             }
         });
-        let provider = Self { addr, inner };
+        let provider = Self {
+            addr,
+            inner,
+            held,
+            changed,
+        };
         provider.reset_chain(first_refresh_token);
         Ok(provider)
     }
@@ -125,6 +138,32 @@ impl DevProvider {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// From now on, process each refresh (rotating the chain) and then hold
+    /// its answer until [`DevProvider::release_answers`]: the window in which
+    /// a refresher that dies, is cut off or is cancelled loses the rotation.
+    pub fn hold_answers(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Sends every held answer and holds no more.
+    pub fn release_answers(&self) {
+        self.held.send_replace(false);
+    }
+
+    /// Waits until `done` holds, re-checking whenever a request arrives or
+    /// is processed: an event, not a poll.
+    pub async fn wait_until(&self, mut done: impl FnMut(&Self) -> bool) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if done(self) {
+                return;
+            }
+            changed.await;
+        }
     }
 
     /// Requests that have arrived so far, answered or still delayed.
@@ -204,7 +243,12 @@ impl DevProvider {
     }
 }
 
-async fn serve(mut socket: tokio::net::TcpStream, state: Arc<Mutex<Inner>>) -> std::io::Result<()> {
+async fn serve(
+    mut socket: tokio::net::TcpStream,
+    state: Arc<Mutex<Inner>>,
+    mut held: tokio::sync::watch::Receiver<bool>,
+    events: Arc<tokio::sync::Notify>,
+) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let header_end = loop {
@@ -258,6 +302,7 @@ async fn serve(mut socket: tokio::net::TcpStream, state: Arc<Mutex<Inner>>) -> s
             s.behaviour.raw.clone(),
         )
     };
+    events.notify_waiters();
     tokio::time::sleep(delay).await;
     // A client that hung up while we stalled: its request is never processed.
     if hung_up(&socket) {
@@ -272,6 +317,8 @@ async fn serve(mut socket: tokio::net::TcpStream, state: Arc<Mutex<Inner>>) -> s
         return socket.shutdown().await;
     }
     let (status, content_type, answer) = respond(&state, &body, authorization);
+    events.notify_waiters();
+    let _ = held.wait_for(|held| !held).await;
     tokio::time::sleep(answer_delay).await;
     let reply = format!(
         "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",

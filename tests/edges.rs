@@ -1,0 +1,138 @@
+//! Refreshers at the edges: callers that give up mid-refresh, processes
+//! told to stop, many callers of one process on one slow token, and
+//! refreshers cut off from the database.
+
+mod common;
+
+use common::{Backend, World};
+use secrecy::ExposeSecret;
+use std::process::Stdio;
+use tokenkeep_testkit::devprovider::Behaviour;
+
+on_both_backends!(
+    a_caller_that_gives_up_mid_refresh_does_not_lose_the_rotated_token,
+    sigterm_lets_a_refresh_in_flight_commit_before_the_cli_exits,
+);
+
+/// The stored refresh token is the one the provider will accept next, and
+/// the chain still refreshes.
+async fn assert_chain_alive(w: &World, user: &str, generation: u64) {
+    let stored = w.stored(user).await;
+    assert_eq!(stored.generation, generation);
+    assert_eq!(
+        stored
+            .tokens
+            .refresh_token
+            .as_ref()
+            .map(|t| t.expose_secret().to_string()),
+        w.provider.current_refresh_token(),
+        "the rotated refresh token was saved"
+    );
+    assert_eq!(w.provider.reuses(), 0);
+}
+
+async fn a_caller_that_gives_up_mid_refresh_does_not_lose_the_rotated_token(b: Backend) {
+    let w = World::new(b, "give-up").await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    w.provider.hold_answers();
+    let keeper = w.keeper.clone();
+    let caller = tokio::spawn(async move { keeper.ensure_fresh("acme", "alice").await });
+    // The provider has rotated the chain; its answer is on hold.
+    w.provider.wait_until(|p| p.calls() == 1).await;
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    w.provider.release_answers();
+    w.keeper.shutdown().await;
+    assert_chain_alive(&w, "alice", 2).await;
+    // The next caller is served what the abandoned refresh saved.
+    let grant = w.keeper.ensure_fresh("acme", "alice").await.unwrap();
+    assert_eq!(grant.generation, 2);
+    assert_eq!(w.provider.calls(), 1);
+}
+
+async fn sigterm_lets_a_refresh_in_flight_commit_before_the_cli_exits(b: Backend) {
+    let w = World::new(b, "sigterm").await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    w.provider.hold_answers();
+    let child = w
+        .cli()
+        .args(["tokens", "get", "acme", "alice"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    w.provider.wait_until(|p| p.calls() == 1).await;
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // The signal is in; only then may the answer come.
+    let exited = tokio::task::spawn_blocking(move || child.wait_with_output());
+    w.provider.release_answers();
+    let out = exited.await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "stderr: {stderr}");
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        ["tokenkeep: interrupted: refreshes in flight were saved first"]
+    );
+    assert!(out.stdout.is_empty(), "no token printed after the signal");
+    assert_chain_alive(&w, "alice", 2).await;
+}
+
+/// Sixty-four callers of one process on a token whose provider stalls hold
+/// one connection between them, and a token of another provider in the same
+/// process refreshes meanwhile (Postgres: SQLite's write lock is the file's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn callers_of_one_process_share_one_refresh_and_leave_connections_for_other_tokens() {
+    let mut w = World::new(Backend::Postgres, "share").await;
+    let other = w.add_provider("beta", Behaviour::default()).await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    w.keeper
+        .store_tokens(
+            "beta",
+            "bob",
+            &common::token_set("at-beta", Some("rt-0"), Some(w.now() - 10)),
+        )
+        .await
+        .unwrap();
+    w.provider.hold_answers();
+    let callers: Vec<_> = (0..64)
+        .map(|_| {
+            let keeper = w.keeper.clone();
+            tokio::spawn(async move { keeper.ensure_fresh("acme", "alice").await })
+        })
+        .collect();
+    w.provider.wait_until(|p| p.calls() == 1).await;
+    let connections = tokenkeep_connections(&w.database_url).await;
+    let beta = w.keeper.ensure_fresh("beta", "bob").await.unwrap();
+    assert_eq!(beta.generation, 2);
+    assert_eq!(other.calls(), 1);
+    w.provider.release_answers();
+    let mut tokens = std::collections::HashSet::new();
+    for caller in callers {
+        let grant = caller.await.unwrap().unwrap();
+        tokens.insert(grant.access_token.expose_secret().to_string());
+    }
+    assert_eq!(tokens.len(), 1, "one refresh, one token for all 64");
+    assert_eq!(w.provider.calls(), 1);
+    // The refresh-start writer, a read, and the one locked transaction.
+    assert!(
+        connections <= 4,
+        "64 waiting callers held {connections} connections"
+    );
+}
+
+/// Connections tokenkeep has open to the test's database.
+async fn tokenkeep_connections(database_url: &str) -> i64 {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(database_url).await.unwrap();
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'tokenkeep'",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap()
+}
