@@ -4,10 +4,13 @@
 
 mod common;
 
-use common::{Backend, World};
+use common::{Backend, KEYS, World};
 use secrecy::ExposeSecret;
 use std::process::Stdio;
+use std::time::Instant;
+use tokenkeep_host::Clock;
 use tokenkeep_testkit::devprovider::Behaviour;
+use tokenkeep_testkit::proxy::BlackHoleProxy;
 
 on_both_backends!(
     a_caller_that_gives_up_mid_refresh_does_not_lose_the_rotated_token,
@@ -135,4 +138,71 @@ async fn tokenkeep_connections(database_url: &str) -> i64 {
     .fetch_one(&mut c)
     .await
     .unwrap()
+}
+
+/// A refresher whose database connection goes silent (a partition, a
+/// dropped NAT entry) after the provider rotated the token: it releases the
+/// row lock within the statement bound and the rotated token is saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refresher_cut_off_from_the_database_releases_the_lock_and_saves_the_rotated_token() {
+    let w = World::new(Backend::Postgres, "black-hole").await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    let url = url::Url::parse(&w.database_url).unwrap();
+    let database = format!("127.0.0.1:{}", url.port().unwrap());
+    let proxy = BlackHoleProxy::start(database.parse().unwrap())
+        .await
+        .unwrap();
+    let cut_off = common::open_keeper(
+        &proxy.url_through(&w.database_url),
+        &w.config_path,
+        KEYS,
+        Clock::System,
+    )
+    .await;
+    w.provider.hold_answers();
+    let refresher = tokio::spawn(async move { cut_off.ensure_fresh("acme", "alice").await });
+    w.provider.wait_until(|p| p.calls() == 1).await;
+    proxy.black_hole_existing();
+    let cut = Instant::now();
+    w.provider.release_answers();
+    // Another runtime, with a working connection, waits for the row's lock.
+    let seen = w
+        .keeper
+        .load_tokens("acme", "alice", true)
+        .await
+        .unwrap()
+        .unwrap();
+    let held = cut.elapsed();
+    assert_eq!(seen.generation, 2, "the rotated tokens were saved");
+    let grant = refresher.await.unwrap().unwrap();
+    assert_eq!(grant.generation, 2);
+    assert_eq!(
+        grant.access_token.expose_secret(),
+        seen.tokens.access_token.expose_secret()
+    );
+    assert_chain_alive(&w, "alice", 2).await;
+    eprintln!("row lock held {held:?} after the cut; the rotated token was saved");
+}
+
+/// The database ends the refresher's session (`pg_terminate_backend`, a
+/// failover) while the provider rotates: the answer is saved all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refresher_whose_session_is_terminated_mid_call_saves_the_rotated_token() {
+    let w = World::new(Backend::Postgres, "terminated").await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    w.provider.hold_answers();
+    let keeper = w.keeper.clone();
+    let refresher = tokio::spawn(async move { keeper.ensure_fresh("acme", "alice").await });
+    w.provider.wait_until(|p| p.calls() == 1).await;
+    common::raw_sql(
+        &w.database_url,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'tokenkeep' \
+         AND state = 'idle in transaction'",
+    )
+    .await;
+    w.provider.release_answers();
+    let grant = refresher.await.unwrap().unwrap();
+    assert_eq!(grant.generation, 2);
+    assert_chain_alive(&w, "alice", 2).await;
 }

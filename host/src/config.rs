@@ -112,6 +112,18 @@ struct RawProvider {
 }
 
 impl Config {
+    /// The longest one refresh may talk to its provider, retries included:
+    /// how long a refresher may hold a row lock without a word to the database.
+    pub fn slowest_provider_call(&self) -> std::time::Duration {
+        let ms = self
+            .providers
+            .values()
+            .map(|p| p.timeout_ms.max(p.retry_budget_ms))
+            .max()
+            .unwrap_or(0);
+        std::time::Duration::from_millis(u64::from(ms))
+    }
+
     /// Reads and checks a TOML configuration file.
     pub fn load(path: &Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path)

@@ -133,6 +133,7 @@ impl Keeper {
         let store_options = StoreOptions {
             lock_wait: Duration::from_millis(u64::from(options.config.lock_wait_ms)),
             max_connections: options.max_connections,
+            hold: options.config.slowest_provider_call(),
         };
         let store = Store::open(&options.database_url, store_options, options.clock).await?;
         let shared = Shared {

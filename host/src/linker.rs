@@ -308,7 +308,8 @@ type Res<T, E> = wasmtime::Result<Result<T, E>>;
 fn storage_error(e: crate::storage::StorageError) -> storage::StorageError {
     match e {
         crate::storage::StorageError::LockTimeout => storage::StorageError::LockTimeout,
-        crate::storage::StorageError::Unavailable(m) => storage::StorageError::Unavailable(m),
+        crate::storage::StorageError::Unavailable(m)
+        | crate::storage::StorageError::ConnectionLost(m) => storage::StorageError::Unavailable(m),
     }
 }
 

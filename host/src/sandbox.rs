@@ -119,22 +119,14 @@ impl Runtime {
         let pre = KeeperCorePre::new(linker.instantiate_pre(&component).map_err(sandbox)?)
             .map_err(sandbox)?;
 
-        // The longest a refresh may talk to its provider, retries included.
-        let slowest = shared
-            .config
-            .providers
-            .values()
-            .map(|p| p.timeout_ms.max(p.retry_budget_ms))
-            .max()
-            .unwrap_or(0);
         // Wall-clock bound on one token's worth of work, generous on purpose:
         // cancelling a call between the provider's answer and the commit
         // loses a rotated refresh token. Queueing for a connection (up to two
         // lock waits), the row lock, the provider, the re-read after a
         // refusal (another lock wait), and the writes.
-        let call_budget = Duration::from_millis(
-            4 * u64::from(shared.config.lock_wait_ms) + u64::from(slowest) + 10_000,
-        );
+        let call_budget = 4 * Duration::from_millis(u64::from(shared.config.lock_wait_ms))
+            + shared.config.slowest_provider_call()
+            + Duration::from_secs(10);
         Ok(Self {
             engine,
             pre,

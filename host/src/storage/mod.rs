@@ -23,13 +23,19 @@ pub enum StorageError {
     LockTimeout,
     #[error("{0}")]
     Unavailable(String),
+    /// The connection broke or stopped answering mid-transaction: what the
+    /// transaction did may or may not have reached the database.
+    #[error("{0}")]
+    ConnectionLost(String),
 }
 
 impl From<StorageError> for crate::Error {
     fn from(e: StorageError) -> Self {
         match e {
             StorageError::LockTimeout => crate::Error::LockTimeout,
-            StorageError::Unavailable(m) => crate::Error::Storage(m),
+            StorageError::Unavailable(m) | StorageError::ConnectionLost(m) => {
+                crate::Error::Storage(m)
+            }
         }
     }
 }
@@ -137,6 +143,10 @@ pub struct StoreOptions {
     pub lock_wait: Duration,
     /// Connections per process.
     pub max_connections: u32,
+    /// The longest a refresher holds a row lock without a word to the
+    /// database (its provider call): beyond it, plus a margin, the database
+    /// ends a holder that has gone silent.
+    pub hold: Duration,
 }
 
 impl Default for StoreOptions {
@@ -144,6 +154,7 @@ impl Default for StoreOptions {
         Self {
             lock_wait: Duration::from_millis(u64::from(crate::config::DEFAULT_LOCK_WAIT_MS)),
             max_connections: 16,
+            hold: crate::config::Config::default().slowest_provider_call(),
         }
     }
 }
@@ -356,7 +367,7 @@ macro_rules! rows {
         }
 
         pub async fn load_for_update(
-            tx: &mut sqlx::Transaction<'static, Db>,
+            tx: &mut <Db as sqlx::Database>::Connection,
             markers: Option<&sqlx::Pool<Db>>,
             provider: &str,
             user_id: &str,
@@ -364,7 +375,7 @@ macro_rules! rows {
             let found = sqlx::query(super::LOCK_SQL)
                 .bind(provider)
                 .bind(user_id)
-                .fetch_one(&mut **tx)
+                .fetch_one(&mut *tx)
                 .await
                 .map_err($error)?;
             let (row, db_now) = decode_read(&found).map_err($error)?;
@@ -384,7 +395,7 @@ macro_rules! rows {
             .bind(to_i64(row.generation)?);
             row.health.refresh_started_at = match markers {
                 Some(pool) => marker.fetch_optional(pool).await,
-                None => marker.fetch_optional(&mut **tx).await,
+                None => marker.fetch_optional(&mut *tx).await,
             }
             .map_err($error)?;
             Ok((Some(row), db_now))
@@ -552,7 +563,7 @@ macro_rules! rows {
         }
 
         pub async fn compare_and_set(
-            tx: &mut sqlx::Transaction<'static, Db>,
+            tx: &mut <Db as sqlx::Database>::Connection,
             row: &SealedRow,
             expected: u64,
             now: i64,
@@ -581,7 +592,7 @@ macro_rules! rows {
             .bind(&row.provider)
             .bind(&row.user_id)
             .bind(to_i64(expected)?)
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await
             .map_err($error)?;
             Ok(done.rows_affected() == 1)

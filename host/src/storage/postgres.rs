@@ -64,7 +64,51 @@ const MIGRATIONS: &[(i64, &str)] = &[
         PRIMARY KEY (conversation_id, provider)
     )",
     ),
+    (
+        4,
+        // Rows a refresher wrote but could not commit (its connection was
+        // cut): the next holder of the row's lock applies the one that
+        // follows the generation it finds. Written outside the row's lock.
+        "CREATE TABLE tokenkeep_rescues (
+        LIKE tokenkeep_tokens INCLUDING ALL,
+        replaces BIGINT NOT NULL
+    )",
+    ),
 ];
+
+/// How long one statement inside a locked transaction may go unanswered
+/// (a write of one row, a commit) before the connection is presumed cut
+/// off and the write is saved another way.
+const STATEMENT_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Applies a rescued row if it follows the generation the row holds now,
+/// and drops any rescue of the row either way (an older one is stale).
+const APPLY_RESCUE_SQL: &str = "WITH r AS (DELETE FROM tokenkeep_rescues \
+     WHERE provider = $1 AND user_id = $2 RETURNING *) \
+     UPDATE tokenkeep_tokens AS t SET key_id = r.key_id, access_token = r.access_token, \
+     refresh_token = r.refresh_token, access_token_expires_at = r.access_token_expires_at, \
+     refresh_token_expires_at = r.refresh_token_expires_at, scopes = r.scopes, \
+     obtained_at = r.obtained_at, generation = r.generation, failed_attempts = r.failed_attempts, \
+     last_failure_at = r.last_failure_at, last_failure = r.last_failure, \
+     last_success_at = r.last_success_at, refresh_started_at = r.refresh_started_at, \
+     updated_at = r.updated_at \
+     FROM r WHERE t.provider = r.provider AND t.user_id = r.user_id AND t.generation = r.replaces";
+
+/// Parks a written row for the next holder of the lock.
+const RESCUE_SQL: &str = "INSERT INTO tokenkeep_rescues (provider, user_id, key_id, \
+     access_token, refresh_token, access_token_expires_at, refresh_token_expires_at, scopes, \
+     obtained_at, generation, failed_attempts, last_failure_at, last_failure, last_success_at, \
+     refresh_started_at, updated_at, replaces) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+     ON CONFLICT (provider, user_id) DO UPDATE SET key_id = excluded.key_id, \
+     access_token = excluded.access_token, refresh_token = excluded.refresh_token, \
+     access_token_expires_at = excluded.access_token_expires_at, \
+     refresh_token_expires_at = excluded.refresh_token_expires_at, scopes = excluded.scopes, \
+     obtained_at = excluded.obtained_at, generation = excluded.generation, \
+     failed_attempts = excluded.failed_attempts, last_failure_at = excluded.last_failure_at, \
+     last_failure = excluded.last_failure, last_success_at = excluded.last_success_at, \
+     refresh_started_at = excluded.refresh_started_at, updated_at = excluded.updated_at, \
+     replaces = excluded.replaces";
 
 /// How long opening the store waits for the database to answer at all.
 const FIRST_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -86,6 +130,7 @@ pub struct PgStore {
     markers: Arc<tokio::sync::Mutex<Option<PgConnection>>>,
     connect: Arc<PgConnectOptions>,
     lock_wait_ms: u128,
+    lock_wait: std::time::Duration,
 }
 
 /// The database's time, whole seconds, when the statement computes it.
@@ -149,14 +194,14 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.lock_wait)
-            .after_connect(set_lock_timeout(options.lock_wait))
+            .after_connect(set_session(options.lock_wait, None))
             .connect_lazy_with(connect.clone());
         let tx_pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .min_connections(0)
             // Callers queue for a connection while others hold row locks.
             .acquire_timeout(options.lock_wait * 2)
-            .after_connect(set_lock_timeout(options.lock_wait))
+            .after_connect(set_session(options.lock_wait, Some(options.hold)))
             .connect_lazy_with(connect.clone());
         let store = Self {
             pool,
@@ -164,6 +209,7 @@ impl PgStore {
             markers: Arc::new(tokio::sync::Mutex::new(Some(first))),
             connect: Arc::new(connect),
             lock_wait_ms: options.lock_wait.as_millis(),
+            lock_wait: options.lock_wait,
         };
         store.migrate().await?;
         Ok(store)
@@ -257,10 +303,66 @@ impl PgStore {
         written
     }
 
-    pub(crate) async fn begin(
-        &self,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StorageError> {
-        self.tx_pool.begin().await.map_err(error)
+    /// A transaction on a connection of the transaction pool, with the
+    /// backend that serves it (to end it if the connection is cut off).
+    async fn begin(&self) -> Result<PgTransaction, StorageError> {
+        let mut conn = self.tx_pool.acquire().await.map_err(error)?;
+        let backend = bounded(
+            STATEMENT_BOUND,
+            sqlx::Executor::fetch_one(
+                &mut *conn,
+                "BEGIN; SELECT pid, backend_start::text FROM pg_stat_activity \
+                 WHERE pid = pg_backend_pid()",
+            ),
+        )
+        .await;
+        let backend = match backend {
+            Ok(row) => {
+                use sqlx::Row as _;
+                (
+                    row.try_get(0).map_err(error)?,
+                    row.try_get(1).map_err(error)?,
+                )
+            }
+            Err(e) => {
+                // Never back to the pool: it may be cut off or mid-transaction.
+                drop(conn.detach());
+                return Err(e);
+            }
+        };
+        Ok(PgTransaction {
+            conn: Some(Conn::Pooled(conn)),
+            backend: Some(backend),
+            written: None,
+            store: self.clone(),
+        })
+    }
+
+    /// A connection of its own, outside both pools, for saving a write.
+    async fn connect_alone(&self) -> Result<PgConnection, StorageError> {
+        let mut conn = bounded(STATEMENT_BOUND, PgConnection::connect_with(&self.connect)).await?;
+        let set = session_sql(self.lock_wait, None);
+        bounded(
+            STATEMENT_BOUND,
+            sqlx::Executor::execute(&mut conn, set.as_str()),
+        )
+        .await?;
+        Ok(conn)
+    }
+}
+
+/// Runs a statement, but gives up on an answer after `bound`: a connection
+/// that stops answering is reported as lost, not waited on.
+async fn bounded<T>(
+    bound: std::time::Duration,
+    work: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, StorageError> {
+    match tokio::time::timeout(bound, work).await {
+        Ok(done) => done.map_err(error),
+        Err(_) => Err(StorageError::ConnectionLost(format!(
+            "postgres: no answer within {} ms",
+            bound.as_millis()
+        ))),
     }
 }
 
@@ -268,36 +370,75 @@ impl PgStore {
 type ConnectFuture<'c> = Pin<Box<dyn Future<Output = Result<(), sqlx::Error>> + Send + 'c>>;
 
 /// Every connection waits at most the lock wait for a row lock: set once per
-/// connection, not per transaction (a round trip each), and not as a startup
-/// option (which connection poolers such as PgBouncer refuse).
-fn set_lock_timeout(
+/// connection, not per transaction (a round trip each), and not as startup
+/// options (which connection poolers such as PgBouncer refuse). Connections
+/// that hold row locks also have the database end a transaction left idle
+/// longer than the longest provider call (`hold`) plus a margin, and probe
+/// a silent client: a refresher cut off from the database releases its
+/// lock within that bound instead of TCP's two hours.
+fn set_session(
     wait: std::time::Duration,
+    hold: Option<std::time::Duration>,
 ) -> impl for<'c> Fn(&'c mut PgConnection, PoolConnectionMetadata) -> ConnectFuture<'c>
 + Send
 + Sync
 + 'static {
-    let sql = format!("SET lock_timeout = '{}ms'", wait.as_millis());
+    let sql = session_sql(wait, hold);
     move |conn, _| {
         let sql = sql.clone();
-        Box::pin(async move { sqlx::query(&sql).execute(conn).await.map(|_| ()) })
+        Box::pin(async move {
+            sqlx::Executor::execute(conn, sql.as_str())
+                .await
+                .map(|_| ())
+        })
     }
+}
+
+/// The session settings of [`set_session`], one round trip.
+fn session_sql(wait: std::time::Duration, hold: Option<std::time::Duration>) -> String {
+    let mut sql = format!("SET lock_timeout = '{}ms'", wait.as_millis());
+    if let Some(hold) = hold {
+        sql.push_str(&format!(
+            "; SET idle_in_transaction_session_timeout = '{}ms'; \
+             SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
+             SET tcp_keepalives_count = 3",
+            (hold + 2 * STATEMENT_BOUND).as_millis()
+        ));
+    }
+    sql
 }
 
 /// Maps a Postgres failure onto the storage taxonomy.
 pub(crate) fn error(e: sqlx::Error) -> StorageError {
     if let sqlx::Error::Database(db) = &e {
+        let code = db.code();
+        let code = code.as_deref().unwrap_or("");
         // 55P03 lock_not_available (lock_timeout), 40P01 deadlock_detected.
-        if matches!(db.code().as_deref(), Some("55P03") | Some("40P01")) {
+        if matches!(code, "55P03" | "40P01") {
             return StorageError::LockTimeout;
         }
-        return StorageError::Unavailable(format!("postgres: {}", db.message()));
+        let message = format!("postgres: {}", db.message());
+        // 08: connection exceptions; 57P01-57P03: the server ended the
+        // session (pg_terminate_backend, shutdown); 25P03: idle in a
+        // transaction too long.
+        if code.starts_with("08") || code.starts_with("57P") || code == "25P03" {
+            return StorageError::ConnectionLost(message);
+        }
+        return StorageError::Unavailable(message);
     }
-    StorageError::Unavailable(match e {
-        sqlx::Error::PoolTimedOut => "postgres: no connection free within the wait".into(),
-        sqlx::Error::Io(io) => format!("postgres unreachable: {}", io.kind()),
-        sqlx::Error::Tls(_) => "postgres: TLS failure".into(),
-        other => format!("postgres: {other}"),
-    })
+    match e {
+        sqlx::Error::PoolTimedOut => {
+            StorageError::Unavailable("postgres: no connection free within the wait".into())
+        }
+        sqlx::Error::Io(io) => {
+            StorageError::ConnectionLost(format!("postgres unreachable: {}", io.kind()))
+        }
+        sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => {
+            StorageError::ConnectionLost(format!("postgres: {e}"))
+        }
+        sqlx::Error::Tls(_) => StorageError::Unavailable("postgres: TLS failure".into()),
+        other => StorageError::Unavailable(format!("postgres: {other}")),
+    }
 }
 
 impl super::Backend for PgStore {
@@ -313,13 +454,19 @@ impl super::Backend for PgStore {
     ) -> BoxFuture<'a, Result<bool, StorageError>> {
         Box::pin(async move {
             rows::delete_refresh_start(&self.pool, provider, user_id).await?;
+            sqlx::query("DELETE FROM tokenkeep_rescues WHERE provider = $1 AND user_id = $2")
+                .bind(provider)
+                .bind(user_id)
+                .execute(&self.pool)
+                .await
+                .map_err(error)?;
             rows::delete(&self.pool, provider, user_id).await
         })
     }
     fn begin(&self) -> BoxFuture<'_, Result<Box<dyn BackendTransaction>, StorageError>> {
         Box::pin(async move {
             let tx = PgStore::begin(self).await?;
-            Ok(Box::new(PgTransaction(tx)) as Box<dyn BackendTransaction>)
+            Ok(Box::new(tx) as Box<dyn BackendTransaction>)
         })
     }
     fn record_refresh_start<'a>(
@@ -335,8 +482,185 @@ impl super::Backend for PgStore {
     }
 }
 
+/// A connection a transaction runs on.
+enum Conn {
+    Pooled(sqlx::pool::PoolConnection<sqlx::Postgres>),
+    /// Opened to save a write after the pooled one was cut off.
+    Alone(PgConnection),
+}
+
+impl Conn {
+    fn raw(&mut self) -> &mut PgConnection {
+        match self {
+            Conn::Pooled(c) => c,
+            Conn::Alone(c) => c,
+        }
+    }
+
+    /// Closes it without a word to the server (which rolls back whatever
+    /// it had not committed); a pooled one is never handed out again.
+    fn discard(self) {
+        match self {
+            Conn::Pooled(c) => drop(c.detach()),
+            Conn::Alone(c) => drop(c),
+        }
+    }
+}
+
 /// A Postgres transaction: the row's lock and its refresh-start record.
-struct PgTransaction(sqlx::Transaction<'static, sqlx::Postgres>);
+///
+/// Every statement is bounded. If the connection is cut off after the
+/// row was written (a partition, a dropped NAT entry, the backend
+/// terminated), the write is not lost: it is parked in `tokenkeep_rescues`
+/// on a new connection, the old backend is ended so that its lock goes at
+/// once, and the row is locked again on the new connection, where the
+/// rescue is applied if the row still holds the generation it replaces.
+/// Whoever locks the row first applies it, so a waiter queued ahead of us
+/// cannot spend the refresh token our write replaced.
+struct PgTransaction {
+    conn: Option<Conn>,
+    /// The backend serving `conn`: (pid, start time).
+    backend: Option<(i32, String)>,
+    /// The row written in this transaction and the generation it replaces.
+    written: Option<(SealedRow, u64, i64)>,
+    store: PgStore,
+}
+
+impl Drop for PgTransaction {
+    fn drop(&mut self) {
+        // Not committed: never back to the pool mid-transaction.
+        if let Some(conn) = self.conn.take() {
+            conn.discard();
+        }
+    }
+}
+
+impl PgTransaction {
+    fn conn(&mut self) -> Result<&mut PgConnection, StorageError> {
+        self.conn
+            .as_mut()
+            .map(Conn::raw)
+            .ok_or_else(|| StorageError::ConnectionLost("postgres: transaction lost".into()))
+    }
+
+    /// Takes the connection out of service after a failure.
+    fn lose_connection(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.discard();
+        }
+    }
+
+    async fn lock(&mut self, provider: &str, user_id: &str) -> Result<BackendRead, StorageError> {
+        let bound = self.store.lock_wait + STATEMENT_BOUND;
+        let conn = self.conn()?;
+        let read = bounded(bound, async {
+            let read = rows::load_for_update(conn, None, provider, user_id).await;
+            Ok(read)
+        })
+        .await
+        .and_then(|r| r);
+        let read = match read {
+            Ok((Some(_), _)) => {
+                // A rescue parked by a refresher that was cut off: applied
+                // (if it follows this generation) before anyone reads the row.
+                let applied = bounded(
+                    STATEMENT_BOUND,
+                    sqlx::query(APPLY_RESCUE_SQL)
+                        .bind(provider)
+                        .bind(user_id)
+                        .execute(&mut *conn),
+                )
+                .await;
+                match applied {
+                    Ok(done) if done.rows_affected() > 0 => bounded(STATEMENT_BOUND, async {
+                        Ok(rows::load_for_update(conn, None, provider, user_id).await)
+                    })
+                    .await
+                    .and_then(|r| r),
+                    Ok(_) => read,
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        };
+        if matches!(read, Err(StorageError::ConnectionLost(_))) {
+            self.lose_connection();
+        }
+        read
+    }
+
+    /// After the connection was lost with `row` written (or being written):
+    /// parks it, ends the old backend and locks the row again on a new
+    /// connection. True when the row then holds what we wrote.
+    async fn save_written(
+        &mut self,
+        row: &SealedRow,
+        expected: u64,
+        now: i64,
+    ) -> Result<bool, StorageError> {
+        self.lose_connection();
+        let mut alone = self.store.connect_alone().await?;
+        let to_i64 = |v: u64| {
+            i64::try_from(v)
+                .map_err(|_| StorageError::Unavailable("generation out of range".into()))
+        };
+        bounded(
+            STATEMENT_BOUND,
+            sqlx::query(RESCUE_SQL)
+                .bind(&row.provider)
+                .bind(&row.user_id)
+                .bind(&row.key_id)
+                .bind(&row.access_token)
+                .bind(&row.refresh_token)
+                .bind(row.access_token_expires_at)
+                .bind(row.refresh_token_expires_at)
+                .bind(serde_json::to_string(&row.scopes).unwrap_or_else(|_| "[]".into()))
+                .bind(row.obtained_at)
+                .bind(to_i64(row.generation)?)
+                .bind(i64::from(row.health.failed_attempts))
+                .bind(row.health.last_failure_at)
+                .bind(
+                    row.health
+                        .last_failure
+                        .map(tokenkeep_core::error::ErrorClass::name),
+                )
+                .bind(row.health.last_success_at)
+                .bind(row.health.refresh_started_at)
+                .bind(now)
+                .bind(to_i64(expected)?)
+                .execute(&mut alone),
+        )
+        .await?;
+        tracing::warn!(
+            provider = %row.provider,
+            "lost the database connection holding a refreshed row; saving it on a new one"
+        );
+        if let Some((pid, started)) = self.backend.take() {
+            // Its lock goes now, not when the server notices the silence.
+            // Best effort: the backend may be gone already.
+            let _ = bounded(
+                STATEMENT_BOUND,
+                sqlx::query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE pid = $1 AND backend_start::text = $2",
+                )
+                .bind(pid)
+                .bind(started)
+                .execute(&mut alone),
+            )
+            .await;
+        }
+        bounded(
+            STATEMENT_BOUND,
+            sqlx::Executor::execute(&mut alone, "BEGIN"),
+        )
+        .await?;
+        self.conn = Some(Conn::Alone(alone));
+        let (stored, _) = self.lock(&row.provider, &row.user_id).await?;
+        Ok(stored
+            .is_some_and(|s| s.generation == row.generation && s.access_token == row.access_token))
+    }
+}
 
 impl BackendTransaction for PgTransaction {
     fn load_for_update<'a>(
@@ -344,7 +668,7 @@ impl BackendTransaction for PgTransaction {
         provider: &'a str,
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<BackendRead, StorageError>> {
-        Box::pin(rows::load_for_update(&mut self.0, None, provider, user_id))
+        Box::pin(self.lock(provider, user_id))
     }
     fn compare_and_set<'a>(
         &'a mut self,
@@ -352,9 +676,72 @@ impl BackendTransaction for PgTransaction {
         expected: u64,
         now: i64,
     ) -> BoxFuture<'a, Result<bool, StorageError>> {
-        Box::pin(rows::compare_and_set(&mut self.0, row, expected, now))
+        Box::pin(async move {
+            let conn = self.conn()?;
+            let set = bounded(STATEMENT_BOUND, async {
+                Ok(rows::compare_and_set(conn, row, expected, now).await)
+            })
+            .await
+            .and_then(|r| r);
+            match set {
+                Ok(true) => {
+                    self.written = Some((row.clone(), expected, now));
+                    Ok(true)
+                }
+                Ok(false) => Ok(false),
+                // It may or may not have been written: save it either way.
+                Err(StorageError::ConnectionLost(_)) => {
+                    let saved = self.save_written(row, expected, now).await?;
+                    if saved {
+                        self.written = Some((row.clone(), expected, now));
+                    }
+                    Ok(saved)
+                }
+                Err(e) => Err(e),
+            }
+        })
     }
-    fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), StorageError>> {
-        Box::pin(async move { self.0.commit().await.map_err(error) })
+    fn commit(mut self: Box<Self>) -> BoxFuture<'static, Result<(), StorageError>> {
+        Box::pin(async move {
+            let conn = self.conn()?;
+            let committed = bounded(
+                STATEMENT_BOUND,
+                sqlx::Executor::execute(&mut *conn, "COMMIT"),
+            )
+            .await;
+            match committed {
+                Ok(_) => {
+                    // Back to the pool (or closed, if it was our own).
+                    drop(self.conn.take());
+                    Ok(())
+                }
+                Err(StorageError::ConnectionLost(m)) => match self.written.take() {
+                    // Nothing written: a lost read-only transaction is a rollback.
+                    None => {
+                        self.lose_connection();
+                        Ok(())
+                    }
+                    Some((row, expected, now)) => {
+                        if !self.save_written(&row, expected, now).await? {
+                            return Err(StorageError::Unavailable(format!(
+                                "{m}; the row changed before the refreshed tokens could be saved"
+                            )));
+                        }
+                        let conn = self.conn()?;
+                        bounded(
+                            STATEMENT_BOUND,
+                            sqlx::Executor::execute(&mut *conn, "COMMIT"),
+                        )
+                        .await?;
+                        drop(self.conn.take());
+                        Ok(())
+                    }
+                },
+                Err(e) => {
+                    self.lose_connection();
+                    Err(e)
+                }
+            }
+        })
     }
 }

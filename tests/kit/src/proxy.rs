@@ -1,0 +1,105 @@
+//! A TCP forwarder owned by a test, standing between a runtime and its
+//! database: it can stop forwarding without closing anything, which is
+//! what a partition or a dropped NAT entry looks like to both ends.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// A running forwarder to one target.
+pub struct BlackHoleProxy {
+    addr: SocketAddr,
+    /// Connections accepted before this epoch are black-holed.
+    cut: watch::Sender<u64>,
+    /// Black-holed sockets, kept open (never read, never closed) until the
+    /// proxy is dropped.
+    swallowed: Arc<Mutex<Vec<TcpStream>>>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl BlackHoleProxy {
+    /// Listens on 127.0.0.1 and forwards every connection to `target`.
+    pub async fn start(target: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let cut = watch::Sender::new(0u64);
+        let swallowed = Arc::new(Mutex::new(Vec::new()));
+        let (epochs, holes) = (cut.clone(), swallowed.clone());
+        let accepting = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let epoch = epochs.subscribe();
+                let holes = holes.clone();
+                tokio::spawn(forward(client, server, epoch, holes));
+            }
+        });
+        Ok(Self {
+            addr,
+            cut,
+            swallowed,
+            accepting,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `url` (a `postgres://` URL) with its host and port replaced by the proxy's.
+    pub fn url_through(&self, url: &str) -> String {
+        let mut u = url::Url::parse(url).expect("a database URL");
+        u.set_host(Some("127.0.0.1")).expect("a host");
+        u.set_port(Some(self.addr.port())).expect("a port");
+        u.to_string()
+    }
+
+    /// Every connection open now stops forwarding in both directions, with
+    /// both ends left open; connections made later are forwarded.
+    pub fn black_hole_existing(&self) {
+        self.cut.send_modify(|epoch| *epoch += 1);
+    }
+}
+
+impl Drop for BlackHoleProxy {
+    fn drop(&mut self) {
+        self.accepting.abort();
+        self.swallowed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
+async fn forward(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    mut epoch: watch::Receiver<u64>,
+    swallowed: Arc<Mutex<Vec<TcpStream>>>,
+) {
+    let born = *epoch.borrow_and_update();
+    let (mut up, mut down) = ([0u8; 8192], [0u8; 8192]);
+    loop {
+        tokio::select! {
+            changed = epoch.changed() => {
+                if changed.is_err() || *epoch.borrow() > born {
+                    break;
+                }
+            }
+            n = client.read(&mut up) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => if server.write_all(&up[..n]).await.is_err() { return },
+            },
+            n = server.read(&mut down) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => if client.write_all(&down[..n]).await.is_err() { return },
+            },
+        }
+    }
+    let mut holes = swallowed.lock().unwrap_or_else(|p| p.into_inner());
+    holes.push(client);
+    holes.push(server);
+}
