@@ -57,6 +57,16 @@ impl tokenkeep_core::refresh::Transaction for Txn {
             .map(read_from_wit)
             .map_err(storage_error)
     }
+    fn try_load_for_update(
+        &self,
+        provider: &str,
+        user_id: &str,
+    ) -> Result<Option<RowRead>, StorageError> {
+        self.0
+            .try_load_for_update(provider, user_id)
+            .map(|read| read.map(read_from_wit))
+            .map_err(storage_error)
+    }
     fn compare_and_set(
         &self,
         row: &SealedRow,

@@ -73,6 +73,13 @@ pub trait Host {
 /// A storage transaction (WIT `storage.transaction`); dropping it rolls back.
 pub trait Transaction {
     fn load_for_update(&self, provider: &str, user_id: &str) -> Result<RowRead, StorageError>;
+    /// Like `load_for_update`, without waiting: none when another
+    /// transaction holds the lock.
+    fn try_load_for_update(
+        &self,
+        provider: &str,
+        user_id: &str,
+    ) -> Result<Option<RowRead>, StorageError>;
     fn compare_and_set(
         &self,
         row: &SealedRow,
@@ -171,10 +178,22 @@ impl<H: Host> Keeper<H> {
         let seen = row.health.clone();
 
         // 2. Lock the row and look again: another runtime may have refreshed it
-        //    while we waited for the lock.
+        //    while we waited for the lock. A caller holding a token that is
+        //    still valid does not wait: if another runtime holds the lock,
+        //    that runtime is refreshing, and the token we read is good.
         let seen_generation = row.generation;
         let txn = self.host.begin()?;
-        let RowRead { row, now } = txn.load_for_update(provider, user_id)?;
+        let RowRead { row, now } = if still_valid(&row, now) {
+            match txn.try_load_for_update(provider, user_id)? {
+                Some(read) => read,
+                None => {
+                    drop(txn);
+                    return self.grant(&row);
+                }
+            }
+        } else {
+            txn.load_for_update(provider, user_id)?
+        };
         let row = row.ok_or(RefreshError::NotFound)?;
         // Not due, or refreshed by another runtime while we waited and not
         // expired: that refresh is ours too (a short-lived token may be due
@@ -186,13 +205,10 @@ impl<H: Host> Keeper<H> {
             txn.commit()?;
             return self.grant(&row);
         }
-        let still_valid = |at_time: i64| {
-            validity::is_access_token_valid(
-                row.access_token_expires_at,
-                at_time,
-                validity::DEFAULT_CLOCK_SKEW_SECONDS,
-            )
-        };
+        // Whatever stands in the way of a refresh, a token still valid beyond
+        // the skew is served: the failure is on the row for operators, and
+        // the caller gets an explicit error only once the token is no good.
+        let still_valid = |at_time: i64| still_valid(&row, at_time);
         // Single flight for failures too: a definitive refusal stands until a
         // new authorisation is stored, and a failure another runtime recorded
         // while we waited for the lock is its answer for us as well.
@@ -202,7 +218,7 @@ impl<H: Host> Keeper<H> {
                 || row.health.last_failure_at != seen.last_failure_at;
             if definitive || while_we_waited {
                 txn.commit()?;
-                if !definitive && still_valid(now) {
+                if still_valid(now) {
                     return self.grant(&row);
                 }
                 return Err(recorded_failure(class));
@@ -212,6 +228,9 @@ impl<H: Host> Keeper<H> {
         if current.tokens.refresh_token.is_none() {
             // Nothing to spend: say so, and record nothing (no provider said it).
             txn.commit()?;
+            if still_valid(now) {
+                return self.grant(&row);
+            }
             return Err(RefreshError::ReauthorizationRequired(
                 "no refresh token is stored; store a new authorisation".into(),
             ));
@@ -329,9 +348,10 @@ impl<H: Host> Keeper<H> {
                     }
                 }
                 // Retries take time: judge the old token at the end of them.
-                if err.is_transient() && still_valid(now) {
-                    // Refreshed early and the provider is down: the token we
-                    // have is still valid, so it is not stale. Serve it.
+                // Refreshed early and refused or unanswered: the token we
+                // have is still valid, so it is not stale. Serve it; the row
+                // records the failure.
+                if still_valid(now) {
                     return self.grant(&row);
                 }
                 Err(err)
@@ -616,6 +636,15 @@ fn recorded_failure(class: ErrorClass) -> RefreshError {
     RefreshError::of_class(
         class,
         format!("{what} (recorded by the last refresh attempt)"),
+    )
+}
+
+/// Whether the row's access token is valid beyond the clock skew at `now`.
+fn still_valid(row: &SealedRow, now: i64) -> bool {
+    validity::is_access_token_valid(
+        row.access_token_expires_at,
+        now,
+        validity::DEFAULT_CLOCK_SKEW_SECONDS,
     )
 }
 

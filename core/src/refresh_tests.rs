@@ -26,6 +26,10 @@ struct State {
     monotonic: u64,
     /// Runs when a row lock is granted: what another runtime committed meanwhile.
     on_lock: Option<Hook>,
+    /// Another runtime holds the row lock (a try-lock gets none).
+    held_elsewhere: bool,
+    /// Try-locks made.
+    try_locks: u32,
 }
 
 #[derive(Clone, Default)]
@@ -209,6 +213,17 @@ impl Transaction for FakeTxn {
             row
         });
         Ok(RowRead { row, now: s.now })
+    }
+    fn try_load_for_update(&self, p: &str, u: &str) -> Result<Option<RowRead>, StorageError> {
+        let held = {
+            let mut s = self.host.0.borrow_mut();
+            s.try_locks += 1;
+            s.held_elsewhere
+        };
+        if held {
+            return Ok(None);
+        }
+        self.load_for_update(p, u).map(Some)
     }
     fn compare_and_set(&self, row: &SealedRow, expected: u64) -> Result<bool, StorageError> {
         let mut s = self.host.0.borrow_mut();
@@ -529,4 +544,54 @@ fn no_refresh_token_is_reauthorisation_and_records_nothing() {
     assert_eq!(e.class(), ErrorClass::ReauthorizationRequired);
     assert_eq!(row(&fake).health, Health::default());
     assert!(fake.0.borrow().requests.is_empty());
+}
+
+#[test]
+fn a_valid_token_is_served_without_waiting_while_another_runtime_refreshes_it() {
+    let (keeper, fake) = world(300);
+    fake.0.borrow_mut().held_elsewhere = true;
+    let grant = keeper.ensure_fresh("acme", "alice").unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-1");
+    let s = fake.0.borrow();
+    assert_eq!(s.try_locks, 1, "it tried the lock without waiting");
+    assert!(s.requests.is_empty());
+}
+
+#[test]
+fn an_expired_token_waits_for_the_lock_whoever_holds_it() {
+    let (keeper, fake) = world(30);
+    fake.0.borrow_mut().held_elsewhere = true;
+    // Inside the skew: not valid enough to serve, so it waits (the fake
+    // grants the lock once the holder is done) and refreshes.
+    fake.0
+        .borrow_mut()
+        .answers
+        .push_back(granted("at-2", "rt-2"));
+    let grant = keeper.ensure_fresh("acme", "alice").unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-2");
+    assert_eq!(fake.0.borrow().try_locks, 0);
+}
+
+#[test]
+fn a_definitive_refusal_serves_a_still_valid_token_and_records_the_failure() {
+    let (keeper, fake) = world(300);
+    fake.0
+        .borrow_mut()
+        .answers
+        .push_back(answer(400, r#"{"error":"invalid_grant"}"#));
+    let grant = keeper.ensure_fresh("acme", "alice").unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-1");
+    assert_eq!(
+        row(&fake).health.last_failure,
+        Some(ErrorClass::ReauthorizationRequired),
+        "nothing silent: the row records the refusal"
+    );
+    // The refusal stands: later callers are served without a request ...
+    let again = keeper.ensure_fresh("acme", "alice").unwrap();
+    assert_eq!(again.access_token.expose_secret(), "at-1");
+    // ... until the token is no longer valid beyond the skew.
+    fake.0.borrow_mut().now = T0 + 300 - 59;
+    let e = keeper.ensure_fresh("acme", "alice").unwrap_err();
+    assert_eq!(e.class(), ErrorClass::ReauthorizationRequired);
+    assert_eq!(fake.0.borrow().requests.len(), 1);
 }

@@ -455,13 +455,16 @@ impl storage::Host for KeeperCtxView<'_> {
     }
 }
 
-impl storage::HostTransaction for KeeperCtxView<'_> {
-    async fn load_for_update(
+impl KeeperCtxView<'_> {
+    /// `load-for-update` and `try-load-for-update`: one row per transaction,
+    /// in the call's scope; none when `wait` is false and the lock is held.
+    async fn lock_row(
         &mut self,
         tx: Resource<LockedTxn>,
         provider: String,
         user_id: String,
-    ) -> Res<storage::RowRead, storage::StorageError> {
+        wait: bool,
+    ) -> Res<Option<storage::RowRead>, storage::StorageError> {
         self.ctx.check_row(&provider, &user_id)?;
         let slot = self.table.get_mut(&tx)?;
         if slot
@@ -476,8 +479,14 @@ impl storage::HostTransaction for KeeperCtxView<'_> {
         let Some(txn) = slot.txn.as_mut() else {
             return Ok(Err(committed()));
         };
-        let read = match txn.load_for_update(&provider, &user_id).await {
-            Ok(read) => read,
+        let read = if wait {
+            txn.load_for_update(&provider, &user_id).await.map(Some)
+        } else {
+            txn.try_load_for_update(&provider, &user_id).await
+        };
+        let read = match read {
+            Ok(Some(read)) => read,
+            Ok(None) => return Ok(Ok(None)),
             Err(e) => return Ok(Err(storage_error(e))),
         };
         slot.locked = read.row.clone();
@@ -489,7 +498,30 @@ impl storage::HostTransaction for KeeperCtxView<'_> {
             user_id: user_id.clone(),
         }));
         slot.key = Some((provider, user_id));
-        Ok(Ok(convert::read_to_wit(read)))
+        Ok(Ok(Some(convert::read_to_wit(read))))
+    }
+}
+
+impl storage::HostTransaction for KeeperCtxView<'_> {
+    async fn load_for_update(
+        &mut self,
+        tx: Resource<LockedTxn>,
+        provider: String,
+        user_id: String,
+    ) -> Res<storage::RowRead, storage::StorageError> {
+        Ok(self
+            .lock_row(tx, provider, user_id, true)
+            .await?
+            .and_then(|read| read.ok_or(storage::StorageError::LockTimeout)))
+    }
+
+    async fn try_load_for_update(
+        &mut self,
+        tx: Resource<LockedTxn>,
+        provider: String,
+        user_id: String,
+    ) -> Res<Option<storage::RowRead>, storage::StorageError> {
+        self.lock_row(tx, provider, user_id, false).await
     }
 
     async fn compare_and_set(

@@ -113,6 +113,13 @@ pub trait BackendTransaction: Send {
         provider: &'a str,
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<BackendRead, StorageError>>;
+    /// Like `load_for_update`, without waiting: none when another
+    /// transaction holds the lock.
+    fn try_load_for_update<'a>(
+        &'a mut self,
+        provider: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BackendRead>, StorageError>>;
     /// Writes `row` if the stored generation is still `expected`.
     fn compare_and_set<'a>(
         &'a mut self,
@@ -285,6 +292,18 @@ impl Transaction {
         })
     }
 
+    pub async fn try_load_for_update(
+        &mut self,
+        provider: &str,
+        user_id: &str,
+    ) -> Result<Option<RowRead>, StorageError> {
+        let read = self.inner.try_load_for_update(provider, user_id).await?;
+        Ok(read.map(|(row, db_now)| RowRead {
+            row,
+            now: self.clock.observe(db_now),
+        }))
+    }
+
     pub async fn compare_and_set(
         &mut self,
         row: &SealedRow,
@@ -366,13 +385,16 @@ macro_rules! rows {
             decode_read(&row).map_err($error)
         }
 
+        /// Reads the row with `lock_sql` (the backend's locking read) and
+        /// its refresh-start record.
         pub async fn load_for_update(
             tx: &mut <Db as sqlx::Database>::Connection,
             markers: Option<&sqlx::Pool<Db>>,
+            lock_sql: &str,
             provider: &str,
             user_id: &str,
         ) -> Result<(Option<SealedRow>, Option<i64>), StorageError> {
-            let found = sqlx::query(super::LOCK_SQL)
+            let found = sqlx::query(lock_sql)
                 .bind(provider)
                 .bind(user_id)
                 .fetch_one(&mut *tx)

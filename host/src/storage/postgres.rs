@@ -150,20 +150,32 @@ const READ_SQL: &str = concat!(
      LEFT JOIN tokenkeep_tokens AS t ON t.provider = $1 AND t.user_id = $2"
 );
 
-/// The row locked, and the database's time read after the lock was granted
-/// (the materialised CTE runs, and waits, before the outer projection). The
-/// refresh-start record is read by the next statement: under READ COMMITTED
-/// a join here would see the table as it was before the lock wait, and miss
-/// the record of a refresher that died while this one waited.
-const LOCK_SQL: &str = concat!(
-    "WITH t AS MATERIALIZED (SELECT * FROM tokenkeep_tokens \
-     WHERE provider = $1 AND user_id = $2 FOR UPDATE) \
-     SELECT t.provider, t.user_id, t.key_id, t.access_token, t.refresh_token, \
-     t.access_token_expires_at, t.refresh_token_expires_at, t.scopes, t.obtained_at, t.generation, \
-     t.failed_attempts, t.last_failure_at, t.last_failure, t.last_success_at, t.refresh_started_at, ",
-    db_now!(),
-    " AS db_now FROM (SELECT 1) AS one LEFT JOIN t ON true"
-);
+/// The row locked with `$mode`, and the database's time read after the
+/// lock was granted (the materialised CTE runs, and waits, before the outer
+/// projection). The refresh-start record is read by the next statement:
+/// under READ COMMITTED a join here would see the table as it was before
+/// the lock wait, and miss the record of a refresher that died while this
+/// one waited.
+macro_rules! lock_sql {
+    ($mode:literal) => {
+        concat!(
+            "WITH t AS MATERIALIZED (SELECT * FROM tokenkeep_tokens \
+             WHERE provider = $1 AND user_id = $2 FOR UPDATE",
+            $mode,
+            ") SELECT t.provider, t.user_id, t.key_id, t.access_token, t.refresh_token, \
+             t.access_token_expires_at, t.refresh_token_expires_at, t.scopes, t.obtained_at, \
+             t.generation, t.failed_attempts, t.last_failure_at, t.last_failure, \
+             t.last_success_at, t.refresh_started_at, ",
+            db_now!(),
+            " AS db_now FROM (SELECT 1) AS one LEFT JOIN t ON true"
+        )
+    };
+}
+
+/// Waits for the lock, at most `lock_timeout`.
+const LOCK_SQL: &str = lock_sql!("");
+/// Fails at once (55P03) when another transaction holds the lock.
+const LOCK_NOWAIT_SQL: &str = lock_sql!(" NOWAIT");
 
 pub(crate) mod rows {
     super::super::rows!(sqlx::Postgres, super::error);
@@ -550,11 +562,22 @@ impl PgTransaction {
         }
     }
 
-    async fn lock(&mut self, provider: &str, user_id: &str) -> Result<BackendRead, StorageError> {
-        let bound = self.store.lock_wait + STATEMENT_BOUND;
+    /// Locks the row, waiting for it unless `wait` is false (then a lock
+    /// held elsewhere is `LockTimeout` at once).
+    async fn lock(
+        &mut self,
+        provider: &str,
+        user_id: &str,
+        wait: bool,
+    ) -> Result<BackendRead, StorageError> {
+        let (sql, bound) = if wait {
+            (LOCK_SQL, self.store.lock_wait + STATEMENT_BOUND)
+        } else {
+            (LOCK_NOWAIT_SQL, STATEMENT_BOUND)
+        };
         let conn = self.conn()?;
         let read = bounded(bound, async {
-            let read = rows::load_for_update(conn, None, provider, user_id).await;
+            let read = rows::load_for_update(conn, None, sql, provider, user_id).await;
             Ok(read)
         })
         .await
@@ -573,7 +596,7 @@ impl PgTransaction {
                 .await;
                 match applied {
                     Ok(done) if done.rows_affected() > 0 => bounded(STATEMENT_BOUND, async {
-                        Ok(rows::load_for_update(conn, None, provider, user_id).await)
+                        Ok(rows::load_for_update(conn, None, LOCK_SQL, provider, user_id).await)
                     })
                     .await
                     .and_then(|r| r),
@@ -656,7 +679,7 @@ impl PgTransaction {
         )
         .await?;
         self.conn = Some(Conn::Alone(alone));
-        let (stored, _) = self.lock(&row.provider, &row.user_id).await?;
+        let (stored, _) = self.lock(&row.provider, &row.user_id, true).await?;
         Ok(stored
             .is_some_and(|s| s.generation == row.generation && s.access_token == row.access_token))
     }
@@ -668,7 +691,35 @@ impl BackendTransaction for PgTransaction {
         provider: &'a str,
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<BackendRead, StorageError>> {
-        Box::pin(self.lock(provider, user_id))
+        Box::pin(self.lock(provider, user_id, true))
+    }
+    fn try_load_for_update<'a>(
+        &'a mut self,
+        provider: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BackendRead>, StorageError>> {
+        Box::pin(async move {
+            match self.lock(provider, user_id, false).await {
+                Ok(read) => Ok(Some(read)),
+                // NOWAIT's refusal aborted the transaction: roll it back,
+                // and the connection can serve again.
+                Err(StorageError::LockTimeout) => {
+                    if let Some(mut conn) = self.conn.take() {
+                        let rolled_back = bounded(
+                            STATEMENT_BOUND,
+                            sqlx::Executor::execute(conn.raw(), "ROLLBACK"),
+                        )
+                        .await;
+                        match rolled_back {
+                            Ok(_) => drop(conn),
+                            Err(_) => conn.discard(),
+                        }
+                    }
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            }
+        })
     }
     fn compare_and_set<'a>(
         &'a mut self,

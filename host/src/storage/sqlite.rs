@@ -61,6 +61,8 @@ pub struct SqliteStore {
     /// database, and they must be written while the row's transaction holds
     /// the main file's write lock.
     pub(crate) markers: SqlitePool,
+    /// The busy timeout: how long a locking read waits for the write lock.
+    lock_wait_ms: u128,
 }
 
 /// The owner's clock is the database's: no `db_now`. The write lock is the
@@ -91,6 +93,7 @@ impl SqliteStore {
             pool: connect(path, options).await?,
             tx_pool: connect(path, options).await?,
             markers: connect(&format!("{path}-refresh-starts"), options).await?,
+            lock_wait_ms: options.lock_wait.as_millis(),
         };
         store.migrate().await?;
         sqlx::query(
@@ -145,13 +148,15 @@ impl SqliteStore {
         tx.commit().await.map_err(error)
     }
 
-    pub(crate) async fn begin(
-        &self,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StorageError> {
-        self.tx_pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(error)
+    /// A connection for a transaction; the write lock is taken by the
+    /// first locking read (`BEGIN IMMEDIATE`), waiting for it or not.
+    async fn begin(&self) -> Result<SqliteTransaction, StorageError> {
+        Ok(SqliteTransaction {
+            conn: Some(self.tx_pool.acquire().await.map_err(error)?),
+            begun: false,
+            markers: self.markers.clone(),
+            lock_wait_ms: self.lock_wait_ms,
+        })
     }
 }
 
@@ -207,10 +212,7 @@ impl super::Backend for SqliteStore {
     fn begin(&self) -> BoxFuture<'_, Result<Box<dyn BackendTransaction>, StorageError>> {
         Box::pin(async move {
             let tx = SqliteStore::begin(self).await?;
-            Ok(Box::new(SqliteTransaction {
-                tx,
-                markers: self.markers.clone(),
-            }) as Box<dyn BackendTransaction>)
+            Ok(Box::new(tx) as Box<dyn BackendTransaction>)
         })
     }
     fn record_refresh_start<'a>(
@@ -233,8 +235,76 @@ impl super::Backend for SqliteStore {
 /// A SQLite transaction holding the file's write lock; refresh-start
 /// records come from their own file.
 struct SqliteTransaction {
-    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>,
+    /// Whether `BEGIN IMMEDIATE` succeeded: the write lock is held.
+    begun: bool,
     markers: SqlitePool,
+    lock_wait_ms: u128,
+}
+
+impl Drop for SqliteTransaction {
+    fn drop(&mut self) {
+        // Not committed: closing the connection rolls back and releases
+        // the lock; it never goes back to the pool mid-transaction.
+        if let Some(conn) = self.conn.take().filter(|_| self.begun) {
+            drop(conn.detach());
+        }
+    }
+}
+
+impl SqliteTransaction {
+    fn conn(&mut self) -> Result<&mut sqlx::SqliteConnection, StorageError> {
+        self.conn
+            .as_deref_mut()
+            .ok_or_else(|| StorageError::Unavailable("sqlite: transaction already ended".into()))
+    }
+
+    /// Takes the write lock, waiting the busy timeout or not at all: false
+    /// when `wait` is false and another connection holds it.
+    async fn begin_immediate(&mut self, wait: bool) -> Result<bool, StorageError> {
+        if self.begun {
+            return Ok(true);
+        }
+        let restore = format!("PRAGMA busy_timeout = {}", self.lock_wait_ms);
+        let conn = self.conn()?;
+        if !wait {
+            sqlx::Executor::execute(&mut *conn, "PRAGMA busy_timeout = 0")
+                .await
+                .map_err(error)?;
+        }
+        let begun = sqlx::Executor::execute(&mut *conn, "BEGIN IMMEDIATE")
+            .await
+            .map_err(error);
+        if !wait {
+            sqlx::Executor::execute(&mut *conn, restore.as_str())
+                .await
+                .map_err(error)?;
+        }
+        match begun {
+            Ok(_) => {
+                self.begun = true;
+                Ok(true)
+            }
+            Err(StorageError::LockTimeout) if !wait => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn lock(
+        &mut self,
+        provider: &str,
+        user_id: &str,
+        wait: bool,
+    ) -> Result<Option<BackendRead>, StorageError> {
+        if !self.begin_immediate(wait).await? {
+            return Ok(None);
+        }
+        let markers = self.markers.clone();
+        let conn = self.conn()?;
+        rows::load_for_update(conn, Some(&markers), LOCK_SQL, provider, user_id)
+            .await
+            .map(Some)
+    }
 }
 
 impl BackendTransaction for SqliteTransaction {
@@ -243,12 +313,18 @@ impl BackendTransaction for SqliteTransaction {
         provider: &'a str,
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<BackendRead, StorageError>> {
-        Box::pin(rows::load_for_update(
-            &mut self.tx,
-            Some(&self.markers),
-            provider,
-            user_id,
-        ))
+        Box::pin(async move {
+            self.lock(provider, user_id, true)
+                .await?
+                .ok_or(StorageError::LockTimeout)
+        })
+    }
+    fn try_load_for_update<'a>(
+        &'a mut self,
+        provider: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BackendRead>, StorageError>> {
+        Box::pin(self.lock(provider, user_id, false))
     }
     fn compare_and_set<'a>(
         &'a mut self,
@@ -256,9 +332,23 @@ impl BackendTransaction for SqliteTransaction {
         expected: u64,
         now: i64,
     ) -> BoxFuture<'a, Result<bool, StorageError>> {
-        Box::pin(rows::compare_and_set(&mut self.tx, row, expected, now))
+        Box::pin(async move {
+            // A write takes the write lock if no read took it.
+            self.begin_immediate(true).await?;
+            rows::compare_and_set(self.conn()?, row, expected, now).await
+        })
     }
-    fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), StorageError>> {
-        Box::pin(async move { self.tx.commit().await.map_err(error) })
+    fn commit(mut self: Box<Self>) -> BoxFuture<'static, Result<(), StorageError>> {
+        Box::pin(async move {
+            if self.begun {
+                sqlx::Executor::execute(self.conn()?, "COMMIT")
+                    .await
+                    .map_err(error)?;
+                self.begun = false;
+            }
+            // Back to the pool.
+            drop(self.conn.take());
+            Ok(())
+        })
     }
 }
