@@ -508,6 +508,16 @@ const FAULTS: &[Fault] = &[
         exit: 11,
     },
     Fault {
+        name: "a body trickled a byte at a time, each well within the timeout",
+        set: |b| {
+            b.raw = raw(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 56\r\n\r\n{\"access_token\":\"at-LEAK-TRICKLE\",\"token_type\":\"bearer\"}",
+            );
+            b.trickle = Duration::from_millis(100);
+        },
+        exit: 11,
+    },
+    Fault {
         name: "a truncated body",
         set: |b| {
             b.raw = raw(

@@ -35,6 +35,9 @@ pub struct Behaviour {
     /// (truncated bodies, broken HTTP), after processing nothing; then
     /// hold the connection for `answer_delay` before closing it.
     pub raw: Option<Vec<u8>>,
+    /// Write the answer a byte at a time with this pause between bytes
+    /// (zero: all at once): a provider that trickles.
+    pub trickle: Duration,
 }
 
 impl Default for Behaviour {
@@ -50,6 +53,7 @@ impl Default for Behaviour {
             scope: None,
             answer_delay: Duration::ZERO,
             raw: None,
+            trickle: Duration::ZERO,
         }
     }
 }
@@ -293,13 +297,14 @@ async fn serve(
         buf.extend_from_slice(&chunk[..n]);
     }
     let body = String::from_utf8_lossy(&buf[header_end..]).to_string();
-    let (delay, answer_delay, raw) = {
+    let (delay, answer_delay, raw, trickle) = {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
         s.arrived += 1;
         (
             s.behaviour.delay,
             s.behaviour.answer_delay,
             s.behaviour.raw.clone(),
+            s.behaviour.trickle,
         )
     };
     events.notify_waiters();
@@ -311,7 +316,7 @@ async fn serve(
     }
     if let Some(raw) = raw {
         state.lock().unwrap_or_else(|p| p.into_inner()).calls += 1;
-        socket.write_all(&raw).await?;
+        write_out(&mut socket, &raw, trickle).await?;
         // A stall mid-answer, when asked for.
         tokio::time::sleep(answer_delay).await;
         return socket.shutdown().await;
@@ -324,8 +329,30 @@ async fn serve(
         "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
         answer.len()
     );
-    socket.write_all(reply.as_bytes()).await?;
+    write_out(&mut socket, reply.as_bytes(), trickle).await?;
     socket.shutdown().await
+}
+
+/// Writes `bytes` at once, or the head at once and then the body a byte
+/// at a time `trickle` apart.
+async fn write_out(
+    socket: &mut tokio::net::TcpStream,
+    bytes: &[u8],
+    trickle: Duration,
+) -> std::io::Result<()> {
+    if trickle.is_zero() {
+        return socket.write_all(bytes).await;
+    }
+    let head = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(0, |i| i + 4);
+    socket.write_all(&bytes[..head]).await?;
+    for byte in &bytes[head..] {
+        socket.write_all(std::slice::from_ref(byte)).await?;
+        tokio::time::sleep(trickle).await;
+    }
+    Ok(())
 }
 
 /// Whether the peer has closed its end (a read would return end of file).
