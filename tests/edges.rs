@@ -17,6 +17,7 @@ on_both_backends!(
     sigterm_lets_a_refresh_in_flight_commit_before_the_cli_exits,
     a_valid_token_is_served_at_once_while_another_runtime_refreshes_it,
     a_refused_refresh_serves_the_still_valid_token_and_the_row_records_it,
+    listing_and_key_status_page_through_two_hundred_thousand_rows,
 );
 
 /// Stores alice's token valid for `expires_in` seconds more, obtained an
@@ -263,4 +264,60 @@ async fn a_refresher_whose_session_is_terminated_mid_call_saves_the_rotated_toke
     let grant = refresher.await.unwrap().unwrap();
     assert_eq!(grant.generation, 2);
     assert_chain_alive(&w, "alice", 2).await;
+}
+
+async fn listing_and_key_status_page_through_two_hundred_thousand_rows(b: Backend) {
+    const ROWS: usize = 200_000;
+    let w = World::new(b, "200k").await;
+    w.store("alice", "at-alice", Some("rt-0"), 3600).await;
+    // Copies of alice's sealed row under other user ids (listings never
+    // open tokens), every other one under the older key.
+    let copies = "SELECT provider, 'bulk-' || n, CASE WHEN n % 2 = 0 THEN 'k0' ELSE key_id END, \
+         access_token, refresh_token, access_token_expires_at, refresh_token_expires_at, scopes, \
+         obtained_at, generation, failed_attempts, last_failure_at, last_failure, last_success_at, \
+         refresh_started_at, updated_at FROM tokenkeep_tokens, seq WHERE user_id = 'alice'";
+    let insert = "INSERT INTO tokenkeep_tokens (provider, user_id, key_id, access_token, \
+         refresh_token, access_token_expires_at, refresh_token_expires_at, scopes, obtained_at, \
+         generation, failed_attempts, last_failure_at, last_failure, last_success_at, \
+         refresh_started_at, updated_at) ";
+    let series = match b {
+        Backend::Postgres => format!(
+            "WITH seq AS (SELECT generate_series(1, {}) AS n) ",
+            ROWS - 1
+        ),
+        Backend::Sqlite => format!(
+            "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < {}) ",
+            ROWS - 1
+        ),
+    };
+    common::raw_sql(&w.database_url, &format!("{series}{insert}{copies}")).await;
+
+    let out = w.cli().args(["tokens", "list", "--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut users = Vec::with_capacity(ROWS);
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        users.push(v["user_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(users.len(), ROWS, "every row, once");
+    assert!(
+        users.windows(2).all(|p| p[0] < p[1]),
+        "in order, no repeats"
+    );
+
+    let out = w.cli().args(["keys", "status", "--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["active"], "k1");
+    // Copies 2, 4, … 199998 under k0; alice and the odd copies under k1.
+    assert_eq!(status["rows_per_key"]["k0"], ROWS as u64 / 2 - 1);
+    assert_eq!(status["rows_per_key"]["k1"], ROWS as u64 / 2 + 1);
 }

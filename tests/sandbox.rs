@@ -175,6 +175,16 @@ async fn a_compromised_component_is_refused_and_nothing_it_chose_reaches_a_log(b
             "{behaviour}: {e}"
         );
     }
+    // Asked for one page of a listing, it scans from the start.
+    let after = tokenkeep_host::RowKey {
+        provider: "acme".into(),
+        user_id: "alice".into(),
+    };
+    let e = rogue.list_tokens_page(Some(after), 10).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::Sandbox(m) if m.contains("outside its call")),
+        "scan beyond the page: {e}"
+    );
     // It returns a token it made up, or one for another user.
     for behaviour in ["forge", "other-user"] {
         let e = rogue.ensure_fresh(behaviour, "alice").await.unwrap_err();
@@ -333,7 +343,13 @@ async fn the_real_component_fits_its_sandbox_with_room_to_spare() {
 async fn spinning_guests_do_not_stall_a_healthy_call() {
     let w = World::new(Backend::Sqlite, "sandbox-spin").await;
     w.store("alice", "at-alice", Some("rt-0"), 3600).await;
-    let rogue = rogue_keeper(&w, SandboxLimits::default()).await;
+    // Far more fuel than the default, so that the spinners outlast the
+    // healthy call: what is tested is that they yield meanwhile.
+    let limits = SandboxLimits {
+        fuel: 2_000_000_000,
+        ..Default::default()
+    };
+    let rogue = rogue_keeper(&w, limits).await;
     let spinners: Vec<_> = (0..4)
         .map(|_| {
             let rogue = rogue.clone();

@@ -9,9 +9,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use tokenkeep_host::keeper::error_class_name;
 use tokenkeep_host::{
-    Config, ConversationError, ConversationSettings, Error, Keeper, Keyring, Options,
+    Config, ConversationError, ConversationSettings, Error, Keeper, Keyring, Options, RowKey,
     SandboxLimits, TokenSet, TokenState, TokenSummary,
 };
+
+/// Rows fetched per page by `tokens list`.
+const LIST_PAGE: u32 = 1000;
 
 /// Largest token response accepted on standard input.
 const MAX_STDIN_BYTES: u64 = 1 << 20;
@@ -80,7 +83,11 @@ enum KeysCommand {
         batch: u32,
     },
     /// Show the active key and how many rows each key seals.
-    Status,
+    Status {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -221,8 +228,24 @@ async fn tokens(keeper: &Keeper, cmd: &TokensCommand) -> Result<(), Error> {
                 .map_err(|e| Error::Config(format!("cannot write to standard output: {e}")))?;
         }
         TokensCommand::List { json } => {
-            let list = keeper.list_tokens().await?;
-            print_list(&list, *json, keeper.now());
+            // Page by page: a listing of any size streams.
+            let now = keeper.now();
+            let mut after = None;
+            let mut first = true;
+            loop {
+                let page = keeper.list_tokens_page(after, LIST_PAGE).await?;
+                print_list(&page, *json, now, first);
+                first = false;
+                match page.last() {
+                    Some(last) if page.len() == LIST_PAGE as usize => {
+                        after = Some(RowKey {
+                            provider: last.provider.clone(),
+                            user_id: last.user_id.clone(),
+                        });
+                    }
+                    _ => break,
+                }
+            }
         }
         TokensCommand::Delete { provider, user } => {
             if !keeper.delete_tokens(provider, user).await? {
@@ -342,8 +365,17 @@ async fn keys(keeper: &Keeper, cmd: &KeysCommand) -> Result<(), Error> {
                 )));
             }
         }
-        KeysCommand::Status => {
+        KeysCommand::Status { json } => {
             let s = keeper.key_status().await?;
+            if *json {
+                let v = serde_json::json!({
+                    "active": s.active,
+                    "rows_per_key": s.rows_per_key,
+                    "missing_keys": s.missing_keys,
+                });
+                println!("{v}");
+                return Ok(());
+            }
             println!("active key: {}", s.active);
             for (id, rows) in &s.rows_per_key {
                 let note = if *id == s.active {
@@ -388,9 +420,9 @@ pub fn token_set_from_response(body: &[u8], now: i64) -> Result<TokenSet, Error>
     })
 }
 
-fn print_list(list: &[TokenSummary], json: bool, now: i64) {
+fn print_list(list: &[TokenSummary], json: bool, now: i64, header: bool) {
     let mut out = std::io::stdout().lock();
-    if !json {
+    if !json && header {
         let _ = writeln!(
             out,
             "{:<12} {:<24} {:<26} {:<34} {:<34} {:>4} {:<6} LAST FAILURE",

@@ -286,8 +286,17 @@ impl Guest for Component {
             .map_err(error_to_wit)
     }
 
-    fn list_tokens() -> Result<Vec<wit::TokenSummary>, wit::RefreshError> {
-        let list = keeper().list_tokens().map_err(error_to_wit)?;
+    fn list_tokens(
+        after: Option<wit::RowKey>,
+        limit: u32,
+    ) -> Result<Vec<wit::TokenSummary>, wit::RefreshError> {
+        let after = after.map(|k| RowKey {
+            provider: k.provider,
+            user_id: k.user_id,
+        });
+        let list = keeper()
+            .list_tokens(after.as_ref(), limit)
+            .map_err(error_to_wit)?;
         Ok(list
             .into_iter()
             .map(|s| wit::TokenSummary {

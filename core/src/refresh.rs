@@ -18,8 +18,9 @@ pub const MAX_PROVIDER_LEN: usize = 64;
 pub const MAX_USER_ID_LEN: usize = 1024;
 /// Longest token accepted, in bytes (JWT access tokens can be a few KiB).
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
-/// Rows fetched per page when listing.
-const LIST_PAGE: u32 = 500;
+/// Most rows one `list-tokens` call returns: a page's sealed rows and
+/// summaries stay far below the component's memory and fuel.
+pub const MAX_LIST_PAGE: u32 = 1000;
 
 /// Everything the logic needs from its host: the WIT imports as plain Rust.
 pub trait Host {
@@ -486,21 +487,16 @@ impl<H: Host> Keeper<H> {
         Ok(self.host.delete(provider, user_id)?)
     }
 
-    /// Every row without secrets (WIT `list-tokens`).
-    pub fn list_tokens(&self) -> Result<Vec<TokenSummary>, RefreshError> {
+    /// One page of rows without secrets (WIT `list-tokens`): at most
+    /// `limit` (capped at [`MAX_LIST_PAGE`]) after `after`.
+    pub fn list_tokens(
+        &self,
+        after: Option<&RowKey>,
+        limit: u32,
+    ) -> Result<Vec<TokenSummary>, RefreshError> {
         let now = self.host.now();
-        let mut rows = Vec::new();
-        loop {
-            let page = self
-                .host
-                .list(rows.last().map(SealedRow::key).as_ref(), LIST_PAGE)?;
-            let done = page.len() < LIST_PAGE as usize;
-            rows.extend(page);
-            if done {
-                break;
-            }
-        }
-        Ok(rows
+        let page = self.host.list(after, limit.clamp(1, MAX_LIST_PAGE))?;
+        Ok(page
             .into_iter()
             .map(|row| {
                 let threshold = self

@@ -16,12 +16,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokenkeep_core::error::RefreshError;
-use tokenkeep_core::model::RowKey;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 pub use crate::bindings::tokenkeep::oauth::types::{TokenState, TokenSummary};
-pub use tokenkeep_core::model::{AccessGrant, ConversationEntry, Health, TokenRecord, TokenSet};
+pub use tokenkeep_core::model::{
+    AccessGrant, ConversationEntry, Health, RowKey, TokenRecord, TokenSet,
+};
 
 /// How to open a [`Keeper`].
 #[derive(Clone)]
@@ -319,15 +320,69 @@ impl Keeper {
         r.map_err(|e| refresh_error(&ctx, e, provider, user_id))
     }
 
-    /// Every stored token, without secrets.
+    /// Every stored token, without secrets: [`Keeper::list_tokens_page`]
+    /// until the last page. Listings of many rows are better streamed page
+    /// by page.
     pub async fn list_tokens(&self) -> Result<Vec<TokenSummary>, Error> {
+        let mut all: Vec<TokenSummary> = Vec::new();
+        loop {
+            let after = all.last().map(|s| RowKey {
+                provider: s.provider.clone(),
+                user_id: s.user_id.clone(),
+            });
+            let page = self.list_tokens_page(after, LIST_PAGE).await?;
+            let last = page.len() < LIST_PAGE as usize;
+            all.extend(page);
+            if last {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// One page of stored tokens, without secrets: at most `limit` (capped at
+    /// the component's page size) after `after`, ordered by provider then
+    /// user id. A page shorter than `limit` is the last.
+    pub async fn list_tokens_page(
+        &self,
+        after: Option<RowKey>,
+        limit: u32,
+    ) -> Result<Vec<TokenSummary>, Error> {
+        let limit = limit.clamp(1, LIST_PAGE);
+        let cursor = after.as_ref().map(|k| wit::RowKey {
+            provider: k.provider.clone(),
+            user_id: k.user_id.clone(),
+        });
+        let scope = Scope::Listing {
+            after: after.clone(),
+            limit,
+        };
+        // Fuel and time by the hundred rows.
+        let units = limit.div_ceil(100) as usize;
         let (r, ctx) = self
             .runtime
-            .call(Scope::Listing, 1, async |k, s| {
-                k.tokenkeep_oauth_token_store().call_list_tokens(s).await
+            .call(scope, units, async |k, s| {
+                k.tokenkeep_oauth_token_store()
+                    .call_list_tokens(s, cursor.as_ref(), limit)
+                    .await
             })
             .await?;
-        r.map_err(|e| refresh_error(&ctx, e, "", ""))
+        let page = r.map_err(|e| refresh_error(&ctx, e, "", ""))?;
+        // In order, after the cursor, and no more than asked for.
+        let mut previous = after;
+        for s in &page {
+            let key = RowKey {
+                provider: s.provider.clone(),
+                user_id: s.user_id.clone(),
+            };
+            if previous.as_ref().is_some_and(|p| *p >= key) {
+                return Err(not_the_rows());
+            }
+            previous = Some(key);
+        }
+        if page.len() > limit as usize {
+            return Err(not_the_rows());
+        }
+        Ok(page)
     }
 
     /// Re-encrypts every row sealed with an older key to the active key, in
@@ -406,17 +461,7 @@ impl Keeper {
             active: shared.keyring.active_id().to_string(),
             ..Default::default()
         };
-        let mut after: Option<RowKey> = None;
-        loop {
-            let page = shared.store.list(after.as_ref(), 1_000).await?;
-            for row in &page {
-                *status.rows_per_key.entry(row.key_id.clone()).or_default() += 1;
-            }
-            match page.last() {
-                Some(last) if page.len() == 1_000 => after = Some(last.key()),
-                _ => break,
-            }
-        }
+        status.rows_per_key = shared.store.rows_per_key().await?.into_iter().collect();
         status.missing_keys = status
             .rows_per_key
             .keys()
@@ -658,6 +703,9 @@ fn conversation_scope(
         writes: true,
     }
 }
+
+/// Rows per component call when listing: the component's largest page.
+const LIST_PAGE: u32 = tokenkeep_core::refresh::MAX_LIST_PAGE;
 
 /// The documented name of a class as listings carry it.
 pub fn error_class_name(class: wit::ErrorClass) -> &'static str {

@@ -26,8 +26,8 @@ pub use config::Config;
 pub use conversation::{ConversationError, ConversationSettings, PartialRefresh, ProviderToken};
 pub use error::Error;
 pub use keeper::{
-    AccessGrant, ConversationEntry, Health, Keeper, KeyStatus, Options, Rotation, TokenRecord,
-    TokenSet, TokenState, TokenSummary,
+    AccessGrant, ConversationEntry, Health, Keeper, KeyStatus, Options, Rotation, RowKey,
+    TokenRecord, TokenSet, TokenState, TokenSummary,
 };
 pub use keyring::Keyring;
 pub use sandbox::{COMPONENT, SandboxLimits};

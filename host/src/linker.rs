@@ -37,8 +37,9 @@ pub enum Scope {
         conversation: Option<String>,
         writes: bool,
     },
-    /// A listing: rows without opening them.
-    Listing,
+    /// One page of a listing: rows without opening them, at most `limit`
+    /// after `after`.
+    Listing { after: Option<RowKey>, limit: u32 },
 }
 
 impl Scope {
@@ -344,15 +345,22 @@ impl storage::Host for KeeperCtxView<'_> {
         after: Option<types::RowKey>,
         limit: u32,
     ) -> Res<Vec<storage::SealedRow>, storage::StorageError> {
-        if self.ctx.scope != Scope::Listing {
-            return Err(self.ctx.refuse("a scan outside a listing", &limit));
-        }
         let after = after.map(convert::key_from_wit);
+        let Scope::Listing {
+            after: page,
+            limit: most,
+        } = &self.ctx.scope
+        else {
+            return Err(self.ctx.refuse("a scan outside a listing", &limit));
+        };
+        if after != *page || limit > *most {
+            return Err(self.ctx.refuse("a scan beyond the page asked for", &limit));
+        }
         Ok(self
             .ctx
             .shared
             .store
-            .list(after.as_ref(), limit.min(10_000))
+            .list(after.as_ref(), limit)
             .await
             .map(|rows| rows.into_iter().map(convert::row_to_wit).collect())
             .map_err(storage_error))

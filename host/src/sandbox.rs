@@ -27,8 +27,10 @@ pub static COMPONENT: &[u8] = include_bytes!(env!("TOKENKEEP_COMPONENT_PATH"));
 pub struct SandboxLimits {
     /// Linear memory the component may grow to.
     pub memory_bytes: usize,
-    /// Fuel per call: wasm instructions the guest may execute (waiting in host
-    /// calls for storage or HTTP costs none). A refresh uses well under 1%.
+    /// Fuel per unit of work (a token a call is about, or a hundred rows of
+    /// a listing): wasm instructions the guest may execute (waiting in host
+    /// calls for storage or HTTP costs none). About a hundred times what a
+    /// refresh uses (4·10⁴), so runaway code stops within milliseconds.
     pub fuel: u64,
 }
 
@@ -36,7 +38,7 @@ impl Default for SandboxLimits {
     fn default() -> Self {
         Self {
             memory_bytes: 64 << 20,
-            fuel: 2_000_000_000,
+            fuel: 5_000_000,
         }
     }
 }
@@ -141,7 +143,8 @@ impl Runtime {
     }
 
     /// Runs `f` against a fresh instance confined to `scope`, which may
-    /// refresh up to `tokens` tokens one after another. Returns what `f`
+    /// refresh up to `tokens` tokens one after another (or, for a listing,
+    /// list a hundred rows per unit). Returns what `f`
     /// returned and the call's context, to check the result against; a call
     /// that reached outside its scope was trapped and fails as `sandbox`.
     pub async fn call<T, F>(
@@ -175,7 +178,11 @@ impl Runtime {
         };
         let mut store = wasmtime::Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.set_fuel(self.limits.fuel).map_err(sandbox)?;
+        let fuel = self
+            .limits
+            .fuel
+            .saturating_mul(u64::try_from(tokens.max(1)).unwrap_or(u64::MAX));
+        store.set_fuel(fuel).map_err(sandbox)?;
         // Yield to the executor now and then, so that a guest spinning
         // through its fuel cannot hold a worker thread past the call budget.
         store
@@ -187,7 +194,7 @@ impl Runtime {
         };
         let outcome = tokio::time::timeout(budget, run).await;
         if let Ok(left) = store.get_fuel() {
-            tracing::trace!(fuel_used = self.limits.fuel - left, "component call");
+            tracing::trace!(fuel_used = fuel - left, "component call");
         }
         let value = match outcome {
             Ok(Ok(value)) => value,

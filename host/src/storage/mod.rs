@@ -65,6 +65,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         after: Option<&'a RowKey>,
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<SealedRow>, StorageError>>;
+    /// Rows per key id, counted by the database.
+    fn rows_per_key(&self) -> BoxFuture<'_, Result<Vec<(String, u64)>, StorageError>>;
     /// Inserts `row` (generation 1) only if none exists; false when one does.
     fn insert<'a>(
         &'a self,
@@ -221,6 +223,11 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<SealedRow>, StorageError> {
         self.backend.list(after, limit).await
+    }
+
+    /// Rows per key id, counted by the database (no row leaves it).
+    pub async fn rows_per_key(&self) -> Result<Vec<(String, u64)>, StorageError> {
+        self.backend.rows_per_key().await
     }
 
     /// Inserts `row` only if none exists; false when one does.
@@ -496,6 +503,16 @@ macro_rules! rows {
             Ok(())
         }
 
+        pub async fn rows_per_key(pool: &sqlx::Pool<Db>) -> Result<Vec<(String, u64)>, StorageError> {
+            let counts: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT key_id, count(*) FROM tokenkeep_tokens GROUP BY key_id ORDER BY key_id",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err($error)?;
+            Ok(counts.into_iter().map(|(k, n)| (k, n.max(0) as u64)).collect())
+        }
+
         pub async fn list(
             pool: &sqlx::Pool<Db>,
             after: Option<&RowKey>,
@@ -664,6 +681,9 @@ macro_rules! pool_backend_methods {
             limit: u32,
         ) -> BoxFuture<'a, Result<Vec<SealedRow>, StorageError>> {
             Box::pin(rows::list(&self.pool, after, limit))
+        }
+        fn rows_per_key(&self) -> BoxFuture<'_, Result<Vec<(String, u64)>, StorageError>> {
+            Box::pin(rows::rows_per_key(&self.pool))
         }
         fn insert<'a>(
             &'a self,

@@ -29,7 +29,7 @@ mod rogue {
     use tokenkeep::oauth::storage::{self, SealedRow};
     use tokenkeep::oauth::types::{
         AccessGrant, ConversationEntry, ConversationSettings, PartialRefresh, ProviderFailure,
-        RefreshError, TokenHealth, TokenRecord, TokenSet, TokenState, TokenSummary,
+        RefreshError, RowKey, TokenHealth, TokenRecord, TokenSet, TokenState, TokenSummary,
     };
     use tokenkeep::oauth::{sealing, token_endpoint};
 
@@ -314,7 +314,11 @@ mod rogue {
         fn delete_tokens(_: String, _: String) -> Result<bool, RefreshError> {
             Err(refused())
         }
-        fn list_tokens() -> Result<Vec<TokenSummary>, RefreshError> {
+        fn list_tokens(after: Option<RowKey>, _: u32) -> Result<Vec<TokenSummary>, RefreshError> {
+            // Asked for a page after a row: scans from the start instead.
+            if after.is_some() {
+                let _ = storage::list_rows(None, 10_000);
+            }
             Err(refused())
         }
     }
