@@ -33,7 +33,33 @@ on_both_backends!(
     a_runtime_killed_mid_refresh_is_reported_as_a_lost_rotation,
     a_failed_refresh_is_single_flight_too,
     a_three_second_token_is_refreshed_once_per_expiry_however_many_ask,
+    generations_never_repeat_across_a_delete,
 );
+
+async fn generations_never_repeat_across_a_delete(b: Backend) {
+    let w = World::new(b, "tombstone").await;
+    w.store("alice", "at-1", Some("rt-0"), -10).await;
+    assert_eq!(
+        w.keeper
+            .ensure_fresh("acme", "alice")
+            .await
+            .unwrap()
+            .generation,
+        2
+    );
+    assert!(w.keeper.delete_tokens("acme", "alice").await.unwrap());
+    // A new authorisation after the delete continues the count: nothing
+    // recorded against generation 1 or 2 (a refresh start, a conversation's
+    // last token) can be mistaken for the new row's.
+    w.store("alice", "at-again", Some("rt-again"), 3600).await;
+    assert_eq!(w.stored("alice").await.generation, 3);
+    assert!(w.keeper.delete_tokens("acme", "alice").await.unwrap());
+    w.store("alice", "at-third", Some("rt-third"), 3600).await;
+    assert_eq!(w.stored("alice").await.generation, 4);
+    // Other users are untouched by alice's history.
+    w.store("bob", "at-bob", Some("rt-bob"), 3600).await;
+    assert_eq!(w.stored("bob").await.generation, 1);
+}
 
 async fn a_three_second_token_is_refreshed_once_per_expiry_however_many_ask(b: Backend) {
     // A slow provider, so that callers pile up on the lock behind it.
@@ -247,6 +273,19 @@ async fn a_waiter_that_outlasts_the_lock_wait_gets_a_lock_timeout_and_readers_ne
     let e = keeper.ensure_fresh("acme", "alice").await.unwrap_err();
     assert_eq!(e, Error::LockTimeout);
     assert_eq!(w.provider.calls(), 0);
+    // Storing and deleting wait for the lock too, and no longer.
+    let stored = keeper
+        .store_tokens(
+            "acme",
+            "alice",
+            &common::token_set("at-new", Some("rt-new"), Some(w.now() + 3600)),
+        )
+        .await;
+    assert_eq!(stored.unwrap_err(), Error::LockTimeout);
+    assert_eq!(
+        keeper.delete_tokens("acme", "alice").await.unwrap_err(),
+        Error::LockTimeout
+    );
     drop(held);
     let r = keeper.ensure_fresh("acme", "alice").await.unwrap();
     assert_ne!(

@@ -67,7 +67,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'a, Result<Vec<SealedRow>, StorageError>>;
     /// Rows per key id, counted by the database.
     fn rows_per_key(&self) -> BoxFuture<'_, Result<Vec<(String, u64)>, StorageError>>;
-    /// Inserts `row` (generation 1) only if none exists; false when one does.
+    /// Inserts `row` only if none exists (at the generation after a deleted
+    /// row's); false when one does.
     fn insert<'a>(
         &'a self,
         row: &'a SealedRow,
@@ -240,8 +241,8 @@ impl Store {
         self.backend.upsert(row, self.now()).await
     }
 
-    /// Deletes a row and its refresh-start record (a later row for the same
-    /// user starts again at generation 1 and must not inherit it).
+    /// Deletes a row and its refresh-start record; its last generation is
+    /// kept (a tombstone), so a later row for the same user continues after it.
     pub async fn delete(&self, provider: &str, user_id: &str) -> Result<bool, StorageError> {
         self.backend.delete(provider, user_id).await
     }
@@ -564,10 +565,16 @@ macro_rules! rows {
                 .bind(now)
         }
 
+        /// A new row starts after the last generation a deleted row of the
+        /// same provider and user had (its tombstone), so generations never
+        /// repeat and nothing recorded against an old one can match.
         fn insert_sql(on_conflict: &str) -> String {
             format!(
                 "INSERT INTO tokenkeep_tokens ({COLUMNS}, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12, $13, $14, $15) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+                 COALESCE((SELECT generation + 1 FROM tokenkeep_tombstones \
+                 WHERE provider = $1 AND user_id = $2), 1), \
+                 $10, $11, $12, $13, $14, $15) \
                  ON CONFLICT (provider, user_id) {on_conflict}"
             )
         }

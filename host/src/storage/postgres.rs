@@ -74,6 +74,33 @@ const MIGRATIONS: &[(i64, &str)] = &[
         replaces BIGINT NOT NULL
     )",
     ),
+    (
+        5,
+        // The last generation of each deleted row: a new row for the same
+        // provider and user continues after it.
+        "CREATE TABLE tokenkeep_tombstones (
+        provider TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        generation BIGINT NOT NULL,
+        PRIMARY KEY (provider, user_id)
+    )",
+    ),
+    (
+        6,
+        "CREATE FUNCTION tokenkeep_tombstone() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO tokenkeep_tombstones VALUES (OLD.provider, OLD.user_id, OLD.generation)
+        ON CONFLICT (provider, user_id) DO UPDATE
+        SET generation = GREATEST(tokenkeep_tombstones.generation, excluded.generation);
+        RETURN OLD;
+    END
+    $$",
+    ),
+    (
+        7,
+        "CREATE TRIGGER tokenkeep_tombstone AFTER DELETE ON tokenkeep_tokens
+        FOR EACH ROW EXECUTE FUNCTION tokenkeep_tombstone()",
+    ),
 ];
 
 /// How long one statement inside a locked transaction may go unanswered

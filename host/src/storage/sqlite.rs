@@ -47,6 +47,26 @@ const MIGRATIONS: &[(i64, &str)] = &[
         PRIMARY KEY (conversation_id, provider)
     ) WITHOUT ROWID",
     ),
+    (
+        3,
+        // The last generation of each deleted row: a new row for the same
+        // provider and user continues after it.
+        "CREATE TABLE tokenkeep_tombstones (
+        provider TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        PRIMARY KEY (provider, user_id)
+    ) WITHOUT ROWID",
+    ),
+    (
+        4,
+        "CREATE TRIGGER tokenkeep_tombstone AFTER DELETE ON tokenkeep_tokens
+    BEGIN
+        INSERT INTO tokenkeep_tombstones VALUES (old.provider, old.user_id, old.generation)
+        ON CONFLICT (provider, user_id) DO UPDATE
+        SET generation = max(generation, excluded.generation);
+    END",
+    ),
 ];
 
 /// A pool over one SQLite file.
