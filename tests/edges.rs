@@ -321,3 +321,55 @@ async fn listing_and_key_status_page_through_two_hundred_thousand_rows(b: Backen
     assert_eq!(status["rows_per_key"]["k0"], ROWS as u64 / 2 - 1);
     assert_eq!(status["rows_per_key"]["k1"], ROWS as u64 / 2 + 1);
 }
+
+/// A command needs the secrets of the providers it refreshes, no others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_providers_a_command_uses_need_their_secrets() {
+    const UNSET: &str = "TOKENKEEP_TEST_UNSET_CLIENT_SECRET";
+    let mut w = World::new(Backend::Sqlite, "unset-secret").await;
+    w.add_config(&format!(
+        "\n[providers.other]\ntoken_url = \"https://other.example/token\"\n\
+         client_id = \"x\"\nclient_secret_env = \"{UNSET}\"\n"
+    ))
+    .await;
+    w.store("alice", "at-alice", Some("rt-0"), -10).await;
+    w.keeper
+        .store_tokens(
+            "other",
+            "bob",
+            &common::token_set("at-bob", Some("rt-bob"), Some(w.now() - 10)),
+        )
+        .await
+        .unwrap();
+    let run = |args: &[&str]| {
+        w.cli()
+            .args(args)
+            .env_remove(UNSET)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["tokens", "list"][..],
+        &["keys", "status"],
+        &["tokens", "get", "acme", "alice"],
+    ] {
+        let out = run(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "{args:?}: nothing on stderr on success"
+        );
+    }
+    // Refreshing the provider whose secret is missing is refused, with
+    // nothing sent, and says which variable to set.
+    let out = run(&["tokens", "get", "other", "bob"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(16), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(UNSET), "{stderr}");
+}

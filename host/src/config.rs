@@ -42,6 +42,9 @@ pub struct Provider {
     pub client_id: String,
     /// Attached by the host to the outgoing request; never enters the sandbox.
     pub client_secret: Option<SecretString>,
+    /// The `client_secret_env` variable that was not set: this provider's
+    /// refreshes are refused until it is.
+    pub client_secret_missing: Option<String>,
     pub client_auth: ClientAuth,
     pub extra_params: Vec<(String, String)>,
     pub refresh_threshold_seconds: u32,
@@ -264,6 +267,10 @@ impl Provider {
         if url.scheme() == "http" && !is_loopback(&url) {
             return bad("token_url must use https (plain http is allowed on loopback only)".into());
         }
+        // A variable that is not set fails only the refreshes of this
+        // provider: commands that use other providers, or none (listings,
+        // key status), need not hold every provider's secret.
+        let mut client_secret_missing = None;
         let client_secret = match (p.client_secret, p.client_secret_env) {
             (Some(_), Some(_)) => {
                 return bad("set client_secret or client_secret_env, not both".into());
@@ -272,9 +279,8 @@ impl Provider {
             (None, Some(var)) => match std::env::var(&var) {
                 Ok(s) if !s.is_empty() => Some(SecretString::from(s)),
                 _ => {
-                    return bad(format!(
-                        "environment variable {var} (client_secret_env) is not set"
-                    ));
+                    client_secret_missing = Some(var);
+                    None
                 }
             },
             (None, None) => None,
@@ -283,7 +289,10 @@ impl Provider {
             catalogue::ClientAuth::Body => ClientAuth::Body,
             catalogue::ClientAuth::Basic => ClientAuth::Basic,
         });
-        if client_auth == ClientAuth::Basic && client_secret.is_none() {
+        if client_auth == ClientAuth::Basic
+            && client_secret.is_none()
+            && client_secret_missing.is_none()
+        {
             return bad("client_auth = \"basic\" needs a client secret".into());
         }
         // The configuration's own parameters win over the catalogue's, and
@@ -298,6 +307,7 @@ impl Provider {
             token_url: url.to_string(),
             client_id: p.client_id,
             client_secret,
+            client_secret_missing,
             client_auth,
             extra_params,
             rotates_refresh_tokens: resolved.rotates_refresh_tokens,

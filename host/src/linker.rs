@@ -737,6 +737,11 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
                 "the locked row's provider is not configured".into(),
             )));
         };
+        if let Some(var) = &provider.client_secret_missing {
+            return Ok(Err(E::Denied(format!(
+                "environment variable {var} (client_secret_env) is not set"
+            ))));
+        }
         // The provider's own retry rules, held by the host: at most
         // `max-attempts` requests per row and call, and none after one whose
         // answer (or lost answer) may have spent the token ([`may_repeat`]).
