@@ -369,7 +369,34 @@ async fn only_the_providers_a_command_uses_need_their_secrets() {
     // nothing sent, and says which variable to set.
     let out = run(&["tokens", "get", "other", "bob"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(16), "{stderr}");
+    assert_eq!(out.status.code(), Some(14), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains(UNSET), "{stderr}");
+}
+
+/// Some servers answer every failed refresh with a 400 and an empty body: a
+/// refusal, recorded, and the dead refresh token is not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bare_400_is_a_refusal_that_stands() {
+    let w = World::new(Backend::Sqlite, "bare-400").await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    w.provider
+        .set(|b| b.canned = Some((400, "text/plain".into(), String::new())));
+    for _ in 0..3 {
+        let e = w.keeper.ensure_fresh("acme", "alice").await.unwrap_err();
+        assert!(
+            matches!(e, tokenkeep_host::Error::ReauthorizationRequired(_)),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        w.provider.calls(),
+        1,
+        "the dead refresh token was sent once"
+    );
+    let listed = w.keeper.list_tokens().await.unwrap();
+    assert_eq!(
+        listed[0].state,
+        tokenkeep_host::TokenState::ReauthorizationRequired
+    );
 }

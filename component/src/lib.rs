@@ -109,6 +109,8 @@ impl Host for Imports {
             rotates_refresh_tokens: c.rotates_refresh_tokens,
             max_attempts: c.max_attempts,
             retry_budget_ms: c.retry_budget_ms,
+            bare_4xx_is_refusal: c.bare_4xx_is_refusal,
+            reuse_leeway_seconds: c.reuse_leeway_seconds,
         })
     }
 
@@ -212,6 +214,7 @@ impl Host for Imports {
             })
             .map_err(|e| match e {
                 E::Denied(m) => RequestError::Denied(m),
+                E::Misconfigured(m) => RequestError::Misconfigured(m),
                 E::NotSent(m) => RequestError::NotSent(m),
                 E::NoAnswer(m) => RequestError::NoAnswer(m),
                 E::AnswerUnusable(m) => RequestError::AnswerUnusable(m),
@@ -587,6 +590,7 @@ fn class_to_wit(c: ErrorClass) -> wit::ErrorClass {
         ErrorClass::UnknownProvider => W::UnknownProvider,
         ErrorClass::InvalidInput => W::InvalidInput,
         ErrorClass::EgressDenied => W::EgressDenied,
+        ErrorClass::Configuration => W::Configuration,
     }
 }
 
@@ -609,5 +613,6 @@ fn error_to_wit(e: RefreshError) -> wit::RefreshError {
         RefreshError::UnknownProvider(m) => wit::RefreshError::UnknownProvider(m),
         RefreshError::InvalidInput(m) => wit::RefreshError::InvalidInput(m),
         RefreshError::EgressDenied(m) => wit::RefreshError::EgressDenied(m),
+        RefreshError::Configuration(m) => wit::RefreshError::Configuration(m),
     }
 }

@@ -18,26 +18,6 @@ pub enum ClientAuth {
     Basic,
 }
 
-/// How a provider reports a failed refresh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorStyle {
-    /// RFC 6749 §5.2: a 4xx answer with an `error` code.
-    Oauth,
-    /// An `error` code that may come with HTTP 200 (GitHub).
-    ErrorFieldWith200,
-    /// `{"ok": false, "error": ...}` with HTTP 200 (Slack).
-    SlackOk,
-}
-
-/// The body format of a provider's answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResponseFormat {
-    Json,
-    /// Form-encoded unless the request says `Accept: application/json`
-    /// (the component always does).
-    FormUnlessJsonAccepted,
-}
-
 /// A configuration value a provider's entry reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Setting {
@@ -65,8 +45,6 @@ pub struct Spec {
     /// How long a spent refresh token keeps working, when the provider
     /// tolerates reuse at all (Atlassian: ten minutes).
     pub reuse_leeway_seconds: u32,
-    pub response_format: ResponseFormat,
-    pub error_style: ErrorStyle,
     /// Provider-specific error codes, looked up before the RFC 6749 ones.
     pub error_codes: &'static [(&'static str, ErrorClass)],
     /// Access-token lifetime to assume when an answer omits `expires_in`.
@@ -96,8 +74,6 @@ pub const CATALOGUE: &[Spec] = &[
         client_auth: ClientAuth::Body,
         rotates_refresh_tokens: true,
         reuse_leeway_seconds: 0,
-        response_format: ResponseFormat::FormUnlessJsonAccepted,
-        error_style: ErrorStyle::ErrorFieldWith200,
         error_codes: &[
             ("bad_refresh_token", ErrorClass::ReauthorizationRequired),
             (
@@ -131,8 +107,6 @@ pub const CATALOGUE: &[Spec] = &[
         client_auth: ClientAuth::Body,
         rotates_refresh_tokens: true,
         reuse_leeway_seconds: 0,
-        response_format: ResponseFormat::Json,
-        error_style: ErrorStyle::Oauth,
         error_codes: &[],
         default_expires_in: Some(2 * 3600),
         default_refresh_token_expires_in: None,
@@ -146,8 +120,6 @@ pub const CATALOGUE: &[Spec] = &[
         client_auth: ClientAuth::Basic,
         rotates_refresh_tokens: true,
         reuse_leeway_seconds: 0,
-        response_format: ResponseFormat::Json,
-        error_style: ErrorStyle::Oauth,
         error_codes: &[],
         default_expires_in: Some(2 * 3600),
         default_refresh_token_expires_in: None,
@@ -161,8 +133,6 @@ pub const CATALOGUE: &[Spec] = &[
         client_auth: ClientAuth::Body,
         rotates_refresh_tokens: false,
         reuse_leeway_seconds: 0,
-        response_format: ResponseFormat::Json,
-        error_style: ErrorStyle::Oauth,
         error_codes: &[],
         default_expires_in: Some(3600),
         default_refresh_token_expires_in: None,
@@ -176,8 +146,6 @@ pub const CATALOGUE: &[Spec] = &[
         client_auth: ClientAuth::Body,
         rotates_refresh_tokens: true,
         reuse_leeway_seconds: 0,
-        response_format: ResponseFormat::Json,
-        error_style: ErrorStyle::SlackOk,
         error_codes: &[
             ("invalid_refresh_token", ErrorClass::ReauthorizationRequired),
             ("token_revoked", ErrorClass::ReauthorizationRequired),
@@ -200,8 +168,6 @@ pub const CATALOGUE: &[Spec] = &[
         client_auth: ClientAuth::Body,
         rotates_refresh_tokens: true,
         reuse_leeway_seconds: 600,
-        response_format: ResponseFormat::Json,
-        error_style: ErrorStyle::Oauth,
         error_codes: &[("unauthorized_client", ErrorClass::ReauthorizationRequired)],
         default_expires_in: Some(3600),
         // Rotating tokens die after 90 days without use.
@@ -229,8 +195,6 @@ pub const CATALOGUE: &[Spec] = &[
         client_auth: ClientAuth::Body,
         rotates_refresh_tokens: true,
         reuse_leeway_seconds: 0,
-        response_format: ResponseFormat::Json,
-        error_style: ErrorStyle::Oauth,
         error_codes: &[
             ("interaction_required", ErrorClass::ReauthorizationRequired),
             ("consent_required", ErrorClass::ReauthorizationRequired),
@@ -248,8 +212,6 @@ pub const CATALOGUE: &[Spec] = &[
         client_auth: ClientAuth::Body,
         rotates_refresh_tokens: true,
         reuse_leeway_seconds: 0,
-        response_format: ResponseFormat::Json,
-        error_style: ErrorStyle::Oauth,
         error_codes: &[],
         default_expires_in: Some(DAY),
         default_refresh_token_expires_in: None,
@@ -269,6 +231,7 @@ pub struct Resolved {
     pub client_auth: ClientAuth,
     pub extra_params: Vec<(String, String)>,
     pub rotates_refresh_tokens: bool,
+    pub reuse_leeway_seconds: u32,
     pub error_codes: Vec<(String, ErrorClass)>,
     pub default_expires_in: Option<u32>,
     pub default_refresh_token_expires_in: Option<u32>,
@@ -342,6 +305,7 @@ pub fn resolve(kind: &str, settings: &[(&str, &str)]) -> Result<Resolved, Catalo
         client_auth: spec.client_auth,
         extra_params,
         rotates_refresh_tokens: spec.rotates_refresh_tokens,
+        reuse_leeway_seconds: spec.reuse_leeway_seconds,
         error_codes: spec
             .error_codes
             .iter()

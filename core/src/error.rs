@@ -32,6 +32,8 @@ pub enum RefreshError {
     InvalidInput(String),
     #[error("egress denied: {0}")]
     EgressDenied(String),
+    #[error("configuration: {0}")]
+    Configuration(String),
 }
 
 /// The class of an error, recorded on the row (WIT `error-class`).
@@ -49,6 +51,7 @@ pub enum ErrorClass {
     UnknownProvider,
     InvalidInput,
     EgressDenied,
+    Configuration,
 }
 
 impl RefreshError {
@@ -67,6 +70,7 @@ impl RefreshError {
             Self::UnknownProvider(_) => ErrorClass::UnknownProvider,
             Self::InvalidInput(_) => ErrorClass::InvalidInput,
             Self::EgressDenied(_) => ErrorClass::EgressDenied,
+            Self::Configuration(_) => ErrorClass::Configuration,
         }
     }
 
@@ -85,6 +89,7 @@ impl RefreshError {
             ErrorClass::UnknownProvider => Self::UnknownProvider(message),
             ErrorClass::InvalidInput => Self::InvalidInput(message),
             ErrorClass::EgressDenied => Self::EgressDenied(message),
+            ErrorClass::Configuration => Self::Configuration(message),
         }
     }
 
@@ -100,7 +105,7 @@ impl RefreshError {
 
 impl ErrorClass {
     /// Every class, in the order of the WIT `error-class` enum.
-    pub const ALL: [ErrorClass; 12] = [
+    pub const ALL: [ErrorClass; 13] = [
         ErrorClass::NotFound,
         ErrorClass::ReauthorizationRequired,
         ErrorClass::ProviderUnavailable,
@@ -113,6 +118,7 @@ impl ErrorClass {
         ErrorClass::UnknownProvider,
         ErrorClass::InvalidInput,
         ErrorClass::EgressDenied,
+        ErrorClass::Configuration,
     ];
 
     /// The stable name: the WIT case, stored on rows, printed for scripts.
@@ -130,6 +136,7 @@ impl ErrorClass {
             ErrorClass::UnknownProvider => "unknown-provider",
             ErrorClass::InvalidInput => "invalid-input",
             ErrorClass::EgressDenied => "egress-denied",
+            ErrorClass::Configuration => "configuration",
         }
     }
 

@@ -137,6 +137,12 @@ pub struct ProviderConfig {
     /// Time the retries of one refresh may take in all, in milliseconds;
     /// the host keeps it inside the lock wait so waiters outlast it.
     pub retry_budget_ms: u32,
+    /// Whether a 4xx answer without an OAuth error is a definitive refusal
+    /// (true) or an invalid answer (false).
+    pub bare_4xx_is_refusal: bool,
+    /// How long a rotating provider still accepts a spent refresh token:
+    /// within it, a request of unknown fate may be repeated.
+    pub reuse_leeway_seconds: u32,
 }
 
 /// Why the host's token endpoint sent nothing or got no usable answer
@@ -145,6 +151,9 @@ pub struct ProviderConfig {
 pub enum RequestError {
     /// Refused by the host; nothing was sent.
     Denied(String),
+    /// The host's configuration for the provider cannot make the request
+    /// (a secret not set, a certificate not trusted): no token was sent.
+    Misconfigured(String),
     /// Certainly never reached the provider: safe to repeat.
     NotSent(String),
     /// Sent, but no answer began: the provider may have acted.

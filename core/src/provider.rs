@@ -7,7 +7,7 @@
 //! sanitised OAuth error codes.
 
 use crate::error::{ErrorClass, RefreshError};
-use crate::model::RequestError;
+use crate::model::{ProviderConfig, RequestError};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
@@ -89,25 +89,57 @@ fn form_decode(s: &str) -> Option<String> {
 /// Whether a token request may be sent again after its outcome (`Ok`: the
 /// answer's status, content type and body): only after a transient failure,
 /// and to a provider that rotates refresh tokens only when it certainly did
-/// not act on the request (never sent, or it asked to be asked again). The
-/// component's retries and the host that enforces them decide with this
-/// one function.
+/// not act on the request (never sent, or it asked to be asked again), or
+/// when it grants a reuse leeway that outlasts the retries (then a repeat
+/// is not a reuse). The component's retries and the host that enforces them
+/// decide with this one function.
 pub fn may_repeat(
     outcome: Result<(u16, Option<&str>, &[u8]), &RequestError>,
-    provider_codes: &[(String, ErrorClass)],
-    rotates_refresh_tokens: bool,
+    config: &ProviderConfig,
 ) -> bool {
+    let lenient =
+        u64::from(config.reuse_leeway_seconds) * 1000 >= u64::from(config.retry_budget_ms);
+    let unknown_fate_is_safe = !config.rotates_refresh_tokens || lenient;
     match outcome {
         Ok((status, content_type, body)) => {
             matches!(
-                parse_token_response(status, content_type, body, provider_codes),
+                judge_answer(config, status, content_type, body),
                 Err(RefreshError::ProviderUnavailable(_))
-            ) && (!rotates_refresh_tokens || asks_to_retry(status, content_type, body))
+            ) && (unknown_fate_is_safe || asks_to_retry(status, content_type, body))
         }
         Err(RequestError::NotSent(_)) => true,
-        Err(RequestError::NoAnswer(_)) => !rotates_refresh_tokens,
-        Err(RequestError::Denied(_) | RequestError::AnswerUnusable(_)) => false,
+        Err(RequestError::NoAnswer(_)) => unknown_fate_is_safe,
+        // The provider acted and the answer was lost: the old token is
+        // spent unless the provider still accepts it for a while.
+        Err(RequestError::AnswerUnusable(_)) => config.rotates_refresh_tokens && lenient,
+        Err(RequestError::Denied(_) | RequestError::Misconfigured(_)) => false,
     }
+}
+
+/// Statuses that, without an OAuth error, a provider uses to refuse a
+/// refresh token (some servers answer every failed refresh with a bare 400).
+/// Others (404, 405, 413, 415, …) say the request or the URL is wrong, not
+/// the token.
+const BARE_REFUSAL_STATUSES: [u16; 4] = [400, 403, 410, 422];
+
+/// Reads a token endpoint's answer under the provider's rules: its own
+/// error codes, and whether a bare 4xx is a refusal.
+pub fn judge_answer(
+    config: &ProviderConfig,
+    status: u16,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<TokenResponse, RefreshError> {
+    parse_token_response(status, content_type, body, &config.error_codes).map_err(|e| match e {
+        RefreshError::InvalidProviderResponse(_)
+            if config.bare_4xx_is_refusal && BARE_REFUSAL_STATUSES.contains(&status) =>
+        {
+            RefreshError::ReauthorizationRequired(format!(
+                "provider answered status {status} without an OAuth error: taken as a refusal"
+            ))
+        }
+        other => other,
+    })
 }
 
 /// Reads a token endpoint's answer. `provider_codes` are the provider's own
@@ -510,42 +542,93 @@ mod tests {
         );
     }
 
+    fn rules(rotates: bool, reuse_leeway_seconds: u32) -> ProviderConfig {
+        ProviderConfig {
+            name: "p".into(),
+            refresh_threshold_seconds: 600,
+            timeout_ms: 1000,
+            max_response_bytes: 65536,
+            kind: "custom".into(),
+            error_codes: Vec::new(),
+            default_expires_in: None,
+            default_refresh_token_expires_in: None,
+            rotates_refresh_tokens: rotates,
+            max_attempts: 3,
+            retry_budget_ms: 30_000,
+            bare_4xx_is_refusal: true,
+            reuse_leeway_seconds,
+        }
+    }
+
     #[test]
     fn only_transient_failures_are_repeated_and_to_rotating_providers_only_unprocessed_ones() {
         let unavailable = br#"{"error":"server_error"}"#.as_slice();
         let json = Some("application/json");
-        let no_codes = &[];
+        let (plain, rotating) = (&rules(false, 0), &rules(true, 0));
         // A 200 or 400 carrying a transient OAuth error: repeated where the
         // provider does not rotate, not where a repeat could be a reuse.
         for status in [200, 400] {
-            assert!(may_repeat(Ok((status, json, unavailable)), no_codes, false));
-            assert!(!may_repeat(Ok((status, json, unavailable)), no_codes, true));
+            assert!(may_repeat(Ok((status, json, unavailable)), plain));
+            assert!(!may_repeat(Ok((status, json, unavailable)), rotating));
         }
         let slow_down = br#"{"error":"temporarily_unavailable"}"#.as_slice();
-        assert!(may_repeat(Ok((400, json, slow_down)), no_codes, true));
-        assert!(may_repeat(Ok((503, None, b"".as_slice())), no_codes, true));
+        assert!(may_repeat(Ok((400, json, slow_down)), rotating));
+        assert!(may_repeat(Ok((503, None, b"".as_slice())), rotating));
         assert!(!may_repeat(
             Ok((400, json, br#"{"error":"invalid_grant"}"#.as_slice())),
-            no_codes,
-            false
+            plain
         ));
         assert!(!may_repeat(
             Ok((200, json, br#"{"access_token":"a"}"#.as_slice())),
-            no_codes,
-            false
+            plain
         ));
         let fate_unknown = RequestError::NoAnswer("timed out".into());
-        assert!(may_repeat(Err(&fate_unknown), no_codes, false));
-        assert!(!may_repeat(Err(&fate_unknown), no_codes, true));
+        assert!(may_repeat(Err(&fate_unknown), plain));
+        assert!(!may_repeat(Err(&fate_unknown), rotating));
         assert!(may_repeat(
             Err(&RequestError::NotSent("refused".into())),
-            no_codes,
-            true
+            rotating
         ));
         assert!(!may_repeat(
             Err(&RequestError::AnswerUnusable("cut".into())),
-            no_codes,
-            false
+            plain
         ));
+    }
+
+    #[test]
+    fn a_reuse_leeway_that_outlasts_the_retries_makes_an_unknown_fate_repeatable() {
+        let fate_unknown = RequestError::NoAnswer("timed out".into());
+        let cut = RequestError::AnswerUnusable("cut".into());
+        let server_error = Ok((500, None, b"".as_slice()));
+        // Atlassian-like: the spent token still works for 10 minutes.
+        let lenient = &rules(true, 600);
+        assert!(may_repeat(Err(&fate_unknown), lenient));
+        assert!(may_repeat(Err(&cut), lenient));
+        assert!(may_repeat(server_error, lenient));
+        // A leeway shorter than the retries could end mid-way: no repeats.
+        let short = &rules(true, 5);
+        assert!(!may_repeat(Err(&fate_unknown), short));
+        assert!(!may_repeat(Err(&cut), short));
+        assert!(!may_repeat(server_error, short));
+    }
+
+    #[test]
+    fn a_bare_4xx_is_a_refusal_unless_the_provider_says_otherwise() {
+        let mut config = rules(true, 0);
+        for (status, body) in [
+            (400, b"".as_slice()),
+            (400, b"Bad Request".as_slice()),
+            (403, b"<html>forbidden</html>".as_slice()),
+            (400, br#"{"message":"nope"}"#.as_slice()),
+        ] {
+            let e = judge_answer(&config, status, None, body).unwrap_err();
+            assert_eq!(e.class(), ErrorClass::ReauthorizationRequired, "{status}");
+        }
+        // A wrong URL is not the token's fault.
+        let e = judge_answer(&config, 404, None, b"").unwrap_err();
+        assert_eq!(e.class(), ErrorClass::InvalidProviderResponse);
+        config.bare_4xx_is_refusal = false;
+        let e = judge_answer(&config, 400, None, b"").unwrap_err();
+        assert_eq!(e.class(), ErrorClass::InvalidProviderResponse);
     }
 }

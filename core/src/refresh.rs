@@ -8,7 +8,7 @@ use crate::model::{
     AccessGrant, Field, Health, HttpAnswer, ProviderConfig, RequestError, RowKey, RowRead,
     SealedRow, SealedTokens, SealingError, StorageError, TokenRecord, TokenSet, TokenSummary,
 };
-use crate::provider::{TokenResponse, may_repeat, parse_token_response, salvage_refresh_token};
+use crate::provider::{TokenResponse, judge_answer, may_repeat, salvage_refresh_token};
 use crate::validity::{self, Timing};
 use secrecy::{ExposeSecret, SecretString};
 
@@ -419,9 +419,10 @@ impl<H: Host> Keeper<H> {
         // Lifetimes count from when the request was sent, not when it came back.
         let sent_at = self.host.now();
         let answer = self.host.request_refresh(locked).map_err(|e| Failed {
-            repeatable: may_repeat(Err(&e), &config.error_codes, config.rotates_refresh_tokens),
+            repeatable: may_repeat(Err(&e), config),
             error: match e {
                 RequestError::Denied(m) => RefreshError::EgressDenied(m),
+                RequestError::Misconfigured(m) => RefreshError::Configuration(m),
                 RequestError::NotSent(m) | RequestError::NoAnswer(m) => {
                     RefreshError::ProviderUnavailable(m)
                 }
@@ -432,7 +433,7 @@ impl<H: Host> Keeper<H> {
         })?;
         let (status, content_type) = (answer.status, answer.content_type.as_deref());
         let body = answer.body.expose_secret();
-        parse_token_response(status, content_type, body, &config.error_codes)
+        judge_answer(config, status, content_type, body)
             .and_then(|response| {
                 let tokens = tokens_from(config, old, response, sent_at);
                 // Out of bounds is the answer's fault, not the caller's.
@@ -443,11 +444,7 @@ impl<H: Host> Keeper<H> {
                 Ok((tokens, sent_at))
             })
             .map_err(|error| Failed {
-                repeatable: may_repeat(
-                    Ok((status, content_type, body)),
-                    &config.error_codes,
-                    config.rotates_refresh_tokens,
-                ),
+                repeatable: may_repeat(Ok((status, content_type, body)), config),
                 salvaged: matches!(error, RefreshError::InvalidProviderResponse(_))
                     .then(|| salvage_refresh_token(status, content_type, body))
                     .flatten()

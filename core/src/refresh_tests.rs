@@ -64,6 +64,8 @@ fn config() -> ProviderConfig {
         rotates_refresh_tokens: true,
         max_attempts: 3,
         retry_budget_ms: 30_000,
+        bare_4xx_is_refusal: true,
+        reuse_leeway_seconds: 0,
     }
 }
 

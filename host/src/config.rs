@@ -51,12 +51,37 @@ pub struct Provider {
     pub timeout_ms: u32,
     pub max_response_bytes: u32,
     pub rotates_refresh_tokens: bool,
+    /// How long the provider still accepts a spent refresh token.
+    pub reuse_leeway_seconds: u32,
+    /// Whether a 4xx answer without an OAuth error is a refusal.
+    pub bare_4xx_is_refusal: bool,
     pub error_codes: Vec<(String, tokenkeep_core::error::ErrorClass)>,
     pub default_expires_in: Option<u32>,
     pub default_refresh_token_expires_in: Option<u32>,
     pub max_attempts: u32,
     /// Filled from the lock wait: retries end well before waiters give up.
     pub retry_budget_ms: u32,
+}
+
+impl Provider {
+    /// What the component and the shared retry rules know of this provider.
+    pub fn contract(&self) -> tokenkeep_core::model::ProviderConfig {
+        tokenkeep_core::model::ProviderConfig {
+            name: self.name.clone(),
+            refresh_threshold_seconds: self.refresh_threshold_seconds,
+            timeout_ms: self.timeout_ms,
+            max_response_bytes: self.max_response_bytes,
+            kind: self.kind.clone(),
+            error_codes: self.error_codes.clone(),
+            default_expires_in: self.default_expires_in,
+            default_refresh_token_expires_in: self.default_refresh_token_expires_in,
+            rotates_refresh_tokens: self.rotates_refresh_tokens,
+            max_attempts: self.max_attempts,
+            retry_budget_ms: self.retry_budget_ms,
+            bare_4xx_is_refusal: self.bare_4xx_is_refusal,
+            reuse_leeway_seconds: self.reuse_leeway_seconds,
+        }
+    }
 }
 
 /// The whole configuration.
@@ -107,6 +132,8 @@ struct RawProvider {
     default_expires_in: Option<u32>,
     default_refresh_token_expires_in: Option<u32>,
     rotates_refresh_tokens: Option<bool>,
+    reuse_leeway_seconds: Option<u32>,
+    bare_4xx_is_refusal: Option<bool>,
     // Catalogue settings; which ones a kind reads is in its entry.
     base_url: Option<String>,
     tenant: Option<String>,
@@ -221,6 +248,7 @@ impl Provider {
                 client_auth: catalogue::ClientAuth::Body,
                 extra_params: Vec::new(),
                 rotates_refresh_tokens: p.rotates_refresh_tokens.unwrap_or(true),
+                reuse_leeway_seconds: 0,
                 error_codes: Vec::new(),
                 default_expires_in: None,
                 default_refresh_token_expires_in: None,
@@ -311,6 +339,10 @@ impl Provider {
             client_auth,
             extra_params,
             rotates_refresh_tokens: resolved.rotates_refresh_tokens,
+            reuse_leeway_seconds: p
+                .reuse_leeway_seconds
+                .unwrap_or(resolved.reuse_leeway_seconds),
+            bare_4xx_is_refusal: p.bare_4xx_is_refusal.unwrap_or(true),
             error_codes: resolved.error_codes,
             default_expires_in: p.default_expires_in.or(resolved.default_expires_in),
             default_refresh_token_expires_in: p

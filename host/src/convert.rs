@@ -21,6 +21,31 @@ pub fn class_to_wit(c: ErrorClass) -> wit::ErrorClass {
         ErrorClass::UnknownProvider => W::UnknownProvider,
         ErrorClass::InvalidInput => W::InvalidInput,
         ErrorClass::EgressDenied => W::EgressDenied,
+        ErrorClass::Configuration => W::Configuration,
+    }
+}
+
+pub fn provider_to_wit(
+    p: tokenkeep_core::model::ProviderConfig,
+) -> crate::bindings::tokenkeep::oauth::providers::ProviderConfig {
+    crate::bindings::tokenkeep::oauth::providers::ProviderConfig {
+        name: p.name,
+        refresh_threshold_seconds: p.refresh_threshold_seconds,
+        timeout_ms: p.timeout_ms,
+        max_response_bytes: p.max_response_bytes,
+        kind: p.kind,
+        error_codes: p
+            .error_codes
+            .into_iter()
+            .map(|(code, class)| (code, class_to_wit(class)))
+            .collect(),
+        default_expires_in: p.default_expires_in,
+        default_refresh_token_expires_in: p.default_refresh_token_expires_in,
+        rotates_refresh_tokens: p.rotates_refresh_tokens,
+        max_attempts: p.max_attempts,
+        retry_budget_ms: p.retry_budget_ms,
+        bare_4xx_is_refusal: p.bare_4xx_is_refusal,
+        reuse_leeway_seconds: p.reuse_leeway_seconds,
     }
 }
 

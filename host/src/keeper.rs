@@ -837,6 +837,7 @@ fn refresh_error(ctx: &KeeperCtx, e: wit::RefreshError, provider: &str, user_id:
         W::UnknownProvider(m) => RefreshError::UnknownProvider(tidy(m)),
         W::InvalidInput(m) => RefreshError::InvalidInput(tidy(m)),
         W::EgressDenied(m) => RefreshError::EgressDenied(tidy(m)),
+        W::Configuration(m) => RefreshError::Configuration(tidy(m)),
     };
     Error::from_refresh(e, provider, user_id)
 }

@@ -701,23 +701,7 @@ impl providers::Host for KeeperCtxView<'_> {
             .config
             .providers
             .get(&name)
-            .map(|p| providers::ProviderConfig {
-                name: p.name.clone(),
-                refresh_threshold_seconds: p.refresh_threshold_seconds,
-                timeout_ms: p.timeout_ms,
-                max_response_bytes: p.max_response_bytes,
-                kind: p.kind.clone(),
-                error_codes: p
-                    .error_codes
-                    .iter()
-                    .map(|(code, class)| (code.clone(), convert::class_to_wit(*class)))
-                    .collect(),
-                default_expires_in: p.default_expires_in,
-                default_refresh_token_expires_in: p.default_refresh_token_expires_in,
-                rotates_refresh_tokens: p.rotates_refresh_tokens,
-                max_attempts: p.max_attempts,
-                retry_budget_ms: p.retry_budget_ms,
-            }))
+            .map(|p| convert::provider_to_wit(p.contract())))
     }
 }
 
@@ -738,7 +722,7 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
             )));
         };
         if let Some(var) = &provider.client_secret_missing {
-            return Ok(Err(E::Denied(format!(
+            return Ok(Err(E::Misconfigured(format!(
                 "environment variable {var} (client_secret_env) is not set"
             ))));
         }
@@ -789,8 +773,7 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
             outcome
                 .as_ref()
                 .map(|a| (a.status, a.content_type.as_deref(), a.body.expose_secret())),
-            &provider.error_codes,
-            provider.rotates_refresh_tokens,
+            &provider.contract(),
         );
         let entry = &mut self.ctx.requests[i];
         entry.1 += 1;
@@ -803,6 +786,7 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
             })
             .map_err(|e| match e {
                 RequestError::Denied(m) => E::Denied(m),
+                RequestError::Misconfigured(m) => E::Misconfigured(m),
                 RequestError::NotSent(m) => E::NotSent(m),
                 RequestError::NoAnswer(m) => E::NoAnswer(m),
                 RequestError::AnswerUnusable(m) => E::AnswerUnusable(m),
