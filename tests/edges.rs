@@ -18,7 +18,50 @@ on_both_backends!(
     a_valid_token_is_served_at_once_while_another_runtime_refreshes_it,
     a_refused_refresh_serves_the_still_valid_token_and_the_row_records_it,
     listing_and_key_status_page_through_two_hundred_thousand_rows,
+    after_an_outage_new_callers_wait_out_the_retry_after_instead_of_stampeding,
 );
+
+async fn after_an_outage_new_callers_wait_out_the_retry_after_instead_of_stampeding(b: Backend) {
+    let w = World::new(b, "retry-after").await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    w.provider.set(|b| {
+        b.raw = Some(
+            b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 120\r\ncontent-length: 0\r\n\r\n"
+                .to_vec(),
+        )
+    });
+    let e = w.keeper.ensure_fresh("acme", "alice").await.unwrap_err();
+    assert!(
+        matches!(e, tokenkeep_host::Error::ProviderUnavailable(_)),
+        "{e}"
+    );
+    let calls = w.provider.calls();
+    // The provider is back, but asked not to be asked for two minutes: the
+    // callers of two runtimes get the recorded outage and send nothing.
+    w.provider.set(|b| b.raw = None);
+    let other = w.another_keeper().await;
+    let callers: Vec<_> = (0..20)
+        .map(|i| {
+            let keeper = if i % 2 == 0 {
+                w.keeper.clone()
+            } else {
+                other.clone()
+            };
+            tokio::spawn(async move { keeper.ensure_fresh("acme", "alice").await })
+        })
+        .collect();
+    for caller in callers {
+        let e = caller.await.unwrap().unwrap_err();
+        assert!(
+            matches!(e, tokenkeep_host::Error::ProviderUnavailable(_)),
+            "{e}"
+        );
+    }
+    assert_eq!(w.provider.calls(), calls, "no stampede");
+    let listed = w.keeper.list_tokens().await.unwrap();
+    let until = listed[0].health.retry_not_before.unwrap();
+    assert!((119..=121).contains(&(until - w.now())), "{until}");
+}
 
 /// Stores alice's token valid for `expires_in` seconds more, obtained an
 /// hour earlier: inside its refresh window, but valid.

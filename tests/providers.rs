@@ -416,9 +416,10 @@ async fn an_unusable_answer_that_rotated_keeps_the_new_refresh_token() {
         "rt-rotated"
     );
     assert_eq!(row.generation, 2);
-    // The next refresh spends the kept token, and works.
+    // The next refresh, after the backoff, spends the kept token, and works.
     p.set(|b| b.canned = None);
     p.reset_chain("rt-rotated");
+    w.backoff_over().await;
     let got = w.keeper.ensure_fresh("odd", "u").await.unwrap();
     assert_ne!(got.access_token.expose_secret(), "at-old");
     assert_eq!(p.reuses(), 0);

@@ -684,7 +684,9 @@ async fn provider_faults_and_other_failure_paths_give_typed_errors_keep_tokens_a
             assert_eq!(row.generation, 1, "{}: the token is untouched", fault.name);
             assert_eq!(rotated, refresh);
         }
-        // Not disabled: once the provider behaves, the same token refreshes.
+        // Not disabled: once the provider behaves (and the backoff is
+        // over), the same token refreshes.
+        w.backoff_over().await;
         let again = w.keeper.ensure_fresh("faulty", &user).await;
         assert!(again.is_ok(), "{}: {again:?}", fault.name);
     }

@@ -341,6 +341,29 @@ async fn a_narrowed_scope_is_reported_and_the_rotated_chain_kept(b: Backend) {
         stored.health.last_failure,
         Some(tokenkeep_core::error::ErrorClass::ScopeMismatch)
     );
+    // The narrowed token is fresh, but served to no one: not to a second
+    // caller, not to another runtime, and the listing says why.
+    for keeper in [w.keeper.clone(), w.another_keeper().await] {
+        let e = keeper.ensure_fresh("acme", "alice").await.unwrap_err();
+        assert_eq!(e, Error::ScopeMismatch(vec!["read:user".into()]));
+    }
+    let listed = w.keeper.list_tokens().await.unwrap();
+    assert_eq!(listed[0].state, tokenkeep_host::TokenState::ScopeNarrowed);
+    assert_eq!(listed[0].baseline_scopes, ["repo", "read:user"]);
+    assert_eq!(w.provider.calls(), 1);
+    // A new authorisation with the scopes it has now is a new baseline.
+    w.keeper
+        .store_tokens(
+            "acme",
+            "alice",
+            &tokenkeep_host::TokenSet {
+                scopes: vec!["repo".into()],
+                ..common::token_set("at-new", Some("rt-new"), Some(w.now() + 3600))
+            },
+        )
+        .await
+        .unwrap();
+    assert!(w.keeper.ensure_fresh("acme", "alice").await.is_ok());
 }
 
 async fn keys_rotate_online_and_an_interrupted_rotation_finishes_on_rerun(b: Backend) {

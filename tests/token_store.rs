@@ -196,8 +196,15 @@ async fn a_provider_outage_is_transient_and_keeps_the_token(b: Backend) {
     let r = w.keeper.ensure_fresh("acme", "bob").await.unwrap();
     assert_eq!(r.access_token.expose_secret(), "at-bob");
 
-    // The provider comes back: the kept refresh token still works.
+    // Meanwhile no caller asks the provider again ...
+    let calls = w.provider.calls();
+    let e = w.keeper.ensure_fresh("acme", "alice").await.unwrap_err();
+    assert!(matches!(e, Error::ProviderUnavailable(_)), "{e:?}");
+    assert_eq!(w.provider.calls(), calls, "callers wait out the backoff");
+    // ... until the backoff is over; the provider is back, and the kept
+    // refresh token still works.
     w.provider.set(|b| b.canned = None);
+    w.backoff_over().await;
     let r = w.keeper.ensure_fresh("acme", "alice").await.unwrap();
     assert_ne!(r.access_token.expose_secret(), "at-old");
     assert_eq!(w.stored("alice").await.health.failed_attempts, 0);
@@ -315,9 +322,11 @@ async fn the_cli_reports_each_failure_class_with_its_exit_code(b: Backend) {
     w.provider
         .set(|b| b.canned = Some((502, "text/plain".into(), "bad gateway".into())));
     assert_eq!(code(&["tokens", "get", "acme", "alice"]), 5);
+    w.backoff_over().await;
     w.provider
         .set(|b| b.canned = Some((200, "application/json".into(), "{\"token\":1}".into())));
     assert_eq!(code(&["tokens", "get", "acme", "alice"]), 11);
+    w.backoff_over().await;
     w.provider.set(|b| {
         b.canned = Some((
             401,

@@ -440,6 +440,7 @@ fn print_list(list: &[TokenSummary], json: bool, now: i64, header: bool) {
                 "refresh_token_expires_at": s.refresh_token_expires_at,
                 "has_refresh_token": s.has_refresh_token,
                 "scopes": s.scopes,
+                "baseline_scopes": s.baseline_scopes,
                 "obtained_at": s.obtained_at,
                 "generation": s.generation,
                 "key_id": s.key_id,
@@ -447,6 +448,7 @@ fn print_list(list: &[TokenSummary], json: bool, now: i64, header: bool) {
                 "last_failure": s.health.last_failure.map(error_class_name),
                 "last_failure_at": s.health.last_failure_at,
                 "last_success_at": s.health.last_success_at,
+                "retry_not_before": s.health.retry_not_before,
             });
             let _ = writeln!(out, "{v}");
         } else {
@@ -486,6 +488,7 @@ fn state_name(s: TokenState) -> &'static str {
         TokenState::RefreshDue => "refresh-due",
         TokenState::RefreshTokenExpiring => "refresh-token-expiring",
         TokenState::ReauthorizationRequired => "reauthorization-required",
+        TokenState::ScopeNarrowed => "scope-narrowed",
     }
 }
 

@@ -210,6 +210,7 @@ impl Host for Imports {
             .map(|a| HttpAnswer {
                 status: a.status,
                 content_type: a.content_type,
+                retry_after: a.retry_after,
                 body: a.body.into(),
             })
             .map_err(|e| match e {
@@ -309,6 +310,7 @@ impl Guest for Component {
                 access_token_expires_at: s.row.access_token_expires_at,
                 refresh_token_expires_at: s.row.refresh_token_expires_at,
                 scopes: s.row.scopes,
+                baseline_scopes: s.row.baseline_scopes,
                 obtained_at: s.row.obtained_at,
                 generation: s.row.generation,
                 key_id: s.row.key_id,
@@ -483,6 +485,7 @@ fn row_from_wit(r: storage::SealedRow) -> SealedRow {
         access_token_expires_at: r.access_token_expires_at,
         refresh_token_expires_at: r.refresh_token_expires_at,
         scopes: r.scopes,
+        baseline_scopes: r.baseline_scopes,
         obtained_at: r.obtained_at,
         generation: r.generation,
         health: health_from_wit(r.health),
@@ -499,6 +502,7 @@ fn row_to_wit(r: &SealedRow) -> storage::SealedRow {
         access_token_expires_at: r.access_token_expires_at,
         refresh_token_expires_at: r.refresh_token_expires_at,
         scopes: r.scopes.clone(),
+        baseline_scopes: r.baseline_scopes.clone(),
         obtained_at: r.obtained_at,
         generation: r.generation,
         health: health_to_wit(&r.health),
@@ -512,6 +516,7 @@ fn health_from_wit(h: wit::TokenHealth) -> model::Health {
         last_failure: h.last_failure.map(class_from_wit),
         last_success_at: h.last_success_at,
         refresh_started_at: h.refresh_started_at,
+        retry_not_before: h.retry_not_before,
     }
 }
 
@@ -522,6 +527,7 @@ fn health_to_wit(h: &model::Health) -> wit::TokenHealth {
         last_failure: h.last_failure.map(class_to_wit),
         last_success_at: h.last_success_at,
         refresh_started_at: h.refresh_started_at,
+        retry_not_before: h.retry_not_before,
     }
 }
 
@@ -572,6 +578,7 @@ fn state_to_wit(s: TokenState) -> wit::TokenState {
         TokenState::RefreshDue => wit::TokenState::RefreshDue,
         TokenState::RefreshTokenExpiring => wit::TokenState::RefreshTokenExpiring,
         TokenState::ReauthorizationRequired => wit::TokenState::ReauthorizationRequired,
+        TokenState::ScopeNarrowed => wit::TokenState::ScopeNarrowed,
     }
 }
 

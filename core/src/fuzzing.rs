@@ -90,6 +90,7 @@ fn valid_row() -> SealedRow {
         access_token_expires_at: Some(1),
         refresh_token_expires_at: None,
         scopes: vec![],
+        baseline_scopes: vec![],
         obtained_at: 0,
         generation: 1,
         health: Health::default(),

@@ -22,6 +22,9 @@ pub struct Health {
     pub last_failure: Option<ErrorClass>,
     pub last_success_at: Option<i64>,
     pub refresh_started_at: Option<i64>,
+    /// After a failure, no refresh is tried before this time (the
+    /// provider's `Retry-After`, or a backoff that grows with the failures).
+    pub retry_not_before: Option<i64>,
 }
 
 /// A decrypted token with its metadata (WIT `token-record`).
@@ -83,6 +86,9 @@ pub struct SealedRow {
     pub access_token_expires_at: Option<i64>,
     pub refresh_token_expires_at: Option<i64>,
     pub scopes: Vec<String>,
+    /// The scopes the token was authorised with: a refresh that returns
+    /// fewer narrows the token, which is then never served as a success.
+    pub baseline_scopes: Vec<String>,
     pub obtained_at: i64,
     pub generation: u64,
     pub health: Health,
@@ -96,6 +102,15 @@ pub struct RowKey {
 }
 
 impl SealedRow {
+    /// Scopes of the baseline the stored token lacks.
+    pub fn missing_scopes(&self) -> Vec<String> {
+        self.baseline_scopes
+            .iter()
+            .filter(|s| !self.scopes.contains(s))
+            .cloned()
+            .collect()
+    }
+
     /// This row's key.
     pub fn key(&self) -> RowKey {
         RowKey {
@@ -167,6 +182,8 @@ pub enum RequestError {
 pub struct HttpAnswer {
     pub status: u16,
     pub content_type: Option<String>,
+    /// The `Retry-After` header, in seconds, when the answer had one.
+    pub retry_after: Option<u32>,
     /// May hold tokens: never logged or quoted.
     pub body: SecretSlice<u8>,
 }

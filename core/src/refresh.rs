@@ -176,6 +176,15 @@ impl<H: Host> Keeper<H> {
         if !due(&row, now, threshold) {
             return self.grant(&row);
         }
+        // After a failure the provider is left alone until the row says so
+        // (its Retry-After, or a backoff): no stampede when it comes back.
+        if let Some(backing_off) = backing_off(&row, now) {
+            return if still_valid(&row, now) {
+                self.grant(&row)
+            } else {
+                Err(backing_off)
+            };
+        }
         let seen = row.health.clone();
 
         // 2. Lock the row and look again: another runtime may have refreshed it
@@ -210,6 +219,14 @@ impl<H: Host> Keeper<H> {
         // the skew is served: the failure is on the row for operators, and
         // the caller gets an explicit error only once the token is no good.
         let still_valid = |at_time: i64| still_valid(&row, at_time);
+        if let Some(backing_off) = backing_off(&row, now) {
+            txn.commit()?;
+            return if still_valid(now) {
+                self.grant(&row)
+            } else {
+                Err(backing_off)
+            };
+        }
         // Single flight for failures too: a definitive refusal stands until a
         // new authorisation is stored, and a failure another runtime recorded
         // while we waited for the lock is its answer for us as well.
@@ -247,21 +264,18 @@ impl<H: Host> Keeper<H> {
         // 3. Refresh, or say why not.
         match self.refresh_locked(&config, &current, &txn) {
             Ok((tokens, sent_at)) => {
-                // Scopes the provider silently dropped. The new tokens are kept
-                // all the same: a rotating provider has already spent the old
-                // refresh token, so dropping the answer would kill the chain.
-                let missing: Vec<String> = current
-                    .tokens
-                    .scopes
-                    .iter()
-                    .filter(|s| !tokens.scopes.contains(s))
-                    .cloned()
-                    .collect();
                 let now = self.host.now();
                 // Obtained when the successful request was sent: its
                 // lifetime counts from there, and so does the refresh window.
                 let mut next = self.seal_row(provider, user_id, &tokens, sent_at)?;
                 next.generation = row.generation + 1;
+                // Scopes the provider silently dropped, against what the
+                // user authorised. The new tokens are kept all the same: a
+                // rotating provider has already spent the old refresh token,
+                // so dropping the answer would kill the chain. The row keeps
+                // its baseline, so the narrowed token is served to no one.
+                next.baseline_scopes = row.baseline_scopes.clone();
+                let missing = next.missing_scopes();
                 next.health = Health {
                     last_success_at: Some(now),
                     ..Default::default()
@@ -288,7 +302,7 @@ impl<H: Host> Keeper<H> {
                     generation: next.generation,
                 })
             }
-            Err((err, salvaged)) => {
+            Err((err, salvaged, retry_after)) => {
                 let now = self.host.now();
                 let err = match (err, interrupted) {
                     (RefreshError::ReauthorizationRequired(m), Some(at))
@@ -315,12 +329,18 @@ impl<H: Host> Keeper<H> {
                     };
                     failed = self.seal_row(provider, user_id, &kept, row.obtained_at)?;
                     failed.generation = row.generation + 1;
+                    failed.baseline_scopes = row.baseline_scopes.clone();
                     failed.health = row.health.clone();
                 }
                 failed.health.refresh_started_at = None;
                 failed.health.failed_attempts = failed.health.failed_attempts.saturating_add(1);
                 failed.health.last_failure_at = Some(now);
                 failed.health.last_failure = Some(err.class());
+                // A refusal stands on its own; anything else waits out the
+                // provider's Retry-After or a backoff before the next try.
+                failed.health.retry_not_before =
+                    (!matches!(err, RefreshError::ReauthorizationRequired(_)))
+                        .then(|| now + backoff_seconds(failed.health.failed_attempts, retry_after));
                 // Bookkeeping only (unless a rotated token was salvaged): the
                 // tokens and the generation stay as they were.
                 let salvaging = failed.generation != row.generation;
@@ -390,19 +410,22 @@ impl<H: Host> Keeper<H> {
         config: &ProviderConfig,
         current: &TokenRecord,
         locked: &H::Txn,
-    ) -> Result<(TokenSet, i64), (RefreshError, Option<SecretString>)> {
+    ) -> Result<(TokenSet, i64), (RefreshError, Option<SecretString>, Option<u32>)> {
         let started = self.host.monotonic_ms();
         let mut attempt = 1;
+        // The longest Retry-After any attempt was given.
+        let mut come_back = None;
         loop {
             match self.exchange(config, &current.tokens, locked) {
                 Ok(tokens) => return Ok(tokens),
                 Err(failed) => {
+                    come_back = come_back.max(failed.retry_after);
                     match self.retry_after(config, failed.repeatable, attempt, started) {
                         Some(wait) => {
                             self.host.sleep_ms(wait);
                             attempt += 1;
                         }
-                        None => return Err((failed.error, failed.salvaged)),
+                        None => return Err((failed.error, failed.salvaged, come_back)),
                     }
                 }
             }
@@ -430,6 +453,7 @@ impl<H: Host> Keeper<H> {
                 RequestError::AnswerUnusable(m) => RefreshError::InvalidProviderResponse(m),
             },
             salvaged: None,
+            retry_after: None,
         })?;
         let (status, content_type) = (answer.status, answer.content_type.as_deref());
         let body = answer.body.expose_secret();
@@ -453,6 +477,7 @@ impl<H: Host> Keeper<H> {
                             .as_ref()
                             .is_none_or(|spent| new.expose_secret() != spent.expose_secret())
                     }),
+                retry_after: answer.retry_after,
                 error,
             })
     }
@@ -515,6 +540,7 @@ impl<H: Host> Keeper<H> {
             has_refresh_token: record.tokens.refresh_token.is_some(),
             reauthorization_recorded: record.health.last_failure
                 == Some(ErrorClass::ReauthorizationRequired),
+            narrowed: false,
         };
         validity::token_state(&t, self.host.now(), threshold)
     }
@@ -552,6 +578,7 @@ impl<H: Host> Keeper<H> {
             access_token_expires_at: tokens.access_token_expires_at,
             refresh_token_expires_at: tokens.refresh_token_expires_at,
             scopes: tokens.scopes.clone(),
+            baseline_scopes: tokens.scopes.clone(),
             obtained_at,
             generation: 0,
             health: Default::default(),
@@ -592,7 +619,13 @@ impl<H: Host> Keeper<H> {
     }
 
     /// The row's access grant: only the access token is opened.
+    /// The row's access token for a caller, unless it was narrowed below
+    /// the scopes the user authorised: that is never a success.
     fn grant(&self, row: &SealedRow) -> Result<AccessGrant, RefreshError> {
+        let missing = row.missing_scopes();
+        if !missing.is_empty() {
+            return Err(RefreshError::ScopeMismatch(missing));
+        }
         Ok(AccessGrant {
             provider: row.provider.clone(),
             user_id: row.user_id.clone(),
@@ -612,6 +645,8 @@ struct Failed {
     repeatable: bool,
     /// A rotated refresh token from an otherwise unusable answer.
     salvaged: Option<SecretString>,
+    /// The answer's `Retry-After`, in seconds.
+    retry_after: Option<u32>,
 }
 
 /// The error a waiter reports for a failure another runtime recorded.
@@ -630,6 +665,32 @@ fn recorded_failure(class: ErrorClass) -> RefreshError {
         class,
         format!("{what} (recorded by the last refresh attempt)"),
     )
+}
+
+/// Longest wait after failures, and the most of a `Retry-After` honoured.
+const MAX_BACKOFF_SECONDS: i64 = 300;
+
+/// Seconds to leave the provider alone after `failures` failures in a row:
+/// 5, 10, 20, … up to five minutes, or the provider's `Retry-After` if longer
+/// (within the same bound).
+fn backoff_seconds(failures: u32, retry_after: Option<u32>) -> i64 {
+    let grown = 5_i64.saturating_mul(1 << failures.saturating_sub(1).min(16));
+    grown
+        .max(retry_after.map_or(0, i64::from))
+        .min(MAX_BACKOFF_SECONDS)
+}
+
+/// The error to report while the row says to leave the provider alone.
+fn backing_off(row: &SealedRow, now: i64) -> Option<RefreshError> {
+    let until = row.health.retry_not_before.filter(|t| now < *t)?;
+    let class = row.health.last_failure?;
+    Some(RefreshError::of_class(
+        class,
+        format!(
+            "the last refresh failed ({}); the next try is not before {until}",
+            class.name()
+        ),
+    ))
 }
 
 /// Whether the row's access token is valid beyond the clock skew at `now`.
@@ -653,6 +714,7 @@ fn timing(row: &SealedRow) -> Timing {
         has_refresh_token: row.refresh_token.is_some(),
         reauthorization_recorded: row.health.last_failure
             == Some(ErrorClass::ReauthorizationRequired),
+        narrowed: !row.missing_scopes().is_empty(),
     }
 }
 

@@ -271,6 +271,7 @@ fn stored_row(
         access_token_expires_at: Some(expires_at),
         refresh_token_expires_at: None,
         scopes: vec!["repo".into()],
+        baseline_scopes: vec!["repo".into()],
         obtained_at,
         generation,
         health: Health::default(),
@@ -281,6 +282,7 @@ fn answer(status: u16, body: &str) -> Result<HttpAnswer, RequestError> {
     Ok(HttpAnswer {
         status,
         content_type: Some("application/json".into()),
+        retry_after: None,
         body: body.as_bytes().to_vec().into(),
     })
 }
@@ -523,7 +525,9 @@ fn salvage_an_unusable_answer_that_rotated_keeps_the_new_refresh_token() {
         r.health.last_failure,
         Some(ErrorClass::InvalidProviderResponse)
     );
-    // The next refresh spends the salvaged token.
+    // The next refresh, after the backoff, spends the salvaged token.
+    assert_eq!(r.health.retry_not_before, Some(T0 + 5));
+    fake.0.borrow_mut().now = T0 + 5;
     fake.0
         .borrow_mut()
         .answers
@@ -595,5 +599,76 @@ fn a_definitive_refusal_serves_a_still_valid_token_and_records_the_failure() {
     fake.0.borrow_mut().now = T0 + 300 - 59;
     let e = keeper.ensure_fresh("acme", "alice").unwrap_err();
     assert_eq!(e.class(), ErrorClass::ReauthorizationRequired);
+    assert_eq!(fake.0.borrow().requests.len(), 1);
+}
+
+#[test]
+fn after_a_failure_callers_leave_the_provider_alone_until_the_backoff_ends() {
+    let (keeper, fake) = world(-10);
+    fake.0
+        .borrow_mut()
+        .answers
+        .push_back(answer(503, r#"{"error":"temporarily_unavailable"}"#));
+    fake.0.borrow_mut().answers.push_back(Ok(HttpAnswer {
+        status: 503,
+        content_type: None,
+        retry_after: Some(120),
+        body: Vec::new().into(),
+    }));
+    fake.0.borrow_mut().answers.push_back(answer(503, ""));
+    let e = keeper.ensure_fresh("acme", "alice").unwrap_err();
+    assert_eq!(e.class(), ErrorClass::ProviderUnavailable);
+    let requests = fake.0.borrow().requests.len();
+    // The provider said when to come back: new callers do not ask before.
+    assert_eq!(row(&fake).health.retry_not_before, Some(T0 + 120));
+    for at in [T0 + 1, T0 + 60, T0 + 119] {
+        fake.0.borrow_mut().now = at;
+        let e = keeper.ensure_fresh("acme", "alice").unwrap_err();
+        assert_eq!(e.class(), ErrorClass::ProviderUnavailable);
+    }
+    assert_eq!(fake.0.borrow().requests.len(), requests, "no stampede");
+    fake.0.borrow_mut().now = T0 + 120;
+    fake.0
+        .borrow_mut()
+        .answers
+        .push_back(granted("at-2", "rt-2"));
+    let grant = keeper.ensure_fresh("acme", "alice").unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-2");
+    assert_eq!(row(&fake).health.retry_not_before, None);
+}
+
+#[test]
+fn the_backoff_grows_with_the_failures_and_is_bounded() {
+    assert_eq!(
+        [1, 2, 3, 4, 10, 40].map(|n| backoff_seconds(n, None)),
+        [5, 10, 20, 40, 300, 300]
+    );
+    assert_eq!(backoff_seconds(1, Some(60)), 60);
+    assert_eq!(
+        backoff_seconds(1, Some(86_400)),
+        300,
+        "a Retry-After is bounded"
+    );
+}
+
+#[test]
+fn a_token_narrowed_below_what_the_user_authorised_is_served_to_no_one() {
+    let (keeper, fake) = world(-10);
+    fake.0.borrow_mut().answers.push_back(answer(
+        200,
+        r#"{"access_token":"at-narrow","refresh_token":"rt-2","expires_in":3600,"scope":"read"}"#,
+    ));
+    let e = keeper.ensure_fresh("acme", "alice").unwrap_err();
+    assert_eq!(e, RefreshError::ScopeMismatch(vec!["repo".into()]));
+    // The narrowed token is fresh, but no later caller gets it either.
+    for _ in 0..2 {
+        let e = keeper.ensure_fresh("acme", "alice").unwrap_err();
+        assert_eq!(e, RefreshError::ScopeMismatch(vec!["repo".into()]));
+    }
+    let r = row(&fake);
+    assert_eq!(
+        (r.scopes, r.baseline_scopes),
+        (vec!["read".to_string()], vec!["repo".to_string()])
+    );
     assert_eq!(fake.0.borrow().requests.len(), 1);
 }

@@ -58,6 +58,7 @@ pub enum TokenState {
     RefreshDue,
     RefreshTokenExpiring,
     ReauthorizationRequired,
+    ScopeNarrowed,
 }
 
 /// The timestamps and flags that decide a token's state.
@@ -69,6 +70,8 @@ pub struct Timing {
     pub has_refresh_token: bool,
     /// The last refresh failed definitively (e.g. `invalid_grant`).
     pub reauthorization_recorded: bool,
+    /// The token's scopes fall short of what the user authorised.
+    pub narrowed: bool,
 }
 
 /// Classifies a token for listings.
@@ -78,6 +81,9 @@ pub fn token_state(t: &Timing, now: i64, threshold: u32) -> TokenState {
     let due = needs_refresh(t.obtained_at, t.access_expires_at, now, threshold);
     if t.reauthorization_recorded || (!access_valid && !refreshable) {
         return TokenState::ReauthorizationRequired;
+    }
+    if t.narrowed {
+        return TokenState::ScopeNarrowed;
     }
     if due && refreshable {
         return TokenState::RefreshDue;
@@ -169,6 +175,7 @@ mod tests {
             refresh_expires_at: None,
             has_refresh_token: true,
             reauthorization_recorded: false,
+            narrowed: false,
         };
         assert_eq!(token_state(&t, NOW, 300), TokenState::Fresh);
         assert_eq!(token_state(&t, NOW + 3400, 300), TokenState::RefreshDue);
@@ -188,8 +195,20 @@ mod tests {
             token_state(&dead, NOW + 3600, 300),
             TokenState::ReauthorizationRequired
         );
+        assert_eq!(
+            token_state(
+                &Timing {
+                    narrowed: true,
+                    ..t
+                },
+                NOW,
+                300
+            ),
+            TokenState::ScopeNarrowed
+        );
         let revoked = Timing {
             reauthorization_recorded: true,
+            narrowed: false,
             ..t
         };
         assert_eq!(

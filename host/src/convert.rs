@@ -61,6 +61,7 @@ pub fn health_to_wit(h: &Health) -> wit::TokenHealth {
         last_failure: h.last_failure.map(class_to_wit),
         last_success_at: h.last_success_at,
         refresh_started_at: h.refresh_started_at,
+        retry_not_before: h.retry_not_before,
     }
 }
 
@@ -71,6 +72,7 @@ pub fn health_from_wit(h: &wit::TokenHealth) -> Health {
         last_failure: h.last_failure.map(class_from_wit),
         last_success_at: h.last_success_at,
         refresh_started_at: h.refresh_started_at,
+        retry_not_before: h.retry_not_before,
     }
 }
 
@@ -85,6 +87,7 @@ pub fn row_to_wit(r: SealedRow) -> wit_storage::SealedRow {
         access_token_expires_at: r.access_token_expires_at,
         refresh_token_expires_at: r.refresh_token_expires_at,
         scopes: r.scopes,
+        baseline_scopes: r.baseline_scopes,
         obtained_at: r.obtained_at,
         generation: r.generation,
     }
@@ -101,6 +104,7 @@ pub fn row_from_wit(r: wit_storage::SealedRow) -> SealedRow {
         access_token_expires_at: r.access_token_expires_at,
         refresh_token_expires_at: r.refresh_token_expires_at,
         scopes: r.scopes,
+        baseline_scopes: r.baseline_scopes,
         obtained_at: r.obtained_at,
         generation: r.generation,
     }

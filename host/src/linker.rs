@@ -108,6 +108,9 @@ pub struct KeeperCtx {
     /// Scopes each row held or was given in this call: what a grant of it
     /// may list.
     scopes: Vec<(RowKey, Vec<String>)>,
+    /// The baselines (scopes authorised) of the rows this call saw: what a
+    /// scope mismatch may name.
+    baselines: Vec<(RowKey, Vec<String>)>,
 }
 
 impl KeeperCtx {
@@ -120,6 +123,7 @@ impl KeeperCtx {
             live: None,
             requests: Vec::new(),
             scopes: Vec::new(),
+            baselines: Vec::new(),
         }
     }
 
@@ -158,6 +162,7 @@ impl KeeperCtx {
         scopes.iter().all(|scope| {
             self.scopes
                 .iter()
+                .chain(&self.baselines)
                 .any(|(k, s)| provider.is_none_or(|p| k.provider == p) && s.contains(scope))
         })
     }
@@ -174,7 +179,14 @@ impl KeeperCtx {
             .iter()
             .any(|(k, s)| *k == key && *s == row.scopes)
         {
-            self.scopes.push((key, row.scopes.clone()));
+            self.scopes.push((key.clone(), row.scopes.clone()));
+        }
+        if !self
+            .baselines
+            .iter()
+            .any(|(k, s)| *k == key && *s == row.baseline_scopes)
+        {
+            self.baselines.push((key, row.baseline_scopes.clone()));
         }
     }
 
@@ -592,11 +604,13 @@ impl storage::HostTransaction for KeeperCtxView<'_> {
     }
 }
 
-/// A write under the lock either keeps the tokens and the generation
-/// (bookkeeping: the failure count, the class) or, once this call asked the
-/// provider for the row, is the next generation.
+/// A write under the lock keeps the row's baseline scopes and either keeps
+/// the tokens and the generation (bookkeeping: the failure count, the class)
+/// or, once this call asked the provider for the row, is the next generation.
 fn honest_successor(locked: &SealedRow, row: &SealedRow, expected: u64, requested: bool) -> bool {
-    if expected != locked.generation {
+    // The baseline is what the user authorised: only a new authorisation
+    // (a store, outside any lock) changes it.
+    if expected != locked.generation || row.baseline_scopes != locked.baseline_scopes {
         return false;
     }
     if row.generation == locked.generation + 1 {
@@ -782,6 +796,7 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
             .map(|a| token_endpoint::ProviderAnswer {
                 status: a.status,
                 content_type: a.content_type,
+                retry_after: a.retry_after,
                 body: a.body.expose_secret().to_vec(),
             })
             .map_err(|e| match e {

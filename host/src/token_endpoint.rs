@@ -154,6 +154,13 @@ async fn post(
         let _ = Box::pin(io).await;
     }));
     let status = response.status().as_u16();
+    // Delta-seconds only; an HTTP-date is rare at token endpoints and is
+    // left to the backoff.
+    let retry_after = response
+        .headers()
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u32>().ok());
     let content_type = response
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -190,6 +197,7 @@ async fn post(
     Ok(HttpAnswer {
         status,
         content_type,
+        retry_after,
         body: buf.into(),
     })
 }

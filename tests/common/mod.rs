@@ -175,6 +175,16 @@ impl World {
             .unwrap();
     }
 
+    /// Time passes until every row's backoff after a failure is over (the
+    /// provider may be asked again at once).
+    pub async fn backoff_over(&self) {
+        raw_sql(
+            &self.database_url,
+            "UPDATE tokenkeep_tokens SET retry_not_before = NULL",
+        )
+        .await;
+    }
+
     /// The stored (decrypted) acme record of `user`, which must exist.
     pub async fn stored(&self, user: &str) -> tokenkeep_host::TokenRecord {
         self.keeper

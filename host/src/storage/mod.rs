@@ -328,7 +328,7 @@ impl Transaction {
 
 const COLUMNS: &str = "provider, user_id, key_id, access_token, refresh_token, access_token_expires_at, \
      refresh_token_expires_at, scopes, obtained_at, generation, failed_attempts, last_failure_at, \
-     last_failure, last_success_at, refresh_started_at";
+     last_failure, last_success_at, refresh_started_at, baseline_scopes, retry_not_before";
 
 fn to_i64(v: u64) -> Result<i64, StorageError> {
     i64::try_from(v).map_err(|_| StorageError::Unavailable("generation out of range".into()))
@@ -350,6 +350,14 @@ macro_rules! rows {
 
         fn decode(r: &<Db as sqlx::Database>::Row) -> Result<SealedRow, sqlx::Error> {
             let scopes: String = r.try_get("scopes")?;
+            let scopes: Vec<String> =
+                serde_json::from_str(&scopes).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            // Rows from before baselines were kept: what they hold is the baseline.
+            let baseline: Option<String> = r.try_get("baseline_scopes")?;
+            let baseline_scopes = match baseline {
+                Some(b) => serde_json::from_str(&b).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                None => scopes.clone(),
+            };
             let last_failure: Option<String> = r.try_get("last_failure")?;
             Ok(SealedRow {
                 provider: r.try_get("provider")?,
@@ -359,7 +367,8 @@ macro_rules! rows {
                 refresh_token: r.try_get("refresh_token")?,
                 access_token_expires_at: r.try_get("access_token_expires_at")?,
                 refresh_token_expires_at: r.try_get("refresh_token_expires_at")?,
-                scopes: serde_json::from_str(&scopes).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                scopes,
+                baseline_scopes,
                 obtained_at: r.try_get("obtained_at")?,
                 generation: r.try_get::<i64, _>("generation")? as u64,
                 health: Health {
@@ -368,12 +377,17 @@ macro_rules! rows {
                     last_failure: last_failure.as_deref().and_then(ErrorClass::from_name),
                     last_success_at: r.try_get("last_success_at")?,
                     refresh_started_at: r.try_get("refresh_started_at")?,
+                    retry_not_before: r.try_get("retry_not_before")?,
                 },
             })
         }
 
         fn scopes_json(row: &SealedRow) -> String {
             serde_json::to_string(&row.scopes).unwrap_or_else(|_| "[]".into())
+        }
+
+        fn baseline_json(row: &SealedRow) -> String {
+            serde_json::to_string(&row.baseline_scopes).unwrap_or_else(|_| "[]".into())
         }
 
         /// The row, if any, and the database's time if the backend tells it.
@@ -562,6 +576,8 @@ macro_rules! rows {
                 .bind(row.health.last_failure.map(ErrorClass::name))
                 .bind(row.health.last_success_at)
                 .bind(row.health.refresh_started_at)
+                .bind(baseline_json(row))
+                .bind(row.health.retry_not_before)
                 .bind(now)
         }
 
@@ -574,7 +590,7 @@ macro_rules! rows {
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
                  COALESCE((SELECT generation + 1 FROM tokenkeep_tombstones \
                  WHERE provider = $1 AND user_id = $2), 1), \
-                 $10, $11, $12, $13, $14, $15) \
+                 $10, $11, $12, $13, $14, $15, $16, $17) \
                  ON CONFLICT (provider, user_id) {on_conflict}"
             )
         }
@@ -590,7 +606,9 @@ macro_rules! rows {
                  generation = tokenkeep_tokens.generation + 1, \
                  failed_attempts = excluded.failed_attempts, last_failure_at = excluded.last_failure_at, \
                  last_failure = excluded.last_failure, last_success_at = excluded.last_success_at, \
-                 refresh_started_at = excluded.refresh_started_at, updated_at = excluded.updated_at \
+                 refresh_started_at = excluded.refresh_started_at, \
+                 baseline_scopes = excluded.baseline_scopes, \
+                 retry_not_before = excluded.retry_not_before, updated_at = excluded.updated_at \
                  RETURNING generation",
             );
             let generation: i64 = insert_row(&sql, row, now)
@@ -618,8 +636,9 @@ macro_rules! rows {
                 "UPDATE tokenkeep_tokens SET key_id = $1, access_token = $2, refresh_token = $3, \
                  access_token_expires_at = $4, refresh_token_expires_at = $5, scopes = $6, \
                  obtained_at = $7, generation = $8, failed_attempts = $9, last_failure_at = $10, \
-                 last_failure = $11, last_success_at = $12, refresh_started_at = $13, updated_at = $14 \
-                 WHERE provider = $15 AND user_id = $16 AND generation = $17",
+                 last_failure = $11, last_success_at = $12, refresh_started_at = $13, \
+                 baseline_scopes = $14, retry_not_before = $15, updated_at = $16 \
+                 WHERE provider = $17 AND user_id = $18 AND generation = $19",
             )
             .bind(&row.key_id)
             .bind(&row.access_token)
@@ -634,6 +653,8 @@ macro_rules! rows {
             .bind(row.health.last_failure.map(ErrorClass::name))
             .bind(row.health.last_success_at)
             .bind(row.health.refresh_started_at)
+            .bind(baseline_json(row))
+            .bind(row.health.retry_not_before)
             .bind(now)
             .bind(&row.provider)
             .bind(&row.user_id)

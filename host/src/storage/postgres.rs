@@ -101,6 +101,18 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "CREATE TRIGGER tokenkeep_tombstone AFTER DELETE ON tokenkeep_tokens
         FOR EACH ROW EXECUTE FUNCTION tokenkeep_tombstone()",
     ),
+    (
+        8,
+        // The scopes the user authorised (null: those the row holds), and
+        // when the provider may be asked again after a failure.
+        "ALTER TABLE tokenkeep_tokens ADD COLUMN baseline_scopes TEXT, \
+         ADD COLUMN retry_not_before BIGINT",
+    ),
+    (
+        9,
+        "ALTER TABLE tokenkeep_rescues ADD COLUMN baseline_scopes TEXT, \
+         ADD COLUMN retry_not_before BIGINT",
+    ),
 ];
 
 /// How long one statement inside a locked transaction may go unanswered
@@ -118,6 +130,7 @@ const APPLY_RESCUE_SQL: &str = "WITH r AS (DELETE FROM tokenkeep_rescues \
      obtained_at = r.obtained_at, generation = r.generation, failed_attempts = r.failed_attempts, \
      last_failure_at = r.last_failure_at, last_failure = r.last_failure, \
      last_success_at = r.last_success_at, refresh_started_at = r.refresh_started_at, \
+     baseline_scopes = r.baseline_scopes, retry_not_before = r.retry_not_before, \
      updated_at = r.updated_at \
      FROM r WHERE t.provider = r.provider AND t.user_id = r.user_id AND t.generation = r.replaces";
 
@@ -125,8 +138,9 @@ const APPLY_RESCUE_SQL: &str = "WITH r AS (DELETE FROM tokenkeep_rescues \
 const RESCUE_SQL: &str = "INSERT INTO tokenkeep_rescues (provider, user_id, key_id, \
      access_token, refresh_token, access_token_expires_at, refresh_token_expires_at, scopes, \
      obtained_at, generation, failed_attempts, last_failure_at, last_failure, last_success_at, \
-     refresh_started_at, updated_at, replaces) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+     refresh_started_at, baseline_scopes, retry_not_before, updated_at, replaces) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+     $19) \
      ON CONFLICT (provider, user_id) DO UPDATE SET key_id = excluded.key_id, \
      access_token = excluded.access_token, refresh_token = excluded.refresh_token, \
      access_token_expires_at = excluded.access_token_expires_at, \
@@ -134,8 +148,9 @@ const RESCUE_SQL: &str = "INSERT INTO tokenkeep_rescues (provider, user_id, key_
      obtained_at = excluded.obtained_at, generation = excluded.generation, \
      failed_attempts = excluded.failed_attempts, last_failure_at = excluded.last_failure_at, \
      last_failure = excluded.last_failure, last_success_at = excluded.last_success_at, \
-     refresh_started_at = excluded.refresh_started_at, updated_at = excluded.updated_at, \
-     replaces = excluded.replaces";
+     refresh_started_at = excluded.refresh_started_at, \
+     baseline_scopes = excluded.baseline_scopes, retry_not_before = excluded.retry_not_before, \
+     updated_at = excluded.updated_at, replaces = excluded.replaces";
 
 /// How long opening the store waits for the database to answer at all.
 const FIRST_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -171,7 +186,8 @@ macro_rules! db_now {
 const READ_SQL: &str = concat!(
     "SELECT t.provider, t.user_id, t.key_id, t.access_token, t.refresh_token, \
      t.access_token_expires_at, t.refresh_token_expires_at, t.scopes, t.obtained_at, t.generation, \
-     t.failed_attempts, t.last_failure_at, t.last_failure, t.last_success_at, t.refresh_started_at, ",
+     t.failed_attempts, t.last_failure_at, t.last_failure, t.last_success_at, t.refresh_started_at, \
+     t.baseline_scopes, t.retry_not_before, ",
     db_now!(),
     " AS db_now FROM (SELECT 1) AS one \
      LEFT JOIN tokenkeep_tokens AS t ON t.provider = $1 AND t.user_id = $2"
@@ -192,7 +208,7 @@ macro_rules! lock_sql {
             ") SELECT t.provider, t.user_id, t.key_id, t.access_token, t.refresh_token, \
              t.access_token_expires_at, t.refresh_token_expires_at, t.scopes, t.obtained_at, \
              t.generation, t.failed_attempts, t.last_failure_at, t.last_failure, \
-             t.last_success_at, t.refresh_started_at, ",
+             t.last_success_at, t.refresh_started_at, t.baseline_scopes, t.retry_not_before, ",
             db_now!(),
             " AS db_now FROM (SELECT 1) AS one LEFT JOIN t ON true"
         )
@@ -676,6 +692,8 @@ impl PgTransaction {
                 )
                 .bind(row.health.last_success_at)
                 .bind(row.health.refresh_started_at)
+                .bind(serde_json::to_string(&row.baseline_scopes).unwrap_or_else(|_| "[]".into()))
+                .bind(row.health.retry_not_before)
                 .bind(now)
                 .bind(to_i64(expected)?)
                 .execute(&mut alone),

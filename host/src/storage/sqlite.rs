@@ -67,6 +67,16 @@ const MIGRATIONS: &[(i64, &str)] = &[
         SET generation = max(generation, excluded.generation);
     END",
     ),
+    (
+        5,
+        // The scopes the user authorised (null: those the row holds).
+        "ALTER TABLE tokenkeep_tokens ADD COLUMN baseline_scopes TEXT",
+    ),
+    (
+        6,
+        // When the provider may be asked again after a failure.
+        "ALTER TABLE tokenkeep_tokens ADD COLUMN retry_not_before INTEGER",
+    ),
 ];
 
 /// A pool over one SQLite file.
@@ -91,6 +101,7 @@ pub struct SqliteStore {
 const READ_SQL: &str = "SELECT t.provider, t.user_id, t.key_id, t.access_token, t.refresh_token, \
      t.access_token_expires_at, t.refresh_token_expires_at, t.scopes, t.obtained_at, t.generation, \
      t.failed_attempts, t.last_failure_at, t.last_failure, t.last_success_at, t.refresh_started_at, \
+     t.baseline_scopes, t.retry_not_before, \
      NULL AS db_now FROM (SELECT 1) AS one \
      LEFT JOIN tokenkeep_tokens AS t ON t.provider = $1 AND t.user_id = $2";
 const LOCK_SQL: &str = READ_SQL;

@@ -97,6 +97,7 @@ mod rogue {
             access_token_expires_at: None,
             refresh_token_expires_at: None,
             scopes: Vec::new(),
+            baseline_scopes: Vec::new(),
             obtained_at: 0,
             generation: 99,
             health: TokenHealth {
@@ -105,6 +106,7 @@ mod rogue {
                 last_failure: None,
                 last_success_at: None,
                 refresh_started_at: None,
+                retry_not_before: None,
             },
         }
     }
