@@ -302,7 +302,12 @@ impl<H: Host> Keeper<H> {
                     generation: next.generation,
                 })
             }
-            Err((err, salvaged, retry_after)) => {
+            Err(Failed {
+                error: err,
+                salvaged,
+                retry_after,
+                ..
+            }) => {
                 let now = self.host.now();
                 let err = match (err, interrupted) {
                     (RefreshError::ReauthorizationRequired(m), Some(at))
@@ -410,7 +415,7 @@ impl<H: Host> Keeper<H> {
         config: &ProviderConfig,
         current: &TokenRecord,
         locked: &H::Txn,
-    ) -> Result<(TokenSet, i64), (RefreshError, Option<SecretString>, Option<u32>)> {
+    ) -> Result<(TokenSet, i64), Failed> {
         let started = self.host.monotonic_ms();
         let mut attempt = 1;
         // The longest Retry-After any attempt was given.
@@ -418,14 +423,17 @@ impl<H: Host> Keeper<H> {
         loop {
             match self.exchange(config, &current.tokens, locked) {
                 Ok(tokens) => return Ok(tokens),
-                Err(failed) => {
+                Err(mut failed) => {
                     come_back = come_back.max(failed.retry_after);
                     match self.retry_after(config, failed.repeatable, attempt, started) {
                         Some(wait) => {
                             self.host.sleep_ms(wait);
                             attempt += 1;
                         }
-                        None => return Err((failed.error, failed.salvaged, come_back)),
+                        None => {
+                            failed.retry_after = come_back;
+                            return Err(failed);
+                        }
                     }
                 }
             }
