@@ -443,3 +443,79 @@ async fn a_bare_400_is_a_refusal_that_stands() {
         tokenkeep_host::TokenState::ReauthorizationRequired
     );
 }
+
+/// A provider behind a private CA and a corporate proxy: an untrusted
+/// certificate is a configuration error with nothing sent; with the CA
+/// bundle configured the refresh works, through `HTTPS_PROXY` unless
+/// `NO_PROXY` exempts the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_behind_a_private_ca_and_a_proxy_is_reached_as_configured() {
+    use tokenkeep_testkit::devprovider::DevProvider;
+    use tokenkeep_testkit::proxy::ConnectProxy;
+    use tokenkeep_testkit::tls::TestCa;
+    let ca = TestCa::new();
+    let private = DevProvider::start_tls(Behaviour::default(), "rt-a", ca.server.clone())
+        .await
+        .unwrap();
+    private.add_chain("rt-b");
+    private.add_chain("rt-c");
+    let mut w = World::new(Backend::Sqlite, "private-ca").await;
+    let bundle = w.scratch.0.join("company-ca.pem");
+    std::fs::write(&bundle, &ca.ca_pem).unwrap();
+    let url = private.token_url();
+    w.add_config(&format!(
+        "\n[providers.untrusted]\ntoken_url = \"{url}\"\nclient_id = \"dev-client\"\n\
+         client_secret = \"dev-secret\"\n\
+         \n[providers.private]\ntoken_url = \"{url}\"\nclient_id = \"dev-client\"\n\
+         client_secret = \"dev-secret\"\nca_bundle = \"{}\"\n",
+        bundle.display()
+    ))
+    .await;
+    let expired = |refresh: &str| common::token_set("at-old", Some(refresh), Some(w.now() - 10));
+    for (provider, user, refresh) in [
+        ("untrusted", "alice", "rt-a"),
+        ("private", "bob", "rt-b"),
+        ("private", "carol", "rt-c"),
+    ] {
+        w.keeper
+            .store_tokens(provider, user, &expired(refresh))
+            .await
+            .unwrap();
+    }
+    let proxy = ConnectProxy::start().await.unwrap();
+    let get = |provider: &str, user: &str, env: &[(&str, &str)]| {
+        let mut cmd = w.cli();
+        cmd.args(["tokens", "get", provider, user])
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+
+    let (code, stderr) = get("untrusted", "alice", &[]);
+    assert_eq!(code, Some(14), "{stderr}");
+    assert!(stderr.contains("ca_bundle"), "says what to do: {stderr}");
+    assert_eq!(private.arrived(), 0, "nothing was sent");
+
+    let (code, stderr) = get("private", "bob", &[("HTTPS_PROXY", &proxy.url())]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(proxy.tunnels(), 1, "through the proxy");
+
+    let exempt = [
+        ("HTTPS_PROXY", proxy.url()),
+        ("NO_PROXY", "localhost,127.0.0.1".into()),
+    ];
+    let exempt: Vec<(&str, &str)> = exempt.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (code, stderr) = get("private", "carol", &exempt);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(proxy.tunnels(), 1, "NO_PROXY: straight to the provider");
+    assert_eq!(private.calls(), 2);
+}

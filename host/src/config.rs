@@ -46,6 +46,8 @@ pub struct Provider {
     /// refreshes are refused until it is.
     pub client_secret_missing: Option<String>,
     pub client_auth: ClientAuth,
+    /// TLS for the token URL: the web roots, or only `ca_bundle`'s CAs.
+    pub tls: std::sync::Arc<rustls::ClientConfig>,
     pub extra_params: Vec<(String, String)>,
     pub refresh_threshold_seconds: u32,
     pub timeout_ms: u32,
@@ -123,6 +125,8 @@ struct RawProvider {
     client_secret: Option<String>,
     client_secret_env: Option<String>,
     client_auth: Option<ClientAuth>,
+    /// PEM certificates to trust instead of the web roots (a private CA).
+    ca_bundle: Option<std::path::PathBuf>,
     #[serde(default)]
     extra_params: BTreeMap<String, String>,
     refresh_threshold_seconds: Option<u32>,
@@ -337,6 +341,8 @@ impl Provider {
             client_secret,
             client_secret_missing,
             client_auth,
+            tls: crate::outbound::client_tls(p.ca_bundle.as_deref())
+                .map_err(|e| Error::Config(format!("provider {name}: {e}")))?,
             extra_params,
             rotates_refresh_tokens: resolved.rotates_refresh_tokens,
             reuse_leeway_seconds: p

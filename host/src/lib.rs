@@ -16,6 +16,7 @@ pub mod error;
 pub mod keeper;
 pub mod keyring;
 pub mod linker;
+mod outbound;
 pub mod sandbox;
 mod sealing;
 pub mod storage;

@@ -7,6 +7,7 @@
 //! refuse: nothing the component addresses itself leaves the host.
 
 use crate::config::{ClientAuth, Provider};
+use crate::outbound::ConnectError;
 use crate::sandbox::Shared;
 use base64::Engine as _;
 use bytes::Bytes;
@@ -94,18 +95,27 @@ async fn post(
         .map_err(|_| RequestError::Denied("the configured token URL is not a valid URI".into()))?;
     // HTTP/1.1 requires Host (host and port, never user info); hyper's
     // client connection does not add it.
-    let host = match (uri.host(), uri.port_u16()) {
-        (Some(host), Some(port)) => format!("{host}:{port}"),
-        (Some(host), None) => host.to_string(),
-        (None, _) => {
-            return Err(RequestError::Denied(
-                "the configured token URL has no host".into(),
-            ));
-        }
+    let (Some(host_name), Some(scheme)) = (uri.host(), uri.scheme_str()) else {
+        return Err(RequestError::Denied(
+            "the configured token URL has no host".into(),
+        ));
     };
+    let host = match uri.port_u16() {
+        Some(port) => format!("{host_name}:{port}"),
+        None => host_name.to_string(),
+    };
+    let port = uri
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    let target = host_name
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    // Origin-form on the wire: the path and query only.
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     let mut request = http::Request::builder()
         .method(http::Method::POST)
-        .uri(uri)
+        .uri(path)
         .header(http::header::HOST, host)
         .header(
             http::header::CONTENT_TYPE,
@@ -113,46 +123,57 @@ async fn post(
         )
         .header(http::header::ACCEPT, "application/json")
         .header(http::header::CONTENT_LENGTH, form.len())
-        .body(Full::new(Bytes::from(form)).map_err(|never| match never {}))
+        .body(Full::new(Bytes::from(form)))
         .map_err(|_| RequestError::Denied("the configured token URL is not a valid URI".into()))?;
     request.headers_mut().extend(headers);
 
     let total = Duration::from_millis(u64::from(provider.timeout_ms));
     let deadline = tokio::time::Instant::now() + total;
+    let started = std::time::Instant::now();
     // Connecting gets half the budget, so that a connection that never came
     // up ends as "not sent" (safe to repeat) before the whole deadline, which
     // means "sent, no answer".
-    let options = RequestOptions {
-        connect_timeout: Some(total / 2),
-        first_byte_timeout: Some(total),
-        between_bytes_timeout: Some(total),
+    let connecting = async {
+        let stream = crate::outbound::connect(scheme, &target, port, &provider.tls).await?;
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+            wasmtime_wasi_http::io::TokioIo::new(stream),
+        )
+        .await
+        .map_err(|e| ConnectError::Unreachable(format!("handshake: {e}")))
     };
-    let started = std::time::Instant::now();
-    let (response, io) = match tokio::time::timeout_at(
-        deadline,
-        wasmtime_wasi_http::default_send_request(request, Some(options)),
-    )
-    .await
-    {
-        Ok(Ok(sent)) => sent,
+    let (mut sender, connection) = match tokio::time::timeout(total / 2, connecting).await {
+        Ok(Ok(connected)) => connected,
+        Ok(Err(ConnectError::Misconfigured(why))) => {
+            tracing::warn!(provider = %provider.name, "token request not sent: {why}");
+            return Err(RequestError::Misconfigured(why));
+        }
+        Ok(Err(ConnectError::Unreachable(why))) => {
+            tracing::info!(provider = %provider.name, "token request failed: {why}");
+            return Err(RequestError::NotSent(format!(
+                "the provider could not be reached: {why}"
+            )));
+        }
+        Err(_) => {
+            tracing::info!(provider = %provider.name, timeout_ms = provider.timeout_ms, "token request: connect timed out");
+            return Err(RequestError::NotSent("connect timed out".into()));
+        }
+    };
+    // The connection's own task: it moves the bytes while we read, and ends
+    // with this call however the call ends (a cancelled caller too).
+    let _connection = AbortOnDrop(tokio::spawn(async move {
+        let _ = connection.await;
+    }));
+    let response = match tokio::time::timeout_at(deadline, sender.send_request(request)).await {
+        Ok(Ok(response)) => response,
         Ok(Err(e)) => {
-            tracing::info!(provider = %provider.name, error = ?e, "token request failed");
-            return Err(if never_connected(&e) {
-                RequestError::NotSent("the provider could not be reached".into())
-            } else {
-                RequestError::NoAnswer(format!("no answer: {}", short(&e)))
-            });
+            tracing::info!(provider = %provider.name, error = %e, "token request failed");
+            return Err(RequestError::NoAnswer(format!("no answer: {}", short(&e))));
         }
         Err(_) => {
             tracing::info!(provider = %provider.name, timeout_ms = provider.timeout_ms, "token request timed out");
             return Err(RequestError::NoAnswer("timed out".into()));
         }
     };
-    // The connection's own task: it moves the body while we read it, and
-    // ends with this call however the call ends (a cancelled caller too).
-    let _connection = AbortOnDrop(tokio::spawn(async move {
-        let _ = Box::pin(io).await;
-    }));
     let status = response.status().as_u16();
     // Delta-seconds only; an HTTP-date is rare at token endpoints and is
     // left to the backoff.
@@ -211,32 +232,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Failures before a request can have reached the provider.
-fn never_connected(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::Connect(_)
-            | Error::Tls(_)
-            | Error::InvalidDnsNameError(_)
-            | Error::DnsTimeout
-            | Error::DnsError { .. }
-            | Error::DestinationNotFound
-            | Error::DestinationUnavailable
-            | Error::DestinationIpProhibited
-            | Error::DestinationIpUnroutable
-            | Error::ConnectionRefused
-            | Error::ConnectionTimeout
-            | Error::ConnectionLimitReached
-            | Error::TlsProtocolError
-            | Error::TlsCertificateError
-            | Error::TlsAlertReceived { .. }
-            | Error::HttpRequestUriInvalid
-    )
-}
-
 /// An error's kind, short, for messages (never a body).
-fn short(e: &Error) -> String {
-    let mut name = format!("{e:?}");
+fn short(e: &hyper::Error) -> String {
+    let mut name = e.to_string();
     name.truncate(80);
     name
 }

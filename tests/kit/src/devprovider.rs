@@ -96,11 +96,29 @@ pub struct DevProvider {
     held: Arc<tokio::sync::watch::Sender<bool>>,
     /// Woken whenever a request arrives or is processed.
     changed: Arc<tokio::sync::Notify>,
+    scheme: &'static str,
 }
 
 impl DevProvider {
     /// Starts listening on 127.0.0.1 on a free port, with `first_refresh_token` valid.
     pub async fn start(behaviour: Behaviour, first_refresh_token: &str) -> std::io::Result<Self> {
+        Self::start_with(behaviour, first_refresh_token, None).await
+    }
+
+    /// Like [`DevProvider::start`], over TLS with `server`'s certificate.
+    pub async fn start_tls(
+        behaviour: Behaviour,
+        first_refresh_token: &str,
+        server: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<Self> {
+        Self::start_with(behaviour, first_refresh_token, Some(server)).await
+    }
+
+    async fn start_with(
+        behaviour: Behaviour,
+        first_refresh_token: &str,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let inner = Arc::new(Mutex::new(Inner {
@@ -111,12 +129,21 @@ impl DevProvider {
         let changed = Arc::new(tokio::sync::Notify::new());
         let state = inner.clone();
         let (gate, events) = (held.clone(), changed.clone());
+        let acceptor = tls.clone().map(tokio_rustls::TlsAcceptor::from);
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
                 let state = state.clone();
                 let (gate, events) = (gate.subscribe(), events.clone());
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let _ = serve(socket, state, gate, events).await;
+                    let _ = match acceptor {
+                        None => serve(socket, addr, hung_up, state, gate, events).await,
+                        Some(acceptor) => match acceptor.accept(socket).await {
+                            // A client that refused our certificate never gets here.
+                            Ok(tls) => serve(tls, addr, |_| false, state, gate, events).await,
+                            Err(_) => Ok(()),
+                        },
+                    };
                 });
             }
         });
@@ -125,6 +152,7 @@ impl DevProvider {
             inner,
             held,
             changed,
+            scheme: if tls.is_some() { "https" } else { "http" },
         };
         provider.reset_chain(first_refresh_token);
         Ok(provider)
@@ -132,12 +160,12 @@ impl DevProvider {
 
     /// `http://127.0.0.1:PORT`: the endpoint answers on any path.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// The URL of the token endpoint.
     pub fn token_url(&self) -> String {
-        format!("http://{}/token", self.addr)
+        format!("{}/token", self.base_url())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -247,8 +275,10 @@ impl DevProvider {
     }
 }
 
-async fn serve(
-    mut socket: tokio::net::TcpStream,
+async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut socket: S,
+    local: SocketAddr,
+    hung_up: fn(&S) -> bool,
     state: Arc<Mutex<Inner>>,
     mut held: tokio::sync::watch::Receiver<bool>,
     events: Arc<tokio::sync::Notify>,
@@ -284,7 +314,7 @@ async fn serve(
         }
     }
     // Like every real front end: HTTP/1.1 without the right Host is a 400.
-    if host != socket.local_addr().ok().map(|a| a.to_string()) {
+    if host.as_deref() != Some(local.to_string().as_str()) {
         let reply = "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
         socket.write_all(reply.as_bytes()).await?;
         return socket.shutdown().await;
@@ -335,8 +365,8 @@ async fn serve(
 
 /// Writes `bytes` at once, or the head at once and then the body a byte
 /// at a time `trickle` apart.
-async fn write_out(
-    socket: &mut tokio::net::TcpStream,
+async fn write_out<S: tokio::io::AsyncWrite + Unpin>(
+    socket: &mut S,
     bytes: &[u8],
     trickle: Duration,
 ) -> std::io::Result<()> {

@@ -7,6 +7,7 @@ pub mod devprovider;
 pub mod oauth_server;
 pub mod pg;
 pub mod proxy;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -103,3 +103,77 @@ async fn forward(
     holes.push(client);
     holes.push(server);
 }
+
+/// An HTTP proxy that opens `CONNECT` tunnels, as corporate egress proxies
+/// do, and counts them.
+pub struct ConnectProxy {
+    addr: SocketAddr,
+    tunnels: Arc<std::sync::atomic::AtomicU64>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl ConnectProxy {
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let tunnels = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = tunnels.clone();
+        let accepting = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let _ = tunnel(client, counted).await;
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            tunnels,
+            accepting,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`, for `HTTPS_PROXY`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Tunnels opened so far.
+    pub fn tunnels(&self) -> u64 {
+        self.tunnels.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for ConnectProxy {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
+}
+
+async fn tunnel(
+    mut client: TcpStream,
+    tunnels: Arc<std::sync::atomic::AtomicU64>,
+) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+        head.push(client.read_u8().await?);
+    }
+    let text = String::from_utf8_lossy(&head).to_string();
+    let mut words = text.split_whitespace();
+    let (Some("CONNECT"), Some(target)) = (words.next(), words.next()) else {
+        return client
+            .write_all(b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n")
+            .await;
+    };
+    let Ok(mut server) = TcpStream::connect(target).await else {
+        return client
+            .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
+            .await;
+    };
+    tunnels.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    client
+        .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        .await?;
+    tokio::io::copy_bidirectional(&mut client, &mut server).await?;
+    Ok(())
+}
