@@ -162,21 +162,30 @@ async fn run(cli: Cli) -> Result<Finished, Error> {
         return crate::demo::run(*runtimes).await.map(|()| Finished::Done);
     }
     // Before anything is in flight: from here on, SIGTERM and SIGINT wait
-    // for refreshes to commit (a provider may already have rotated the token).
+    // for refreshes to commit (a provider may already have rotated the
+    // token); before the keeper is open (a connect, a migration waiting for
+    // another process), and on a second signal, they stop at once.
     let mut signals = Signals::new()?;
-    let keeper = open(&cli).await?;
+    let opened: std::sync::OnceLock<Arc<Keeper>> = std::sync::OnceLock::new();
     let work = async {
+        let keeper = open(&cli).await?;
+        let keeper = opened.get_or_init(|| keeper);
         match &cli.command {
             Command::Demo { .. } => Ok(()),
-            Command::Tokens(cmd) => tokens(&keeper, cmd).await,
-            Command::Keys(cmd) => keys(&keeper, cmd).await,
-            Command::Conversations(cmd) => conversations(&keeper, cmd).await,
+            Command::Tokens(cmd) => tokens(keeper, cmd).await,
+            Command::Keys(cmd) => keys(keeper, cmd).await,
+            Command::Conversations(cmd) => conversations(keeper, cmd).await,
         }
     };
     tokio::select! {
         done = work => done.map(|()| Finished::Done),
         signal = signals.next() => {
-            keeper.shutdown().await;
+            if let Some(keeper) = opened.get() {
+                tokio::select! {
+                    () = keeper.shutdown() => {}
+                    _ = signals.next() => {}
+                }
+            }
             Ok(Finished::Interrupted(signal))
         }
     }

@@ -135,7 +135,7 @@ impl<H: Host> Keeper<H> {
                 provider: e.provider.clone(),
                 error,
             };
-            let grant = self.ensure_fresh(&e.provider, &e.user_id).map_err(named)?;
+            let (grant, _) = self.fresh(&e.provider, &e.user_id).map_err(named)?;
             require_scopes(&e.scopes, &grant.scopes).map_err(named)?;
             if grant.generation != e.generation {
                 self.note_generation(
@@ -195,7 +195,9 @@ impl<H: Host> Keeper<H> {
         if self.host().read(&t.provider, user_id)?.row.is_none() {
             self.seed(t, user_id)?;
         }
-        let grant = self.ensure_fresh(&t.provider, user_id)?;
+        // What this conversation relies on decides, not the whole
+        // authorisation: a scope it never used may have been narrowed away.
+        let (grant, _) = self.fresh(&t.provider, user_id)?;
         require_scopes(&t.scopes, &grant.scopes)?;
         let generation = grant.generation;
         Ok((token_from_grant(grant), Some(generation)))

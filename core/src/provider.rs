@@ -130,9 +130,12 @@ pub fn judge_answer(
     content_type: Option<&str>,
     body: &[u8],
 ) -> Result<TokenResponse, RefreshError> {
+    // An HTML page is a front end's (a WAF challenge, a proxy's error), not
+    // the token endpoint's verdict on the token.
+    let html = content_type.is_some_and(|ct| ct.to_ascii_lowercase().starts_with("text/html"));
     parse_token_response(status, content_type, body, &config.error_codes).map_err(|e| match e {
         RefreshError::InvalidProviderResponse(_)
-            if config.bare_4xx_is_refusal && BARE_REFUSAL_STATUSES.contains(&status) =>
+            if config.bare_4xx_is_refusal && !html && BARE_REFUSAL_STATUSES.contains(&status) =>
         {
             RefreshError::ReauthorizationRequired(format!(
                 "provider answered status {status} without an OAuth error: taken as a refusal"
@@ -618,14 +621,22 @@ mod tests {
         for (status, body) in [
             (400, b"".as_slice()),
             (400, b"Bad Request".as_slice()),
-            (403, b"<html>forbidden</html>".as_slice()),
+            (403, b"forbidden".as_slice()),
             (400, br#"{"message":"nope"}"#.as_slice()),
         ] {
             let e = judge_answer(&config, status, None, body).unwrap_err();
             assert_eq!(e.class(), ErrorClass::ReauthorizationRequired, "{status}");
         }
-        // A wrong URL is not the token's fault.
+        // A wrong URL is not the token's fault, nor is a front end's page.
         let e = judge_answer(&config, 404, None, b"").unwrap_err();
+        assert_eq!(e.class(), ErrorClass::InvalidProviderResponse);
+        let e = judge_answer(
+            &config,
+            403,
+            Some("text/html; charset=utf-8"),
+            b"<h1>blocked</h1>",
+        )
+        .unwrap_err();
         assert_eq!(e.class(), ErrorClass::InvalidProviderResponse);
         config.bare_4xx_is_refusal = false;
         let e = judge_answer(&config, 400, None, b"").unwrap_err();

@@ -166,6 +166,17 @@ impl<H: Host> Keeper<H> {
     /// refresh window, refreshed under the row lock when needed. Opens only
     /// the access token unless it refreshes.
     pub fn ensure_fresh(&self, provider: &str, user_id: &str) -> Result<AccessGrant, RefreshError> {
+        let (grant, missing) = self.fresh(provider, user_id)?;
+        if !missing.is_empty() {
+            return Err(RefreshError::ScopeMismatch(missing));
+        }
+        Ok(grant)
+    }
+
+    /// [`Keeper::ensure_fresh`]'s work: the grant, and the scopes of the
+    /// user's authorisation it lacks (a narrowed token), for the caller to
+    /// judge against what it needs (all of them, or a conversation's own).
+    pub(crate) fn fresh(&self, provider: &str, user_id: &str) -> Result<Fresh, RefreshError> {
         let config = self.config(provider)?;
         check_user_id(user_id)?;
         let threshold = config.refresh_threshold_seconds;
@@ -175,6 +186,14 @@ impl<H: Host> Keeper<H> {
         let row = row.ok_or(RefreshError::NotFound)?;
         if !due(&row, now, threshold) {
             return self.grant(&row);
+        }
+        // A refusal stands until a new authorisation: no lock needed to say so.
+        if row.health.last_failure == Some(ErrorClass::ReauthorizationRequired) {
+            return if still_valid(&row, now) {
+                self.grant(&row)
+            } else {
+                Err(recorded_failure(ErrorClass::ReauthorizationRequired))
+            };
         }
         // After a failure the provider is left alone until the row says so
         // (its Retry-After, or a backoff): no stampede when it comes back.
@@ -289,10 +308,7 @@ impl<H: Host> Keeper<H> {
                     return Err(RefreshError::Storage("row changed while locked".into()));
                 }
                 txn.commit()?;
-                if !missing.is_empty() {
-                    return Err(RefreshError::ScopeMismatch(missing));
-                }
-                Ok(AccessGrant {
+                let grant = AccessGrant {
                     provider: provider.into(),
                     user_id: user_id.into(),
                     access_token: tokens.access_token,
@@ -300,7 +316,8 @@ impl<H: Host> Keeper<H> {
                     scopes: tokens.scopes,
                     obtained_at: sent_at,
                     generation: next.generation,
-                })
+                };
+                Ok((grant, missing))
             }
             Err(Failed {
                 error: err,
@@ -309,6 +326,22 @@ impl<H: Host> Keeper<H> {
                 ..
             }) => {
                 let now = self.host.now();
+                // Nothing reached the provider, for reasons of this host's
+                // own (its configuration, its refusal): nothing to record on
+                // the row that every runtime shares.
+                if salvaged.is_none()
+                    && matches!(
+                        err,
+                        RefreshError::Configuration(_) | RefreshError::EgressDenied(_)
+                    )
+                {
+                    drop(txn);
+                    return if still_valid(now) {
+                        self.grant(&row)
+                    } else {
+                        Err(err)
+                    };
+                }
                 let err = match (err, interrupted) {
                     (RefreshError::ReauthorizationRequired(m), Some(at))
                         if m.starts_with("provider answered") =>
@@ -393,7 +426,7 @@ impl<H: Host> Keeper<H> {
         user_id: &str,
         spent_generation: u64,
         threshold: u32,
-    ) -> Result<Option<AccessGrant>, RefreshError> {
+    ) -> Result<Option<Fresh>, RefreshError> {
         let txn = self.host.begin()?;
         let RowRead { row, now } = txn.load_for_update(provider, user_id)?;
         txn.commit()?;
@@ -626,15 +659,10 @@ impl<H: Host> Keeper<H> {
         })
     }
 
-    /// The row's access grant: only the access token is opened.
-    /// The row's access token for a caller, unless it was narrowed below
-    /// the scopes the user authorised: that is never a success.
-    fn grant(&self, row: &SealedRow) -> Result<AccessGrant, RefreshError> {
-        let missing = row.missing_scopes();
-        if !missing.is_empty() {
-            return Err(RefreshError::ScopeMismatch(missing));
-        }
-        Ok(AccessGrant {
+    /// The row's access grant (only the access token is opened), and the
+    /// scopes of the user's authorisation the token lacks.
+    fn grant(&self, row: &SealedRow) -> Result<Fresh, RefreshError> {
+        let grant = AccessGrant {
             provider: row.provider.clone(),
             user_id: row.user_id.clone(),
             access_token: self.open_field(row, Field::AccessToken, &row.access_token)?,
@@ -642,9 +670,13 @@ impl<H: Host> Keeper<H> {
             scopes: row.scopes.clone(),
             obtained_at: row.obtained_at,
             generation: row.generation,
-        })
+        };
+        Ok((grant, row.missing_scopes()))
     }
 }
+
+/// A grant and the scopes of the user's authorisation its token lacks.
+pub(crate) type Fresh = (AccessGrant, Vec<String>);
 
 /// A failed exchange with the token endpoint.
 struct Failed {
@@ -690,7 +722,12 @@ fn backoff_seconds(failures: u32, retry_after: Option<u32>) -> i64 {
 
 /// The error to report while the row says to leave the provider alone.
 fn backing_off(row: &SealedRow, now: i64) -> Option<RefreshError> {
-    let until = row.health.retry_not_before.filter(|t| now < *t)?;
+    // Never longer than the longest backoff from now: a row written with
+    // a far-off time (a clock gone wrong, a bad writer) blocks nothing.
+    let until = row
+        .health
+        .retry_not_before
+        .filter(|t| now < *t && *t <= now + MAX_BACKOFF_SECONDS)?;
     let class = row.health.last_failure?;
     Some(RefreshError::of_class(
         class,

@@ -367,19 +367,19 @@ impl Keeper {
             })
             .await?;
         let page = r.map_err(|e| refresh_error(&ctx, e, "", ""))?;
-        // In order, after the cursor, and no more than asked for.
-        let mut previous = after;
-        for s in &page {
-            let key = RowKey {
-                provider: s.provider.clone(),
-                user_id: s.user_id.clone(),
-            };
-            if previous.as_ref().is_some_and(|p| *p >= key) {
-                return Err(not_the_rows());
-            }
-            previous = Some(key);
-        }
-        if page.len() > limit as usize {
+        // No more than asked for, none twice, and not the cursor again. (The
+        // order is the database's collation, which Rust's byte order need
+        // not match.)
+        let mut seen = std::collections::HashSet::new();
+        if page.len() > limit as usize
+            || !page.iter().all(|s| {
+                let key = (s.provider.as_str(), s.user_id.as_str());
+                let cursor = after
+                    .as_ref()
+                    .map(|a| (a.provider.as_str(), a.user_id.as_str()));
+                Some(key) != cursor && seen.insert(key)
+            })
+        {
             return Err(not_the_rows());
         }
         Ok(page)

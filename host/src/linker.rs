@@ -172,6 +172,18 @@ impl KeeperCtx {
         matches!(&self.scope, Scope::Rows { rows, .. } if rows.iter().any(|k| k.provider == provider))
     }
 
+    /// A row written outside a lock is a new authorisation: its baseline
+    /// is the scopes it holds, and nothing holds refreshes back.
+    fn check_new_authorisation(&mut self, row: &SealedRow) -> wasmtime::Result<()> {
+        if row.baseline_scopes != row.scopes || row.health.retry_not_before.is_some() {
+            return Err(self.refuse(
+                "a stored row whose baseline or backoff is not a new authorisation's",
+                &(&row.provider, &row.user_id),
+            ));
+        }
+        Ok(())
+    }
+
     fn saw_row(&mut self, row: &SealedRow) {
         let key = row.key();
         if !self
@@ -318,6 +330,10 @@ pub fn add_to_linker<T: KeeperView + 'static>(linker: &mut Linker<T>) -> wasmtim
 
 type Res<T, E> = wasmtime::Result<Result<T, E>>;
 
+/// The furthest ahead a write may put a row's next refresh: the longest
+/// backoff (five minutes) and a little clock slack.
+const LONGEST_BACKOFF_SECONDS: i64 = 300 + 60;
+
 fn storage_error(e: crate::storage::StorageError) -> storage::StorageError {
     match e {
         crate::storage::StorageError::LockTimeout => storage::StorageError::LockTimeout,
@@ -381,6 +397,7 @@ impl storage::Host for KeeperCtxView<'_> {
     async fn upsert(&mut self, row: storage::SealedRow) -> Res<u64, storage::StorageError> {
         self.ctx.check_write(&row.provider, &row.user_id)?;
         let row = convert::row_from_wit(row);
+        self.ctx.check_new_authorisation(&row)?;
         Ok(self
             .ctx
             .shared
@@ -393,6 +410,7 @@ impl storage::Host for KeeperCtxView<'_> {
     async fn insert(&mut self, row: storage::SealedRow) -> Res<bool, storage::StorageError> {
         self.ctx.check_write(&row.provider, &row.user_id)?;
         let row = convert::row_from_wit(row);
+        self.ctx.check_new_authorisation(&row)?;
         Ok(self
             .ctx
             .shared
@@ -563,7 +581,13 @@ impl storage::HostTransaction for KeeperCtxView<'_> {
         };
         let row = convert::row_from_wit(row);
         let requested = self.ctx.requests.iter().any(|(k, ..)| *k == row.key());
-        if !honest_successor(locked, &row, expected_generation, requested) {
+        let now = self.ctx.shared.store.now();
+        if !honest_successor(locked, &row, expected_generation, requested)
+            || row
+                .health
+                .retry_not_before
+                .is_some_and(|t| t > now + LONGEST_BACKOFF_SECONDS)
+        {
             return Err(self.ctx.refuse(
                 "a write that does not follow the locked row's generation",
                 &(&row.provider, &row.user_id, row.generation),
@@ -775,8 +799,12 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
         };
         self.ctx.keep(refresh_token.clone())?;
         let shared = self.ctx.shared.clone();
+        let Some(txn) = self.table.get_mut(&locked)?.txn.as_mut() else {
+            return Err(self.ctx.refuse("a refresh without a locked row", &()));
+        };
         let outcome =
-            crate::token_endpoint::request_refresh(&shared, &provider, &row, &refresh_token).await;
+            crate::token_endpoint::request_refresh(&shared, &provider, &row, txn, &refresh_token)
+                .await;
         if let Ok(a) = &outcome
             && let Some(granted) =
                 salvage_refresh_token(a.status, a.content_type.as_deref(), a.body.expose_secret())

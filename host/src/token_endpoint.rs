@@ -57,12 +57,13 @@ impl WasiHttpHooks for DenyAllHttp {
     }
 }
 
-/// Sends the refresh of `locked`, the row a transaction holds locked, whose
-/// refresh token the caller opened.
+/// Sends the refresh of `locked`, the row `txn` holds locked, whose refresh
+/// token the caller opened.
 pub async fn request_refresh(
     shared: &Shared,
     provider: &Provider,
     locked: &SealedRow,
+    txn: &mut crate::storage::Transaction,
     refresh_token: &SecretString,
 ) -> Result<HttpAnswer, RequestError> {
     // Durably, before the request leaves: if this runtime dies before its
@@ -74,6 +75,12 @@ pub async fn request_refresh(
         .map_err(|e| {
             RequestError::NotSent(format!("the refresh start could not be recorded: {e}"))
         })?;
+    // Last, and right before the token is spent: the lock is still ours.
+    // A database that ended our session (it looked abandoned) has let
+    // another runtime take the row, which may be spending the same token.
+    txn.still_held().await.map_err(|e| {
+        RequestError::NotSent(format!("the row lock was lost before the request: {e}"))
+    })?;
     post(provider, refresh_token).await
 }
 

@@ -44,6 +44,11 @@ impl From<StorageError> for crate::Error {
 /// the database has a clock of its own.
 pub type BackendRead = (Option<SealedRow>, Option<i64>);
 
+/// How long a caller who need not wait (its token is still valid) waits
+/// for a transaction connection: long enough to open one, not to queue
+/// behind lock waiters that hold them all.
+pub(crate) const TRY_ACQUIRE: Duration = Duration::from_secs(1);
+
 /// A future a backend returns: boxed, so backends sit behind `dyn Backend`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -130,6 +135,10 @@ pub trait BackendTransaction: Send {
         expected: u64,
         now: i64,
     ) -> BoxFuture<'a, Result<bool, StorageError>>;
+    /// Checks, just before a request that spends the row's refresh token,
+    /// that the lock is still held (the database may have ended a session it
+    /// thought abandoned); also resets the database's idle clock.
+    fn still_held(&mut self) -> BoxFuture<'_, Result<(), StorageError>>;
     fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), StorageError>>;
 }
 
@@ -319,6 +328,11 @@ impl Transaction {
     ) -> Result<bool, StorageError> {
         let now = self.clock.now();
         self.inner.compare_and_set(row, expected, now).await
+    }
+
+    /// See [`BackendTransaction::still_held`].
+    pub async fn still_held(&mut self) -> Result<(), StorageError> {
+        self.inner.still_held().await
     }
 
     pub async fn commit(self) -> Result<(), StorageError> {

@@ -171,8 +171,9 @@ pub struct PgStore {
     /// behind callers that are waiting for that very lock.
     markers: Arc<tokio::sync::Mutex<Option<PgConnection>>>,
     connect: Arc<PgConnectOptions>,
-    lock_wait_ms: u128,
     lock_wait: std::time::Duration,
+    /// The longest provider call: what lock-holding sessions may sit idle.
+    hold: std::time::Duration,
 }
 
 /// The database's time, whole seconds, when the statement computes it.
@@ -263,8 +264,8 @@ impl PgStore {
             tx_pool,
             markers: Arc::new(tokio::sync::Mutex::new(Some(first))),
             connect: Arc::new(connect),
-            lock_wait_ms: options.lock_wait.as_millis(),
             lock_wait: options.lock_wait,
+            hold: options.hold,
         };
         store.migrate().await?;
         Ok(store)
@@ -318,9 +319,10 @@ impl PgStore {
         generation: u64,
         at: i64,
     ) -> Result<(), StorageError> {
-        // Bounded: a half-open connection must not stall refreshes that hold
-        // row locks; on timeout the connection is dropped and rebuilt.
-        let wait = std::time::Duration::from_millis(self.lock_wait_ms as u64);
+        // Bounded, and well inside the lock holder's idle allowance: a
+        // half-open connection must not stall refreshes that hold row locks;
+        // on timeout the connection is dropped and rebuilt.
+        let wait = STATEMENT_BOUND;
         let mut slot = tokio::time::timeout(wait, self.markers.lock())
             .await
             .map_err(|_| StorageError::Unavailable("postgres: refresh-start writer busy".into()))?;
@@ -358,45 +360,22 @@ impl PgStore {
         written
     }
 
-    /// A transaction on a connection of the transaction pool, with the
-    /// backend that serves it (to end it if the connection is cut off).
-    async fn begin(&self) -> Result<PgTransaction, StorageError> {
-        let mut conn = self.tx_pool.acquire().await.map_err(error)?;
-        let backend = bounded(
-            STATEMENT_BOUND,
-            sqlx::Executor::fetch_one(
-                &mut *conn,
-                "BEGIN; SELECT pid, backend_start::text FROM pg_stat_activity \
-                 WHERE pid = pg_backend_pid()",
-            ),
-        )
-        .await;
-        let backend = match backend {
-            Ok(row) => {
-                use sqlx::Row as _;
-                (
-                    row.try_get(0).map_err(error)?,
-                    row.try_get(1).map_err(error)?,
-                )
-            }
-            Err(e) => {
-                // Never back to the pool: it may be cut off or mid-transaction.
-                drop(conn.detach());
-                return Err(e);
-            }
-        };
-        Ok(PgTransaction {
-            conn: Some(Conn::Pooled(conn)),
-            backend: Some(backend),
+    /// A transaction; it takes a connection of the transaction pool at its
+    /// first locking read.
+    fn begin(&self) -> PgTransaction {
+        PgTransaction {
+            conn: None,
+            session: None,
             written: None,
             store: self.clone(),
-        })
+        }
     }
 
     /// A connection of its own, outside both pools, for saving a write.
     async fn connect_alone(&self) -> Result<PgConnection, StorageError> {
         let mut conn = bounded(STATEMENT_BOUND, PgConnection::connect_with(&self.connect)).await?;
-        let set = session_sql(self.lock_wait, None);
+        // It will hold the row lock: the same bounds as the pool's.
+        let set = session_sql(self.lock_wait, Some(self.hold));
         bounded(
             STATEMENT_BOUND,
             sqlx::Executor::execute(&mut conn, set.as_str()),
@@ -519,10 +498,7 @@ impl super::Backend for PgStore {
         })
     }
     fn begin(&self) -> BoxFuture<'_, Result<Box<dyn BackendTransaction>, StorageError>> {
-        Box::pin(async move {
-            let tx = PgStore::begin(self).await?;
-            Ok(Box::new(tx) as Box<dyn BackendTransaction>)
-        })
+        Box::pin(async move { Ok(Box::new(PgStore::begin(self)) as Box<dyn BackendTransaction>) })
     }
     fn record_refresh_start<'a>(
         &'a self,
@@ -573,19 +549,49 @@ impl Conn {
 /// Whoever locks the row first applies it, so a waiter queued ahead of us
 /// cannot spend the refresh token our write replaced.
 struct PgTransaction {
+    /// None until the first locking read; taken when the transaction ends.
     conn: Option<Conn>,
-    /// The backend serving `conn`: (pid, start time).
-    backend: Option<(i32, String)>,
+    /// The session serving `conn`, to end it if we lose sight of it.
+    session: Option<Session>,
     /// The row written in this transaction and the generation it replaces.
     written: Option<(SealedRow, u64, i64)>,
     store: PgStore,
 }
 
+/// A server session in one transaction: the backend's pid and start, and
+/// the transaction's start (behind a pooler a backend serves many clients;
+/// only this transaction is ours to end).
+struct Session {
+    pid: i32,
+    backend_start: String,
+    xact_start: String,
+}
+
+/// Opens the transaction and tells which session serves it.
+const BEGIN_SQL: &str = "BEGIN; SELECT pid, backend_start::text, xact_start::text \
+     FROM pg_stat_activity WHERE pid = pg_backend_pid()";
+
 impl Drop for PgTransaction {
     fn drop(&mut self) {
-        // Not committed: never back to the pool mid-transaction.
-        if let Some(conn) = self.conn.take() {
-            conn.discard();
+        // Not committed (an error, a cancelled caller): rolled back before
+        // the connection serves anyone else, never returned mid-transaction.
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        match (conn, tokio::runtime::Handle::try_current()) {
+            (Conn::Pooled(mut pooled), Ok(runtime)) => {
+                runtime.spawn(async move {
+                    let rolled_back = bounded(
+                        STATEMENT_BOUND,
+                        sqlx::Executor::execute(&mut *pooled, "ROLLBACK"),
+                    )
+                    .await;
+                    if rolled_back.is_err() {
+                        drop(pooled.detach());
+                    }
+                });
+            }
+            (conn, _) => conn.discard(),
         }
     }
 }
@@ -605,6 +611,54 @@ impl PgTransaction {
         }
     }
 
+    /// Opens the transaction on a pooled connection, waiting for one unless
+    /// `wait` is false (then none free is false: a caller who need not wait
+    /// does not queue behind lock waiters for a connection either).
+    async fn open(&mut self, wait: bool) -> Result<bool, StorageError> {
+        if self.conn.is_some() {
+            return Ok(true);
+        }
+        let pooled = if wait {
+            self.store.tx_pool.acquire().await.map_err(error)?
+        } else {
+            // A free connection, or a new one if the pool has room: not a
+            // place in the queue behind lock waiters.
+            match tokio::time::timeout(super::TRY_ACQUIRE, self.store.tx_pool.acquire()).await {
+                Ok(Ok(pooled)) => pooled,
+                Ok(Err(_)) | Err(_) => return Ok(false),
+            }
+        };
+        // Held by the transaction from here on, so that a cancelled BEGIN
+        // is rolled back by Drop.
+        self.conn = Some(Conn::Pooled(pooled));
+        self.begin_session().await?;
+        Ok(true)
+    }
+
+    /// `BEGIN` on the current connection, recording its session.
+    async fn begin_session(&mut self) -> Result<(), StorageError> {
+        let conn = self.conn()?;
+        let row = bounded(STATEMENT_BOUND, sqlx::Executor::fetch_one(conn, BEGIN_SQL)).await;
+        let session = row.and_then(|row| {
+            use sqlx::Row as _;
+            Ok(Session {
+                pid: row.try_get(0).map_err(error)?,
+                backend_start: row.try_get(1).map_err(error)?,
+                xact_start: row.try_get(2).map_err(error)?,
+            })
+        });
+        match session {
+            Ok(session) => {
+                self.session = Some(session);
+                Ok(())
+            }
+            Err(e) => {
+                self.lose_connection();
+                Err(e)
+            }
+        }
+    }
+
     /// Locks the row, waiting for it unless `wait` is false (then a lock
     /// held elsewhere is `LockTimeout` at once).
     async fn lock(
@@ -618,6 +672,10 @@ impl PgTransaction {
         } else {
             (LOCK_NOWAIT_SQL, STATEMENT_BOUND)
         };
+        if !self.open(wait).await? {
+            // No connection free at once: as busy as a held lock.
+            return Err(StorageError::LockTimeout);
+        }
         let conn = self.conn()?;
         let read = bounded(bound, async {
             let read = rows::load_for_update(conn, None, sql, provider, user_id).await;
@@ -703,27 +761,26 @@ impl PgTransaction {
             provider = %row.provider,
             "lost the database connection holding a refreshed row; saving it on a new one"
         );
-        if let Some((pid, started)) = self.backend.take() {
+        if let Some(old) = self.session.take() {
             // Its lock goes now, not when the server notices the silence.
-            // Best effort: the backend may be gone already.
+            // Only if it is still in our transaction; best effort: it may
+            // be gone already.
             let _ = bounded(
                 STATEMENT_BOUND,
                 sqlx::query(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                     WHERE pid = $1 AND backend_start::text = $2",
+                     WHERE pid = $1 AND backend_start = $2::timestamptz \
+                     AND xact_start = $3::timestamptz",
                 )
-                .bind(pid)
-                .bind(started)
+                .bind(old.pid)
+                .bind(old.backend_start)
+                .bind(old.xact_start)
                 .execute(&mut alone),
             )
             .await;
         }
-        bounded(
-            STATEMENT_BOUND,
-            sqlx::Executor::execute(&mut alone, "BEGIN"),
-        )
-        .await?;
         self.conn = Some(Conn::Alone(alone));
+        self.begin_session().await?;
         let (stored, _) = self.lock(&row.provider, &row.user_id, true).await?;
         Ok(stored
             .is_some_and(|s| s.generation == row.generation && s.access_token == row.access_token))
@@ -731,6 +788,16 @@ impl PgTransaction {
 }
 
 impl BackendTransaction for PgTransaction {
+    fn still_held(&mut self) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(async move {
+            let conn = self.conn()?;
+            let alive = bounded(STATEMENT_BOUND, sqlx::Executor::execute(conn, "SELECT 1")).await;
+            if alive.is_err() {
+                self.lose_connection();
+            }
+            alive.map(|_| ())
+        })
+    }
     fn load_for_update<'a>(
         &'a mut self,
         provider: &'a str,
@@ -773,6 +840,8 @@ impl BackendTransaction for PgTransaction {
         now: i64,
     ) -> BoxFuture<'a, Result<bool, StorageError>> {
         Box::pin(async move {
+            // A write opens the transaction if no read did.
+            self.open(true).await?;
             let conn = self.conn()?;
             let set = bounded(STATEMENT_BOUND, async {
                 Ok(rows::compare_and_set(conn, row, expected, now).await)

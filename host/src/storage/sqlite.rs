@@ -179,15 +179,17 @@ impl SqliteStore {
         tx.commit().await.map_err(error)
     }
 
-    /// A connection for a transaction; the write lock is taken by the
-    /// first locking read (`BEGIN IMMEDIATE`), waiting for it or not.
-    async fn begin(&self) -> Result<SqliteTransaction, StorageError> {
-        Ok(SqliteTransaction {
-            conn: Some(self.tx_pool.acquire().await.map_err(error)?),
+    /// A transaction: it takes a connection and the write lock at its first
+    /// locking read (`BEGIN IMMEDIATE`), waiting for them or not.
+    fn begin(&self) -> SqliteTransaction {
+        SqliteTransaction {
+            conn: None,
             begun: false,
+            unsure: false,
+            tx_pool: self.tx_pool.clone(),
             markers: self.markers.clone(),
             lock_wait_ms: self.lock_wait_ms,
-        })
+        }
     }
 }
 
@@ -241,10 +243,9 @@ impl super::Backend for SqliteStore {
         })
     }
     fn begin(&self) -> BoxFuture<'_, Result<Box<dyn BackendTransaction>, StorageError>> {
-        Box::pin(async move {
-            let tx = SqliteStore::begin(self).await?;
-            Ok(Box::new(tx) as Box<dyn BackendTransaction>)
-        })
+        Box::pin(
+            async move { Ok(Box::new(SqliteStore::begin(self)) as Box<dyn BackendTransaction>) },
+        )
     }
     fn record_refresh_start<'a>(
         &'a self,
@@ -269,15 +270,23 @@ struct SqliteTransaction {
     conn: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>,
     /// Whether `BEGIN IMMEDIATE` succeeded: the write lock is held.
     begun: bool,
+    /// A statement that may have begun a transaction or changed the busy
+    /// timeout did not finish (cancelled, or failed): the connection's
+    /// state is unknown.
+    unsure: bool,
+    tx_pool: SqlitePool,
     markers: SqlitePool,
     lock_wait_ms: u128,
 }
 
 impl Drop for SqliteTransaction {
     fn drop(&mut self) {
-        // Not committed: closing the connection rolls back and releases
-        // the lock; it never goes back to the pool mid-transaction.
-        if let Some(conn) = self.conn.take().filter(|_| self.begun) {
+        // Not committed, or in an unknown state: closing the connection
+        // rolls back and releases the lock; it never goes back to the pool
+        // mid-transaction or with another busy timeout.
+        if let Some(conn) = self.conn.take()
+            && (self.begun || self.unsure)
+        {
             drop(conn.detach());
         }
     }
@@ -296,7 +305,21 @@ impl SqliteTransaction {
         if self.begun {
             return Ok(true);
         }
+        if self.conn.is_none() {
+            self.conn = Some(if wait {
+                self.tx_pool.acquire().await.map_err(error)?
+            } else {
+                // None free soon: as busy as a held lock.
+                match tokio::time::timeout(super::TRY_ACQUIRE, self.tx_pool.acquire()).await {
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(_)) | Err(_) => return Ok(false),
+                }
+            });
+        }
         let restore = format!("PRAGMA busy_timeout = {}", self.lock_wait_ms);
+        // Until every statement below has answered, the connection's state
+        // is unknown (Drop closes it rather than pool it).
+        self.unsure = true;
         let conn = self.conn()?;
         if !wait {
             sqlx::Executor::execute(&mut *conn, "PRAGMA busy_timeout = 0")
@@ -314,9 +337,13 @@ impl SqliteTransaction {
         match begun {
             Ok(_) => {
                 self.begun = true;
+                self.unsure = false;
                 Ok(true)
             }
-            Err(StorageError::LockTimeout) if !wait => Ok(false),
+            Err(StorageError::LockTimeout) if !wait => {
+                self.unsure = false;
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }
@@ -368,6 +395,11 @@ impl BackendTransaction for SqliteTransaction {
             self.begin_immediate(true).await?;
             rows::compare_and_set(self.conn()?, row, expected, now).await
         })
+    }
+    fn still_held(&mut self) -> BoxFuture<'_, Result<(), StorageError>> {
+        // The file's lock lives with this process's connection: it cannot
+        // be taken away while the connection is open.
+        Box::pin(async { Ok(()) })
     }
     fn commit(mut self: Box<Self>) -> BoxFuture<'static, Result<(), StorageError>> {
         Box::pin(async move {
