@@ -569,8 +569,9 @@ macro_rules! rows {
             rows.iter().map(decode).collect::<Result<_, _>>().map_err($error)
         }
 
-        /// `INSERT` of a whole row at generation 1, followed by `on_conflict`.
-        fn insert_row<'q>(
+        /// `sql` (an `INSERT` of a whole row but its generation) with the
+        /// row's values bound as `$1`…`$17`, `$17` the time of writing.
+        pub(crate) fn insert_row<'q>(
             sql: &'q str,
             row: &'q SealedRow,
             now: i64,

@@ -135,10 +135,12 @@ const APPLY_RESCUE_SQL: &str = "WITH r AS (DELETE FROM tokenkeep_rescues \
      FROM r WHERE t.provider = r.provider AND t.user_id = r.user_id AND t.generation = r.replaces";
 
 /// Parks a written row for the next holder of the lock.
+/// Its values are bound as the shared row insert binds them
+/// (`rows::insert_row`), then the generation and the one it replaces.
 const RESCUE_SQL: &str = "INSERT INTO tokenkeep_rescues (provider, user_id, key_id, \
      access_token, refresh_token, access_token_expires_at, refresh_token_expires_at, scopes, \
-     obtained_at, generation, failed_attempts, last_failure_at, last_failure, last_success_at, \
-     refresh_started_at, baseline_scopes, retry_not_before, updated_at, replaces) \
+     obtained_at, failed_attempts, last_failure_at, last_failure, last_success_at, \
+     refresh_started_at, baseline_scopes, retry_not_before, updated_at, generation, replaces) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
      $19) \
      ON CONFLICT (provider, user_id) DO UPDATE SET key_id = excluded.key_id, \
@@ -730,29 +732,8 @@ impl PgTransaction {
         };
         bounded(
             STATEMENT_BOUND,
-            sqlx::query(RESCUE_SQL)
-                .bind(&row.provider)
-                .bind(&row.user_id)
-                .bind(&row.key_id)
-                .bind(&row.access_token)
-                .bind(&row.refresh_token)
-                .bind(row.access_token_expires_at)
-                .bind(row.refresh_token_expires_at)
-                .bind(serde_json::to_string(&row.scopes).unwrap_or_else(|_| "[]".into()))
-                .bind(row.obtained_at)
+            rows::insert_row(RESCUE_SQL, row, now)
                 .bind(to_i64(row.generation)?)
-                .bind(i64::from(row.health.failed_attempts))
-                .bind(row.health.last_failure_at)
-                .bind(
-                    row.health
-                        .last_failure
-                        .map(tokenkeep_core::error::ErrorClass::name),
-                )
-                .bind(row.health.last_success_at)
-                .bind(row.health.refresh_started_at)
-                .bind(serde_json::to_string(&row.baseline_scopes).unwrap_or_else(|_| "[]".into()))
-                .bind(row.health.retry_not_before)
-                .bind(now)
                 .bind(to_i64(expected)?)
                 .execute(&mut alone),
         )
