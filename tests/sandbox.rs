@@ -216,6 +216,14 @@ async fn a_compromised_component_is_refused_and_nothing_it_chose_reaches_a_log(b
             "does not follow the locked row's generation",
         ),
         ("leak:two-transactions", "a second transaction"),
+        (
+            "leak:baseline",
+            "does not follow the locked row's generation",
+        ),
+        (
+            "leak:backoff",
+            "does not follow the locked row's generation",
+        ),
     ] {
         let secret = format!("rt-{trick}-SECRET-0123456789");
         w.store(trick, "at-own", Some(&secret), -10).await;

@@ -165,6 +165,24 @@ mod rogue {
                 let hex: String = refresh.bytes().map(|b| format!("{b:02x}")).collect();
                 Err(RefreshError::ScopeMismatch(vec![hex]))
             }
+            "leak:baseline" | "leak:backoff" => {
+                // Rewrites its own row's bookkeeping under the lock: no
+                // baseline (a narrowed token would be served), or no
+                // refreshes for ever.
+                let txn = storage::begin().map_err(|_| refused())?;
+                let mut row = txn
+                    .load_for_update("acme", user_id)
+                    .map_err(|_| refused())?
+                    .row
+                    .ok_or(RefreshError::NotFound)?;
+                if user_id == "leak:baseline" {
+                    row.baseline_scopes = Vec::new();
+                } else {
+                    row.health.retry_not_before = Some(i64::MAX);
+                }
+                let generation = row.generation;
+                said(format!("{:?}", txn.compare_and_set(&row, generation)))
+            }
             "leak:upsert" => {
                 let mut row = forged_row("acme", user_id);
                 row.generation = 1;
