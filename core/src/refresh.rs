@@ -189,20 +189,16 @@ impl<H: Host> Keeper<H> {
         }
         // A refusal stands until a new authorisation: no lock needed to say so.
         if row.health.last_failure == Some(ErrorClass::ReauthorizationRequired) {
-            return if still_valid(&row, now) {
-                self.grant(&row)
-            } else {
-                Err(recorded_failure(ErrorClass::ReauthorizationRequired))
-            };
+            return self.still_valid_or(
+                &row,
+                now,
+                recorded_failure(ErrorClass::ReauthorizationRequired),
+            );
         }
         // After a failure the provider is left alone until the row says so
         // (its Retry-After, or a backoff): no stampede when it comes back.
         if let Some(backing_off) = backing_off(&row, now) {
-            return if still_valid(&row, now) {
-                self.grant(&row)
-            } else {
-                Err(backing_off)
-            };
+            return self.still_valid_or(&row, now, backing_off);
         }
         let seen = row.health.clone();
 
@@ -235,16 +231,12 @@ impl<H: Host> Keeper<H> {
             return self.grant(&row);
         }
         // Whatever stands in the way of a refresh, a token still valid beyond
-        // the skew is served: the failure is on the row for operators, and
-        // the caller gets an explicit error only once the token is no good.
-        let still_valid = |at_time: i64| still_valid(&row, at_time);
+        // the skew is served ([`Keeper::still_valid_or`]): the failure is on
+        // the row for operators, and the caller gets an explicit error only
+        // once the token is no good.
         if let Some(backing_off) = backing_off(&row, now) {
             txn.commit()?;
-            return if still_valid(now) {
-                self.grant(&row)
-            } else {
-                Err(backing_off)
-            };
+            return self.still_valid_or(&row, now, backing_off);
         }
         // Single flight for failures too: a definitive refusal stands until a
         // new authorisation is stored, and a failure another runtime recorded
@@ -255,22 +247,20 @@ impl<H: Host> Keeper<H> {
                 || row.health.last_failure_at != seen.last_failure_at;
             if definitive || while_we_waited {
                 txn.commit()?;
-                if still_valid(now) {
-                    return self.grant(&row);
-                }
-                return Err(recorded_failure(class));
+                return self.still_valid_or(&row, now, recorded_failure(class));
             }
         }
         let current = self.open_row(&row)?;
         if current.tokens.refresh_token.is_none() {
             // Nothing to spend: say so, and record nothing (no provider said it).
             txn.commit()?;
-            if still_valid(now) {
-                return self.grant(&row);
-            }
-            return Err(RefreshError::ReauthorizationRequired(
-                "no refresh token is stored; store a new authorisation".into(),
-            ));
+            return self.still_valid_or(
+                &row,
+                now,
+                RefreshError::ReauthorizationRequired(
+                    "no refresh token is stored; store a new authorisation".into(),
+                ),
+            );
         }
         // A refresh from this generation started and neither committed nor
         // recorded a failure: its runtime died mid-flight.
@@ -336,11 +326,7 @@ impl<H: Host> Keeper<H> {
                     )
                 {
                     drop(txn);
-                    return if still_valid(now) {
-                        self.grant(&row)
-                    } else {
-                        Err(err)
-                    };
+                    return self.still_valid_or(&row, now, err);
                 }
                 let err = match (err, interrupted) {
                     (RefreshError::ReauthorizationRequired(m), Some(at))
@@ -410,10 +396,7 @@ impl<H: Host> Keeper<H> {
                 // Refreshed early and refused or unanswered: the token we
                 // have is still valid, so it is not stale. Serve it; the row
                 // records the failure.
-                if still_valid(now) {
-                    return self.grant(&row);
-                }
-                Err(err)
+                self.still_valid_or(&row, now, err)
             }
         }
     }
@@ -657,6 +640,21 @@ impl<H: Host> Keeper<H> {
             generation: row.generation,
             health: row.health.clone(),
         })
+    }
+
+    /// The row's token while it is valid beyond the skew at `now`, else
+    /// `failure`: nothing that stops a refresh takes a good token away.
+    fn still_valid_or(
+        &self,
+        row: &SealedRow,
+        now: i64,
+        failure: RefreshError,
+    ) -> Result<Fresh, RefreshError> {
+        if still_valid(row, now) {
+            self.grant(row)
+        } else {
+            Err(failure)
+        }
     }
 
     /// The row's access grant (only the access token is opened), and the

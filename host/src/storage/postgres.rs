@@ -393,8 +393,16 @@ async fn bounded<T>(
     bound: std::time::Duration,
     work: impl Future<Output = Result<T, sqlx::Error>>,
 ) -> Result<T, StorageError> {
+    within(bound, async { work.await.map_err(error) }).await
+}
+
+/// [`bounded`] for work that already speaks the storage taxonomy.
+async fn within<T>(
+    bound: std::time::Duration,
+    work: impl Future<Output = Result<T, StorageError>>,
+) -> Result<T, StorageError> {
     match tokio::time::timeout(bound, work).await {
-        Ok(done) => done.map_err(error),
+        Ok(done) => done,
         Err(_) => Err(StorageError::ConnectionLost(format!(
             "postgres: no answer within {} ms",
             bound.as_millis()
@@ -530,6 +538,25 @@ impl Conn {
         }
     }
 
+    /// Rolls back whatever it holds, then returns it to the pool (our own
+    /// connection closes); one that does not answer is discarded.
+    async fn roll_back(mut self) {
+        let rolled_back = match &mut self {
+            Conn::Pooled(pooled) => {
+                bounded(
+                    STATEMENT_BOUND,
+                    sqlx::Executor::execute(&mut **pooled, "ROLLBACK"),
+                )
+                .await
+            }
+            Conn::Alone(_) => Err(StorageError::ConnectionLost("not pooled".into())),
+        };
+        match rolled_back {
+            Ok(_) => drop(self),
+            Err(_) => self.discard(),
+        }
+    }
+
     /// Closes it without a word to the server (which rolls back whatever
     /// it had not committed); a pooled one is never handed out again.
     fn discard(self) {
@@ -580,20 +607,11 @@ impl Drop for PgTransaction {
         let Some(conn) = self.conn.take() else {
             return;
         };
-        match (conn, tokio::runtime::Handle::try_current()) {
-            (Conn::Pooled(mut pooled), Ok(runtime)) => {
-                runtime.spawn(async move {
-                    let rolled_back = bounded(
-                        STATEMENT_BOUND,
-                        sqlx::Executor::execute(&mut *pooled, "ROLLBACK"),
-                    )
-                    .await;
-                    if rolled_back.is_err() {
-                        drop(pooled.detach());
-                    }
-                });
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(conn.roll_back());
             }
-            (conn, _) => conn.discard(),
+            Err(_) => conn.discard(),
         }
     }
 }
@@ -679,12 +697,11 @@ impl PgTransaction {
             return Err(StorageError::LockTimeout);
         }
         let conn = self.conn()?;
-        let read = bounded(bound, async {
-            let read = rows::load_for_update(conn, None, sql, provider, user_id).await;
-            Ok(read)
-        })
-        .await
-        .and_then(|r| r);
+        let read = within(
+            bound,
+            rows::load_for_update(conn, None, sql, provider, user_id),
+        )
+        .await;
         let read = match read {
             Ok((Some(_), _)) => {
                 // A rescue parked by a refresher that was cut off: applied
@@ -698,11 +715,13 @@ impl PgTransaction {
                 )
                 .await;
                 match applied {
-                    Ok(done) if done.rows_affected() > 0 => bounded(STATEMENT_BOUND, async {
-                        Ok(rows::load_for_update(conn, None, LOCK_SQL, provider, user_id).await)
-                    })
-                    .await
-                    .and_then(|r| r),
+                    Ok(done) if done.rows_affected() > 0 => {
+                        within(
+                            STATEMENT_BOUND,
+                            rows::load_for_update(conn, None, LOCK_SQL, provider, user_id),
+                        )
+                        .await
+                    }
                     Ok(_) => read,
                     Err(e) => Err(e),
                 }
@@ -797,16 +816,8 @@ impl BackendTransaction for PgTransaction {
                 // NOWAIT's refusal aborted the transaction: roll it back,
                 // and the connection can serve again.
                 Err(StorageError::LockTimeout) => {
-                    if let Some(mut conn) = self.conn.take() {
-                        let rolled_back = bounded(
-                            STATEMENT_BOUND,
-                            sqlx::Executor::execute(conn.raw(), "ROLLBACK"),
-                        )
-                        .await;
-                        match rolled_back {
-                            Ok(_) => drop(conn),
-                            Err(_) => conn.discard(),
-                        }
+                    if let Some(conn) = self.conn.take() {
+                        conn.roll_back().await;
                     }
                     Ok(None)
                 }
@@ -824,11 +835,11 @@ impl BackendTransaction for PgTransaction {
             // A write opens the transaction if no read did.
             self.open(true).await?;
             let conn = self.conn()?;
-            let set = bounded(STATEMENT_BOUND, async {
-                Ok(rows::compare_and_set(conn, row, expected, now).await)
-            })
-            .await
-            .and_then(|r| r);
+            let set = within(
+                STATEMENT_BOUND,
+                rows::compare_and_set(conn, row, expected, now),
+            )
+            .await;
             match set {
                 Ok(true) => {
                     self.written = Some((row.clone(), expected, now));
