@@ -8,7 +8,6 @@
 
 use crate::config::{ClientAuth, Provider};
 use crate::outbound::ConnectError;
-use crate::sandbox::Shared;
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -60,27 +59,19 @@ impl WasiHttpHooks for DenyAllHttp {
 /// Sends the refresh of `locked`, the row `txn` holds locked, whose refresh
 /// token the caller opened.
 pub async fn request_refresh(
-    shared: &Shared,
     provider: &Provider,
     locked: &SealedRow,
     txn: &mut crate::storage::Transaction,
     refresh_token: &SecretString,
 ) -> Result<HttpAnswer, RequestError> {
     // Durably, before the request leaves: if this runtime dies before its
-    // commit, the next one can tell a lost rotation from a revocation.
-    shared
-        .store
-        .record_refresh_start(&locked.provider, &locked.user_id, locked.generation)
+    // commit, the next one can tell a lost rotation from a revocation. And
+    // right before the token is spent, the lock is still ours: a database
+    // that ended our session (it looked abandoned) has let another runtime
+    // take the row, which may be spending the same token.
+    txn.start_refresh(&locked.provider, &locked.user_id, locked.generation)
         .await
-        .map_err(|e| {
-            RequestError::NotSent(format!("the refresh start could not be recorded: {e}"))
-        })?;
-    // Last, and right before the token is spent: the lock is still ours.
-    // A database that ended our session (it looked abandoned) has let
-    // another runtime take the row, which may be spending the same token.
-    txn.still_held().await.map_err(|e| {
-        RequestError::NotSent(format!("the row lock was lost before the request: {e}"))
-    })?;
+        .map_err(|e| RequestError::NotSent(format!("the refresh could not be started: {e}")))?;
     post(provider, refresh_token).await
 }
 

@@ -101,15 +101,6 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         &'a self,
         entry: &'a ConversationEntry,
     ) -> BoxFuture<'a, Result<(), StorageError>>;
-    /// Records at once, durably and outside any transaction (it must not wait
-    /// for the row's lock), that a refresh from `generation` started at `at`.
-    fn record_refresh_start<'a>(
-        &'a self,
-        provider: &'a str,
-        user_id: &'a str,
-        generation: u64,
-        at: i64,
-    ) -> BoxFuture<'a, Result<(), StorageError>>;
 }
 
 /// An open backend transaction; dropping it rolls back.
@@ -135,10 +126,19 @@ pub trait BackendTransaction: Send {
         expected: u64,
         now: i64,
     ) -> BoxFuture<'a, Result<bool, StorageError>>;
-    /// Checks, just before a request that spends the row's refresh token,
-    /// that the lock is still held (the database may have ended a session it
-    /// thought abandoned); also resets the database's idle clock.
-    fn still_held(&mut self) -> BoxFuture<'_, Result<(), StorageError>>;
+    /// Records durably, outside this transaction (the record must survive
+    /// this runtime's death), that a refresh of the row this transaction
+    /// holds locked at `generation` starts at `at`; and checks, right before
+    /// the request that spends the row's refresh token, that the lock is
+    /// still held (the database may have ended a session it thought
+    /// abandoned). `ConnectionLost` when it is not: nothing may be sent.
+    fn start_refresh<'a>(
+        &'a mut self,
+        provider: &'a str,
+        user_id: &'a str,
+        generation: u64,
+        at: i64,
+    ) -> BoxFuture<'a, Result<(), StorageError>>;
     fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), StorageError>>;
 }
 
@@ -280,19 +280,6 @@ impl Store {
     ) -> Result<(), StorageError> {
         self.backend.put_conversation_entry(entry).await
     }
-
-    /// Records at once, outside any transaction, that a refresh from
-    /// `generation` is calling the provider.
-    pub async fn record_refresh_start(
-        &self,
-        provider: &str,
-        user_id: &str,
-        generation: u64,
-    ) -> Result<(), StorageError> {
-        self.backend
-            .record_refresh_start(provider, user_id, generation, self.now())
-            .await
-    }
 }
 
 impl Transaction {
@@ -330,9 +317,17 @@ impl Transaction {
         self.inner.compare_and_set(row, expected, now).await
     }
 
-    /// See [`BackendTransaction::still_held`].
-    pub async fn still_held(&mut self) -> Result<(), StorageError> {
-        self.inner.still_held().await
+    /// See [`BackendTransaction::start_refresh`].
+    pub async fn start_refresh(
+        &mut self,
+        provider: &str,
+        user_id: &str,
+        generation: u64,
+    ) -> Result<(), StorageError> {
+        let at = self.clock.now();
+        self.inner
+            .start_refresh(provider, user_id, generation, at)
+            .await
     }
 
     pub async fn commit(self) -> Result<(), StorageError> {
@@ -343,6 +338,68 @@ impl Transaction {
 const COLUMNS: &str = "provider, user_id, key_id, access_token, refresh_token, access_token_expires_at, \
      refresh_token_expires_at, scopes, obtained_at, generation, failed_attempts, last_failure_at, \
      last_failure, last_success_at, refresh_started_at, baseline_scopes, retry_not_before";
+
+/// A row's columns as the database holds them (scopes as JSON text),
+/// turned into a row in one place for every backend.
+pub(crate) struct StoredColumns {
+    pub provider: String,
+    pub user_id: String,
+    pub key_id: String,
+    pub access_token: Vec<u8>,
+    pub refresh_token: Option<Vec<u8>>,
+    pub access_token_expires_at: Option<i64>,
+    pub refresh_token_expires_at: Option<i64>,
+    pub scopes: String,
+    pub obtained_at: i64,
+    pub generation: i64,
+    pub failed_attempts: i64,
+    pub last_failure_at: Option<i64>,
+    pub last_failure: Option<String>,
+    pub last_success_at: Option<i64>,
+    pub refresh_started_at: Option<i64>,
+    pub baseline_scopes: Option<String>,
+    pub retry_not_before: Option<i64>,
+}
+
+impl StoredColumns {
+    pub(crate) fn into_row(self) -> Result<SealedRow, serde_json::Error> {
+        let scopes: Vec<String> = serde_json::from_str(&self.scopes)?;
+        // Rows from before baselines were kept: what they hold is the baseline.
+        let baseline_scopes = match self.baseline_scopes {
+            Some(b) => serde_json::from_str(&b)?,
+            None => scopes.clone(),
+        };
+        Ok(SealedRow {
+            provider: self.provider,
+            user_id: self.user_id,
+            key_id: self.key_id,
+            access_token: self.access_token,
+            refresh_token: self.refresh_token,
+            access_token_expires_at: self.access_token_expires_at,
+            refresh_token_expires_at: self.refresh_token_expires_at,
+            scopes,
+            baseline_scopes,
+            obtained_at: self.obtained_at,
+            generation: self.generation.max(0) as u64,
+            health: Health {
+                failed_attempts: self.failed_attempts.clamp(0, i64::from(u32::MAX)) as u32,
+                last_failure_at: self.last_failure_at,
+                last_failure: self
+                    .last_failure
+                    .as_deref()
+                    .and_then(tokenkeep_core::error::ErrorClass::from_name),
+                last_success_at: self.last_success_at,
+                refresh_started_at: self.refresh_started_at,
+                retry_not_before: self.retry_not_before,
+            },
+        })
+    }
+}
+
+/// The JSON text the scope columns hold.
+pub(crate) fn scopes_text(scopes: &[String]) -> String {
+    serde_json::to_string(scopes).unwrap_or_else(|_| "[]".into())
+}
 
 fn to_i64(v: u64) -> Result<i64, StorageError> {
     i64::try_from(v).map_err(|_| StorageError::Unavailable("generation out of range".into()))
@@ -355,7 +412,7 @@ fn to_i64(v: u64) -> Result<i64, StorageError> {
 /// database's.
 macro_rules! rows {
     ($db:ty, $error:path) => {
-        use crate::storage::{to_i64, COLUMNS, ConversationEntry, Health, RowKey, SealedRow};
+        use crate::storage::{to_i64, COLUMNS, ConversationEntry, RowKey, SealedRow};
         use crate::storage::StorageError;
         use sqlx::Row as _;
         use tokenkeep_core::error::ErrorClass;
@@ -363,17 +420,7 @@ macro_rules! rows {
         type Db = $db;
 
         fn decode(r: &<Db as sqlx::Database>::Row) -> Result<SealedRow, sqlx::Error> {
-            let scopes: String = r.try_get("scopes")?;
-            let scopes: Vec<String> =
-                serde_json::from_str(&scopes).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-            // Rows from before baselines were kept: what they hold is the baseline.
-            let baseline: Option<String> = r.try_get("baseline_scopes")?;
-            let baseline_scopes = match baseline {
-                Some(b) => serde_json::from_str(&b).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-                None => scopes.clone(),
-            };
-            let last_failure: Option<String> = r.try_get("last_failure")?;
-            Ok(SealedRow {
+            crate::storage::StoredColumns {
                 provider: r.try_get("provider")?,
                 user_id: r.try_get("user_id")?,
                 key_id: r.try_get("key_id")?,
@@ -381,27 +428,27 @@ macro_rules! rows {
                 refresh_token: r.try_get("refresh_token")?,
                 access_token_expires_at: r.try_get("access_token_expires_at")?,
                 refresh_token_expires_at: r.try_get("refresh_token_expires_at")?,
-                scopes,
-                baseline_scopes,
+                scopes: r.try_get("scopes")?,
                 obtained_at: r.try_get("obtained_at")?,
-                generation: r.try_get::<i64, _>("generation")? as u64,
-                health: Health {
-                    failed_attempts: r.try_get::<i64, _>("failed_attempts")?.clamp(0, i64::from(u32::MAX)) as u32,
-                    last_failure_at: r.try_get("last_failure_at")?,
-                    last_failure: last_failure.as_deref().and_then(ErrorClass::from_name),
-                    last_success_at: r.try_get("last_success_at")?,
-                    refresh_started_at: r.try_get("refresh_started_at")?,
-                    retry_not_before: r.try_get("retry_not_before")?,
-                },
-            })
+                generation: r.try_get("generation")?,
+                failed_attempts: r.try_get("failed_attempts")?,
+                last_failure_at: r.try_get("last_failure_at")?,
+                last_failure: r.try_get("last_failure")?,
+                last_success_at: r.try_get("last_success_at")?,
+                refresh_started_at: r.try_get("refresh_started_at")?,
+                baseline_scopes: r.try_get("baseline_scopes")?,
+                retry_not_before: r.try_get("retry_not_before")?,
+            }
+            .into_row()
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))
         }
 
         fn scopes_json(row: &SealedRow) -> String {
-            serde_json::to_string(&row.scopes).unwrap_or_else(|_| "[]".into())
+            crate::storage::scopes_text(&row.scopes)
         }
 
         fn baseline_json(row: &SealedRow) -> String {
-            serde_json::to_string(&row.baseline_scopes).unwrap_or_else(|_| "[]".into())
+            crate::storage::scopes_text(&row.baseline_scopes)
         }
 
         /// The row, if any, and the database's time if the backend tells it.

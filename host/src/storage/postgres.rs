@@ -3,18 +3,28 @@
 //! Row locks are `SELECT … FOR UPDATE` inside a transaction whose
 //! `lock_timeout` is the configured lock wait; a runtime that dies drops its
 //! connection and Postgres rolls its transaction back, releasing the lock.
+//!
+//! The driver is tokio-postgres with deadpool's pool, chosen by measurement
+//! (`just bench`): statements are prepared once per connection, a pooled
+//! connection is handed out without a ping (sqlx's pool pings on every
+//! acquire and release, two round trips per read), and requests pipeline,
+//! so that `BEGIN` and the locking read cost one round trip. Every statement
+//! is bounded: a connection that stops answering is dropped, not waited on.
 
 use super::{
-    BackendRead, BackendTransaction, BoxFuture, ConversationEntry, RowKey, SealedRow, StorageError,
-    StoreOptions,
+    BackendRead, BackendTransaction, BoxFuture, COLUMNS, ConversationEntry, RowKey, SealedRow,
+    StorageError, StoreOptions, StoredColumns, scopes_text, to_i64,
 };
-use sqlx::Connection;
-use sqlx::pool::PoolConnectionMetadata;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use deadpool_postgres::{
+    ClientWrapper, Hook, HookError, Manager, ManagerConfig, Object, Pool, PoolError,
+    RecyclingMethod, Runtime,
+};
 use std::future::Future;
-use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
 
 /// Schema migrations, applied in order under an advisory lock.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -113,70 +123,69 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "ALTER TABLE tokenkeep_rescues ADD COLUMN baseline_scopes TEXT, \
          ADD COLUMN retry_not_before BIGINT",
     ),
+    (
+        10,
+        // The locking read in one round trip: the row locked (waiting at
+        // most lock_timeout, or not at all), a rescue parked for it applied,
+        // its refresh-start record, the database's time and the session.
+        // Each statement of a volatile PL/pgSQL function takes a snapshot of
+        // its own, so the record read after the lock wait sees one that a
+        // refresher holding the lock committed while we waited.
+        "CREATE FUNCTION tokenkeep_lock(p TEXT, u TEXT, no_wait BOOLEAN,
+        OUT t tokenkeep_tokens, OUT started_at BIGINT, OUT db_now BIGINT,
+        OUT pid INTEGER, OUT backend_start TEXT, OUT xact_start TEXT)
+    LANGUAGE plpgsql VOLATILE AS $$
+    DECLARE
+        rescued tokenkeep_tokens;
+    BEGIN
+        IF no_wait THEN
+            SELECT * INTO t FROM tokenkeep_tokens
+            WHERE provider = p AND user_id = u FOR UPDATE NOWAIT;
+        ELSE
+            SELECT * INTO t FROM tokenkeep_tokens
+            WHERE provider = p AND user_id = u FOR UPDATE;
+        END IF;
+        IF FOUND THEN
+            WITH r AS (DELETE FROM tokenkeep_rescues AS d
+                       WHERE d.provider = p AND d.user_id = u RETURNING d.*)
+            UPDATE tokenkeep_tokens AS x SET key_id = r.key_id,
+                access_token = r.access_token, refresh_token = r.refresh_token,
+                access_token_expires_at = r.access_token_expires_at,
+                refresh_token_expires_at = r.refresh_token_expires_at, scopes = r.scopes,
+                obtained_at = r.obtained_at, generation = r.generation,
+                failed_attempts = r.failed_attempts, last_failure_at = r.last_failure_at,
+                last_failure = r.last_failure, last_success_at = r.last_success_at,
+                refresh_started_at = r.refresh_started_at,
+                baseline_scopes = r.baseline_scopes, retry_not_before = r.retry_not_before,
+                updated_at = r.updated_at
+            FROM r WHERE x.provider = r.provider AND x.user_id = r.user_id
+                AND x.generation = r.replaces
+            RETURNING x.* INTO rescued;
+            IF FOUND THEN
+                t := rescued;
+            END IF;
+            SELECT s.started_at INTO started_at FROM tokenkeep_refresh_starts AS s
+            WHERE s.provider = p AND s.user_id = u AND s.generation = t.generation;
+        END IF;
+        db_now := floor(extract(epoch FROM clock_timestamp()))::bigint;
+        SELECT a.pid, a.backend_start::text, a.xact_start::text
+        INTO pid, backend_start, xact_start
+        FROM pg_stat_activity AS a WHERE a.pid = pg_backend_pid();
+    END
+    $$",
+    ),
 ];
 
-/// How long one statement inside a locked transaction may go unanswered
-/// (a write of one row, a commit) before the connection is presumed cut
-/// off and the write is saved another way.
-const STATEMENT_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Applies a rescued row if it follows the generation the row holds now,
-/// and drops any rescue of the row either way (an older one is stale).
-const APPLY_RESCUE_SQL: &str = "WITH r AS (DELETE FROM tokenkeep_rescues \
-     WHERE provider = $1 AND user_id = $2 RETURNING *) \
-     UPDATE tokenkeep_tokens AS t SET key_id = r.key_id, access_token = r.access_token, \
-     refresh_token = r.refresh_token, access_token_expires_at = r.access_token_expires_at, \
-     refresh_token_expires_at = r.refresh_token_expires_at, scopes = r.scopes, \
-     obtained_at = r.obtained_at, generation = r.generation, failed_attempts = r.failed_attempts, \
-     last_failure_at = r.last_failure_at, last_failure = r.last_failure, \
-     last_success_at = r.last_success_at, refresh_started_at = r.refresh_started_at, \
-     baseline_scopes = r.baseline_scopes, retry_not_before = r.retry_not_before, \
-     updated_at = r.updated_at \
-     FROM r WHERE t.provider = r.provider AND t.user_id = r.user_id AND t.generation = r.replaces";
-
-/// Parks a written row for the next holder of the lock.
-/// Its values are bound as the shared row insert binds them
-/// (`rows::insert_row`), then the generation and the one it replaces.
-const RESCUE_SQL: &str = "INSERT INTO tokenkeep_rescues (provider, user_id, key_id, \
-     access_token, refresh_token, access_token_expires_at, refresh_token_expires_at, scopes, \
-     obtained_at, failed_attempts, last_failure_at, last_failure, last_success_at, \
-     refresh_started_at, baseline_scopes, retry_not_before, updated_at, generation, replaces) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-     $19) \
-     ON CONFLICT (provider, user_id) DO UPDATE SET key_id = excluded.key_id, \
-     access_token = excluded.access_token, refresh_token = excluded.refresh_token, \
-     access_token_expires_at = excluded.access_token_expires_at, \
-     refresh_token_expires_at = excluded.refresh_token_expires_at, scopes = excluded.scopes, \
-     obtained_at = excluded.obtained_at, generation = excluded.generation, \
-     failed_attempts = excluded.failed_attempts, last_failure_at = excluded.last_failure_at, \
-     last_failure = excluded.last_failure, last_success_at = excluded.last_success_at, \
-     refresh_started_at = excluded.refresh_started_at, \
-     baseline_scopes = excluded.baseline_scopes, retry_not_before = excluded.retry_not_before, \
-     updated_at = excluded.updated_at, replaces = excluded.replaces";
+/// How long one statement may go unanswered (a read, a write of one row, a
+/// commit) before the connection is presumed cut off: dropped, and inside a
+/// locked transaction the write is saved another way.
+const STATEMENT_BOUND: Duration = Duration::from_secs(5);
 
 /// How long opening the store waits for the database to answer at all.
-const FIRST_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const FIRST_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Any constant distinct from other applications' advisory locks.
 const MIGRATION_LOCK: i64 = 0x746f_6b65_6e6b;
-
-/// A Postgres connection pool.
-#[derive(Clone)]
-pub struct PgStore {
-    /// Unlocked reads and single-statement writes: the hot path.
-    pub(crate) pool: PgPool,
-    /// Transactions that wait for row locks. Kept apart so that callers
-    /// queued behind one stale token never starve reads of other tokens.
-    tx_pool: PgPool,
-    /// The connection that writes refresh-start records. A refresher writes
-    /// one while it holds a row lock, so it must not queue for a connection
-    /// behind callers that are waiting for that very lock.
-    markers: Arc<tokio::sync::Mutex<Option<PgConnection>>>,
-    connect: Arc<PgConnectOptions>,
-    lock_wait: std::time::Duration,
-    /// The longest provider call: what lock-holding sessions may sit idle.
-    hold: std::time::Duration,
-}
 
 /// The database's time, whole seconds, when the statement computes it.
 macro_rules! db_now {
@@ -196,35 +205,128 @@ const READ_SQL: &str = concat!(
      LEFT JOIN tokenkeep_tokens AS t ON t.provider = $1 AND t.user_id = $2"
 );
 
-/// The row locked with `$mode`, and the database's time read after the
-/// lock was granted (the materialised CTE runs, and waits, before the outer
-/// projection). The refresh-start record is read by the next statement:
-/// under READ COMMITTED a join here would see the table as it was before
-/// the lock wait, and miss the record of a refresher that died while this
-/// one waited.
-macro_rules! lock_sql {
-    ($mode:literal) => {
-        concat!(
-            "WITH t AS MATERIALIZED (SELECT * FROM tokenkeep_tokens \
-             WHERE provider = $1 AND user_id = $2 FOR UPDATE",
-            $mode,
-            ") SELECT t.provider, t.user_id, t.key_id, t.access_token, t.refresh_token, \
-             t.access_token_expires_at, t.refresh_token_expires_at, t.scopes, t.obtained_at, \
-             t.generation, t.failed_attempts, t.last_failure_at, t.last_failure, \
-             t.last_success_at, t.refresh_started_at, t.baseline_scopes, t.retry_not_before, ",
-            db_now!(),
-            " AS db_now FROM (SELECT 1) AS one LEFT JOIN t ON true"
-        )
-    };
+/// The locking read (`tokenkeep_lock`, migration 10): the row's columns,
+/// its refresh-start record in place of the row's own, the database's time
+/// and the session. `$3`: fail at once (55P03) rather than wait.
+static LOCK_SQL: LazyLock<String> = LazyLock::new(|| {
+    let columns: Vec<String> = COLUMNS
+        .split(',')
+        .map(str::trim)
+        .map(|c| match c {
+            "refresh_started_at" => "l.started_at AS refresh_started_at".to_string(),
+            c => format!("(l.t).{c} AS {c}"),
+        })
+        .collect();
+    format!(
+        "SELECT {}, l.db_now, l.pid, l.backend_start, l.xact_start \
+         FROM tokenkeep_lock($1, $2, $3) AS l",
+        columns.join(", ")
+    )
+});
+
+/// The values of a whole row but its generation, bound as `$1`…`$17`
+/// (`$17` the time of writing) by every statement that writes one.
+const ROW_VALUES: &str =
+    "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17";
+
+/// A new row starts after the last generation a deleted row of the same
+/// provider and user had (its tombstone), so generations never repeat.
+fn insert_sql(on_conflict: &str) -> String {
+    format!(
+        "INSERT INTO tokenkeep_tokens (provider, user_id, key_id, access_token, refresh_token, \
+         access_token_expires_at, refresh_token_expires_at, scopes, obtained_at, failed_attempts, \
+         last_failure_at, last_failure, last_success_at, refresh_started_at, baseline_scopes, \
+         retry_not_before, updated_at, generation) \
+         VALUES ({ROW_VALUES}, COALESCE((SELECT generation + 1 FROM tokenkeep_tombstones \
+         WHERE provider = $1 AND user_id = $2), 1)) \
+         ON CONFLICT (provider, user_id) {on_conflict}"
+    )
 }
 
-/// Waits for the lock, at most `lock_timeout`.
-const LOCK_SQL: &str = lock_sql!("");
-/// Fails at once (55P03) when another transaction holds the lock.
-const LOCK_NOWAIT_SQL: &str = lock_sql!(" NOWAIT");
+static INSERT_SQL: LazyLock<String> = LazyLock::new(|| insert_sql("DO NOTHING"));
 
-pub(crate) mod rows {
-    super::super::rows!(sqlx::Postgres, super::error);
+static UPSERT_SQL: LazyLock<String> = LazyLock::new(|| {
+    insert_sql(
+        "DO UPDATE SET \
+         key_id = excluded.key_id, access_token = excluded.access_token, \
+         refresh_token = excluded.refresh_token, \
+         access_token_expires_at = excluded.access_token_expires_at, \
+         refresh_token_expires_at = excluded.refresh_token_expires_at, \
+         scopes = excluded.scopes, obtained_at = excluded.obtained_at, \
+         generation = tokenkeep_tokens.generation + 1, \
+         failed_attempts = excluded.failed_attempts, last_failure_at = excluded.last_failure_at, \
+         last_failure = excluded.last_failure, last_success_at = excluded.last_success_at, \
+         refresh_started_at = excluded.refresh_started_at, \
+         baseline_scopes = excluded.baseline_scopes, \
+         retry_not_before = excluded.retry_not_before, updated_at = excluded.updated_at \
+         RETURNING generation",
+    )
+});
+
+/// Writes the locked row if it still holds the generation `$19`: the row's
+/// values as [`ROW_VALUES`], `$18` the generation written.
+const COMPARE_AND_SET_SQL: &str = "UPDATE tokenkeep_tokens SET key_id = $3, access_token = $4, \
+     refresh_token = $5, access_token_expires_at = $6, refresh_token_expires_at = $7, \
+     scopes = $8, obtained_at = $9, failed_attempts = $10, last_failure_at = $11, \
+     last_failure = $12, last_success_at = $13, refresh_started_at = $14, \
+     baseline_scopes = $15, retry_not_before = $16, updated_at = $17, generation = $18 \
+     WHERE provider = $1 AND user_id = $2 AND generation = $19";
+
+/// Parks a written row for the next holder of the lock: the row's values
+/// as [`ROW_VALUES`], `$18` its generation, `$19` the one it replaces.
+static RESCUE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO tokenkeep_rescues (provider, user_id, key_id, access_token, refresh_token, \
+         access_token_expires_at, refresh_token_expires_at, scopes, obtained_at, failed_attempts, \
+         last_failure_at, last_failure, last_success_at, refresh_started_at, baseline_scopes, \
+         retry_not_before, updated_at, generation, replaces) VALUES ({ROW_VALUES}, $18, $19) \
+         ON CONFLICT (provider, user_id) DO UPDATE SET key_id = excluded.key_id, \
+         access_token = excluded.access_token, refresh_token = excluded.refresh_token, \
+         access_token_expires_at = excluded.access_token_expires_at, \
+         refresh_token_expires_at = excluded.refresh_token_expires_at, scopes = excluded.scopes, \
+         obtained_at = excluded.obtained_at, generation = excluded.generation, \
+         failed_attempts = excluded.failed_attempts, last_failure_at = excluded.last_failure_at, \
+         last_failure = excluded.last_failure, last_success_at = excluded.last_success_at, \
+         refresh_started_at = excluded.refresh_started_at, \
+         baseline_scopes = excluded.baseline_scopes, retry_not_before = excluded.retry_not_before, \
+         updated_at = excluded.updated_at, replaces = excluded.replaces"
+    )
+});
+
+/// Records a refresh start, but only while the session that holds the row
+/// lock is still in the transaction that took it: the record and the check
+/// that the lock is still ours, one round trip. (Where the server does not
+/// track transaction starts, both are null and the session must be alive.)
+const START_REFRESH_SQL: &str = "INSERT INTO tokenkeep_refresh_starts \
+     (provider, user_id, generation, started_at) \
+     SELECT $1::text, $2::text, $3::bigint, $4::bigint WHERE EXISTS (SELECT 1 \
+     FROM pg_stat_activity WHERE pid = $5::int AND backend_start = $6::text::timestamptz \
+     AND xact_start IS NOT DISTINCT FROM $7::text::timestamptz) \
+     ON CONFLICT (provider, user_id) DO UPDATE SET \
+     generation = excluded.generation, started_at = excluded.started_at";
+
+/// A row, its refresh-start record and its rescue go together.
+const DELETE_SQL: &str = "WITH s AS (DELETE FROM tokenkeep_refresh_starts \
+     WHERE provider = $1 AND user_id = $2), r AS (DELETE FROM tokenkeep_rescues \
+     WHERE provider = $1 AND user_id = $2) \
+     DELETE FROM tokenkeep_tokens WHERE provider = $1 AND user_id = $2";
+
+/// A Postgres store: two pools and the refresh-start writer.
+#[derive(Clone)]
+pub struct PgStore {
+    /// Unlocked reads and single-statement writes: the hot path.
+    pool: Pool,
+    /// Transactions that wait for row locks. Kept apart so that callers
+    /// queued behind one stale token never starve reads of other tokens.
+    tx_pool: Pool,
+    /// The connection that writes refresh-start records. A refresher writes
+    /// one while it holds a row lock, so it must not queue for a connection
+    /// behind callers that are waiting for that very lock.
+    markers: Arc<tokio::sync::Mutex<Option<ClientWrapper>>>,
+    connect: Arc<tokio_postgres::Config>,
+    lock_wait: Duration,
+    /// The longest provider call: what lock-holding sessions may sit idle.
+    hold: Duration,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -234,36 +336,88 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
+/// Opens a connection outside the pools; dropping it closes it.
+async fn open_connection(config: &tokio_postgres::Config) -> Result<ClientWrapper, StorageError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| match error(e) {
+        // Nothing was sent: the database is not there.
+        StorageError::ConnectionLost(m) => StorageError::Unavailable(m),
+        other => other,
+    })?;
+    let task = tokio::spawn(async move {
+        // Its end (a closed or broken connection) is what the client's next
+        // request reports.
+        let _ = connection.await;
+    });
+    Ok(ClientWrapper::new(client, task))
+}
+
+/// A pool whose connections carry the session settings of [`session_sql`].
+fn pool(
+    config: &tokio_postgres::Config,
+    size: usize,
+    wait: Duration,
+    session: String,
+) -> Result<Pool, StorageError> {
+    let manager = Manager::from_config(
+        config.clone(),
+        NoTls,
+        ManagerConfig {
+            // Handed out without a round trip: a connection that broke
+            // since is found out by its bounded statement, and dropped.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let session: Arc<str> = session.into();
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(wait))
+        .create_timeout(Some(STATEMENT_BOUND))
+        .post_create(Hook::async_fn(move |client: &mut ClientWrapper, _| {
+            let session = session.clone();
+            Box::pin(async move {
+                client
+                    .batch_execute(&session)
+                    .await
+                    .map_err(HookError::Backend)
+            })
+        }))
+        .build()
+        .map_err(|e| StorageError::Unavailable(format!("postgres: {e}")))
+}
+
 impl PgStore {
     pub async fn open(url: &str, options: StoreOptions) -> Result<Self, StorageError> {
-        let connect = PgConnectOptions::from_str(url)
-            .map_err(|_| StorageError::Unavailable("the Postgres URL is not valid".into()))?
-            .application_name("tokenkeep");
+        let mut connect = tokio_postgres::Config::from_str(url)
+            .map_err(|_| StorageError::Unavailable("the Postgres URL is not valid".into()))?;
+        connect
+            .application_name("tokenkeep")
+            .connect_timeout(FIRST_CONNECT_TIMEOUT.min(options.lock_wait));
         // One connection first, so that a database that is down or refuses
-        // us is reported at once (a pool retries until its acquire timeout).
+        // us is reported at once (a pool retries until its wait runs out).
         // It becomes the refresh-start writer's.
         let first = tokio::time::timeout(
             FIRST_CONNECT_TIMEOUT.min(options.lock_wait),
-            PgConnection::connect_with(&connect),
+            open_connection(&connect),
         )
         .await
-        .map_err(|_| StorageError::Unavailable("postgres: connect timed out".into()))?
-        .map_err(error)?;
-        let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections)
-            .acquire_timeout(options.lock_wait)
-            .after_connect(set_session(options.lock_wait, None))
-            .connect_lazy_with(connect.clone());
-        let tx_pool = PgPoolOptions::new()
-            .max_connections(options.max_connections)
-            .min_connections(0)
-            // Callers queue for a connection while others hold row locks.
-            .acquire_timeout(options.lock_wait * 2)
-            .after_connect(set_session(options.lock_wait, Some(options.hold)))
-            .connect_lazy_with(connect.clone());
+        .map_err(|_| StorageError::Unavailable("postgres: connect timed out".into()))??;
+        connect.connect_timeout(STATEMENT_BOUND);
+        let size = options.max_connections.max(1) as usize;
         let store = Self {
-            pool,
-            tx_pool,
+            pool: pool(
+                &connect,
+                size,
+                options.lock_wait,
+                session_sql(options.lock_wait, None),
+            )?,
+            // Callers queue for a connection while others hold row locks.
+            tx_pool: pool(
+                &connect,
+                size,
+                options.lock_wait * 2,
+                session_sql(options.lock_wait, Some(options.hold)),
+            )?,
             markers: Arc::new(tokio::sync::Mutex::new(Some(first))),
             connect: Arc::new(connect),
             lock_wait: options.lock_wait,
@@ -273,91 +427,82 @@ impl PgStore {
         Ok(store)
     }
 
+    /// A connection of the hot-path pool.
+    async fn pooled(&self) -> Result<Object, StorageError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Runs `work` on a pooled connection within [`STATEMENT_BOUND`]; a
+    /// connection that broke or stopped answering is dropped, not pooled.
+    async fn on_pool<T>(
+        &self,
+        work: impl AsyncFnOnce(&ClientWrapper) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let client = self.pooled().await?;
+        let done = within(STATEMENT_BOUND, work(&client)).await;
+        if matches!(done, Err(StorageError::ConnectionLost(_))) {
+            drop(Object::take(client));
+        }
+        done
+    }
+
     /// The database's time, for the clock before the first row is read.
     pub(crate) async fn database_now(&self) -> Result<i64, StorageError> {
-        sqlx::query_scalar(concat!("SELECT ", db_now!()))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(error)
+        self.on_pool(async |c| {
+            let row = c
+                .query_one(concat!("SELECT ", db_now!()), &[])
+                .await
+                .map_err(error)?;
+            row.try_get(0).map_err(error)
+        })
+        .await
     }
 
     async fn migrate(&self) -> Result<(), StorageError> {
-        let mut tx = self.pool.begin().await.map_err(error)?;
-        // Another process may be migrating: wait for it, however long.
-        sqlx::query("SET LOCAL lock_timeout = 0")
-            .execute(&mut *tx)
-            .await
-            .map_err(error)?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(MIGRATION_LOCK)
-            .execute(&mut *tx)
-            .await
-            .map_err(error)?;
-        sqlx::query("CREATE TABLE IF NOT EXISTS tokenkeep_schema (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
-            .execute(&mut *tx)
-            .await
-            .map_err(error)?;
-        let current: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM tokenkeep_schema")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(error)?;
-        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| Some(*v) > current) {
-            sqlx::query(sql).execute(&mut *tx).await.map_err(error)?;
-            sqlx::query("INSERT INTO tokenkeep_schema (version) VALUES ($1)")
-                .bind(version)
-                .execute(&mut *tx)
-                .await
-                .map_err(error)?;
+        let client = self.pooled().await?;
+        let migrated = migrate(&client).await;
+        if migrated.is_err() {
+            // Mid-transaction, perhaps: never pooled again.
+            drop(Object::take(client));
         }
-        tx.commit().await.map_err(error)
+        migrated
     }
 
-    /// Writes a refresh-start record on the dedicated connection, reconnecting
-    /// after a failure.
-    pub(crate) async fn record_refresh_start(
+    /// Writes a refresh-start record on the dedicated connection, if
+    /// `session` still holds the row's lock; reconnecting after a failure.
+    async fn record_refresh_start(
         &self,
-        provider: &str,
-        user_id: &str,
-        generation: u64,
-        at: i64,
-    ) -> Result<(), StorageError> {
+        values: &[&(dyn ToSql + Sync)],
+    ) -> Result<bool, StorageError> {
         // Bounded, and well inside the lock holder's idle allowance: a
         // half-open connection must not stall refreshes that hold row locks;
         // on timeout the connection is dropped and rebuilt.
-        let wait = STATEMENT_BOUND;
-        let mut slot = tokio::time::timeout(wait, self.markers.lock())
+        let mut slot = tokio::time::timeout(STATEMENT_BOUND, self.markers.lock())
             .await
             .map_err(|_| StorageError::Unavailable("postgres: refresh-start writer busy".into()))?;
         // A kept connection may have died with a server restart: one more
         // try on a new connection before giving up.
         let tries = if slot.is_some() { 2 } else { 1 };
-        let mut written = Ok(());
+        let mut written = Ok(false);
         for _ in 0..tries {
             let conn = match slot.as_mut() {
                 Some(conn) => conn,
-                None => slot.insert(
-                    tokio::time::timeout(wait, PgConnection::connect_with(&*self.connect))
-                        .await
-                        .map_err(|_| {
-                            StorageError::Unavailable("postgres: connect timed out".into())
-                        })?
-                        .map_err(error)?,
-                ),
+                None => slot.insert(within(STATEMENT_BOUND, open_connection(&self.connect)).await?),
             };
-            written = tokio::time::timeout(
-                wait,
-                rows::record_refresh_start(&mut *conn, provider, user_id, generation, at),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(StorageError::Unavailable(
-                    "postgres: refresh-start write timed out".into(),
-                ))
-            });
-            if written.is_ok() {
-                break;
+            written = within(STATEMENT_BOUND, async {
+                let statement = conn
+                    .prepare_cached(START_REFRESH_SQL)
+                    .await
+                    .map_err(error)?;
+                let n = conn.execute(&statement, values).await.map_err(error)?;
+                Ok(n == 1)
+            })
+            .await;
+            match &written {
+                Ok(_) => break,
+                Err(StorageError::ConnectionLost(_)) => *slot = None,
+                Err(_) => break,
             }
-            *slot = None;
         }
         written
     }
@@ -367,6 +512,7 @@ impl PgStore {
     fn begin(&self) -> PgTransaction {
         PgTransaction {
             conn: None,
+            begun: false,
             session: None,
             written: None,
             store: self.clone(),
@@ -374,31 +520,60 @@ impl PgStore {
     }
 
     /// A connection of its own, outside both pools, for saving a write.
-    async fn connect_alone(&self) -> Result<PgConnection, StorageError> {
-        let mut conn = bounded(STATEMENT_BOUND, PgConnection::connect_with(&self.connect)).await?;
+    async fn connect_alone(&self) -> Result<ClientWrapper, StorageError> {
+        let conn = within(STATEMENT_BOUND, open_connection(&self.connect)).await?;
         // It will hold the row lock: the same bounds as the pool's.
         let set = session_sql(self.lock_wait, Some(self.hold));
-        bounded(
-            STATEMENT_BOUND,
-            sqlx::Executor::execute(&mut conn, set.as_str()),
-        )
-        .await?;
+        bounded(STATEMENT_BOUND, conn.batch_execute(&set)).await?;
         Ok(conn)
     }
+}
+
+/// Brings the schema up to date under an advisory lock.
+async fn migrate(client: &ClientWrapper) -> Result<(), StorageError> {
+    // Another process may be migrating: wait for it, however long.
+    client
+        .batch_execute(
+            "BEGIN; SET LOCAL lock_timeout = 0; \
+             CREATE TABLE IF NOT EXISTS tokenkeep_schema (version BIGINT PRIMARY KEY, \
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(error)?;
+    client
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(error)?;
+    let current: Option<i64> = client
+        .query_one("SELECT max(version) FROM tokenkeep_schema", &[])
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(error)?;
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| Some(*v) > current) {
+        client.batch_execute(sql).await.map_err(error)?;
+        client
+            .execute(
+                "INSERT INTO tokenkeep_schema (version) VALUES ($1)",
+                &[version],
+            )
+            .await
+            .map_err(error)?;
+    }
+    client.batch_execute("COMMIT").await.map_err(error)
 }
 
 /// Runs a statement, but gives up on an answer after `bound`: a connection
 /// that stops answering is reported as lost, not waited on.
 async fn bounded<T>(
-    bound: std::time::Duration,
-    work: impl Future<Output = Result<T, sqlx::Error>>,
+    bound: Duration,
+    work: impl Future<Output = Result<T, tokio_postgres::Error>>,
 ) -> Result<T, StorageError> {
     within(bound, async { work.await.map_err(error) }).await
 }
 
 /// [`bounded`] for work that already speaks the storage taxonomy.
 async fn within<T>(
-    bound: std::time::Duration,
+    bound: Duration,
     work: impl Future<Output = Result<T, StorageError>>,
 ) -> Result<T, StorageError> {
     match tokio::time::timeout(bound, work).await {
@@ -410,9 +585,6 @@ async fn within<T>(
     }
 }
 
-/// The future `after_connect` callbacks return.
-type ConnectFuture<'c> = Pin<Box<dyn Future<Output = Result<(), sqlx::Error>> + Send + 'c>>;
-
 /// Every connection waits at most the lock wait for a row lock: set once per
 /// connection, not per transaction (a round trip each), and not as startup
 /// options (which connection poolers such as PgBouncer refuse). Connections
@@ -420,26 +592,7 @@ type ConnectFuture<'c> = Pin<Box<dyn Future<Output = Result<(), sqlx::Error>> + 
 /// longer than the longest provider call (`hold`) plus a margin, and probe
 /// a silent client: a refresher cut off from the database releases its
 /// lock within that bound instead of TCP's two hours.
-fn set_session(
-    wait: std::time::Duration,
-    hold: Option<std::time::Duration>,
-) -> impl for<'c> Fn(&'c mut PgConnection, PoolConnectionMetadata) -> ConnectFuture<'c>
-+ Send
-+ Sync
-+ 'static {
-    let sql = session_sql(wait, hold);
-    move |conn, _| {
-        let sql = sql.clone();
-        Box::pin(async move {
-            sqlx::Executor::execute(conn, sql.as_str())
-                .await
-                .map(|_| ())
-        })
-    }
-}
-
-/// The session settings of [`set_session`], one round trip.
-fn session_sql(wait: std::time::Duration, hold: Option<std::time::Duration>) -> String {
+fn session_sql(wait: Duration, hold: Option<Duration>) -> String {
     let mut sql = format!("SET lock_timeout = '{}ms'", wait.as_millis());
     if let Some(hold) = hold {
         sql.push_str(&format!(
@@ -453,11 +606,10 @@ fn session_sql(wait: std::time::Duration, hold: Option<std::time::Duration>) -> 
 }
 
 /// Maps a Postgres failure onto the storage taxonomy.
-pub(crate) fn error(e: sqlx::Error) -> StorageError {
-    if let sqlx::Error::Database(db) = &e {
-        let code = db.code();
-        let code = code.as_deref().unwrap_or("");
-        // 55P03 lock_not_available (lock_timeout), 40P01 deadlock_detected.
+pub(crate) fn error(e: tokio_postgres::Error) -> StorageError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        // 55P03 lock_not_available (lock_timeout, NOWAIT), 40P01 deadlock_detected.
         if matches!(code, "55P03" | "40P01") {
             return StorageError::LockTimeout;
         }
@@ -470,68 +622,324 @@ pub(crate) fn error(e: sqlx::Error) -> StorageError {
         }
         return StorageError::Unavailable(message);
     }
+    if e.is_closed() {
+        return StorageError::ConnectionLost("postgres: the connection is closed".into());
+    }
+    let io = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>());
+    match io {
+        Some(io) => StorageError::ConnectionLost(format!("postgres unreachable: {}", io.kind())),
+        // Decoding and conversion failures: the connection is fine.
+        None if e.to_string().contains("serializ") => {
+            StorageError::Unavailable(format!("postgres: {e}"))
+        }
+        None => StorageError::ConnectionLost(format!("postgres: {e}")),
+    }
+}
+
+/// Maps a failure to get a pooled connection.
+fn pool_error(e: PoolError) -> StorageError {
     match e {
-        sqlx::Error::PoolTimedOut => {
+        PoolError::Timeout(_) => {
             StorageError::Unavailable("postgres: no connection free within the wait".into())
         }
-        sqlx::Error::Io(io) => {
-            StorageError::ConnectionLost(format!("postgres unreachable: {}", io.kind()))
-        }
-        sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => {
-            StorageError::ConnectionLost(format!("postgres: {e}"))
-        }
-        sqlx::Error::Tls(_) => StorageError::Unavailable("postgres: TLS failure".into()),
+        // Nothing was sent on a connection that never opened.
+        PoolError::Backend(e) => match error(e) {
+            StorageError::ConnectionLost(m) => StorageError::Unavailable(m),
+            other => other,
+        },
+        PoolError::PostCreateHook(HookError::Backend(e)) => match error(e) {
+            StorageError::ConnectionLost(m) => StorageError::Unavailable(m),
+            other => other,
+        },
         other => StorageError::Unavailable(format!("postgres: {other}")),
     }
 }
 
+/// Decodes a row of [`READ_SQL`] or [`LOCK_SQL`]: the row, if any, and the
+/// database's time.
+fn decode_read(r: &Row) -> Result<BackendRead, StorageError> {
+    let db_now: Option<i64> = r.try_get("db_now").map_err(error)?;
+    let present: Option<String> = r.try_get("provider").map_err(error)?;
+    let row = match present {
+        Some(_) => Some(decode(r)?),
+        None => None,
+    };
+    Ok((row, db_now))
+}
+
+fn decode(r: &Row) -> Result<SealedRow, StorageError> {
+    let columns = (|| -> Result<StoredColumns, tokio_postgres::Error> {
+        Ok(StoredColumns {
+            provider: r.try_get("provider")?,
+            user_id: r.try_get("user_id")?,
+            key_id: r.try_get("key_id")?,
+            access_token: r.try_get("access_token")?,
+            refresh_token: r.try_get("refresh_token")?,
+            access_token_expires_at: r.try_get("access_token_expires_at")?,
+            refresh_token_expires_at: r.try_get("refresh_token_expires_at")?,
+            scopes: r.try_get("scopes")?,
+            obtained_at: r.try_get("obtained_at")?,
+            generation: r.try_get("generation")?,
+            failed_attempts: r.try_get("failed_attempts")?,
+            last_failure_at: r.try_get("last_failure_at")?,
+            last_failure: r.try_get("last_failure")?,
+            last_success_at: r.try_get("last_success_at")?,
+            refresh_started_at: r.try_get("refresh_started_at")?,
+            baseline_scopes: r.try_get("baseline_scopes")?,
+            retry_not_before: r.try_get("retry_not_before")?,
+        })
+    })()
+    .map_err(error)?;
+    columns
+        .into_row()
+        .map_err(|e| StorageError::Unavailable(format!("postgres: a stored row is malformed: {e}")))
+}
+
+/// A row's values as [`ROW_VALUES`] binds them.
+struct RowValues<'r> {
+    row: &'r SealedRow,
+    scopes: String,
+    baseline: String,
+    failed_attempts: i64,
+    last_failure: Option<&'static str>,
+    now: i64,
+}
+
+impl<'r> RowValues<'r> {
+    fn new(row: &'r SealedRow, now: i64) -> Self {
+        Self {
+            row,
+            scopes: scopes_text(&row.scopes),
+            baseline: scopes_text(&row.baseline_scopes),
+            failed_attempts: i64::from(row.health.failed_attempts),
+            last_failure: row
+                .health
+                .last_failure
+                .map(tokenkeep_core::error::ErrorClass::name),
+            now,
+        }
+    }
+
+    /// `$1`…`$17`, then `more`.
+    fn with<'a>(&'a self, more: &[&'a (dyn ToSql + Sync)]) -> Vec<&'a (dyn ToSql + Sync)> {
+        let r = self.row;
+        let mut values: Vec<&(dyn ToSql + Sync)> = vec![
+            &r.provider,
+            &r.user_id,
+            &r.key_id,
+            &r.access_token,
+            &r.refresh_token,
+            &r.access_token_expires_at,
+            &r.refresh_token_expires_at,
+            &self.scopes,
+            &r.obtained_at,
+            &self.failed_attempts,
+            &r.health.last_failure_at,
+            &self.last_failure,
+            &r.health.last_success_at,
+            &r.health.refresh_started_at,
+            &self.baseline,
+            &r.health.retry_not_before,
+            &self.now,
+        ];
+        values.extend_from_slice(more);
+        values
+    }
+}
+
 impl super::Backend for PgStore {
-    // read, list, insert, upsert and the conversation entries: the shared SQL.
-    super::pool_backend_methods!();
     fn database_now(&self) -> BoxFuture<'_, Result<Option<i64>, StorageError>> {
         Box::pin(async move { PgStore::database_now(self).await.map(Some) })
+    }
+    fn read<'a>(
+        &'a self,
+        provider: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<BackendRead, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            let statement = c.prepare_cached(READ_SQL).await.map_err(error)?;
+            let row = c
+                .query_one(&statement, &[&provider, &user_id])
+                .await
+                .map_err(error)?;
+            decode_read(&row)
+        }))
+    }
+    fn list<'a>(
+        &'a self,
+        after: Option<&'a RowKey>,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<SealedRow>, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            let limit = i64::from(limit);
+            let rows = match after {
+                Some(k) => {
+                    let sql = format!(
+                        "SELECT {COLUMNS} FROM tokenkeep_tokens \
+                         WHERE (provider, user_id) > ($1, $2) \
+                         ORDER BY provider, user_id LIMIT $3"
+                    );
+                    let statement = c.prepare_cached(&sql).await.map_err(error)?;
+                    c.query(&statement, &[&k.provider, &k.user_id, &limit])
+                        .await
+                }
+                None => {
+                    let sql = format!(
+                        "SELECT {COLUMNS} FROM tokenkeep_tokens \
+                         ORDER BY provider, user_id LIMIT $1"
+                    );
+                    let statement = c.prepare_cached(&sql).await.map_err(error)?;
+                    c.query(&statement, &[&limit]).await
+                }
+            }
+            .map_err(error)?;
+            rows.iter().map(decode).collect()
+        }))
+    }
+    fn rows_per_key(&self) -> BoxFuture<'_, Result<Vec<(String, u64)>, StorageError>> {
+        Box::pin(self.on_pool(async |c| {
+            let rows = c
+                .query(
+                    "SELECT key_id, count(*) FROM tokenkeep_tokens GROUP BY key_id ORDER BY key_id",
+                    &[],
+                )
+                .await
+                .map_err(error)?;
+            rows.iter()
+                .map(|r| {
+                    let key: String = r.try_get(0).map_err(error)?;
+                    let n: i64 = r.try_get(1).map_err(error)?;
+                    Ok((key, n.max(0) as u64))
+                })
+                .collect()
+        }))
+    }
+    fn insert<'a>(
+        &'a self,
+        row: &'a SealedRow,
+        now: i64,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            let statement = c.prepare_cached(&INSERT_SQL).await.map_err(error)?;
+            let values = RowValues::new(row, now);
+            let n = c
+                .execute(&statement, &values.with(&[]))
+                .await
+                .map_err(error)?;
+            Ok(n == 1)
+        }))
+    }
+    fn upsert<'a>(
+        &'a self,
+        row: &'a SealedRow,
+        now: i64,
+    ) -> BoxFuture<'a, Result<u64, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            let statement = c.prepare_cached(&UPSERT_SQL).await.map_err(error)?;
+            let values = RowValues::new(row, now);
+            let written = c
+                .query_one(&statement, &values.with(&[]))
+                .await
+                .map_err(error)?;
+            let generation: i64 = written.try_get(0).map_err(error)?;
+            Ok(generation.max(0) as u64)
+        }))
     }
     fn delete<'a>(
         &'a self,
         provider: &'a str,
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<bool, StorageError>> {
-        Box::pin(async move {
-            rows::delete_refresh_start(&self.pool, provider, user_id).await?;
-            sqlx::query("DELETE FROM tokenkeep_rescues WHERE provider = $1 AND user_id = $2")
-                .bind(provider)
-                .bind(user_id)
-                .execute(&self.pool)
+        Box::pin(self.on_pool(async move |c| {
+            let statement = c.prepare_cached(DELETE_SQL).await.map_err(error)?;
+            let n = c
+                .execute(&statement, &[&provider, &user_id])
                 .await
                 .map_err(error)?;
-            rows::delete(&self.pool, provider, user_id).await
-        })
+            Ok(n > 0)
+        }))
     }
     fn begin(&self) -> BoxFuture<'_, Result<Box<dyn BackendTransaction>, StorageError>> {
         Box::pin(async move { Ok(Box::new(PgStore::begin(self)) as Box<dyn BackendTransaction>) })
     }
-    fn record_refresh_start<'a>(
+    fn conversation_entries<'a>(
         &'a self,
-        provider: &'a str,
-        user_id: &'a str,
-        generation: u64,
-        at: i64,
+        conversation_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ConversationEntry>, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            let statement = c
+                .prepare_cached(
+                    "SELECT conversation_id, provider, user_id, scopes, generation, updated_at \
+                     FROM tokenkeep_conversations WHERE conversation_id = $1 ORDER BY provider",
+                )
+                .await
+                .map_err(error)?;
+            let rows = c
+                .query(&statement, &[&conversation_id])
+                .await
+                .map_err(error)?;
+            rows.iter()
+                .map(|r| {
+                    let scopes: String = r.try_get("scopes").map_err(error)?;
+                    Ok(ConversationEntry {
+                        conversation_id: r.try_get("conversation_id").map_err(error)?,
+                        provider: r.try_get("provider").map_err(error)?,
+                        user_id: r.try_get("user_id").map_err(error)?,
+                        scopes: serde_json::from_str(&scopes).map_err(|e| {
+                            StorageError::Unavailable(format!("postgres: malformed scopes: {e}"))
+                        })?,
+                        generation: r.try_get::<_, i64>("generation").map_err(error)?.max(0) as u64,
+                        updated_at: r.try_get("updated_at").map_err(error)?,
+                    })
+                })
+                .collect()
+        }))
+    }
+    fn put_conversation_entry<'a>(
+        &'a self,
+        entry: &'a ConversationEntry,
     ) -> BoxFuture<'a, Result<(), StorageError>> {
-        Box::pin(PgStore::record_refresh_start(
-            self, provider, user_id, generation, at,
-        ))
+        Box::pin(self.on_pool(async move |c| {
+            let statement = c
+                .prepare_cached(
+                    "INSERT INTO tokenkeep_conversations \
+                     (conversation_id, provider, user_id, scopes, generation, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (conversation_id, provider) DO UPDATE SET \
+                     user_id = excluded.user_id, scopes = excluded.scopes, \
+                     generation = excluded.generation, updated_at = excluded.updated_at",
+                )
+                .await
+                .map_err(error)?;
+            let scopes = scopes_text(&entry.scopes);
+            let generation = to_i64(entry.generation)?;
+            c.execute(
+                &statement,
+                &[
+                    &entry.conversation_id,
+                    &entry.provider,
+                    &entry.user_id,
+                    &scopes,
+                    &generation,
+                    &entry.updated_at,
+                ],
+            )
+            .await
+            .map_err(error)?;
+            Ok(())
+        }))
     }
 }
 
 /// A connection a transaction runs on.
 enum Conn {
-    Pooled(sqlx::pool::PoolConnection<sqlx::Postgres>),
+    Pooled(Object),
     /// Opened to save a write after the pooled one was cut off.
-    Alone(PgConnection),
+    Alone(ClientWrapper),
 }
 
 impl Conn {
-    fn raw(&mut self) -> &mut PgConnection {
+    fn client(&self) -> &ClientWrapper {
         match self {
             Conn::Pooled(c) => c,
             Conn::Alone(c) => c,
@@ -540,19 +948,15 @@ impl Conn {
 
     /// Rolls back whatever it holds, then returns it to the pool (our own
     /// connection closes); one that does not answer is discarded.
-    async fn roll_back(mut self) {
-        let rolled_back = match &mut self {
+    async fn roll_back(self) {
+        let rolled_back = match &self {
             Conn::Pooled(pooled) => {
-                bounded(
-                    STATEMENT_BOUND,
-                    sqlx::Executor::execute(&mut **pooled, "ROLLBACK"),
-                )
-                .await
+                bounded(STATEMENT_BOUND, pooled.batch_execute("ROLLBACK")).await
             }
             Conn::Alone(_) => Err(StorageError::ConnectionLost("not pooled".into())),
         };
         match rolled_back {
-            Ok(_) => drop(self),
+            Ok(()) => drop(self),
             Err(_) => self.discard(),
         }
     }
@@ -561,7 +965,7 @@ impl Conn {
     /// it had not committed); a pooled one is never handed out again.
     fn discard(self) {
         match self {
-            Conn::Pooled(c) => drop(c.detach()),
+            Conn::Pooled(c) => drop(Object::take(c)),
             Conn::Alone(c) => drop(c),
         }
     }
@@ -580,6 +984,8 @@ impl Conn {
 struct PgTransaction {
     /// None until the first locking read; taken when the transaction ends.
     conn: Option<Conn>,
+    /// Whether `BEGIN` has run on `conn`.
+    begun: bool,
     /// The session serving `conn`, to end it if we lose sight of it.
     session: Option<Session>,
     /// The row written in this transaction and the generation it replaces.
@@ -593,12 +999,8 @@ struct PgTransaction {
 struct Session {
     pid: i32,
     backend_start: String,
-    xact_start: String,
+    xact_start: Option<String>,
 }
-
-/// Opens the transaction and tells which session serves it.
-const BEGIN_SQL: &str = "BEGIN; SELECT pid, backend_start::text, xact_start::text \
-     FROM pg_stat_activity WHERE pid = pg_backend_pid()";
 
 impl Drop for PgTransaction {
     fn drop(&mut self) {
@@ -617,121 +1019,101 @@ impl Drop for PgTransaction {
 }
 
 impl PgTransaction {
-    fn conn(&mut self) -> Result<&mut PgConnection, StorageError> {
+    fn client(&self) -> Result<&ClientWrapper, StorageError> {
         self.conn
-            .as_mut()
-            .map(Conn::raw)
+            .as_ref()
+            .map(Conn::client)
             .ok_or_else(|| StorageError::ConnectionLost("postgres: transaction lost".into()))
     }
 
     /// Takes the connection out of service after a failure.
     fn lose_connection(&mut self) {
+        self.begun = false;
         if let Some(conn) = self.conn.take() {
             conn.discard();
         }
     }
 
-    /// Opens the transaction on a pooled connection, waiting for one unless
-    /// `wait` is false (then none free is false: a caller who need not wait
-    /// does not queue behind lock waiters for a connection either).
+    /// Takes a pooled connection, waiting for one unless `wait` is false
+    /// (then none free soon is false: a caller who need not wait does not
+    /// queue behind lock waiters for a connection either).
     async fn open(&mut self, wait: bool) -> Result<bool, StorageError> {
         if self.conn.is_some() {
             return Ok(true);
         }
         let pooled = if wait {
-            self.store.tx_pool.acquire().await.map_err(error)?
+            self.store.tx_pool.get().await.map_err(pool_error)?
         } else {
-            // A free connection, or a new one if the pool has room: not a
-            // place in the queue behind lock waiters.
-            match tokio::time::timeout(super::TRY_ACQUIRE, self.store.tx_pool.acquire()).await {
-                Ok(Ok(pooled)) => pooled,
-                Ok(Err(_)) | Err(_) => return Ok(false),
+            let mut timeouts = self.store.tx_pool.timeouts();
+            timeouts.wait = Some(super::TRY_ACQUIRE);
+            match self.store.tx_pool.timeout_get(&timeouts).await {
+                Ok(pooled) => pooled,
+                Err(_) => return Ok(false),
             }
         };
-        // Held by the transaction from here on, so that a cancelled BEGIN
-        // is rolled back by Drop.
         self.conn = Some(Conn::Pooled(pooled));
-        self.begin_session().await?;
+        self.begun = false;
         Ok(true)
     }
 
-    /// `BEGIN` on the current connection, recording its session.
-    async fn begin_session(&mut self) -> Result<(), StorageError> {
-        let conn = self.conn()?;
-        let row = bounded(STATEMENT_BOUND, sqlx::Executor::fetch_one(conn, BEGIN_SQL)).await;
-        let session = row.and_then(|row| {
-            use sqlx::Row as _;
-            Ok(Session {
-                pid: row.try_get(0).map_err(error)?,
-                backend_start: row.try_get(1).map_err(error)?,
-                xact_start: row.try_get(2).map_err(error)?,
-            })
-        });
-        match session {
-            Ok(session) => {
-                self.session = Some(session);
-                Ok(())
-            }
-            Err(e) => {
-                self.lose_connection();
-                Err(e)
-            }
-        }
-    }
-
-    /// Locks the row, waiting for it unless `wait` is false (then a lock
-    /// held elsewhere is `LockTimeout` at once).
+    /// Locks the row (with `BEGIN` in the same round trip, the first time),
+    /// waiting for it unless `wait` is false (then a lock held elsewhere is
+    /// `LockTimeout` at once).
     async fn lock(
         &mut self,
         provider: &str,
         user_id: &str,
         wait: bool,
     ) -> Result<BackendRead, StorageError> {
-        let (sql, bound) = if wait {
-            (LOCK_SQL, self.store.lock_wait + STATEMENT_BOUND)
+        let bound = if wait {
+            self.store.lock_wait + STATEMENT_BOUND
         } else {
-            (LOCK_NOWAIT_SQL, STATEMENT_BOUND)
+            STATEMENT_BOUND
         };
         if !self.open(wait).await? {
             // No connection free at once: as busy as a held lock.
             return Err(StorageError::LockTimeout);
         }
-        let conn = self.conn()?;
-        let read = within(
-            bound,
-            rows::load_for_update(conn, None, sql, provider, user_id),
-        )
-        .await;
-        let read = match read {
-            Ok((Some(_), _)) => {
-                // A rescue parked by a refresher that was cut off: applied
-                // (if it follows this generation) before anyone reads the row.
-                let applied = bounded(
-                    STATEMENT_BOUND,
-                    sqlx::query(APPLY_RESCUE_SQL)
-                        .bind(provider)
-                        .bind(user_id)
-                        .execute(&mut *conn),
-                )
-                .await;
-                match applied {
-                    Ok(done) if done.rows_affected() > 0 => {
-                        within(
-                            STATEMENT_BOUND,
-                            rows::load_for_update(conn, None, LOCK_SQL, provider, user_id),
-                        )
-                        .await
-                    }
-                    Ok(_) => read,
-                    Err(e) => Err(e),
-                }
+        let begin = !self.begun;
+        let client = self.client()?;
+        let no_wait = !wait;
+        let found = within(bound, async {
+            let statement = client.prepare_cached(&LOCK_SQL).await.map_err(error)?;
+            let params: [&(dyn ToSql + Sync); 3] = [&provider, &user_id, &no_wait];
+            if begin {
+                // Pipelined: one round trip.
+                let (begun, row) = tokio::join!(
+                    client.batch_execute("BEGIN"),
+                    client.query_one(&statement, &params)
+                );
+                begun.map_err(error)?;
+                row.map_err(error)
+            } else {
+                client.query_one(&statement, &params).await.map_err(error)
             }
-            other => other,
+        })
+        .await;
+        let row = match found {
+            Ok(row) => row,
+            Err(e) => {
+                if matches!(e, StorageError::ConnectionLost(_)) {
+                    self.lose_connection();
+                } else if begin {
+                    // BEGIN ran: the refused lock aborted the transaction.
+                    self.begun = true;
+                }
+                return Err(e);
+            }
         };
-        if matches!(read, Err(StorageError::ConnectionLost(_))) {
-            self.lose_connection();
+        self.begun = true;
+        if begin {
+            self.session = Some(Session {
+                pid: row.try_get("pid").map_err(error)?,
+                backend_start: row.try_get("backend_start").map_err(error)?,
+                xact_start: row.try_get("xact_start").map_err(error)?,
+            });
         }
-        read
+        decode_read(&row)
     }
 
     /// After the connection was lost with `row` written (or being written):
@@ -744,17 +1126,13 @@ impl PgTransaction {
         now: i64,
     ) -> Result<bool, StorageError> {
         self.lose_connection();
-        let mut alone = self.store.connect_alone().await?;
-        let to_i64 = |v: u64| {
-            i64::try_from(v)
-                .map_err(|_| StorageError::Unavailable("generation out of range".into()))
-        };
+        let alone = self.store.connect_alone().await?;
+        let generation = to_i64(row.generation)?;
+        let replaces = to_i64(expected)?;
+        let values = RowValues::new(row, now);
         bounded(
             STATEMENT_BOUND,
-            rows::insert_row(RESCUE_SQL, row, now)
-                .bind(to_i64(row.generation)?)
-                .bind(to_i64(expected)?)
-                .execute(&mut alone),
+            alone.execute(RESCUE_SQL.as_str(), &values.with(&[&generation, &replaces])),
         )
         .await?;
         tracing::warn!(
@@ -767,20 +1145,17 @@ impl PgTransaction {
             // be gone already.
             let _ = bounded(
                 STATEMENT_BOUND,
-                sqlx::query(
+                alone.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                     WHERE pid = $1 AND backend_start = $2::timestamptz \
-                     AND xact_start = $3::timestamptz",
-                )
-                .bind(old.pid)
-                .bind(old.backend_start)
-                .bind(old.xact_start)
-                .execute(&mut alone),
+                     WHERE pid = $1 AND backend_start = $2::text::timestamptz \
+                     AND xact_start IS NOT DISTINCT FROM $3::text::timestamptz",
+                    &[&old.pid, &old.backend_start, &old.xact_start],
+                ),
             )
             .await;
         }
         self.conn = Some(Conn::Alone(alone));
-        self.begin_session().await?;
+        self.begun = false;
         let (stored, _) = self.lock(&row.provider, &row.user_id, true).await?;
         Ok(stored
             .is_some_and(|s| s.generation == row.generation && s.access_token == row.access_token))
@@ -788,16 +1163,6 @@ impl PgTransaction {
 }
 
 impl BackendTransaction for PgTransaction {
-    fn still_held(&mut self) -> BoxFuture<'_, Result<(), StorageError>> {
-        Box::pin(async move {
-            let conn = self.conn()?;
-            let alive = bounded(STATEMENT_BOUND, sqlx::Executor::execute(conn, "SELECT 1")).await;
-            if alive.is_err() {
-                self.lose_connection();
-            }
-            alive.map(|_| ())
-        })
-    }
     fn load_for_update<'a>(
         &'a mut self,
         provider: &'a str,
@@ -816,12 +1181,52 @@ impl BackendTransaction for PgTransaction {
                 // NOWAIT's refusal aborted the transaction: roll it back,
                 // and the connection can serve again.
                 Err(StorageError::LockTimeout) => {
+                    self.begun = false;
+                    self.session = None;
                     if let Some(conn) = self.conn.take() {
                         conn.roll_back().await;
                     }
                     Ok(None)
                 }
                 Err(e) => Err(e),
+            }
+        })
+    }
+    fn start_refresh<'a>(
+        &'a mut self,
+        provider: &'a str,
+        user_id: &'a str,
+        generation: u64,
+        at: i64,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(async move {
+            let Some(session) = self.session.as_ref() else {
+                return Err(StorageError::ConnectionLost(
+                    "postgres: no row lock is held".into(),
+                ));
+            };
+            let generation = to_i64(generation)?;
+            let recorded = self
+                .store
+                .record_refresh_start(&[
+                    &provider,
+                    &user_id,
+                    &generation,
+                    &at,
+                    &session.pid,
+                    &session.backend_start,
+                    &session.xact_start,
+                ])
+                .await?;
+            if recorded {
+                Ok(())
+            } else {
+                // The database ended our session: its lock is gone.
+                self.session = None;
+                self.lose_connection();
+                Err(StorageError::ConnectionLost(
+                    "postgres: the session holding the row lock has ended".into(),
+                ))
             }
         })
     }
@@ -834,11 +1239,29 @@ impl BackendTransaction for PgTransaction {
         Box::pin(async move {
             // A write opens the transaction if no read did.
             self.open(true).await?;
-            let conn = self.conn()?;
-            let set = within(
-                STATEMENT_BOUND,
-                rows::compare_and_set(conn, row, expected, now),
-            )
+            if !self.begun {
+                let client = self.client()?;
+                if let Err(e) = bounded(STATEMENT_BOUND, client.batch_execute("BEGIN")).await {
+                    self.lose_connection();
+                    return Err(e);
+                }
+                self.begun = true;
+            }
+            let client = self.client()?;
+            let generation = to_i64(row.generation)?;
+            let expected_i = to_i64(expected)?;
+            let values = RowValues::new(row, now);
+            let set = within(STATEMENT_BOUND, async {
+                let statement = client
+                    .prepare_cached(COMPARE_AND_SET_SQL)
+                    .await
+                    .map_err(error)?;
+                let n = client
+                    .execute(&statement, &values.with(&[&generation, &expected_i]))
+                    .await
+                    .map_err(error)?;
+                Ok(n == 1)
+            })
             .await;
             match set {
                 Ok(true) => {
@@ -860,14 +1283,16 @@ impl BackendTransaction for PgTransaction {
     }
     fn commit(mut self: Box<Self>) -> BoxFuture<'static, Result<(), StorageError>> {
         Box::pin(async move {
-            let conn = self.conn()?;
-            let committed = bounded(
-                STATEMENT_BOUND,
-                sqlx::Executor::execute(&mut *conn, "COMMIT"),
-            )
-            .await;
+            if !self.begun {
+                // Nothing was locked or written: nothing to commit.
+                if let Some(conn) = self.conn.take() {
+                    drop(conn);
+                }
+                return Ok(());
+            }
+            let committed = bounded(STATEMENT_BOUND, self.client()?.batch_execute("COMMIT")).await;
             match committed {
-                Ok(_) => {
+                Ok(()) => {
                     // Back to the pool (or closed, if it was our own).
                     drop(self.conn.take());
                     Ok(())
@@ -884,12 +1309,7 @@ impl BackendTransaction for PgTransaction {
                                 "{m}; the row changed before the refreshed tokens could be saved"
                             )));
                         }
-                        let conn = self.conn()?;
-                        bounded(
-                            STATEMENT_BOUND,
-                            sqlx::Executor::execute(&mut *conn, "COMMIT"),
-                        )
-                        .await?;
+                        bounded(STATEMENT_BOUND, self.client()?.batch_execute("COMMIT")).await?;
                         drop(self.conn.take());
                         Ok(())
                     }

@@ -247,21 +247,6 @@ impl super::Backend for SqliteStore {
             async move { Ok(Box::new(SqliteStore::begin(self)) as Box<dyn BackendTransaction>) },
         )
     }
-    fn record_refresh_start<'a>(
-        &'a self,
-        provider: &'a str,
-        user_id: &'a str,
-        generation: u64,
-        at: i64,
-    ) -> BoxFuture<'a, Result<(), StorageError>> {
-        Box::pin(rows::record_refresh_start(
-            &self.markers,
-            provider,
-            user_id,
-            generation,
-            at,
-        ))
-    }
 }
 
 /// A SQLite transaction holding the file's write lock; refresh-start
@@ -396,10 +381,23 @@ impl BackendTransaction for SqliteTransaction {
             rows::compare_and_set(self.conn()?, row, expected, now).await
         })
     }
-    fn still_held(&mut self) -> BoxFuture<'_, Result<(), StorageError>> {
-        // The file's lock lives with this process's connection: it cannot
-        // be taken away while the connection is open.
-        Box::pin(async { Ok(()) })
+    fn start_refresh<'a>(
+        &'a mut self,
+        provider: &'a str,
+        user_id: &'a str,
+        generation: u64,
+        at: i64,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        // In their own file, outside this transaction. The file's lock lives
+        // with this process's connection: it cannot be taken away while the
+        // connection is open.
+        Box::pin(rows::record_refresh_start(
+            &self.markers,
+            provider,
+            user_id,
+            generation,
+            at,
+        ))
     }
     fn commit(mut self: Box<Self>) -> BoxFuture<'static, Result<(), StorageError>> {
         Box::pin(async move {
