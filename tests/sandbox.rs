@@ -78,6 +78,7 @@ async fn a_hostile_component_is_contained_and_the_host_keeps_serving() {
     let limits = SandboxLimits {
         memory_bytes: 16 << 20,
         fuel: 200_000_000,
+        ..Default::default()
     };
     let rogue = rogue_keeper(&w, limits).await;
     let healthy = |rogue: Arc<Keeper>| async move {
@@ -335,6 +336,7 @@ async fn the_real_component_fits_its_sandbox_with_room_to_spare() {
         limits: SandboxLimits {
             memory_bytes: 16 << 20,
             fuel: SandboxLimits::default().fuel / 10,
+            ..Default::default()
         },
         max_connections: 4,
         clock: Clock::System,
@@ -343,6 +345,43 @@ async fn the_real_component_fits_its_sandbox_with_room_to_spare() {
     .unwrap();
     let record = tight.ensure_fresh("acme", "alice").await.unwrap();
     assert_eq!(record.generation, 2);
+}
+
+/// Instances come from a pool, and a call finds nothing of the call before
+/// it in its slot: with one slot, every call reuses the same memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_instance_keeps_nothing_of_the_call_before() {
+    let w = World::new(Backend::Sqlite, "sandbox-reuse").await;
+    let secret = "rt-STASHED-SECRET-7f3a";
+    w.store("leak:stash", "at-x", Some(secret), 3600).await;
+    let limits = SandboxLimits {
+        // Scanning the whole memory byte by byte takes more than a refresh.
+        fuel: 500_000_000,
+        pooled_instances: 1,
+        ..Default::default()
+    };
+    let rogue = rogue_keeper(&w, limits).await;
+    let reversed: String = secret.chars().rev().collect();
+    for round in 0..3 {
+        // The rogue opens the row's refresh token and keeps it in a static
+        // and in freed heap memory; its scan finds the copies it made.
+        let e = rogue.ensure_fresh("acme", "leak:stash").await.unwrap_err();
+        let Error::InvalidInput(m) = &e else {
+            panic!("round {round}: {e}")
+        };
+        let copies: usize = m
+            .trim_start_matches("stashed; ")
+            .trim_end_matches(" copies in memory")
+            .parse()
+            .unwrap();
+        assert!(copies >= 1, "round {round}: the scan found no copy: {m}");
+        // The next call, in the same slot, finds none of it.
+        let e = rogue.ensure_fresh("remember", &reversed).await.unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidInput(m) if m == "stash \"\"; 0 copies in memory"),
+            "round {round}: {e}"
+        );
+    }
 }
 
 /// Guests that spin through their fuel yield to the executor: four of them

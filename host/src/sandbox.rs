@@ -1,6 +1,15 @@
 //! The sandbox: one engine and one pre-linked component per process, a fresh
-//! store per call, bounded in memory and fuel, confined to the rows the call
-//! is about, and given no network, files, environment or clock of its own.
+//! store and instance per call, bounded in memory and fuel, confined to the
+//! rows the call is about, and given no network, files, environment or clock
+//! of its own.
+//!
+//! Instances come from wasmtime's pooling allocator: their memories, tables
+//! and stacks are reserved once and reused, so a call pays for neither mmap
+//! nor munmap. Reuse shares nothing between calls: a slot's linear memory is
+//! reset to zero (and the module's initial image mapped again) and its tables
+//! cleared before the next instance gets it; globals, fuel and the host's
+//! per-call state (the store, its resource table, the call's scope) are new
+//! for every call.
 
 use crate::bindings::KeeperCorePre;
 use crate::clock::WasiWallClock;
@@ -32,6 +41,9 @@ pub struct SandboxLimits {
     /// calls for storage or HTTP costs none). About a hundred times what a
     /// refresh uses (4·10⁴), so runaway code stops within milliseconds.
     pub fuel: u64,
+    /// Instances kept in the pool (calls in flight at once; more wait for
+    /// a slot). Zero: no pool, each instance allocated on demand.
+    pub pooled_instances: u32,
 }
 
 impl Default for SandboxLimits {
@@ -39,12 +51,45 @@ impl Default for SandboxLimits {
         Self {
             memory_bytes: 64 << 20,
             fuel: 5_000_000,
+            pooled_instances: 256,
         }
     }
 }
 
 /// Fuel between yields to the async executor: well under a millisecond.
 const FUEL_YIELD_INTERVAL: u64 = 1_000_000;
+
+/// What one instance of a component built by Rust for wasm32-wasip2 takes:
+/// its main module, wit-component's shim and fixup modules, and the
+/// memory and tables they share.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 8;
+const TABLES_PER_COMPONENT: u32 = 4;
+const MEMORIES_PER_COMPONENT: u32 = 1;
+
+/// Linear memory a slot keeps resident between calls, reset with `memset`
+/// rather than given back to the kernel: about what a call touches.
+const MEMORY_KEPT_RESIDENT: usize = 1 << 20;
+
+/// The instance allocator: pooled slots, or on demand when `slots` is zero.
+fn allocation_strategy(limits: &SandboxLimits) -> wasmtime::InstanceAllocationStrategy {
+    let slots = limits.pooled_instances;
+    if slots == 0 {
+        return wasmtime::InstanceAllocationStrategy::OnDemand;
+    }
+    let mut pool = wasmtime::PoolingAllocationConfig::new();
+    pool.total_component_instances(slots)
+        .total_core_instances(slots * CORE_INSTANCES_PER_COMPONENT)
+        .total_memories(slots * MEMORIES_PER_COMPONENT)
+        .total_tables(slots * TABLES_PER_COMPONENT)
+        .total_stacks(slots)
+        .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+        .max_memories_per_component(MEMORIES_PER_COMPONENT)
+        .max_tables_per_component(TABLES_PER_COMPONENT)
+        .max_memory_size(limits.memory_bytes)
+        .linear_memory_keep_resident(MEMORY_KEPT_RESIDENT)
+        .table_keep_resident(64 << 10);
+    wasmtime::InstanceAllocationStrategy::Pooling(pool)
+}
 
 /// What every store of a process shares.
 pub struct Shared {
@@ -98,6 +143,8 @@ pub(crate) struct Runtime {
     shared: Arc<Shared>,
     limits: SandboxLimits,
     call_budget: Duration,
+    /// One per pooled instance: a call waits for a slot rather than fail.
+    slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Runtime {
@@ -108,6 +155,7 @@ impl Runtime {
         // Fuel, not epochs: epochs tick while the guest waits on a row lock
         // or a provider, and a long lock wait is not runaway guest code.
         config.consume_fuel(true);
+        config.allocation_strategy(allocation_strategy(&limits));
         let engine = Engine::new(&config).map_err(sandbox)?;
         let component = load_component(&engine, wasm)?;
         let mut linker: Linker<State> = Linker::new(&engine);
@@ -135,6 +183,11 @@ impl Runtime {
             shared: Arc::new(shared),
             limits,
             call_budget,
+            slots: (limits.pooled_instances > 0).then(|| {
+                Arc::new(tokio::sync::Semaphore::new(
+                    limits.pooled_instances as usize,
+                ))
+            }),
         })
     }
 
@@ -160,6 +213,22 @@ impl Runtime {
         ) -> wasmtime::Result<T>,
     {
         let budget = self.call_budget * u32::try_from(tokens.max(1)).unwrap_or(u32::MAX);
+        let deadline = tokio::time::Instant::now() + budget;
+        // Held until the store (and its instance) is gone.
+        let _slot = match &self.slots {
+            Some(slots) => Some(
+                tokio::time::timeout_at(deadline, slots.clone().acquire_owned())
+                    .await
+                    .map_err(|_| {
+                        Error::Sandbox(format!(
+                            "no instance slot free within {} ms",
+                            budget.as_millis()
+                        ))
+                    })?
+                    .map_err(|_| Error::Sandbox("the instance pool is closed".into()))?,
+            ),
+            None => None,
+        };
         let state = State {
             keeper: KeeperCtx::new(self.shared.clone(), scope),
             wasi: WasiCtx::builder()
@@ -192,7 +261,7 @@ impl Runtime {
             let instance = self.pre.instantiate_async(&mut store).await?;
             f(&instance, &mut store).await
         };
-        let outcome = tokio::time::timeout(budget, run).await;
+        let outcome = tokio::time::timeout_at(deadline, run).await;
         if let Ok(left) = store.get_fuel() {
             tracing::trace!(fuel_used = fuel - left, "component call");
         }

@@ -123,6 +123,32 @@ mod rogue {
         }
     }
 
+    /// What one call keeps for the next, if instances were shared.
+    static STASH: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+    /// How many times `reversed`, reversed, appears anywhere in this
+    /// instance's linear memory but in the needle it builds to look for.
+    fn copies_in_memory(reversed: &str) -> usize {
+        let needle: Vec<u8> = reversed.bytes().rev().collect();
+        let Some(&first) = needle.first() else {
+            return 0;
+        };
+        let size = core::arch::wasm32::memory_size(0) * 65536;
+        let mut copies = 0;
+        // From 1: address 0 is the null pointer.
+        for at in 1..size.saturating_sub(needle.len()) {
+            // SAFETY: every address below the memory's size is readable.
+            let byte = unsafe { core::ptr::read_volatile(at as *const u8) };
+            if byte != first || at == needle.as_ptr() as usize {
+                continue;
+            }
+            let here = (0..needle.len())
+                .all(|i| unsafe { core::ptr::read_volatile((at + i) as *const u8) } == needle[i]);
+            copies += usize::from(here);
+        }
+        copies
+    }
+
     /// Asked about acme/USER, it tries to get that row's refresh token out,
     /// hammer the provider, or rewrite the row without moving its generation;
     /// USER names the trick (`leak:seal`, `leak:return`, ...).
@@ -219,6 +245,16 @@ mod rogue {
                 let _ = txn.commit();
                 said(format!("{cas:?}"))
             }
+            "leak:stash" => {
+                // Keeps the refresh token for whichever call comes next, in
+                // a static and in freed heap memory.
+                let copies = copies_in_memory(&refresh.chars().rev().collect::<String>());
+                if let Ok(mut stash) = STASH.lock() {
+                    *stash = refresh.clone();
+                }
+                drop(refresh);
+                said(format!("stashed; {copies} copies in memory"))
+            }
             "leak:two-transactions" => {
                 let first = storage::begin().map_err(|_| refused())?;
                 let second = storage::begin().map(|_| ());
@@ -255,6 +291,16 @@ mod rogue {
                 "egress" => {
                     let (url, body) = user_id.split_once(' ').unwrap_or((&user_id, ""));
                     said(post(url, body))
+                }
+                // user id: a secret, reversed: what this instance can see
+                // of it, left by an earlier call.
+                "remember" => {
+                    let stashed = STASH.lock().map(|s| s.clone()).unwrap_or_default();
+                    said(format!(
+                        "stash {:?}; {} copies in memory",
+                        stashed,
+                        copies_in_memory(&user_id)
+                    ))
                 }
                 "read-other" => said(format!("{:?}", storage::read("acme", &user_id).map(|_| ()))),
                 "open-other" => said(format!(
