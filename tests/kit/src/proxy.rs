@@ -1,8 +1,10 @@
 //! A TCP forwarder owned by a test, standing between a runtime and its
 //! database: it can stop forwarding without closing anything, which is
-//! what a partition or a dropped NAT entry looks like to both ends.
+//! what a partition or a dropped NAT entry looks like to both ends. It also
+//! counts round trips: the times a client speaks after its server did.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -17,6 +19,7 @@ pub struct BlackHoleProxy {
     /// proxy is dropped.
     swallowed: Arc<Mutex<Vec<TcpStream>>>,
     accepting: tokio::task::JoinHandle<()>,
+    turns: Arc<AtomicU64>,
 }
 
 impl BlackHoleProxy {
@@ -27,6 +30,8 @@ impl BlackHoleProxy {
         let cut = watch::Sender::new(0u64);
         let swallowed = Arc::new(Mutex::new(Vec::new()));
         let (epochs, holes) = (cut.clone(), swallowed.clone());
+        let turns = Arc::new(AtomicU64::new(0));
+        let counted = turns.clone();
         let accepting = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(target).await else {
@@ -34,7 +39,7 @@ impl BlackHoleProxy {
                 };
                 let epoch = epochs.subscribe();
                 let holes = holes.clone();
-                tokio::spawn(forward(client, server, epoch, holes));
+                tokio::spawn(forward(client, server, epoch, holes, counted.clone()));
             }
         });
         Ok(Self {
@@ -42,7 +47,15 @@ impl BlackHoleProxy {
             cut,
             swallowed,
             accepting,
+            turns,
         })
+    }
+
+    /// Round trips over every connection so far: each time a client sent
+    /// something after its server last did (or first). Requests a client
+    /// pipelines before the answer comes count once.
+    pub fn round_trips(&self) -> u64 {
+        self.turns.load(Ordering::SeqCst)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -79,8 +92,11 @@ async fn forward(
     mut server: TcpStream,
     mut epoch: watch::Receiver<u64>,
     swallowed: Arc<Mutex<Vec<TcpStream>>>,
+    turns: Arc<AtomicU64>,
 ) {
     let born = *epoch.borrow_and_update();
+    // Whether the client spoke last.
+    let mut client_last = false;
     let (mut up, mut down) = ([0u8; 8192], [0u8; 8192]);
     loop {
         tokio::select! {
@@ -91,11 +107,19 @@ async fn forward(
             }
             n = client.read(&mut up) => match n {
                 Ok(0) | Err(_) => return,
-                Ok(n) => if server.write_all(&up[..n]).await.is_err() { return },
+                Ok(n) => {
+                    if !std::mem::replace(&mut client_last, true) {
+                        turns.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if server.write_all(&up[..n]).await.is_err() { return }
+                }
             },
             n = server.read(&mut down) => match n {
                 Ok(0) | Err(_) => return,
-                Ok(n) => if client.write_all(&down[..n]).await.is_err() { return },
+                Ok(n) => {
+                    client_last = false;
+                    if client.write_all(&down[..n]).await.is_err() { return }
+                }
             },
         }
     }

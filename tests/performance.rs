@@ -1,0 +1,59 @@
+//! What a token costs the database and the provider, counted rather than
+//! timed (times are `just bench`'s): database round trips per fresh read and
+//! per refresh on Postgres, and provider connections per run of refreshes.
+
+mod common;
+
+use common::{Backend, KEYS, World};
+use tokenkeep_host::Clock;
+use tokenkeep_testkit::proxy::BlackHoleProxy;
+
+/// Round trips: each time the runtime spoke to the database after the
+/// database last spoke (pipelined requests count once), counted by a proxy
+/// between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_read_costs_one_database_round_trip_and_a_refresh_at_most_five() {
+    let w = World::new(Backend::Postgres, "round-trips").await;
+    w.store("warm", "at-warm", Some("rt-0"), -10).await;
+    w.store("fresh", "at-fresh", Some("rt-fresh"), 3600).await;
+    const REFRESHES: u64 = 10;
+    for i in 0..REFRESHES {
+        w.provider.add_chain(&format!("rt-u{i}"));
+        w.store(&format!("u{i}"), "at-old", Some(&format!("rt-u{i}")), -10)
+            .await;
+    }
+    let url = url::Url::parse(&w.database_url).unwrap();
+    let database = format!("127.0.0.1:{}", url.port().unwrap());
+    let proxy = BlackHoleProxy::start(database.parse().unwrap())
+        .await
+        .unwrap();
+    let keeper = common::open_keeper(
+        &proxy.url_through(&w.database_url),
+        &w.config_path,
+        KEYS,
+        Clock::System,
+    )
+    .await;
+    // Connections opened and statements prepared once.
+    keeper.ensure_fresh("acme", "warm").await.unwrap();
+    keeper.ensure_fresh("acme", "fresh").await.unwrap();
+
+    let before = proxy.round_trips();
+    for _ in 0..10 {
+        keeper.ensure_fresh("acme", "fresh").await.unwrap();
+    }
+    let reads = proxy.round_trips() - before;
+    assert_eq!(reads, 10, "round trips for ten reads of a fresh token");
+
+    let before = proxy.round_trips();
+    for i in 0..REFRESHES {
+        let grant = keeper.ensure_fresh("acme", &format!("u{i}")).await.unwrap();
+        assert_eq!(grant.generation, 2);
+    }
+    let per_refresh = (proxy.round_trips() - before) as f64 / REFRESHES as f64;
+    eprintln!("{per_refresh} database round trips per refresh");
+    assert!(
+        per_refresh <= 5.0,
+        "{per_refresh} database round trips per refresh"
+    );
+}
