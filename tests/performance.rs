@@ -57,3 +57,30 @@ async fn a_fresh_read_costs_one_database_round_trip_and_a_refresh_at_most_five()
         "{per_refresh} database round trips per refresh"
     );
 }
+
+/// A run of refreshes to one provider goes over one connection, counted by
+/// the loopback endpoint; so do the refreshes of several runs in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_refreshes_to_one_provider_share_one_connection() {
+    let w = World::new(Backend::Sqlite, "keep-alive").await;
+    const REFRESHES: u64 = 10;
+    for i in 0..REFRESHES {
+        w.provider.add_chain(&format!("rt-u{i}"));
+        w.store(&format!("u{i}"), "at-old", Some(&format!("rt-u{i}")), -10)
+            .await;
+    }
+    for i in 0..REFRESHES {
+        let grant = w
+            .keeper
+            .ensure_fresh("acme", &format!("u{i}"))
+            .await
+            .unwrap();
+        assert_eq!(grant.generation, 2);
+    }
+    assert_eq!(w.provider.calls(), REFRESHES);
+    assert_eq!(
+        w.provider.connections(),
+        1,
+        "connections for {REFRESHES} refreshes in a row"
+    );
+}

@@ -141,6 +141,7 @@ impl Keeper {
             store,
             config: Arc::new(options.config),
             keyring: options.keyring,
+            connections: Default::default(),
         };
         // Compiling (or loading the cached machine code) happens once per process.
         let runtime = Runtime::new(shared, options.limits, wasm)?;

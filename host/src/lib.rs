@@ -17,6 +17,7 @@ pub mod keeper;
 pub mod keyring;
 pub mod linker;
 mod outbound;
+pub mod provider_connections;
 pub mod sandbox;
 mod sealing;
 pub mod storage;

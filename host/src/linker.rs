@@ -798,11 +798,18 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
             )));
         };
         self.ctx.keep(refresh_token.clone())?;
+        let shared = self.ctx.shared.clone();
         let Some(txn) = self.table.get_mut(&locked)?.txn.as_mut() else {
             return Err(self.ctx.refuse("a refresh without a locked row", &()));
         };
-        let outcome =
-            crate::token_endpoint::request_refresh(&provider, &row, txn, &refresh_token).await;
+        let outcome = crate::token_endpoint::request_refresh(
+            &shared.connections,
+            &provider,
+            &row,
+            txn,
+            &refresh_token,
+        )
+        .await;
         if let Ok(a) = &outcome
             && let Some(granted) =
                 salvage_refresh_token(a.status, a.content_type.as_deref(), a.body.expose_secret())

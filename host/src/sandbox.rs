@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::keyring::Keyring;
 use crate::linker::{KeeperCtx, KeeperCtxView, KeeperView, Scope};
+use crate::provider_connections::ProviderConnections;
 use crate::storage::Store;
 use crate::token_endpoint::DenyAllHttp;
 use std::hash::{Hash, Hasher};
@@ -96,6 +97,8 @@ pub struct Shared {
     pub store: Store,
     pub config: Arc<Config>,
     pub keyring: Keyring,
+    /// Connections to token endpoints kept between refreshes.
+    pub connections: ProviderConnections,
 }
 
 /// The state of one store: one call into the component.

@@ -8,6 +8,7 @@
 
 use crate::config::{ClientAuth, Provider};
 use crate::outbound::ConnectError;
+use crate::provider_connections::{Open, Origin, ProviderConnections};
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -59,6 +60,7 @@ impl WasiHttpHooks for DenyAllHttp {
 /// Sends the refresh of `locked`, the row `txn` holds locked, whose refresh
 /// token the caller opened.
 pub async fn request_refresh(
+    connections: &ProviderConnections,
     provider: &Provider,
     locked: &SealedRow,
     txn: &mut crate::storage::Transaction,
@@ -72,12 +74,13 @@ pub async fn request_refresh(
     txn.start_refresh(&locked.provider, &locked.user_id, locked.generation)
         .await
         .map_err(|e| RequestError::NotSent(format!("the refresh could not be started: {e}")))?;
-    post(provider, refresh_token).await
+    post(connections, provider, refresh_token).await
 }
 
 /// POSTs the refresh form, bounded by the provider's total time (connect to
 /// last byte) and response size.
 async fn post(
+    connections: &ProviderConnections,
     provider: &Provider,
     refresh_token: &SecretString,
 ) -> Result<HttpAnswer, RequestError> {
@@ -128,48 +131,35 @@ async fn post(
     let total = Duration::from_millis(u64::from(provider.timeout_ms));
     let deadline = tokio::time::Instant::now() + total;
     let started = std::time::Instant::now();
-    // Connecting gets half the budget, so that a connection that never came
-    // up ends as "not sent" (safe to repeat) before the whole deadline, which
-    // means "sent, no answer".
-    let connecting = async {
-        let stream = crate::outbound::connect(scheme, &target, port, &provider.tls).await?;
-        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
-            wasmtime_wasi_http::io::TokioIo::new(stream),
-        )
-        .await
-        .map_err(|e| ConnectError::Unreachable(format!("handshake: {e}")))
-    };
-    let (mut sender, connection) = match tokio::time::timeout(total / 2, connecting).await {
-        Ok(Ok(connected)) => connected,
-        Ok(Err(ConnectError::Misconfigured(why))) => {
-            tracing::warn!(provider = %provider.name, "token request not sent: {why}");
-            return Err(RequestError::Misconfigured(why));
-        }
-        Ok(Err(ConnectError::Unreachable(why))) => {
-            tracing::info!(provider = %provider.name, "token request failed: {why}");
-            return Err(RequestError::NotSent(format!(
-                "the provider could not be reached: {why}"
-            )));
-        }
-        Err(_) => {
-            tracing::info!(provider = %provider.name, timeout_ms = provider.timeout_ms, "token request: connect timed out");
-            return Err(RequestError::NotSent("connect timed out".into()));
-        }
-    };
-    // The connection's own task: it moves the bytes while we read, and ends
-    // with this call however the call ends (a cancelled caller too).
-    let _connection = AbortOnDrop(tokio::spawn(async move {
-        let _ = connection.await;
-    }));
-    let response = match tokio::time::timeout_at(deadline, sender.send_request(request)).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => {
-            tracing::info!(provider = %provider.name, error = %e, "token request failed");
-            return Err(RequestError::NoAnswer(format!("no answer: {}", short(&e))));
-        }
-        Err(_) => {
-            tracing::info!(provider = %provider.name, timeout_ms = provider.timeout_ms, "token request timed out");
-            return Err(RequestError::NoAnswer("timed out".into()));
+    let origin = Origin::trusting(&provider.name, scheme, &target, port, &provider.tls);
+    let (response, open) = loop {
+        let (mut open, reused) = match connections.take(&origin) {
+            Some(open) => (open, true),
+            None => (
+                connect(provider, scheme, &target, port, total).await?,
+                false,
+            ),
+        };
+        match tokio::time::timeout_at(deadline, open.sender.try_send_request(request)).await {
+            Ok(Ok(response)) => break (response, open),
+            Ok(Err(mut e)) => match e.take_message() {
+                // A kept connection the server closed meanwhile: nothing
+                // was written, so the request goes out on a new one.
+                Some(unsent) if reused => request = unsent,
+                Some(_) => {
+                    tracing::info!(provider = %provider.name, "token request not sent: the connection closed");
+                    return Err(RequestError::NotSent("the connection closed".into()));
+                }
+                None => {
+                    let e = e.into_error();
+                    tracing::info!(provider = %provider.name, error = %e, "token request failed");
+                    return Err(RequestError::NoAnswer(format!("no answer: {}", short(&e))));
+                }
+            },
+            Err(_) => {
+                tracing::info!(provider = %provider.name, timeout_ms = provider.timeout_ms, "token request timed out");
+                return Err(RequestError::NoAnswer("timed out".into()));
+            }
         }
     };
     let status = response.status().as_u16();
@@ -213,6 +203,8 @@ async fn post(
         }
     }
     tracing::debug!(provider = %provider.name, status, elapsed_ms = started.elapsed().as_millis() as u64, "token request answered");
+    // Read to the end: the connection can carry the next refresh.
+    connections.put(origin, open);
     Ok(HttpAnswer {
         status,
         content_type,
@@ -221,12 +213,46 @@ async fn post(
     })
 }
 
-/// A spawned task that ends when its handle is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+/// Opens a connection to the token endpoint. Connecting gets half the
+/// budget, so that a connection that never came up ends as "not sent" (safe
+/// to repeat) before the whole deadline, which means "sent, no answer".
+async fn connect(
+    provider: &Provider,
+    scheme: &str,
+    target: &str,
+    port: u16,
+    total: Duration,
+) -> Result<Open, RequestError> {
+    let connecting = async {
+        let stream = crate::outbound::connect(scheme, target, port, &provider.tls).await?;
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+            wasmtime_wasi_http::io::TokioIo::new(stream),
+        )
+        .await
+        .map_err(|e| ConnectError::Unreachable(format!("handshake: {e}")))
+    };
+    match tokio::time::timeout(total / 2, connecting).await {
+        // The connection's own task moves the bytes while we read.
+        Ok(Ok((sender, connection))) => Ok(Open::new(
+            sender,
+            tokio::spawn(async move {
+                let _ = connection.await;
+            }),
+        )),
+        Ok(Err(ConnectError::Misconfigured(why))) => {
+            tracing::warn!(provider = %provider.name, "token request not sent: {why}");
+            Err(RequestError::Misconfigured(why))
+        }
+        Ok(Err(ConnectError::Unreachable(why))) => {
+            tracing::info!(provider = %provider.name, "token request failed: {why}");
+            Err(RequestError::NotSent(format!(
+                "the provider could not be reached: {why}"
+            )))
+        }
+        Err(_) => {
+            tracing::info!(provider = %provider.name, timeout_ms = provider.timeout_ms, "token request: connect timed out");
+            Err(RequestError::NotSent("connect timed out".into()))
+        }
     }
 }
 

@@ -78,6 +78,8 @@ struct Inner {
     abandoned: u64,
     /// Requests that have arrived (counted before any delay).
     arrived: u64,
+    /// Connections accepted (answers keep them open, as real endpoints do).
+    connections: u64,
     /// Refresh requests answered (well-formed or not).
     calls: u64,
     /// Reuses of spent refresh tokens detected.
@@ -203,6 +205,11 @@ impl DevProvider {
         self.lock().arrived
     }
 
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.lock().connections
+    }
+
     /// Refresh requests answered so far.
     pub fn calls(&self) -> u64 {
         self.lock().calls
@@ -275,6 +282,8 @@ impl DevProvider {
     }
 }
 
+/// Serves one connection: its requests one after another, until the client
+/// closes it or an answer closes it.
 async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     mut socket: S,
     local: SocketAddr,
@@ -283,19 +292,33 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     mut held: tokio::sync::watch::Receiver<bool>,
     events: Arc<tokio::sync::Notify>,
 ) -> std::io::Result<()> {
+    state.lock().unwrap_or_else(|p| p.into_inner()).connections += 1;
+    while serve_one(&mut socket, local, hung_up, &state, &mut held, &events).await? {}
+    Ok(())
+}
+
+/// Serves one request; true when the connection stays open for another.
+async fn serve_one<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    socket: &mut S,
+    local: SocketAddr,
+    hung_up: fn(&S) -> bool,
+    state: &Arc<Mutex<Inner>>,
+    held: &mut tokio::sync::watch::Receiver<bool>,
+    events: &Arc<tokio::sync::Notify>,
+) -> std::io::Result<bool> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let header_end = loop {
         let n = socket.read(&mut chunk).await?;
         if n == 0 {
-            return Ok(());
+            return Ok(false);
         }
         buf.extend_from_slice(&chunk[..n]);
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
         if buf.len() > 64 * 1024 {
-            return Ok(());
+            return Ok(false);
         }
     };
     let head = String::from_utf8_lossy(&buf[..header_end]).to_string();
@@ -317,7 +340,8 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     if host.as_deref() != Some(local.to_string().as_str()) {
         let reply = "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
         socket.write_all(reply.as_bytes()).await?;
-        return socket.shutdown().await;
+        socket.shutdown().await?;
+        return Ok(false);
     }
     while buf.len() < header_end + content_length {
         let n = socket.read(&mut chunk).await?;
@@ -340,27 +364,29 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     events.notify_waiters();
     tokio::time::sleep(delay).await;
     // A client that hung up while we stalled: its request is never processed.
-    if hung_up(&socket) {
+    if hung_up(socket) {
         state.lock().unwrap_or_else(|p| p.into_inner()).abandoned += 1;
-        return Ok(());
+        return Ok(false);
     }
     if let Some(raw) = raw {
         state.lock().unwrap_or_else(|p| p.into_inner()).calls += 1;
-        write_out(&mut socket, &raw, trickle).await?;
-        // A stall mid-answer, when asked for.
+        write_out(socket, &raw, trickle).await?;
+        // A stall mid-answer, when asked for; then the connection closes
+        // (a raw answer may not say where it ends).
         tokio::time::sleep(answer_delay).await;
-        return socket.shutdown().await;
+        socket.shutdown().await?;
+        return Ok(false);
     }
-    let (status, content_type, answer) = respond(&state, &body, authorization);
+    let (status, content_type, answer) = respond(state, &body, authorization);
     events.notify_waiters();
     let _ = held.wait_for(|held| !held).await;
     tokio::time::sleep(answer_delay).await;
     let reply = format!(
-        "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+        "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n{answer}",
         answer.len()
     );
-    write_out(&mut socket, reply.as_bytes(), trickle).await?;
-    socket.shutdown().await
+    write_out(socket, reply.as_bytes(), trickle).await?;
+    Ok(true)
 }
 
 /// Writes `bytes` at once, or the head at once and then the body a byte
