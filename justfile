@@ -30,10 +30,13 @@ contract:
 size: build
     wc -c target/wasm/wasm32-wasip2/component/tokenkeep_component.wasm
 
-# Hot-path cost as ratios to a raw storage read measured in the same run
-# (SQLite; set DATABASE_URL=postgres://... for Postgres).
+# What tokenkeep costs, as ratios to baselines measured in the same run
+# (a bare prepared SELECT, a SQLite C-library read, a bare locked
+# transaction, `true`), written to docs/benchmarks.md. Starts its own
+# Postgres cluster unless DATABASE_URL names one.
 bench:
-    cargo run -p tokenkeep --example bench
+    cargo build --release -p tokenkeep --bin tokenkeep --example bench
+    target/release/examples/bench
 
 # Longer resilience runs than CI's: 20 expiry rounds of the 4 x 64 x 200 load
 # test, 40 kill trials per kill point, on Postgres and SQLite.

@@ -141,8 +141,14 @@ fn init_logging() {
     use std::io::IsTerminal;
     // sqlx's "slow statement" notes are for its own debugging: a waiter on a
     // row lock is not a failure, so they stay out of the default output.
+    // tokio-postgres logs statements with their parameters (sealed tokens)
+    // at debug level: never shown, whatever the level asked for.
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOKENKEEP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx::query=error"));
+    let filter = match "tokio_postgres=warn".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -10,11 +10,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// How long an idle connection is kept: under the shortest keep-alive
-/// timeout servers commonly use (Node's 5 s), so that a server never closes
-/// a connection just as a refresh is sent on it (a request of unknown fate,
-/// which a rotating provider may count as spent).
-const IDLE: Duration = Duration::from_secs(4);
+/// How long an idle connection is kept: under the idle timeouts servers
+/// and proxies commonly use (Node 5 s, HAProxy and Envoy defaults of a few
+/// seconds), so that a server rarely closes a connection just as a refresh
+/// is sent on it (a request of unknown fate, which a rotating provider may
+/// count as spent). Long enough for a run of refreshes.
+const IDLE: Duration = Duration::from_secs(2);
 
 /// Idle connections kept per origin; more at once are closed after use.
 const IDLE_PER_ORIGIN: usize = 8;
@@ -39,15 +40,33 @@ impl Open {
 }
 
 /// Where a connection goes and what it trusts.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Clone)]
 pub(crate) struct Origin {
     pub(crate) provider: String,
     pub(crate) scheme: String,
     pub(crate) host: String,
     pub(crate) port: u16,
-    /// The provider's TLS settings, by identity: a reloaded configuration
+    /// The provider's TLS settings, by identity (kept alive here, so no
+    /// other settings can take their address): a reloaded configuration
     /// starts with connections of its own.
-    pub(crate) trust: usize,
+    pub(crate) trust: Arc<rustls::ClientConfig>,
+}
+
+impl PartialEq for Origin {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.provider, &self.scheme, &self.host, self.port)
+            == (&other.provider, &other.scheme, &other.host, other.port)
+            && Arc::ptr_eq(&self.trust, &other.trust)
+    }
+}
+
+impl Eq for Origin {}
+
+impl std::hash::Hash for Origin {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (&self.provider, &self.scheme, &self.host, self.port).hash(state);
+        Arc::as_ptr(&self.trust).hash(state);
+    }
 }
 
 impl Origin {
@@ -63,7 +82,7 @@ impl Origin {
             scheme: scheme.to_string(),
             host: host.to_string(),
             port,
-            trust: Arc::as_ptr(tls) as usize,
+            trust: tls.clone(),
         }
     }
 }

@@ -159,7 +159,18 @@ impl Runtime {
         // or a provider, and a long lock wait is not runaway guest code.
         config.consume_fuel(true);
         config.allocation_strategy(allocation_strategy(&limits));
-        let engine = Engine::new(&config).map_err(sandbox)?;
+        // The pool reserves address space up front (about 4 GiB a memory
+        // slot); where that is refused (a low RLIMIT_AS), instances are
+        // allocated on demand instead.
+        let (engine, pooled) = match Engine::new(&config) {
+            Ok(engine) => (engine, limits.pooled_instances > 0),
+            Err(e) if limits.pooled_instances > 0 => {
+                tracing::warn!(error = %e, "instance pool unavailable; allocating instances on demand");
+                config.allocation_strategy(wasmtime::InstanceAllocationStrategy::OnDemand);
+                (Engine::new(&config).map_err(sandbox)?, false)
+            }
+            Err(e) => return Err(sandbox(e)),
+        };
         let component = load_component(&engine, wasm)?;
         let mut linker: Linker<State> = Linker::new(&engine);
         // Full WASI p2 (a Rust guest's std imports cli/environment, exit,
@@ -186,7 +197,7 @@ impl Runtime {
             shared: Arc::new(shared),
             limits,
             call_budget,
-            slots: (limits.pooled_instances > 0).then(|| {
+            slots: pooled.then(|| {
                 Arc::new(tokio::sync::Semaphore::new(
                     limits.pooled_instances as usize,
                 ))
@@ -216,22 +227,24 @@ impl Runtime {
         ) -> wasmtime::Result<T>,
     {
         let budget = self.call_budget * u32::try_from(tokens.max(1)).unwrap_or(u32::MAX);
-        let deadline = tokio::time::Instant::now() + budget;
-        // Held until the store (and its instance) is gone.
+        // Held until the store (and its instance) is gone. Waiting for one
+        // is bounded on its own: the call's budget starts once it runs, so
+        // a late slot never cuts a refresh short before its commit.
         let _slot = match &self.slots {
             Some(slots) => Some(
-                tokio::time::timeout_at(deadline, slots.clone().acquire_owned())
+                tokio::time::timeout(self.call_budget, slots.clone().acquire_owned())
                     .await
                     .map_err(|_| {
                         Error::Sandbox(format!(
                             "no instance slot free within {} ms",
-                            budget.as_millis()
+                            self.call_budget.as_millis()
                         ))
                     })?
                     .map_err(|_| Error::Sandbox("the instance pool is closed".into()))?,
             ),
             None => None,
         };
+        let deadline = tokio::time::Instant::now() + budget;
         let state = State {
             keeper: KeeperCtx::new(self.shared.clone(), scope),
             wasi: WasiCtx::builder()

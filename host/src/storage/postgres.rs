@@ -293,17 +293,41 @@ static RESCUE_SQL: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// Records a refresh start, but only while the session that holds the row
-/// lock is still in the transaction that took it: the record and the check
-/// that the lock is still ours, one round trip. (Where the server does not
-/// track transaction starts, both are null and the session must be alive.)
-const START_REFRESH_SQL: &str = "INSERT INTO tokenkeep_refresh_starts \
-     (provider, user_id, generation, started_at) \
-     SELECT $1::text, $2::text, $3::bigint, $4::bigint WHERE EXISTS (SELECT 1 \
-     FROM pg_stat_activity WHERE pid = $5::int AND backend_start = $6::text::timestamptz \
-     AND xact_start IS NOT DISTINCT FROM $7::text::timestamptz) \
-     ON CONFLICT (provider, user_id) DO UPDATE SET \
-     generation = excluded.generation, started_at = excluded.started_at";
+/// Whether the session that holds a row lock is still in the transaction
+/// that took it (pid, backend start, transaction start; where the server
+/// does not track transaction starts, both are null and the session must be
+/// alive).
+macro_rules! lock_session_alive {
+    ($pid:literal, $backend:literal, $xact:literal) => {
+        concat!(
+            "EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = ",
+            $pid,
+            "::int AND backend_start = ",
+            $backend,
+            "::text::timestamptz AND xact_start IS NOT DISTINCT FROM ",
+            $xact,
+            "::text::timestamptz)"
+        )
+    };
+}
+
+/// Records a refresh start, but only while the lock's session is alive.
+const START_REFRESH_SQL: &str = concat!(
+    "INSERT INTO tokenkeep_refresh_starts (provider, user_id, generation, started_at) \
+     SELECT $1::text, $2::text, $3::bigint, $4::bigint WHERE ",
+    lock_session_alive!("$5", "$6", "$7"),
+    " ON CONFLICT (provider, user_id) DO UPDATE SET \
+     generation = excluded.generation, started_at = excluded.started_at"
+);
+
+/// Asked again once the record is committed: a session that died between
+/// the check and the commit may have let another runtime lock the row
+/// before the record was visible.
+const STILL_ALIVE_SQL: &str = concat!("SELECT ", lock_session_alive!("$1", "$2", "$3"));
+
+/// Every transaction reads committed data: the locking function's reads
+/// after a lock wait rely on a snapshot per statement.
+const BEGIN_SQL: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
 
 /// A row, its refresh-start record and its rescue go together.
 const DELETE_SQL: &str = "WITH s AS (DELETE FROM tokenkeep_refresh_starts \
@@ -429,7 +453,7 @@ impl PgStore {
 
     /// A connection of the hot-path pool.
     async fn pooled(&self) -> Result<Object, StorageError> {
-        self.pool.get().await.map_err(pool_error)
+        get(&self.pool, self.lock_wait).await
     }
 
     /// Runs `work` on a pooled connection within [`STATEMENT_BOUND`]; a
@@ -469,42 +493,52 @@ impl PgStore {
     }
 
     /// Writes a refresh-start record on the dedicated connection, if
-    /// `session` still holds the row's lock; reconnecting after a failure.
+    /// `session` still holds the row's lock, and asks again once it is
+    /// committed (pipelined: one round trip); reconnecting once after a
+    /// failure. True when the record stands and the lock is still held.
+    /// Bounded as a whole, well inside the lock holder's idle allowance: a
+    /// half-open connection must not stall refreshes that hold row locks.
     async fn record_refresh_start(
         &self,
-        values: &[&(dyn ToSql + Sync)],
+        record: [&(dyn ToSql + Sync); 4],
+        session: &Session,
     ) -> Result<bool, StorageError> {
-        // Bounded, and well inside the lock holder's idle allowance: a
-        // half-open connection must not stall refreshes that hold row locks;
-        // on timeout the connection is dropped and rebuilt.
-        let mut slot = tokio::time::timeout(STATEMENT_BOUND, self.markers.lock())
-            .await
-            .map_err(|_| StorageError::Unavailable("postgres: refresh-start writer busy".into()))?;
-        // A kept connection may have died with a server restart: one more
-        // try on a new connection before giving up.
-        let tries = if slot.is_some() { 2 } else { 1 };
-        let mut written = Ok(false);
-        for _ in 0..tries {
-            let conn = match slot.as_mut() {
-                Some(conn) => conn,
-                None => slot.insert(within(STATEMENT_BOUND, open_connection(&self.connect)).await?),
-            };
-            written = within(STATEMENT_BOUND, async {
-                let statement = conn
-                    .prepare_cached(START_REFRESH_SQL)
-                    .await
-                    .map_err(error)?;
-                let n = conn.execute(&statement, values).await.map_err(error)?;
-                Ok(n == 1)
-            })
-            .await;
-            match &written {
-                Ok(_) => break,
-                Err(StorageError::ConnectionLost(_)) => *slot = None,
-                Err(_) => break,
+        within(STATEMENT_BOUND, async {
+            let mut slot = self.markers.lock().await;
+            // A kept connection may have died with a server restart: one
+            // more try on a new connection before giving up.
+            let tries = if slot.is_some() { 2 } else { 1 };
+            let mut written = Ok(false);
+            for _ in 0..tries {
+                let conn = match slot.as_mut() {
+                    Some(conn) => conn,
+                    None => slot.insert(open_connection(&self.connect).await?),
+                };
+                written = async {
+                    let insert = conn
+                        .prepare_cached(START_REFRESH_SQL)
+                        .await
+                        .map_err(error)?;
+                    let check = conn.prepare_cached(STILL_ALIVE_SQL).await.map_err(error)?;
+                    let [p, u, g, at] = record;
+                    let who: [&(dyn ToSql + Sync); 3] =
+                        [&session.pid, &session.backend_start, &session.xact_start];
+                    let values = [p, u, g, at, who[0], who[1], who[2]];
+                    let (inserted, alive) =
+                        tokio::join!(conn.execute(&insert, &values), conn.query_one(&check, &who));
+                    let inserted = inserted.map_err(error)?;
+                    let alive: bool = alive.and_then(|r| r.try_get(0)).map_err(error)?;
+                    Ok(inserted == 1 && alive)
+                }
+                .await;
+                match &written {
+                    Err(StorageError::ConnectionLost(_)) => *slot = None,
+                    _ => break,
+                }
             }
-        }
-        written
+            written
+        })
+        .await
     }
 
     /// A transaction; it takes a connection of the transaction pool at its
@@ -529,12 +563,23 @@ impl PgStore {
     }
 }
 
+/// A pooled connection, bounded as a whole: deadpool bounds the wait for a
+/// free slot (`wait`) and the connect, not the session settings after it.
+async fn get(pool: &Pool, wait: Duration) -> Result<Object, StorageError> {
+    match tokio::time::timeout(wait + 2 * STATEMENT_BOUND, pool.get()).await {
+        Ok(got) => got.map_err(pool_error),
+        Err(_) => Err(StorageError::Unavailable(
+            "postgres: no connection within the wait".into(),
+        )),
+    }
+}
+
 /// Brings the schema up to date under an advisory lock.
 async fn migrate(client: &ClientWrapper) -> Result<(), StorageError> {
     // Another process may be migrating: wait for it, however long.
     client
         .batch_execute(
-            "BEGIN; SET LOCAL lock_timeout = 0; \
+            "BEGIN; SET LOCAL lock_timeout = 0; SET LOCAL client_min_messages = warning; \
              CREATE TABLE IF NOT EXISTS tokenkeep_schema (version BIGINT PRIMARY KEY, \
              applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
         )
@@ -615,9 +660,13 @@ pub(crate) fn error(e: tokio_postgres::Error) -> StorageError {
         }
         let message = format!("postgres: {}", db.message());
         // 08: connection exceptions; 57P01-57P03: the server ended the
-        // session (pg_terminate_backend, shutdown); 25P03: idle in a
-        // transaction too long.
-        if code.starts_with("08") || code.starts_with("57P") || code == "25P03" {
+        // session (pg_terminate_backend, shutdown); 25P03/25P04: idle in a
+        // transaction, or in one, too long; FATAL and PANIC end the session.
+        if code.starts_with("08")
+            || code.starts_with("57P")
+            || matches!(code, "25P03" | "25P04")
+            || matches!(db.severity(), "FATAL" | "PANIC")
+        {
             return StorageError::ConnectionLost(message);
         }
         return StorageError::Unavailable(message);
@@ -626,14 +675,16 @@ pub(crate) fn error(e: tokio_postgres::Error) -> StorageError {
         return StorageError::ConnectionLost("postgres: the connection is closed".into());
     }
     let io = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>());
-    match io {
-        Some(io) => StorageError::ConnectionLost(format!("postgres unreachable: {}", io.kind())),
-        // Decoding and conversion failures: the connection is fine.
-        None if e.to_string().contains("serializ") => {
-            StorageError::Unavailable(format!("postgres: {e}"))
-        }
-        None => StorageError::ConnectionLost(format!("postgres: {e}")),
+    if let Some(io) = io {
+        return StorageError::ConnectionLost(format!("postgres unreachable: {}", io.kind()));
     }
+    // The protocol out of step: the connection cannot be trusted. Anything
+    // else (a value that does not convert, a missing row) leaves it sound.
+    let text = e.to_string();
+    if text.contains("unexpected message") || text.contains("parsing response") {
+        return StorageError::ConnectionLost(format!("postgres: {text}"));
+    }
+    StorageError::Unavailable(format!("postgres: {text}"))
 }
 
 /// Maps a failure to get a pooled connection.
@@ -1042,13 +1093,27 @@ impl PgTransaction {
             return Ok(true);
         }
         let pooled = if wait {
-            self.store.tx_pool.get().await.map_err(pool_error)?
+            get(&self.store.tx_pool, self.store.lock_wait * 2).await?
         } else {
             let mut timeouts = self.store.tx_pool.timeouts();
             timeouts.wait = Some(super::TRY_ACQUIRE);
-            match self.store.tx_pool.timeout_get(&timeouts).await {
-                Ok(pooled) => pooled,
-                Err(_) => return Ok(false),
+            let got = tokio::time::timeout(
+                super::TRY_ACQUIRE + 2 * STATEMENT_BOUND,
+                self.store.tx_pool.timeout_get(&timeouts),
+            )
+            .await;
+            match got {
+                Ok(Ok(pooled)) => pooled,
+                // None free at once: as busy as a held lock.
+                Ok(Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait))) => {
+                    return Ok(false);
+                }
+                Ok(Err(e)) => return Err(pool_error(e)),
+                Err(_) => {
+                    return Err(StorageError::Unavailable(
+                        "postgres: no connection within the wait".into(),
+                    ));
+                }
             }
         };
         self.conn = Some(Conn::Pooled(pooled));
@@ -1075,6 +1140,9 @@ impl PgTransaction {
             return Err(StorageError::LockTimeout);
         }
         let begin = !self.begun;
+        // From the moment BEGIN may be sent, the connection may hold a
+        // transaction: never handed back without a rollback.
+        self.begun = true;
         let client = self.client()?;
         let no_wait = !wait;
         let found = within(bound, async {
@@ -1083,7 +1151,7 @@ impl PgTransaction {
             if begin {
                 // Pipelined: one round trip.
                 let (begun, row) = tokio::join!(
-                    client.batch_execute("BEGIN"),
+                    client.batch_execute(BEGIN_SQL),
                     client.query_one(&statement, &params)
                 );
                 begun.map_err(error)?;
@@ -1096,16 +1164,14 @@ impl PgTransaction {
         let row = match found {
             Ok(row) => row,
             Err(e) => {
+                // Otherwise BEGIN ran and the refused lock aborted the
+                // transaction: rolled back when it ends.
                 if matches!(e, StorageError::ConnectionLost(_)) {
                     self.lose_connection();
-                } else if begin {
-                    // BEGIN ran: the refused lock aborted the transaction.
-                    self.begun = true;
                 }
                 return Err(e);
             }
         };
-        self.begun = true;
         if begin {
             self.session = Some(Session {
                 pid: row.try_get("pid").map_err(error)?,
@@ -1208,15 +1274,7 @@ impl BackendTransaction for PgTransaction {
             let generation = to_i64(generation)?;
             let recorded = self
                 .store
-                .record_refresh_start(&[
-                    &provider,
-                    &user_id,
-                    &generation,
-                    &at,
-                    &session.pid,
-                    &session.backend_start,
-                    &session.xact_start,
-                ])
+                .record_refresh_start([&provider, &user_id, &generation, &at], session)
                 .await?;
             if recorded {
                 Ok(())
@@ -1240,12 +1298,12 @@ impl BackendTransaction for PgTransaction {
             // A write opens the transaction if no read did.
             self.open(true).await?;
             if !self.begun {
+                self.begun = true;
                 let client = self.client()?;
-                if let Err(e) = bounded(STATEMENT_BOUND, client.batch_execute("BEGIN")).await {
+                if let Err(e) = bounded(STATEMENT_BOUND, client.batch_execute(BEGIN_SQL)).await {
                     self.lose_connection();
                     return Err(e);
                 }
-                self.begun = true;
             }
             let client = self.client()?;
             let generation = to_i64(row.generation)?;
@@ -1297,13 +1355,20 @@ impl BackendTransaction for PgTransaction {
                     drop(self.conn.take());
                     Ok(())
                 }
-                Err(StorageError::ConnectionLost(m)) => match self.written.take() {
-                    // Nothing written: a lost read-only transaction is a rollback.
+                // Whatever failed the commit (a lost connection, a server
+                // that could not write), a written row is saved another way:
+                // the provider may already have rotated the token it replaces.
+                Err(e) => match self.written.take() {
+                    // Nothing written: a failed read-only transaction is a rollback.
                     None => {
                         self.lose_connection();
-                        Ok(())
+                        match e {
+                            StorageError::ConnectionLost(_) => Ok(()),
+                            e => Err(e),
+                        }
                     }
                     Some((row, expected, now)) => {
+                        let m = e.to_string();
                         if !self.save_written(&row, expected, now).await? {
                             return Err(StorageError::Unavailable(format!(
                                 "{m}; the row changed before the refreshed tokens could be saved"
@@ -1314,10 +1379,6 @@ impl BackendTransaction for PgTransaction {
                         Ok(())
                     }
                 },
-                Err(e) => {
-                    self.lose_connection();
-                    Err(e)
-                }
             }
         })
     }
