@@ -1,8 +1,9 @@
 //! Durable storage of sealed rows with row locks: Postgres for fleets of
 //! runtimes, SQLite as the zero-setup default.
 //!
-//! Both backends speak the same SQL for rows (see [`rows!`]); they differ in
-//! how they connect, migrate, lock and report lock timeouts.
+//! Both keep the same columns ([`COLUMNS`], turned into rows by
+//! [`StoredColumns`]); Postgres speaks through tokio-postgres, SQLite through
+//! sqlx with the SQL of [`rows!`].
 
 pub mod postgres;
 pub mod sqlite;
@@ -405,11 +406,10 @@ fn to_i64(v: u64) -> Result<i64, StorageError> {
     i64::try_from(v).map_err(|_| StorageError::Unavailable("generation out of range".into()))
 }
 
-/// The row queries, written once in SQL both backends accept and expanded
-/// for each backend's types. Each backend module defines `READ_SQL` and
-/// `LOCK_SQL`: one row with the columns (null when there is no row) and
-/// `db_now`, the database's time or null where the host's clock is the
-/// database's.
+/// The row queries over sqlx (SQLite's). The backend module defines
+/// `READ_SQL` and `LOCK_SQL`: one row with the columns (null when there is
+/// no row) and `db_now`, the database's time or null where the host's clock
+/// is the database's.
 macro_rules! rows {
     ($db:ty, $error:path) => {
         use crate::storage::{to_i64, COLUMNS, ConversationEntry, RowKey, SealedRow};
@@ -469,10 +469,10 @@ macro_rules! rows {
         }
 
         /// Reads the row with `lock_sql` (the backend's locking read) and
-        /// its refresh-start record.
+        /// its refresh-start record, kept in their own database `markers`.
         pub async fn load_for_update(
             tx: &mut <Db as sqlx::Database>::Connection,
-            markers: Option<&sqlx::Pool<Db>>,
+            markers: &sqlx::Pool<Db>,
             lock_sql: &str,
             provider: &str,
             user_id: &str,
@@ -487,10 +487,8 @@ macro_rules! rows {
             let Some(mut row) = row else {
                 return Ok((None, db_now));
             };
-            // A statement of its own, after the lock: it sees a record that a
-            // refresher which held the lock committed while we waited. Where
-            // the records live in the same database, in the row's own
-            // transaction; otherwise from their own file.
+            // After the lock: it sees a record that a refresher which held
+            // the lock committed while we waited.
             let marker = sqlx::query_scalar(
                 "SELECT started_at FROM tokenkeep_refresh_starts \
                  WHERE provider = $1 AND user_id = $2 AND generation = $3",
@@ -498,11 +496,8 @@ macro_rules! rows {
             .bind(provider)
             .bind(user_id)
             .bind(to_i64(row.generation)?);
-            row.health.refresh_started_at = match markers {
-                Some(pool) => marker.fetch_optional(pool).await,
-                None => marker.fetch_optional(&mut *tx).await,
-            }
-            .map_err($error)?;
+            row.health.refresh_started_at =
+                marker.fetch_optional(markers).await.map_err($error)?;
             Ok((Some(row), db_now))
         }
 
@@ -618,7 +613,7 @@ macro_rules! rows {
 
         /// `sql` (an `INSERT` of a whole row but its generation) with the
         /// row's values bound as `$1`…`$17`, `$17` the time of writing.
-        pub(crate) fn insert_row<'q>(
+        fn insert_row<'q>(
             sql: &'q str,
             row: &'q SealedRow,
             now: i64,
@@ -754,8 +749,8 @@ macro_rules! rows {
 }
 pub(crate) use rows;
 
-/// The [`Backend`] methods that are the shared SQL of [`rows!`] on the
-/// backend's `pool`, written once for both backends.
+/// The [`Backend`] methods that are the SQL of [`rows!`] on the backend's
+/// `pool`.
 macro_rules! pool_backend_methods {
     () => {
         fn read<'a>(

@@ -1342,10 +1342,9 @@ impl BackendTransaction for PgTransaction {
     fn commit(mut self: Box<Self>) -> BoxFuture<'static, Result<(), StorageError>> {
         Box::pin(async move {
             if !self.begun {
-                // Nothing was locked or written: nothing to commit.
-                if let Some(conn) = self.conn.take() {
-                    drop(conn);
-                }
+                // Nothing was locked or written: nothing to commit; the
+                // connection goes back to the pool.
+                drop(self.conn.take());
                 return Ok(());
             }
             let committed = bounded(STATEMENT_BOUND, self.client()?.batch_execute("COMMIT")).await;

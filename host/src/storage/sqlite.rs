@@ -344,7 +344,7 @@ impl SqliteTransaction {
         }
         let markers = self.markers.clone();
         let conn = self.conn()?;
-        rows::load_for_update(conn, Some(&markers), LOCK_SQL, provider, user_id)
+        rows::load_for_update(conn, &markers, LOCK_SQL, provider, user_id)
             .await
             .map(Some)
     }
