@@ -111,6 +111,7 @@ async fn load_worker() {
         limits: SandboxLimits::default(),
         max_connections: 16,
         clock: Clock::System,
+        grant_cache: false,
     })
     .await
     .unwrap();

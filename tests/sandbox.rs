@@ -64,6 +64,7 @@ async fn rogue_keeper(w: &World, limits: SandboxLimits) -> Arc<Keeper> {
             limits,
             max_connections: 4,
             clock: Clock::System,
+            grant_cache: false,
         },
         rogue_component(),
     )
@@ -340,6 +341,7 @@ async fn the_real_component_fits_its_sandbox_with_room_to_spare() {
         },
         max_connections: 4,
         clock: Clock::System,
+        grant_cache: false,
     })
     .await
     .unwrap();

@@ -590,6 +590,7 @@ async fn open(cli: &Cli) -> Result<Arc<Keeper>, Error> {
         limits: SandboxLimits::default(),
         max_connections: 16,
         clock: Default::default(),
+        grant_cache: false,
     })
     .await
 }

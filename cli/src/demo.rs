@@ -55,6 +55,7 @@ async fn run_in(dir: &std::path::Path, runtimes: usize) -> Result<(), Error> {
         limits: SandboxLimits::default(),
         max_connections: 4,
         clock: Default::default(),
+        grant_cache: false,
     })
     .await?;
     let now = now();

@@ -36,6 +36,10 @@ pub struct Options {
     pub max_connections: u32,
     /// The component's wall clock (tests use a manual one).
     pub clock: Clock,
+    /// Serve repeated reads of a token valid beyond its refresh window from
+    /// memory ([`crate::grant_cache`]): Postgres only, kept current by its
+    /// change notifications within [`crate::grant_cache::STALENESS_BOUND`].
+    pub grant_cache: bool,
 }
 
 impl std::fmt::Debug for Options {
@@ -55,6 +59,7 @@ impl std::fmt::Debug for Options {
             .field("keyring", &self.keyring)
             .field("limits", &self.limits)
             .field("max_connections", &self.max_connections)
+            .field("grant_cache", &self.grant_cache)
             .finish_non_exhaustive()
     }
 }
@@ -136,7 +141,12 @@ impl Keeper {
             max_connections: options.max_connections,
             hold: options.config.slowest_provider_call(),
         };
-        let store = Store::open(&options.database_url, store_options, options.clock).await?;
+        let mut store = Store::open(&options.database_url, store_options, options.clock).await?;
+        if options.grant_cache {
+            store
+                .cache_grants()
+                .map_err(|e| Error::Config(e.to_string()))?;
+        }
         let shared = Shared {
             store,
             config: Arc::new(options.config),
@@ -185,6 +195,11 @@ impl Keeper {
             conversation_id.to_string(),
             user_id.to_string(),
         )
+    }
+
+    /// How many grants the grant cache holds; none without a cache.
+    pub fn cached_grants(&self) -> Option<usize> {
+        self.runtime.shared().store.grant_cache().map(|c| c.len())
     }
 
     /// The shared time (the database's clock), seconds since the epoch.
@@ -267,6 +282,28 @@ impl Keeper {
     /// needed; one provider call however many runtimes ask. The refresh
     /// token stays in the keeper.
     pub async fn ensure_fresh(&self, provider: &str, user_id: &str) -> Result<AccessGrant, Error> {
+        let shared = self.runtime.shared();
+        let Some(cache) = shared.store.grant_cache() else {
+            return self.ensure_fresh_shared(provider, user_id).await;
+        };
+        if let Some(threshold) = shared
+            .config
+            .providers
+            .get(provider)
+            .map(|p| p.refresh_threshold_seconds)
+            && let Some(grant) = cache.get(provider, user_id, shared.store.now(), threshold)
+        {
+            return Ok(grant);
+        }
+        self.ensure_fresh_shared(provider, user_id).await
+    }
+
+    /// [`Keeper::ensure_fresh`] from the database, one call per row in flight.
+    async fn ensure_fresh_shared(
+        &self,
+        provider: &str,
+        user_id: &str,
+    ) -> Result<AccessGrant, Error> {
         let key = RowKey {
             provider: provider.to_string(),
             user_id: user_id.to_string(),
@@ -286,7 +323,14 @@ impl Keeper {
                     let runtime = self.runtime.clone();
                     self.detached.spawn(async move {
                         let key = &landing.key;
+                        // Taken before the read: the fill is dropped if any
+                        // row changed meanwhile.
+                        let cache = runtime.shared().store.grant_cache();
+                        let epoch = cache.map(|c| c.epoch());
                         let got = ensure_fresh_once(&runtime, &key.provider, &key.user_id).await;
+                        if let (Some(cache), Some(epoch), Ok(grant)) = (cache, epoch, &got) {
+                            cache.fill(epoch, grant);
+                        }
                         // Later callers start a flight of their own: this
                         // answer may be older than what they ask for.
                         drop(landing);

@@ -13,6 +13,7 @@ pub mod config;
 pub mod conversation;
 mod convert;
 pub mod error;
+pub mod grant_cache;
 pub mod keeper;
 pub mod keyring;
 pub mod linker;

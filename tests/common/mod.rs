@@ -158,6 +158,20 @@ impl World {
         .await
     }
 
+    /// Another runtime with a grant cache, on `database_url` (this world's
+    /// database, perhaps through a proxy).
+    pub async fn caching_keeper(&self, database_url: &str) -> Arc<Keeper> {
+        open_keeper_with(
+            database_url,
+            &self.config_path,
+            KEYS,
+            self.clock.clone(),
+            true,
+        )
+        .await
+        .unwrap()
+    }
+
     /// Seconds since the epoch on this world's clock.
     pub fn now(&self) -> i64 {
         self.clock.now()
@@ -240,6 +254,19 @@ pub async fn open_keeper(
     keys: &str,
     clock: Clock,
 ) -> Arc<Keeper> {
+    open_keeper_with(database_url, config_path, keys, clock, false)
+        .await
+        .unwrap()
+}
+
+/// [`open_keeper`], with or without the grant cache, and its error.
+pub async fn open_keeper_with(
+    database_url: &str,
+    config_path: &Path,
+    keys: &str,
+    clock: Clock,
+    grant_cache: bool,
+) -> Result<Arc<Keeper>, tokenkeep_host::Error> {
     Keeper::open(Options {
         database_url: database_url.into(),
         config: Config::load(config_path).unwrap(),
@@ -247,9 +274,9 @@ pub async fn open_keeper(
         limits: SandboxLimits::default(),
         max_connections: 8,
         clock,
+        grant_cache,
     })
     .await
-    .unwrap()
 }
 
 pub fn token_set(access: &str, refresh: Option<&str>, expires_at: Option<i64>) -> TokenSet {

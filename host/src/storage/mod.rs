@@ -5,10 +5,12 @@
 //! [`StoredColumns`]); Postgres speaks through tokio-postgres, SQLite through
 //! sqlx with the SQL of [`rows!`].
 
+pub mod listener;
 pub mod postgres;
 pub mod sqlite;
 
 use crate::clock::{Clock, SharedClock};
+use crate::grant_cache::GrantCache;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -92,6 +94,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         provider: &'a str,
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<bool, StorageError>>;
+    /// Keeps `cache` current with every host's changes, for as long as the
+    /// guard lives. Only a database that announces its changes can.
+    fn listen(&self, cache: Arc<GrantCache>) -> Result<listener::AbortOnDrop, StorageError> {
+        let _ = cache;
+        Err(StorageError::Unavailable(
+            "the grant cache needs Postgres: this database does not announce changes".into(),
+        ))
+    }
     /// A transaction whose row loads lock.
     fn begin(&self) -> BoxFuture<'_, Result<Box<dyn BackendTransaction>, StorageError>>;
     fn conversation_entries<'a>(
@@ -148,12 +158,20 @@ pub trait BackendTransaction: Send {
 pub struct Store {
     backend: Box<dyn Backend>,
     clock: Arc<SharedClock>,
+    /// Grants served without a read, when enabled ([`Store::cache_grants`]).
+    cache: Option<Arc<GrantCache>>,
+    /// The task that keeps `cache` current; it stops with the store.
+    _listener: Option<listener::AbortOnDrop>,
 }
 
 /// An open transaction; dropping it rolls back and releases its locks.
 pub struct Transaction {
     inner: Box<dyn BackendTransaction>,
     clock: Arc<SharedClock>,
+    cache: Option<Arc<GrantCache>>,
+    /// Rows this transaction locked: whatever it changed in them is
+    /// forgotten by this process's cache once it ends.
+    locked: Vec<(String, String)>,
 }
 
 /// Connection settings shared by the backends.
@@ -210,7 +228,37 @@ impl Store {
     ) -> Result<Self, StorageError> {
         let clock = Arc::new(SharedClock::new(clock));
         clock.observe(backend.database_now().await?);
-        Ok(Self { backend, clock })
+        Ok(Self {
+            backend,
+            clock,
+            cache: None,
+            _listener: None,
+        })
+    }
+
+    /// Serves grants from a process-local cache from now on, kept current
+    /// by the database's change notifications (Postgres only).
+    pub fn cache_grants(&mut self) -> Result<Arc<GrantCache>, StorageError> {
+        if let Some(cache) = &self.cache {
+            return Ok(cache.clone());
+        }
+        let cache = Arc::new(GrantCache::default());
+        self._listener = Some(self.backend.listen(cache.clone())?);
+        self.cache = Some(cache.clone());
+        Ok(cache)
+    }
+
+    /// The grant cache, when enabled.
+    pub fn grant_cache(&self) -> Option<&Arc<GrantCache>> {
+        self.cache.as_ref()
+    }
+
+    /// This process's own change of a row: forgotten at once, not when the
+    /// notification comes back.
+    fn forget(&self, provider: &str, user_id: &str) {
+        if let Some(cache) = &self.cache {
+            cache.invalidate(provider, user_id);
+        }
     }
 
     /// The shared time (the database's), without a round trip.
@@ -243,18 +291,27 @@ impl Store {
 
     /// Inserts `row` only if none exists; false when one does.
     pub async fn insert(&self, row: &SealedRow) -> Result<bool, StorageError> {
-        self.backend.insert(row, self.now()).await
+        self.forget(&row.provider, &row.user_id);
+        let done = self.backend.insert(row, self.now()).await;
+        self.forget(&row.provider, &row.user_id);
+        done
     }
 
     /// Inserts or replaces `row`; the generation written.
     pub async fn upsert(&self, row: &SealedRow) -> Result<u64, StorageError> {
-        self.backend.upsert(row, self.now()).await
+        self.forget(&row.provider, &row.user_id);
+        let done = self.backend.upsert(row, self.now()).await;
+        self.forget(&row.provider, &row.user_id);
+        done
     }
 
     /// Deletes a row and its refresh-start record; its last generation is
     /// kept (a tombstone), so a later row for the same user continues after it.
     pub async fn delete(&self, provider: &str, user_id: &str) -> Result<bool, StorageError> {
-        self.backend.delete(provider, user_id).await
+        self.forget(provider, user_id);
+        let done = self.backend.delete(provider, user_id).await;
+        self.forget(provider, user_id);
+        done
     }
 
     /// Opens a transaction whose row loads lock (Postgres: `FOR UPDATE` with
@@ -263,6 +320,8 @@ impl Store {
         Ok(Transaction {
             inner: self.backend.begin().await?,
             clock: self.clock.clone(),
+            cache: self.cache.clone(),
+            locked: Vec::new(),
         })
     }
 
@@ -290,6 +349,7 @@ impl Transaction {
         provider: &str,
         user_id: &str,
     ) -> Result<RowRead, StorageError> {
+        self.note_lock(provider, user_id);
         let (row, db_now) = self.inner.load_for_update(provider, user_id).await?;
         Ok(RowRead {
             row,
@@ -302,6 +362,7 @@ impl Transaction {
         provider: &str,
         user_id: &str,
     ) -> Result<Option<RowRead>, StorageError> {
+        self.note_lock(provider, user_id);
         let read = self.inner.try_load_for_update(provider, user_id).await?;
         Ok(read.map(|(row, db_now)| RowRead {
             row,
@@ -315,6 +376,10 @@ impl Transaction {
         expected: u64,
     ) -> Result<bool, StorageError> {
         let now = self.clock.now();
+        self.note_lock(&row.provider, &row.user_id);
+        if let Some(cache) = &self.cache {
+            cache.invalidate(&row.provider, &row.user_id);
+        }
         self.inner.compare_and_set(row, expected, now).await
     }
 
@@ -332,7 +397,28 @@ impl Transaction {
     }
 
     pub async fn commit(self) -> Result<(), StorageError> {
-        self.inner.commit().await
+        let done = self.inner.commit().await;
+        // A lock may also have applied a parked write (a rescue), and a
+        // failed commit may still have landed or been saved: forget them
+        // all, after the fact, so that no read begun meanwhile fills.
+        if let Some(cache) = &self.cache {
+            for (provider, user_id) in &self.locked {
+                cache.invalidate(provider, user_id);
+            }
+        }
+        done
+    }
+
+    fn note_lock(&mut self, provider: &str, user_id: &str) {
+        if self.cache.is_some()
+            && !self
+                .locked
+                .iter()
+                .any(|(p, u)| p == provider && u == user_id)
+        {
+            self.locked
+                .push((provider.to_string(), user_id.to_string()));
+        }
     }
 }
 

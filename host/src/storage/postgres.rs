@@ -174,12 +174,39 @@ const MIGRATIONS: &[(i64, &str)] = &[
     END
     $$",
     ),
+    (
+        11,
+        // Every change of a row tells every host's grant cache, at commit
+        // (see `listener`). A name too long for a notification's 8000 bytes
+        // invalidates everything rather than failing the write.
+        "CREATE FUNCTION tokenkeep_tokens_changed() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        r tokenkeep_tokens;
+        payload text;
+    BEGIN
+        IF TG_OP = 'TRUNCATE' THEN
+            PERFORM pg_notify('tokenkeep_tokens', '*');
+            RETURN NULL;
+        END IF;
+        IF TG_OP = 'DELETE' THEN r := OLD; ELSE r := NEW; END IF;
+        payload := json_build_array(r.provider, r.user_id)::text;
+        IF octet_length(payload) > 7900 THEN payload := '*'; END IF;
+        PERFORM pg_notify('tokenkeep_tokens', payload);
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER tokenkeep_tokens_changed AFTER INSERT OR UPDATE OR DELETE
+        ON tokenkeep_tokens FOR EACH ROW EXECUTE FUNCTION tokenkeep_tokens_changed();
+    CREATE TRIGGER tokenkeep_tokens_truncated AFTER TRUNCATE
+        ON tokenkeep_tokens FOR EACH STATEMENT EXECUTE FUNCTION tokenkeep_tokens_changed();",
+    ),
 ];
 
 /// How long one statement may go unanswered (a read, a write of one row, a
 /// commit) before the connection is presumed cut off: dropped, and inside a
 /// locked transaction the write is saved another way.
-const STATEMENT_BOUND: Duration = Duration::from_secs(5);
+pub(super) const STATEMENT_BOUND: Duration = Duration::from_secs(5);
 
 /// How long opening the store waits for the database to answer at all.
 const FIRST_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -609,7 +636,7 @@ async fn migrate(client: &ClientWrapper) -> Result<(), StorageError> {
 
 /// Runs a statement, but gives up on an answer after `bound`: a connection
 /// that stops answering is reported as lost, not waited on.
-async fn bounded<T>(
+pub(super) async fn bounded<T>(
     bound: Duration,
     work: impl Future<Output = Result<T, tokio_postgres::Error>>,
 ) -> Result<T, StorageError> {
@@ -617,7 +644,7 @@ async fn bounded<T>(
 }
 
 /// [`bounded`] for work that already speaks the storage taxonomy.
-async fn within<T>(
+pub(super) async fn within<T>(
     bound: Duration,
     work: impl Future<Output = Result<T, StorageError>>,
 ) -> Result<T, StorageError> {
@@ -910,6 +937,13 @@ impl super::Backend for PgStore {
             Ok(n > 0)
         }))
     }
+    fn listen(
+        &self,
+        cache: Arc<crate::grant_cache::GrantCache>,
+    ) -> Result<super::listener::AbortOnDrop, StorageError> {
+        Ok(super::listener::spawn(self.connect.clone(), cache))
+    }
+
     fn begin(&self) -> BoxFuture<'_, Result<Box<dyn BackendTransaction>, StorageError>> {
         Box::pin(async move { Ok(Box::new(PgStore::begin(self)) as Box<dyn BackendTransaction>) })
     }

@@ -1,0 +1,143 @@
+//! The Postgres connection that keeps a [`GrantCache`] current: it listens
+//! for the row changes migration 11's trigger announces at every commit,
+//! and proves every [`HEARTBEAT`] that it still hears them.
+//!
+//! The proof is a notification the listener sends itself on a channel of
+//! its own. Postgres delivers notifications in commit order from one queue,
+//! so when the heartbeat comes back, every change committed before it was
+//! sent has been applied to the cache (the connection driver applies them
+//! before it reads on). A connection that closes, stalls or is cut off
+//! stops the heartbeats; the cache then stops serving within its bound and
+//! is emptied, and the listener connects again.
+
+use super::StorageError;
+use super::postgres::{STATEMENT_BOUND, bounded, error, within};
+use crate::grant_cache::{GrantCache, HEARTBEAT};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::{AsyncMessage, NoTls};
+
+/// The channel the trigger notifies, with `["provider","user_id"]` or `*`.
+pub(crate) const CHANNEL: &str = "tokenkeep_tokens";
+
+/// Waits between attempts to reconnect, doubling up to the last.
+const RECONNECT: [Duration; 4] = [
+    Duration::from_millis(100),
+    Duration::from_millis(400),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+];
+
+/// A task that ends when this is dropped: the store owns its listener.
+#[derive(Debug)]
+pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Starts listening for `cache`, for as long as the returned guard lives.
+pub(crate) fn spawn(connect: Arc<tokio_postgres::Config>, cache: Arc<GrantCache>) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        let mut failures = 0;
+        loop {
+            let heard = session(&connect, &cache).await;
+            cache.deafen();
+            if let Err(e) = &heard.1 {
+                tracing::debug!(error = %e, "grant cache listener lost the database");
+            }
+            failures = if heard.0 { 0 } else { failures + 1 };
+            tokio::time::sleep(RECONNECT[failures.min(RECONNECT.len() - 1)]).await;
+        }
+    }))
+}
+
+/// One connection's life: whether it was ever heard, and how it ended.
+async fn session(
+    connect: &tokio_postgres::Config,
+    cache: &Arc<GrantCache>,
+) -> (bool, Result<(), StorageError>) {
+    let mut heard = false;
+    let ended = listen(connect, cache, &mut heard).await;
+    (heard, ended)
+}
+
+async fn listen(
+    connect: &tokio_postgres::Config,
+    cache: &Arc<GrantCache>,
+    heard: &mut bool,
+) -> Result<(), StorageError> {
+    let (client, mut connection) = bounded(STATEMENT_BOUND, connect.connect(NoTls)).await?;
+    let (acks, mut acked) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let applier = cache.clone();
+    let _driver = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            let message = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
+            match message {
+                Some(Ok(AsyncMessage::Notification(n))) if n.channel() == CHANNEL => {
+                    invalidate(&applier, n.payload());
+                }
+                // Only the heartbeat channel is left.
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if let Ok(k) = n.payload().parse() {
+                        let _ = acks.send(k);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return,
+            }
+        }
+    }));
+    let pid: i32 = bounded(
+        STATEMENT_BOUND,
+        client.query_one("SELECT pg_backend_pid()", &[]),
+    )
+    .await?
+    .try_get(0)
+    .map_err(error)?;
+    let heartbeat = format!("tokenkeep_heartbeat_{pid}");
+    bounded(
+        STATEMENT_BOUND,
+        client.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {heartbeat}")),
+    )
+    .await?;
+    // What changed before the LISTEN was not heard.
+    cache.invalidate_all();
+    for n in 1u64.. {
+        let sent = Instant::now();
+        bounded(
+            STATEMENT_BOUND,
+            client.batch_execute(&format!("NOTIFY {heartbeat}, '{n}'")),
+        )
+        .await?;
+        within(STATEMENT_BOUND, async {
+            loop {
+                match acked.recv().await {
+                    Some(k) if k == n => return Ok(()),
+                    Some(_) => {}
+                    None => {
+                        return Err(StorageError::ConnectionLost(
+                            "postgres: the listening connection closed".into(),
+                        ));
+                    }
+                }
+            }
+        })
+        .await?;
+        cache.confirm(sent);
+        *heard = true;
+        tokio::time::sleep_until((sent + HEARTBEAT).into()).await;
+    }
+    Ok(())
+}
+
+/// Applies one change notification.
+fn invalidate(cache: &GrantCache, payload: &str) {
+    match serde_json::from_str::<(String, String)>(payload) {
+        Ok((provider, user_id)) => cache.invalidate(&provider, &user_id),
+        // `*`, or anything unexpected: assume everything changed.
+        Err(_) => cache.invalidate_all(),
+    }
+}

@@ -1,0 +1,212 @@
+//! The grant cache: repeated reads of a token valid beyond its refresh
+//! window stay in memory, and no change another host committed longer ago
+//! than the documented bound is answered from it, however the listening
+//! connection fails.
+
+mod common;
+
+use common::{Backend, World, token_set};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokenkeep_host::grant_cache::STALENESS_BOUND;
+use tokenkeep_host::{Clock, Error, Keeper};
+use tokenkeep_testkit::proxy::BlackHoleProxy;
+
+/// Reads `user` until the keeper's cache holds it (the listener has been
+/// heard and a read filled it).
+async fn until_cached(keeper: &Keeper, user: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        keeper.ensure_fresh("acme", user).await.unwrap();
+        if keeper.cached_grants() >= Some(1) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the cache never filled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads `user` on `keeper` until `done` says the answer reflects a change
+/// committed at `committed`, failing if any read begun more than the bound
+/// after the commit still answers `old_token`. The lag is returned.
+async fn until_seen(
+    keeper: &Keeper,
+    user: &str,
+    committed: Instant,
+    old_token: &str,
+    done: impl Fn(&Result<tokenkeep_host::AccessGrant, Error>) -> bool,
+) -> Duration {
+    use secrecy::ExposeSecret;
+    let deadline = committed + Duration::from_secs(30);
+    loop {
+        let began = Instant::now();
+        let got = keeper.ensure_fresh("acme", user).await;
+        if done(&got) {
+            return began - committed;
+        }
+        if let Ok(g) = &got {
+            assert!(
+                g.access_token.expose_secret() != old_token || began < committed + STALENESS_BOUND,
+                "a read begun {:?} after another host's change answered the old token",
+                began - committed
+            );
+        }
+        assert!(Instant::now() < deadline, "the change was never seen");
+        tokio::task::yield_now().await;
+    }
+}
+
+fn proxy_target(database_url: &str) -> std::net::SocketAddr {
+    let url = url::Url::parse(database_url).unwrap();
+    format!("127.0.0.1:{}", url.port().unwrap())
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_reads_of_a_fresh_token_do_not_touch_the_database() {
+    let w = World::new(Backend::Postgres, "cache-reads").await;
+    w.store("fresh", "at-fresh", Some("rt-fresh"), 3600).await;
+    let proxy = BlackHoleProxy::start(proxy_target(&w.database_url))
+        .await
+        .unwrap();
+    let keeper = w.caching_keeper(&proxy.url_through(&w.database_url)).await;
+    until_cached(&keeper, "fresh").await;
+
+    let before = proxy.round_trips();
+    for _ in 0..200 {
+        keeper.ensure_fresh("acme", "fresh").await.unwrap();
+    }
+    let trips = proxy.round_trips() - before;
+    // The listener's heartbeat may fall in the middle: one trip each.
+    assert!(
+        trips <= 2,
+        "{trips} database round trips for 200 cached reads"
+    );
+    assert_eq!(w.provider.calls(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_hosts_refresh_and_delete_are_never_served_past_the_bound() {
+    let w = World::new(Backend::Postgres, "cache-other-host").await;
+    w.store("u", "at-1", Some("rt-1"), 3600).await;
+    let cached = w.caching_keeper(&w.database_url).await;
+    until_cached(&cached, "u").await;
+
+    // Another host stores a new token (what a refresh there commits).
+    w.keeper
+        .store_tokens(
+            "acme",
+            "u",
+            &token_set("at-2", Some("rt-2"), Some(w.now() + 3600)),
+        )
+        .await
+        .unwrap();
+    let committed = Instant::now();
+    let lag = until_seen(&cached, "u", committed, "at-1", |got| {
+        use secrecy::ExposeSecret;
+        got.as_ref()
+            .is_ok_and(|g| g.access_token.expose_secret() == "at-2")
+    })
+    .await;
+    eprintln!("a store on another host reached the cache after {lag:?}");
+
+    until_cached(&cached, "u").await;
+    assert!(w.keeper.delete_tokens("acme", "u").await.unwrap());
+    let committed = Instant::now();
+    let lag = until_seen(&cached, "u", committed, "at-2", |got| {
+        matches!(got, Err(Error::NotFound { .. }))
+    })
+    .await;
+    eprintln!("a delete on another host reached the cache after {lag:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_cut_off_from_the_database_stops_serving_within_the_bound() {
+    let w = World::new(Backend::Postgres, "cache-black-hole").await;
+    w.store("u", "at-1", Some("rt-1"), 3600).await;
+    let proxy = BlackHoleProxy::start(proxy_target(&w.database_url))
+        .await
+        .unwrap();
+    let cached = w.caching_keeper(&proxy.url_through(&w.database_url)).await;
+    until_cached(&cached, "u").await;
+
+    // Every connection of the cached host, its listener's included, stops
+    // forwarding without closing; then another host deletes the row.
+    proxy.black_hole_existing();
+    assert!(w.keeper.delete_tokens("acme", "u").await.unwrap());
+    let committed = Instant::now();
+    let lag = until_seen(&cached, "u", committed, "at-1", |got| {
+        matches!(got, Err(Error::NotFound { .. }))
+    })
+    .await;
+    eprintln!("a black-holed cache learnt of the delete after {lag:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn this_hosts_own_writes_are_seen_at_once() {
+    let w = World::new(Backend::Postgres, "cache-own-writes").await;
+    w.store("u", "at-1", Some("rt-1"), 3600).await;
+    let keeper = w.caching_keeper(&w.database_url).await;
+    until_cached(&keeper, "u").await;
+
+    keeper
+        .store_tokens(
+            "acme",
+            "u",
+            &token_set("at-2", Some("rt-2"), Some(w.now() + 3600)),
+        )
+        .await
+        .unwrap();
+    let grant = keeper.ensure_fresh("acme", "u").await.unwrap();
+    use secrecy::ExposeSecret;
+    assert_eq!(grant.access_token.expose_secret(), "at-2");
+
+    until_cached(&keeper, "u").await;
+    assert!(keeper.delete_tokens("acme", "u").await.unwrap());
+    assert!(matches!(
+        keeper.ensure_fresh("acme", "u").await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_token_inside_its_refresh_window_is_refreshed_not_served() {
+    let clock = Clock::manual(common::now());
+    let w = World::build(
+        Backend::Postgres,
+        "cache-window",
+        Default::default(),
+        "",
+        clock.clone(),
+    )
+    .await;
+    w.provider.add_chain("rt-u");
+    w.store("u", "at-1", Some("rt-u"), 3600).await;
+    let keeper: Arc<Keeper> = w.caching_keeper(&w.database_url).await;
+    until_cached(&keeper, "u").await;
+
+    // 500 s left: inside the 600 s window.
+    clock.advance(3100);
+    let grant = keeper.ensure_fresh("acme", "u").await.unwrap();
+    assert_eq!(w.provider.calls(), 1, "the due token went to the provider");
+    assert_eq!(grant.generation, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grant_cache_on_sqlite_is_a_configuration_error() {
+    let w = World::new(Backend::Sqlite, "cache-sqlite").await;
+    let opened = common::open_keeper_with(
+        &w.database_url,
+        &w.config_path,
+        common::KEYS,
+        Clock::System,
+        true,
+    )
+    .await;
+    match opened {
+        Err(Error::Config(m)) => assert!(m.contains("Postgres"), "{m}"),
+        Err(other) => panic!("expected a configuration error, got {other}"),
+        Ok(_) => panic!("a grant cache on SQLite was accepted"),
+    }
+}
