@@ -208,6 +208,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
 /// locked transaction the write is saved another way.
 pub(super) const STATEMENT_BOUND: Duration = Duration::from_secs(5);
 
+/// Connections that write refresh-start records, at most: concurrent
+/// refreshes write theirs side by side rather than in turn on one.
+const MARKER_CONNECTIONS: usize = 4;
+
 /// How long opening the store waits for the database to answer at all.
 const FIRST_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -370,10 +374,11 @@ pub struct PgStore {
     /// Transactions that wait for row locks. Kept apart so that callers
     /// queued behind one stale token never starve reads of other tokens.
     tx_pool: Pool,
-    /// The connection that writes refresh-start records. A refresher writes
+    /// The connections that write refresh-start records. A refresher writes
     /// one while it holds a row lock, so it must not queue for a connection
-    /// behind callers that are waiting for that very lock.
-    markers: Arc<tokio::sync::Mutex<Option<ClientWrapper>>>,
+    /// behind callers that are waiting for that very lock: only lock
+    /// holders use these, and their statements wait for no lock.
+    markers: Pool,
     connect: Arc<tokio_postgres::Config>,
     lock_wait: Duration,
     /// The longest provider call: what lock-holding sessions may sit idle.
@@ -446,8 +451,7 @@ impl PgStore {
             .connect_timeout(FIRST_CONNECT_TIMEOUT.min(options.lock_wait));
         // One connection first, so that a database that is down or refuses
         // us is reported at once (a pool retries until its wait runs out).
-        // It becomes the refresh-start writer's.
-        let first = tokio::time::timeout(
+        let _first = tokio::time::timeout(
             FIRST_CONNECT_TIMEOUT.min(options.lock_wait),
             open_connection(&connect),
         )
@@ -469,7 +473,12 @@ impl PgStore {
                 options.lock_wait * 2,
                 session_sql(options.lock_wait, Some(options.hold)),
             )?,
-            markers: Arc::new(tokio::sync::Mutex::new(Some(first))),
+            markers: pool(
+                &connect,
+                size.min(MARKER_CONNECTIONS),
+                STATEMENT_BOUND,
+                session_sql(options.lock_wait, None),
+            )?,
             connect: Arc::new(connect),
             lock_wait: options.lock_wait,
             hold: options.hold,
@@ -531,16 +540,11 @@ impl PgStore {
         session: &Session,
     ) -> Result<bool, StorageError> {
         within(STATEMENT_BOUND, async {
-            let mut slot = self.markers.lock().await;
-            // A kept connection may have died with a server restart: one
-            // more try on a new connection before giving up.
-            let tries = if slot.is_some() { 2 } else { 1 };
+            // A pooled connection may have died with a server restart: one
+            // more try on another before giving up.
             let mut written = Ok(false);
-            for _ in 0..tries {
-                let conn = match slot.as_mut() {
-                    Some(conn) => conn,
-                    None => slot.insert(open_connection(&self.connect).await?),
-                };
+            for _ in 0..2 {
+                let conn = get(&self.markers, STATEMENT_BOUND).await?;
                 written = async {
                     let insert = conn
                         .prepare_cached(START_REFRESH_SQL)
@@ -559,7 +563,7 @@ impl PgStore {
                 }
                 .await;
                 match &written {
-                    Err(StorageError::ConnectionLost(_)) => *slot = None,
+                    Err(StorageError::ConnectionLost(_)) => drop(Object::take(conn)),
                     _ => break,
                 }
             }
