@@ -56,6 +56,17 @@ async fn until_seen(
     }
 }
 
+/// Another host (the world's keeper) deletes acme/u; `cached` reads it
+/// until it says so, never answering `old_token` past the bound.
+async fn deleted_elsewhere(w: &World, cached: &Keeper, old_token: &str) -> Duration {
+    assert!(w.keeper.delete_tokens("acme", "u").await.unwrap());
+    let committed = Instant::now();
+    until_seen(cached, "u", committed, old_token, |got| {
+        matches!(got, Err(Error::NotFound { .. }))
+    })
+    .await
+}
+
 fn proxy_target(database_url: &str) -> std::net::SocketAddr {
     let url = url::Url::parse(database_url).unwrap();
     format!("127.0.0.1:{}", url.port().unwrap())
@@ -112,12 +123,7 @@ async fn another_hosts_refresh_and_delete_are_never_served_past_the_bound() {
     eprintln!("a store on another host reached the cache after {lag:?}");
 
     until_cached(&cached, "u").await;
-    assert!(w.keeper.delete_tokens("acme", "u").await.unwrap());
-    let committed = Instant::now();
-    let lag = until_seen(&cached, "u", committed, "at-2", |got| {
-        matches!(got, Err(Error::NotFound { .. }))
-    })
-    .await;
+    let lag = deleted_elsewhere(&w, &cached, "at-2").await;
     eprintln!("a delete on another host reached the cache after {lag:?}");
 }
 
@@ -134,12 +140,7 @@ async fn a_cache_cut_off_from_the_database_stops_serving_within_the_bound() {
     // Every connection of the cached host, its listener's included, stops
     // forwarding without closing; then another host deletes the row.
     proxy.black_hole_existing();
-    assert!(w.keeper.delete_tokens("acme", "u").await.unwrap());
-    let committed = Instant::now();
-    let lag = until_seen(&cached, "u", committed, "at-1", |got| {
-        matches!(got, Err(Error::NotFound { .. }))
-    })
-    .await;
+    let lag = deleted_elsewhere(&w, &cached, "at-1").await;
     eprintln!("a black-holed cache learnt of the delete after {lag:?}");
 }
 
