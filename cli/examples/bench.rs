@@ -91,17 +91,30 @@ where
             .map(|caller| {
                 let op = op.clone();
                 tokio::spawn(async move {
-                    // Every operation counts; latencies are kept for the
-                    // first ones only, so that a fast path does not fill
-                    // memory with samples (the peak memory row is ours).
+                    // Every operation counts; latencies are a uniform
+                    // sample of them (reservoir), so that a fast path does
+                    // not fill memory (the peak memory note is ours).
                     let (mut ops, mut samples) = (0usize, Vec::new());
+                    let mut seed = 0x9e37_79b9_7f4a_7c15_u64 ^ caller as u64;
                     while start.elapsed() < WINDOW {
                         let t = Instant::now();
                         op(caller).await;
-                        if samples.len() < MAX_SAMPLES {
-                            samples.push(t.elapsed());
-                        }
+                        let took = t.elapsed();
                         ops += 1;
+                        if samples.len() < MAX_SAMPLES {
+                            samples.push(took);
+                        } else {
+                            seed ^= seed << 13;
+                            seed ^= seed >> 7;
+                            seed ^= seed << 17;
+                            let i = (seed % ops as u64) as usize;
+                            if i < MAX_SAMPLES {
+                                samples[i] = took;
+                            }
+                        }
+                        // Callers take turns as in a server, where every
+                        // request yields (a cached read never does itself).
+                        tokio::task::yield_now().await;
                     }
                     (ops, samples)
                 })
@@ -380,7 +393,8 @@ async fn convergence(rows: &mut Vec<Row>, pg_url: &str) {
     let (mut calls, mut ratios) = (Vec::new(), Vec::new());
     let writer = keeper(pg_url, &slow.token_url(), SandboxLimits::default(), false).await;
     for run in 0..RUNS {
-        let user = format!("converge-{run}");
+        // Fresh names on every invocation: DATABASE_URL may be reused.
+        let user = format!("converge-{}-{run}", std::process::id());
         let refresh = format!("rt-converge-{run}");
         slow.add_chain(&refresh);
         writer
@@ -886,7 +900,7 @@ async fn main() {
         })
         .unwrap_or_else(|| "unknown".into());
     notes.push(format!(
-        "Peak resident memory of this process (three keepers, pools warm, 8 Postgres and 8 SQLite \
+        "Peak resident memory of this process (five keepers, pools warm, 8 Postgres and 8 SQLite \
          baseline connections, the loopback provider): {peak}."
     ));
     notes.push("Not measured yet: the SQLite hot path against the previous main's build.".into());

@@ -33,12 +33,11 @@ pub const HEARTBEAT: Duration = Duration::from_millis(200);
 /// from a cache: the documented bound (README, "The grant cache").
 pub const STALENESS_BOUND: Duration = Duration::from_secs(1);
 
-/// Grants kept at most; beyond it new grants are not cached (the ones kept
-/// are the busiest, having been filled first).
+/// Grants kept at most; a full cache starts over (the busiest tokens are
+/// back after one read each).
 const CAPACITY: usize = 100_000;
 
 /// The grants of one process, and what it knows of the listener.
-#[derive(Debug)]
 pub struct GrantCache {
     entries: Mutex<HashMap<RowKey, AccessGrant>>,
     /// Bumped by every invalidation: a fill that began before one is dropped.
@@ -47,6 +46,16 @@ pub struct GrantCache {
     /// was sent; 0 while none has.
     confirmed: AtomicU64,
     origin: Instant,
+}
+
+impl std::fmt::Debug for GrantCache {
+    // Not derived: the entries name users.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrantCache")
+            .field("grants", &self.len())
+            .field("listening", &self.listening())
+            .finish()
+    }
 }
 
 impl Default for GrantCache {
@@ -93,7 +102,7 @@ impl GrantCache {
             provider: provider.to_string(),
             user_id: user_id.to_string(),
         };
-        let entries = self.entries();
+        let mut entries = self.entries();
         let grant = entries.get(&key)?;
         if tokenkeep_core::validity::needs_refresh(
             grant.obtained_at,
@@ -101,6 +110,8 @@ impl GrantCache {
             now,
             threshold,
         ) {
+            // Due: the database decides from here on; kept no longer.
+            entries.remove(&key);
             return None;
         }
         Some(grant.clone())
@@ -120,7 +131,7 @@ impl GrantCache {
             return;
         }
         if entries.len() >= CAPACITY {
-            return;
+            entries.clear();
         }
         entries.insert(
             RowKey {

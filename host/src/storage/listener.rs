@@ -12,10 +12,11 @@
 
 use super::StorageError;
 use super::postgres::{STATEMENT_BOUND, bounded, error, within};
+use crate::clock::SharedClock;
 use crate::grant_cache::{GrantCache, HEARTBEAT};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
 
 /// The channel the trigger notifies, with `["provider","user_id"]` or `*`.
 pub(crate) const CHANNEL: &str = "tokenkeep_tokens";
@@ -38,17 +39,40 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Failed connections in a row after which the cache being off is logged.
+const FAILURES_LOGGED: usize = 3;
+
 /// Starts listening for `cache`, for as long as the returned guard lives.
-pub(crate) fn spawn(connect: Arc<tokio_postgres::Config>, cache: Arc<GrantCache>) -> AbortOnDrop {
+/// The heartbeats also bring the database's time, which keeps the shared
+/// clock current while reads are served from memory.
+pub(crate) fn spawn(
+    connect: &tokio_postgres::Config,
+    cache: Arc<GrantCache>,
+    clock: Arc<SharedClock>,
+) -> AbortOnDrop {
+    let mut connect = connect.clone();
+    // A listener cut off half-open is found out in seconds, not TCP's
+    // hours: until then it holds back the trimming of the NOTIFY queue.
+    connect
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(5))
+        .keepalives_interval(Duration::from_secs(1))
+        .keepalives_retries(3);
     AbortOnDrop(tokio::spawn(async move {
         let mut failures = 0;
         loop {
-            let heard = session(&connect, &cache).await;
+            let heard = session(&connect, &cache, &clock).await;
             cache.deafen();
             if let Err(e) = &heard.1 {
                 tracing::debug!(error = %e, "grant cache listener lost the database");
             }
             failures = if heard.0 { 0 } else { failures + 1 };
+            if failures == FAILURES_LOGGED {
+                tracing::warn!(
+                    "the grant cache is off: its listening connection keeps failing \
+                     (every read goes to the database until it is back)"
+                );
+            }
             tokio::time::sleep(RECONNECT[failures.min(RECONNECT.len() - 1)]).await;
         }
     }))
@@ -58,15 +82,17 @@ pub(crate) fn spawn(connect: Arc<tokio_postgres::Config>, cache: Arc<GrantCache>
 async fn session(
     connect: &tokio_postgres::Config,
     cache: &Arc<GrantCache>,
+    clock: &SharedClock,
 ) -> (bool, Result<(), StorageError>) {
     let mut heard = false;
-    let ended = listen(connect, cache, &mut heard).await;
+    let ended = listen(connect, cache, clock, &mut heard).await;
     (heard, ended)
 }
 
 async fn listen(
     connect: &tokio_postgres::Config,
     cache: &Arc<GrantCache>,
+    clock: &SharedClock,
     heard: &mut bool,
 ) -> Result<(), StorageError> {
     let (client, mut connection) = bounded(STATEMENT_BOUND, connect.connect(NoTls)).await?;
@@ -107,11 +133,17 @@ async fn listen(
     cache.invalidate_all();
     for n in 1u64.. {
         let sent = Instant::now();
-        bounded(
+        let answer = bounded(
             STATEMENT_BOUND,
-            client.batch_execute(&format!("NOTIFY {heartbeat}, '{n}'")),
+            client.simple_query(&format!(
+                "NOTIFY {heartbeat}, '{n}'; SELECT floor(extract(epoch FROM clock_timestamp()))"
+            )),
         )
         .await?;
+        let db_now = answer.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0)?.parse::<f64>().ok(),
+            _ => None,
+        });
         within(STATEMENT_BOUND, async {
             loop {
                 match acked.recv().await {
@@ -126,6 +158,7 @@ async fn listen(
             }
         })
         .await?;
+        clock.observe(db_now.map(|t| t as i64));
         cache.confirm(sent);
         *heard = true;
         tokio::time::sleep_until((sent + HEARTBEAT).into()).await;

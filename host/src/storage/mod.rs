@@ -96,8 +96,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'a, Result<bool, StorageError>>;
     /// Keeps `cache` current with every host's changes, for as long as the
     /// guard lives. Only a database that announces its changes can.
-    fn listen(&self, cache: Arc<GrantCache>) -> Result<listener::AbortOnDrop, StorageError> {
-        let _ = cache;
+    /// The database's time comes with the listener's heartbeats, for `clock`.
+    fn listen(
+        &self,
+        cache: Arc<GrantCache>,
+        clock: Arc<SharedClock>,
+    ) -> Result<listener::AbortOnDrop, StorageError> {
+        let _ = (cache, clock);
         Err(StorageError::Unavailable(
             "the grant cache needs Postgres: this database does not announce changes".into(),
         ))
@@ -168,10 +173,50 @@ pub struct Store {
 pub struct Transaction {
     inner: Box<dyn BackendTransaction>,
     clock: Arc<SharedClock>,
-    cache: Option<Arc<GrantCache>>,
     /// Rows this transaction locked: whatever it changed in them is
     /// forgotten by this process's cache once it ends.
-    locked: Vec<(String, String)>,
+    locked: Forget,
+}
+
+/// Rows this process is changing: the grant cache forgets them at once and
+/// again when this is dropped, after the write however it ended (done,
+/// failed, or cancelled with its caller), so that no read begun meanwhile
+/// fills with what was there before.
+struct Forget {
+    cache: Option<Arc<GrantCache>>,
+    rows: Vec<(String, String)>,
+}
+
+impl Forget {
+    fn new(cache: &Option<Arc<GrantCache>>) -> Self {
+        Self {
+            cache: cache.clone(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(mut self, provider: &str, user_id: &str) -> Self {
+        self.add(provider, user_id);
+        self
+    }
+
+    fn add(&mut self, provider: &str, user_id: &str) {
+        let Some(cache) = &self.cache else { return };
+        cache.invalidate(provider, user_id);
+        if !self.rows.iter().any(|(p, u)| p == provider && u == user_id) {
+            self.rows.push((provider.to_string(), user_id.to_string()));
+        }
+    }
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        if let Some(cache) = &self.cache {
+            for (provider, user_id) in &self.rows {
+                cache.invalidate(provider, user_id);
+            }
+        }
+    }
 }
 
 /// Connection settings shared by the backends.
@@ -243,7 +288,7 @@ impl Store {
             return Ok(cache.clone());
         }
         let cache = Arc::new(GrantCache::default());
-        self._listener = Some(self.backend.listen(cache.clone())?);
+        self._listener = Some(self.backend.listen(cache.clone(), self.clock.clone())?);
         self.cache = Some(cache.clone());
         Ok(cache)
     }
@@ -254,11 +299,9 @@ impl Store {
     }
 
     /// This process's own change of a row: forgotten at once, not when the
-    /// notification comes back.
-    fn forget(&self, provider: &str, user_id: &str) {
-        if let Some(cache) = &self.cache {
-            cache.invalidate(provider, user_id);
-        }
+    /// notification comes back, and again once the write has ended.
+    fn forget(&self, provider: &str, user_id: &str) -> Forget {
+        Forget::new(&self.cache).row(provider, user_id)
     }
 
     /// The shared time (the database's), without a round trip.
@@ -291,27 +334,21 @@ impl Store {
 
     /// Inserts `row` only if none exists; false when one does.
     pub async fn insert(&self, row: &SealedRow) -> Result<bool, StorageError> {
-        self.forget(&row.provider, &row.user_id);
-        let done = self.backend.insert(row, self.now()).await;
-        self.forget(&row.provider, &row.user_id);
-        done
+        let _forget = self.forget(&row.provider, &row.user_id);
+        self.backend.insert(row, self.now()).await
     }
 
     /// Inserts or replaces `row`; the generation written.
     pub async fn upsert(&self, row: &SealedRow) -> Result<u64, StorageError> {
-        self.forget(&row.provider, &row.user_id);
-        let done = self.backend.upsert(row, self.now()).await;
-        self.forget(&row.provider, &row.user_id);
-        done
+        let _forget = self.forget(&row.provider, &row.user_id);
+        self.backend.upsert(row, self.now()).await
     }
 
     /// Deletes a row and its refresh-start record; its last generation is
     /// kept (a tombstone), so a later row for the same user continues after it.
     pub async fn delete(&self, provider: &str, user_id: &str) -> Result<bool, StorageError> {
-        self.forget(provider, user_id);
-        let done = self.backend.delete(provider, user_id).await;
-        self.forget(provider, user_id);
-        done
+        let _forget = self.forget(provider, user_id);
+        self.backend.delete(provider, user_id).await
     }
 
     /// Opens a transaction whose row loads lock (Postgres: `FOR UPDATE` with
@@ -320,8 +357,7 @@ impl Store {
         Ok(Transaction {
             inner: self.backend.begin().await?,
             clock: self.clock.clone(),
-            cache: self.cache.clone(),
-            locked: Vec::new(),
+            locked: Forget::new(&self.cache),
         })
     }
 
@@ -349,7 +385,7 @@ impl Transaction {
         provider: &str,
         user_id: &str,
     ) -> Result<RowRead, StorageError> {
-        self.note_lock(provider, user_id);
+        self.locked.add(provider, user_id);
         let (row, db_now) = self.inner.load_for_update(provider, user_id).await?;
         Ok(RowRead {
             row,
@@ -362,7 +398,7 @@ impl Transaction {
         provider: &str,
         user_id: &str,
     ) -> Result<Option<RowRead>, StorageError> {
-        self.note_lock(provider, user_id);
+        self.locked.add(provider, user_id);
         let read = self.inner.try_load_for_update(provider, user_id).await?;
         Ok(read.map(|(row, db_now)| RowRead {
             row,
@@ -376,10 +412,7 @@ impl Transaction {
         expected: u64,
     ) -> Result<bool, StorageError> {
         let now = self.clock.now();
-        self.note_lock(&row.provider, &row.user_id);
-        if let Some(cache) = &self.cache {
-            cache.invalidate(&row.provider, &row.user_id);
-        }
+        self.locked.add(&row.provider, &row.user_id);
         self.inner.compare_and_set(row, expected, now).await
     }
 
@@ -397,28 +430,13 @@ impl Transaction {
     }
 
     pub async fn commit(self) -> Result<(), StorageError> {
-        let done = self.inner.commit().await;
         // A lock may also have applied a parked write (a rescue), and a
-        // failed commit may still have landed or been saved: forget them
-        // all, after the fact, so that no read begun meanwhile fills.
-        if let Some(cache) = &self.cache {
-            for (provider, user_id) in &self.locked {
-                cache.invalidate(provider, user_id);
-            }
-        }
+        // failed commit may still have landed or been saved: `locked`
+        // forgets them all once the commit has ended, however it ends.
+        let Transaction { inner, locked, .. } = self;
+        let done = inner.commit().await;
+        drop(locked);
         done
-    }
-
-    fn note_lock(&mut self, provider: &str, user_id: &str) {
-        if self.cache.is_some()
-            && !self
-                .locked
-                .iter()
-                .any(|(p, u)| p == provider && u == user_id)
-        {
-            self.locked
-                .push((provider.to_string(), user_id.to_string()));
-        }
     }
 }
 

@@ -528,24 +528,24 @@ impl PgStore {
         migrated
     }
 
-    /// Writes a refresh-start record on the dedicated connection, if
-    /// `session` still holds the row's lock, and asks again once it is
-    /// committed (pipelined: one round trip); reconnecting once after a
-    /// failure. True when the record stands and the lock is still held.
-    /// Bounded as a whole, well inside the lock holder's idle allowance: a
-    /// half-open connection must not stall refreshes that hold row locks.
+    /// Writes a refresh-start record on a connection of the record pool,
+    /// if `session` still holds the row's lock, and asks again once it is
+    /// committed (pipelined: one round trip); on another connection once
+    /// more after a lost one. True when the record stands and the lock is
+    /// still held. Each attempt is bounded (a connection that does not
+    /// answer is dropped, never pooled again) and so is the whole, well
+    /// inside the lock holder's idle allowance: a half-open connection must
+    /// not stall refreshes that hold row locks.
     async fn record_refresh_start(
         &self,
         record: [&(dyn ToSql + Sync); 4],
         session: &Session,
     ) -> Result<bool, StorageError> {
         within(STATEMENT_BOUND, async {
-            // A pooled connection may have died with a server restart: one
-            // more try on another before giving up.
             let mut written = Ok(false);
             for _ in 0..2 {
-                let conn = get(&self.markers, STATEMENT_BOUND).await?;
-                written = async {
+                let conn = get(&self.markers, STATEMENT_BOUND / 2).await?;
+                written = within(STATEMENT_BOUND / 2, async {
                     let insert = conn
                         .prepare_cached(START_REFRESH_SQL)
                         .await
@@ -560,7 +560,7 @@ impl PgStore {
                     let inserted = inserted.map_err(error)?;
                     let alive: bool = alive.and_then(|r| r.try_get(0)).map_err(error)?;
                     Ok(inserted == 1 && alive)
-                }
+                })
                 .await;
                 match &written {
                     Err(StorageError::ConnectionLost(_)) => drop(Object::take(conn)),
@@ -944,8 +944,9 @@ impl super::Backend for PgStore {
     fn listen(
         &self,
         cache: Arc<crate::grant_cache::GrantCache>,
+        clock: Arc<crate::clock::SharedClock>,
     ) -> Result<super::listener::AbortOnDrop, StorageError> {
-        Ok(super::listener::spawn(self.connect.clone(), cache))
+        Ok(super::listener::spawn(&self.connect, cache, clock))
     }
 
     fn begin(&self) -> BoxFuture<'_, Result<Box<dyn BackendTransaction>, StorageError>> {
