@@ -19,6 +19,7 @@ fn main() {
         "core/Cargo.toml",
         "component/src",
         "component/Cargo.toml",
+        "component/build.rs",
         "wit",
         "Cargo.lock",
     ] {

@@ -211,3 +211,70 @@ async fn the_grant_cache_on_sqlite_is_a_configuration_error() {
         Ok(_) => panic!("a grant cache on SQLite was accepted"),
     }
 }
+
+/// A connection of the test's own that listens to the change channel.
+struct Ear {
+    client: tokio_postgres::Client,
+    heard: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+    markers: u64,
+}
+
+impl Ear {
+    async fn new(database_url: &str) -> Self {
+        use tokio_postgres::AsyncMessage;
+        let (client, mut connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let (tell, heard) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                if let AsyncMessage::Notification(n) = m {
+                    let _ = tell.send((n.channel().to_string(), n.payload().to_string()));
+                }
+            }
+        });
+        client
+            .batch_execute("LISTEN tokenkeep_tokens; LISTEN test_marker")
+            .await
+            .unwrap();
+        Self {
+            client,
+            heard,
+            markers: 0,
+        }
+    }
+
+    /// Every change announced since the last call: notifications come in
+    /// commit order, so all of them arrive before a marker sent now.
+    async fn announced(&mut self) -> Vec<String> {
+        self.markers += 1;
+        let marker = self.markers.to_string();
+        self.client
+            .batch_execute(&format!("NOTIFY test_marker, '{marker}'"))
+            .await
+            .unwrap();
+        let mut changes = Vec::new();
+        loop {
+            let (channel, payload) = self.heard.recv().await.unwrap();
+            if channel == "test_marker" && payload == marker {
+                return changes;
+            }
+            if channel == "tokenkeep_tokens" {
+                changes.push(payload);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_are_announced_only_once_a_cache_listens() {
+    let w = World::new(Backend::Postgres, "cache-announce").await;
+    let mut ear = Ear::new(&w.database_url).await;
+    w.store("u", "at-1", Some("rt-1"), 3600).await;
+    assert_eq!(ear.announced().await, Vec::<String>::new());
+
+    let cached = w.caching_keeper(&w.database_url).await;
+    until_cached(&cached, "u").await;
+    w.store("u", "at-2", Some("rt-2"), 3600).await;
+    assert_eq!(ear.announced().await, vec![r#"["acme", "u"]"#.to_string()]);
+}

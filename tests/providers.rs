@@ -476,3 +476,32 @@ async fn configuration_names_the_problem_without_quoting_secrets() {
     );
     assert!(err("[providers.acme]\ntoken_url = \"https://a.example/t\"\nclient_id = \"a\"\nmax_attempts = 0\n").contains("max_attempts"));
 }
+
+/// The guest's stack is small (component/build.rs): the deepest answer the
+/// JSON parser accepts still parses, and a deeper one is an invalid answer,
+/// not a trap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_answers_parse_or_are_refused_without_exhausting_the_guest_stack() {
+    let w = World::new(Backend::Sqlite, "deep-json").await;
+    let answer = |depth: usize| {
+        format!(
+            r#"{{"access_token":"at-deep","token_type":"bearer","expires_in":3600,"extra":{}{}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        )
+    };
+    // serde_json's limit is 128 levels, the answer object one of them.
+    w.provider
+        .set(|b| b.canned = Some((200, "application/json".into(), answer(126))));
+    w.store("deep", "at-old", Some("rt-0"), -10).await;
+    let grant = w.keeper.ensure_fresh("acme", "deep").await.unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-deep");
+
+    w.provider
+        .set(|b| b.canned = Some((200, "application/json".into(), answer(5_000))));
+    w.store("deeper", "at-old", Some("rt-0"), -10).await;
+    match w.keeper.ensure_fresh("acme", "deeper").await {
+        Err(Error::InvalidProviderResponse(_)) => {}
+        other => panic!("expected an invalid provider answer, got {other:?}"),
+    }
+}

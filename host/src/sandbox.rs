@@ -68,12 +68,15 @@ const TABLES_PER_COMPONENT: u32 = 4;
 const MEMORIES_PER_COMPONENT: u32 = 1;
 
 /// Linear memory a slot keeps resident between calls, reset with `memset`
-/// rather than given back to the kernel: about what a call touches.
-/// (wasmtime's `PAGEMAP_SCAN` reset, which rewrites only dirtied pages, took
-/// 75 µs off a call here, but in wasmtime 48 it skips a dirty page that is
-/// swapped out or migrating, which would show one call's memory to the next:
-/// bytecodealliance/wasmtime#14357. Not used until that is fixed.)
-const MEMORY_KEPT_RESIDENT: usize = 1 << 20;
+/// rather than given back to the kernel: what a call touches, now that the
+/// guest's stack is 128 KiB (component/build.rs) instead of 1 MiB. That
+/// took a call with instantiation from 38 to 15 µs (`just bench`): a 1 MiB
+/// `memset` of mostly idle stack went, and so did the `madvise` (with its
+/// TLB shootdowns) and page faults of the heap above it. (wasmtime's
+/// `PAGEMAP_SCAN` reset of only dirtied pages did as well, but in wasmtime
+/// 48 it skips a dirty page that is swapped out or migrating, which would
+/// show one call's memory to the next: bytecodealliance/wasmtime#14357.)
+const MEMORY_KEPT_RESIDENT: usize = 512 << 10;
 
 /// The instance allocator: pooled slots, or on demand when `slots` is zero.
 fn allocation_strategy(limits: &SandboxLimits) -> wasmtime::InstanceAllocationStrategy {

@@ -1,6 +1,7 @@
-//! The Postgres connection that keeps a [`GrantCache`] current: it listens
-//! for the row changes migration 11's trigger announces at every commit,
-//! and proves every [`HEARTBEAT`] that it still hears them.
+//! The Postgres connection that keeps a [`GrantCache`] current: it turns
+//! on the announcements of migrations 11 and 12 (a trigger that notifies
+//! every commit that changes a row), listens for them, and proves every
+//! [`HEARTBEAT`] that it still hears them.
 //!
 //! The proof is a notification the listener sends itself on a channel of
 //! its own. Postgres delivers notifications in commit order from one queue,
@@ -124,6 +125,17 @@ async fn listen(
     .try_get(0)
     .map_err(error)?;
     let heartbeat = format!("tokenkeep_heartbeat_{pid}");
+    // Once for the database (migration 12): from here on every commit that
+    // changes a row announces it, and every one that did not has landed.
+    bounded(
+        STATEMENT_BOUND,
+        // It waits for writers in flight: not longer than a statement.
+        client.batch_execute(
+            "SET lock_timeout = '4s'; SELECT tokenkeep_announce_changes(); \
+             SET lock_timeout = 0",
+        ),
+    )
+    .await?;
     bounded(
         STATEMENT_BOUND,
         client.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {heartbeat}")),

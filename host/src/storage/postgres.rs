@@ -201,6 +201,48 @@ const MIGRATIONS: &[(i64, &str)] = &[
     CREATE TRIGGER tokenkeep_tokens_truncated AFTER TRUNCATE
         ON tokenkeep_tokens FOR EACH STATEMENT EXECUTE FUNCTION tokenkeep_tokens_changed();",
     ),
+    (
+        12,
+        // Changes are announced only once a grant cache listens: a NOTIFY
+        // takes a cluster-wide lock at commit, which databases without a
+        // cache should not pay. A writer holds advisory lock 128021892001388
+        // shared from its trigger to its commit; turning announcements on
+        // takes it exclusively, so every writer that found them off has
+        // committed before the first listener starts listening (and reads
+        // what it wrote).
+        "CREATE TABLE tokenkeep_announcing (
+        singleton BOOLEAN PRIMARY KEY DEFAULT true CHECK (singleton),
+        since TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    CREATE FUNCTION tokenkeep_announce_changes() RETURNS void
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock(128021892001388);
+        INSERT INTO tokenkeep_announcing DEFAULT VALUES ON CONFLICT DO NOTHING;
+    END
+    $$;
+    CREATE OR REPLACE FUNCTION tokenkeep_tokens_changed() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        r tokenkeep_tokens;
+        payload text;
+    BEGIN
+        PERFORM pg_advisory_xact_lock_shared(128021892001388);
+        IF NOT EXISTS (SELECT 1 FROM tokenkeep_announcing) THEN
+            RETURN NULL;
+        END IF;
+        IF TG_OP = 'TRUNCATE' THEN
+            PERFORM pg_notify('tokenkeep_tokens', '*');
+            RETURN NULL;
+        END IF;
+        IF TG_OP = 'DELETE' THEN r := OLD; ELSE r := NEW; END IF;
+        payload := json_build_array(r.provider, r.user_id)::text;
+        IF octet_length(payload) > 7900 THEN payload := '*'; END IF;
+        PERFORM pg_notify('tokenkeep_tokens', payload);
+        RETURN NULL;
+    END
+    $$;",
+    ),
 ];
 
 /// How long one statement may go unanswered (a read, a write of one row, a
