@@ -278,3 +278,60 @@ async fn changes_are_announced_only_once_a_cache_listens() {
     w.store("u", "at-2", Some("rt-2"), 3600).await;
     assert_eq!(ear.announced().await, vec![r#"["acme", "u"]"#.to_string()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_found_announcements_off_lands_before_the_first_cache_listens() {
+    let w = World::new(Backend::Postgres, "cache-first-listener").await;
+    w.store("u", "at-1", Some("rt-1"), 3600).await;
+    let (writer, connection) = tokio_postgres::connect(&w.database_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    // Another host deletes the row while no cache listens: its trigger
+    // finds announcements off, and its commit is still to come.
+    writer
+        .batch_execute(
+            "BEGIN; DELETE FROM tokenkeep_tokens WHERE provider = 'acme' AND user_id = 'u'",
+        )
+        .await
+        .unwrap();
+    let cached = w.caching_keeper(&w.database_url).await;
+    // The first listener waits for that writer before it turns them on.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the first listener did not wait for the writer"
+        );
+        let waiting: i64 = writer
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Meanwhile reads go to the database, and see the row.
+    cached.ensure_fresh("acme", "u").await.unwrap();
+    writer.batch_execute("COMMIT").await.unwrap();
+    let committed = Instant::now();
+    until_seen(&cached, "u", committed, "at-1", |got| {
+        matches!(got, Err(Error::NotFound { .. }))
+    })
+    .await;
+    // And it stays seen once the cache serves.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cached.cached_grants() != Some(0) || Instant::now() < committed + 2 * STALENESS_BOUND {
+        assert!(matches!(
+            cached.ensure_fresh("acme", "u").await,
+            Err(Error::NotFound { .. })
+        ));
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -483,19 +483,26 @@ async fn configuration_names_the_problem_without_quoting_secrets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deeply_nested_answers_parse_or_are_refused_without_exhausting_the_guest_stack() {
     let w = World::new(Backend::Sqlite, "deep-json").await;
-    let answer = |depth: usize| {
+    let nested = |open: &str, close: &str, depth: usize| {
         format!(
-            r#"{{"access_token":"at-deep","token_type":"bearer","expires_in":3600,"extra":{}{}}}"#,
-            "[".repeat(depth),
-            "]".repeat(depth)
+            r#"{{"access_token":"at-deep","token_type":"bearer","expires_in":3600,"extra":{}0{}}}"#,
+            open.repeat(depth),
+            close.repeat(depth)
         )
     };
-    // serde_json's limit is 128 levels, the answer object one of them.
-    w.provider
-        .set(|b| b.canned = Some((200, "application/json".into(), answer(126))));
-    w.store("deep", "at-old", Some("rt-0"), -10).await;
-    let grant = w.keeper.ensure_fresh("acme", "deep").await.unwrap();
-    assert_eq!(grant.access_token.expose_secret(), "at-deep");
+    let answer = |depth: usize| nested("[", "]", depth);
+    // serde_json's limit is 128 levels, the answer object one of them:
+    // arrays, and objects (whose maps take more stack per level).
+    for (user, body) in [
+        ("deep", answer(126)),
+        ("deep-objects", nested(r#"{"a":"#, "}", 126)),
+    ] {
+        w.provider
+            .set(|b| b.canned = Some((200, "application/json".into(), body.clone())));
+        w.store(user, "at-old", Some("rt-0"), -10).await;
+        let grant = w.keeper.ensure_fresh("acme", user).await.unwrap();
+        assert_eq!(grant.access_token.expose_secret(), "at-deep");
+    }
 
     w.provider
         .set(|b| b.canned = Some((200, "application/json".into(), answer(5_000))));

@@ -131,7 +131,11 @@ impl GrantCache {
             return;
         }
         if entries.len() >= CAPACITY {
-            entries.clear();
+            // Freed after the lock is released, not on the hot path's time.
+            let full = std::mem::take(&mut *entries);
+            drop(entries);
+            drop(full);
+            return;
         }
         entries.insert(
             RowKey {

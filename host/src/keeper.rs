@@ -7,7 +7,6 @@ use crate::config::Config;
 use crate::conversation::{ConversationError, ConversationSettings, PartialRefresh};
 use crate::convert;
 use crate::error::Error;
-use crate::finish_on_drop::FinishOnDrop;
 use crate::keyring::Keyring;
 use crate::linker::{KeeperCtx, Scope};
 use crate::sandbox::{Runtime, SandboxLimits, Shared, State};
@@ -89,8 +88,7 @@ pub struct KeyStatus {
 /// confined to the rows it is about.
 pub struct Keeper {
     runtime: Arc<Runtime>,
-    /// Refreshing calls run on tasks of their own (or in their caller's
-    /// until it stops waiting, [`FinishOnDrop`]), tracked here: a caller
+    /// Refreshing calls run on tasks of their own, tracked here: a caller
     /// that stops waiting (a timeout, a `select!`, a deploy's SIGTERM) never
     /// cancels a refresh between the provider's answer and the commit, and
     /// [`Keeper::shutdown`] waits for them.
@@ -310,10 +308,10 @@ impl Keeper {
             provider: provider.to_string(),
             user_id: user_id.to_string(),
         };
-        let (mut flight, lead) = {
+        let mut flight = {
             let mut map = flights(&self.flights);
             match map.get(&key) {
-                Some(flight) => (flight.clone(), None),
+                Some(flight) => flight.clone(),
                 None => {
                     let (answer, flight) = watch::channel(None);
                     map.insert(key.clone(), flight.clone());
@@ -323,10 +321,7 @@ impl Keeper {
                         flight: flight.clone(),
                     };
                     let runtime = self.runtime.clone();
-                    // Run by this caller; a caller that stops waiting hands
-                    // it to a task, so it never stops between the
-                    // provider's answer and the commit.
-                    let work = FinishOnDrop::new(&self.detached, async move {
+                    self.detached.spawn(async move {
                         let key = &landing.key;
                         // Taken before the read: the fill is dropped if any
                         // row changed meanwhile.
@@ -341,14 +336,10 @@ impl Keeper {
                         drop(landing);
                         answer.send_replace(Some(got));
                     });
-                    (flight, Some(work))
+                    flight
                 }
             }
         };
-        if let Some(work) = lead {
-            // A panic closes the flight: told below, as to every caller.
-            let _ = work.await;
-        }
         let landed = flight
             .wait_for(Option::is_some)
             .await

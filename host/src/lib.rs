@@ -13,7 +13,6 @@ pub mod config;
 pub mod conversation;
 mod convert;
 pub mod error;
-mod finish_on_drop;
 pub mod grant_cache;
 pub mod keeper;
 pub mod keyring;

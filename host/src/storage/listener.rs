@@ -1,6 +1,6 @@
 //! The Postgres connection that keeps a [`GrantCache`] current: it turns
-//! on the announcements of migrations 11 and 12 (a trigger that notifies
-//! every commit that changes a row), listens for them, and proves every
+//! on the announcements of migration 11 (a trigger that notifies every
+//! commit that changes a row), listens for them, and proves every
 //! [`HEARTBEAT`] that it still hears them.
 //!
 //! The proof is a notification the listener sends itself on a channel of
@@ -51,14 +51,7 @@ pub(crate) fn spawn(
     cache: Arc<GrantCache>,
     clock: Arc<SharedClock>,
 ) -> AbortOnDrop {
-    let mut connect = connect.clone();
-    // A listener cut off half-open is found out in seconds, not TCP's
-    // hours: until then it holds back the trimming of the NOTIFY queue.
-    connect
-        .keepalives(true)
-        .keepalives_idle(Duration::from_secs(5))
-        .keepalives_interval(Duration::from_secs(1))
-        .keepalives_retries(3);
+    let connect = connect.clone();
     AbortOnDrop(tokio::spawn(async move {
         let mut failures = 0;
         loop {
@@ -125,14 +118,16 @@ async fn listen(
     .try_get(0)
     .map_err(error)?;
     let heartbeat = format!("tokenkeep_heartbeat_{pid}");
-    // Once for the database (migration 12): from here on every commit that
+    // Once for the database (migration 11): from here on every commit that
     // changes a row announces it, and every one that did not has landed.
+    // The server probes this client too: a backend whose listener is gone
+    // must not hold back the trimming of the NOTIFY queue for long.
     bounded(
         STATEMENT_BOUND,
-        // It waits for writers in flight: not longer than a statement.
         client.batch_execute(
-            "SET lock_timeout = '4s'; SELECT tokenkeep_announce_changes(); \
-             SET lock_timeout = 0",
+            "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 1; \
+             SET tcp_keepalives_count = 3; SET tcp_user_timeout = 5000; \
+             SELECT tokenkeep_announce_changes()",
         ),
     )
     .await?;
@@ -156,6 +151,8 @@ async fn listen(
             SimpleQueryMessage::Row(r) => r.get(0)?.parse::<f64>().ok(),
             _ => None,
         });
+        // Against the host's clock now, while the reading is fresh.
+        clock.observe(db_now.map(|t| t as i64));
         within(STATEMENT_BOUND, async {
             loop {
                 match acked.recv().await {
@@ -170,7 +167,6 @@ async fn listen(
             }
         })
         .await?;
-        clock.observe(db_now.map(|t| t as i64));
         cache.confirm(sent);
         *heard = true;
         tokio::time::sleep_until((sent + HEARTBEAT).into()).await;

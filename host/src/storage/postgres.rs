@@ -176,15 +176,46 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
     (
         11,
-        // Every change of a row tells every host's grant cache, at commit
-        // (see `listener`). A name too long for a notification's 8000 bytes
-        // invalidates everything rather than failing the write.
-        "CREATE FUNCTION tokenkeep_tokens_changed() RETURNS trigger
+        // Every change of a row is announced to the hosts' grant caches at
+        // commit (see `listener`), once the first cache of the database has
+        // turned announcements on: a NOTIFY takes a cluster-wide lock at
+        // commit, which databases without a cache should not pay.
+        //
+        // A writer holds advisory lock 128021892001388 shared from its
+        // trigger to its commit; turning announcements on takes it
+        // exclusively, so every writer that found them off has committed
+        // before the first listener listens (and reads what it wrote). A
+        // writer whose snapshot predates its wait (REPEATABLE READ or
+        // stricter) cannot see the switch, so it always announces. A name
+        // too long for a notification's 8000 bytes announces everything
+        // rather than failing the write.
+        "CREATE TABLE tokenkeep_announcing (
+        singleton BOOLEAN PRIMARY KEY DEFAULT true CHECK (singleton),
+        since TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    CREATE FUNCTION tokenkeep_announce_changes() RETURNS void
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        -- Seen on: every writer that found it off has committed.
+        IF EXISTS (SELECT 1 FROM tokenkeep_announcing) THEN
+            RETURN;
+        END IF;
+        PERFORM set_config('lock_timeout', '4s', true);
+        PERFORM pg_advisory_xact_lock(128021892001388);
+        INSERT INTO tokenkeep_announcing DEFAULT VALUES ON CONFLICT DO NOTHING;
+    END
+    $$;
+    CREATE FUNCTION tokenkeep_tokens_changed() RETURNS trigger
     LANGUAGE plpgsql AS $$
     DECLARE
         r tokenkeep_tokens;
         payload text;
     BEGIN
+        PERFORM pg_advisory_xact_lock_shared(128021892001388);
+        IF current_setting('transaction_isolation') = 'read committed'
+            AND NOT EXISTS (SELECT 1 FROM tokenkeep_announcing) THEN
+            RETURN NULL;
+        END IF;
         IF TG_OP = 'TRUNCATE' THEN
             PERFORM pg_notify('tokenkeep_tokens', '*');
             RETURN NULL;
@@ -200,48 +231,6 @@ const MIGRATIONS: &[(i64, &str)] = &[
         ON tokenkeep_tokens FOR EACH ROW EXECUTE FUNCTION tokenkeep_tokens_changed();
     CREATE TRIGGER tokenkeep_tokens_truncated AFTER TRUNCATE
         ON tokenkeep_tokens FOR EACH STATEMENT EXECUTE FUNCTION tokenkeep_tokens_changed();",
-    ),
-    (
-        12,
-        // Changes are announced only once a grant cache listens: a NOTIFY
-        // takes a cluster-wide lock at commit, which databases without a
-        // cache should not pay. A writer holds advisory lock 128021892001388
-        // shared from its trigger to its commit; turning announcements on
-        // takes it exclusively, so every writer that found them off has
-        // committed before the first listener starts listening (and reads
-        // what it wrote).
-        "CREATE TABLE tokenkeep_announcing (
-        singleton BOOLEAN PRIMARY KEY DEFAULT true CHECK (singleton),
-        since TIMESTAMPTZ NOT NULL DEFAULT now()
-    );
-    CREATE FUNCTION tokenkeep_announce_changes() RETURNS void
-    LANGUAGE plpgsql AS $$
-    BEGIN
-        PERFORM pg_advisory_xact_lock(128021892001388);
-        INSERT INTO tokenkeep_announcing DEFAULT VALUES ON CONFLICT DO NOTHING;
-    END
-    $$;
-    CREATE OR REPLACE FUNCTION tokenkeep_tokens_changed() RETURNS trigger
-    LANGUAGE plpgsql AS $$
-    DECLARE
-        r tokenkeep_tokens;
-        payload text;
-    BEGIN
-        PERFORM pg_advisory_xact_lock_shared(128021892001388);
-        IF NOT EXISTS (SELECT 1 FROM tokenkeep_announcing) THEN
-            RETURN NULL;
-        END IF;
-        IF TG_OP = 'TRUNCATE' THEN
-            PERFORM pg_notify('tokenkeep_tokens', '*');
-            RETURN NULL;
-        END IF;
-        IF TG_OP = 'DELETE' THEN r := OLD; ELSE r := NEW; END IF;
-        payload := json_build_array(r.provider, r.user_id)::text;
-        IF octet_length(payload) > 7900 THEN payload := '*'; END IF;
-        PERFORM pg_notify('tokenkeep_tokens', payload);
-        RETURN NULL;
-    END
-    $$;",
     ),
 ];
 
