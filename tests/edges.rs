@@ -10,7 +10,6 @@ use std::process::Stdio;
 use std::time::Instant;
 use tokenkeep_host::Clock;
 use tokenkeep_testkit::devprovider::Behaviour;
-use tokenkeep_testkit::proxy::BlackHoleProxy;
 
 on_both_backends!(
     a_caller_that_gives_up_mid_refresh_does_not_lose_the_rotated_token,
@@ -249,11 +248,7 @@ async fn tokenkeep_connections(database_url: &str) -> i64 {
 async fn a_refresher_cut_off_from_the_database_releases_the_lock_and_saves_the_rotated_token() {
     let w = World::new(Backend::Postgres, "black-hole").await;
     w.store("alice", "at-old", Some("rt-0"), -10).await;
-    let url = url::Url::parse(&w.database_url).unwrap();
-    let database = format!("127.0.0.1:{}", url.port().unwrap());
-    let proxy = BlackHoleProxy::start(database.parse().unwrap())
-        .await
-        .unwrap();
+    let proxy = w.proxy().await;
     let cut_off = common::open_keeper(
         &proxy.url_through(&w.database_url),
         &w.config_path,

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokenkeep_host::grant_cache::STALENESS_BOUND;
 use tokenkeep_host::{Clock, Error, Keeper};
-use tokenkeep_testkit::proxy::BlackHoleProxy;
 
 /// Reads `user` until the keeper's cache holds it (the listener has been
 /// heard and a read filled it).
@@ -67,20 +66,11 @@ async fn deleted_elsewhere(w: &World, cached: &Keeper, old_token: &str) -> Durat
     .await
 }
 
-fn proxy_target(database_url: &str) -> std::net::SocketAddr {
-    let url = url::Url::parse(database_url).unwrap();
-    format!("127.0.0.1:{}", url.port().unwrap())
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_reads_of_a_fresh_token_do_not_touch_the_database() {
     let w = World::new(Backend::Postgres, "cache-reads").await;
     w.store("fresh", "at-fresh", Some("rt-fresh"), 3600).await;
-    let proxy = BlackHoleProxy::start(proxy_target(&w.database_url))
-        .await
-        .unwrap();
+    let proxy = w.proxy().await;
     let keeper = w.caching_keeper(&proxy.url_through(&w.database_url)).await;
     until_cached(&keeper, "fresh").await;
 
@@ -131,9 +121,7 @@ async fn another_hosts_refresh_and_delete_are_never_served_past_the_bound() {
 async fn a_cache_cut_off_from_the_database_stops_serving_within_the_bound() {
     let w = World::new(Backend::Postgres, "cache-black-hole").await;
     w.store("u", "at-1", Some("rt-1"), 3600).await;
-    let proxy = BlackHoleProxy::start(proxy_target(&w.database_url))
-        .await
-        .unwrap();
+    let proxy = w.proxy().await;
     let cached = w.caching_keeper(&proxy.url_through(&w.database_url)).await;
     until_cached(&cached, "u").await;
 

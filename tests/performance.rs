@@ -6,7 +6,6 @@ mod common;
 
 use common::{Backend, KEYS, World};
 use tokenkeep_host::Clock;
-use tokenkeep_testkit::proxy::BlackHoleProxy;
 
 /// Round trips: each time the runtime spoke to the database after the
 /// database last spoke (pipelined requests count once), counted by a proxy
@@ -22,11 +21,7 @@ async fn a_fresh_read_costs_one_database_round_trip_and_a_refresh_at_most_five()
         w.store(&format!("u{i}"), "at-old", Some(&format!("rt-u{i}")), -10)
             .await;
     }
-    let url = url::Url::parse(&w.database_url).unwrap();
-    let database = format!("127.0.0.1:{}", url.port().unwrap());
-    let proxy = BlackHoleProxy::start(database.parse().unwrap())
-        .await
-        .unwrap();
+    let proxy = w.proxy().await;
     let keeper = common::open_keeper(
         &proxy.url_through(&w.database_url),
         &w.config_path,

@@ -158,6 +158,16 @@ impl World {
         .await
     }
 
+    /// A proxy between the test and this world's Postgres database, which
+    /// counts round trips and black-holes connections on demand.
+    pub async fn proxy(&self) -> tokenkeep_testkit::proxy::BlackHoleProxy {
+        let url = url::Url::parse(&self.database_url).unwrap();
+        let database = format!("127.0.0.1:{}", url.port().unwrap());
+        tokenkeep_testkit::proxy::BlackHoleProxy::start(database.parse().unwrap())
+            .await
+            .unwrap()
+    }
+
     /// Another runtime with a grant cache, on `database_url` (this world's
     /// database, perhaps through a proxy).
     pub async fn caching_keeper(&self, database_url: &str) -> Arc<Keeper> {
