@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokenkeep_host::grant_cache::STALENESS_BOUND;
 use tokenkeep_host::{Clock, Error, Keeper};
+use tokenkeep_testkit::proxy::BlackHoleProxy;
 
 /// Reads `user` until the keeper's cache holds it (the listener has been
 /// heard and a read filled it).
@@ -66,6 +67,24 @@ async fn deleted_elsewhere(w: &World, cached: &Keeper, old_token: &str) -> Durat
     .await
 }
 
+/// A world whose acme/u (`at-1`, an hour left) a keeper with a cache holds
+/// cached; that keeper reaches the database through a proxy when asked.
+async fn cached_u(name: &str, through_proxy: bool) -> (World, Arc<Keeper>, Option<BlackHoleProxy>) {
+    let w = World::new(Backend::Postgres, name).await;
+    w.store("u", "at-1", Some("rt-1"), 3600).await;
+    let proxy = match through_proxy {
+        true => Some(w.proxy().await),
+        false => None,
+    };
+    let url = match &proxy {
+        Some(p) => p.url_through(&w.database_url),
+        None => w.database_url.clone(),
+    };
+    let cached = w.caching_keeper(&url).await;
+    until_cached(&cached, "u").await;
+    (w, cached, proxy)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_reads_of_a_fresh_token_do_not_touch_the_database() {
     let w = World::new(Backend::Postgres, "cache-reads").await;
@@ -89,10 +108,7 @@ async fn repeated_reads_of_a_fresh_token_do_not_touch_the_database() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_hosts_refresh_and_delete_are_never_served_past_the_bound() {
-    let w = World::new(Backend::Postgres, "cache-other-host").await;
-    w.store("u", "at-1", Some("rt-1"), 3600).await;
-    let cached = w.caching_keeper(&w.database_url).await;
-    until_cached(&cached, "u").await;
+    let (w, cached, _) = cached_u("cache-other-host", false).await;
 
     // Another host stores a new token (what a refresh there commits).
     w.keeper
@@ -119,11 +135,8 @@ async fn another_hosts_refresh_and_delete_are_never_served_past_the_bound() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cache_cut_off_from_the_database_stops_serving_within_the_bound() {
-    let w = World::new(Backend::Postgres, "cache-black-hole").await;
-    w.store("u", "at-1", Some("rt-1"), 3600).await;
-    let proxy = w.proxy().await;
-    let cached = w.caching_keeper(&proxy.url_through(&w.database_url)).await;
-    until_cached(&cached, "u").await;
+    let (w, cached, proxy) = cached_u("cache-black-hole", true).await;
+    let proxy = proxy.unwrap();
 
     // Every connection of the cached host, its listener's included, stops
     // forwarding without closing; then another host deletes the row.
@@ -134,10 +147,7 @@ async fn a_cache_cut_off_from_the_database_stops_serving_within_the_bound() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn this_hosts_own_writes_are_seen_at_once() {
-    let w = World::new(Backend::Postgres, "cache-own-writes").await;
-    w.store("u", "at-1", Some("rt-1"), 3600).await;
-    let keeper = w.caching_keeper(&w.database_url).await;
-    until_cached(&keeper, "u").await;
+    let (w, keeper, _) = cached_u("cache-own-writes", false).await;
 
     keeper
         .store_tokens(

@@ -55,12 +55,13 @@ pub(crate) fn spawn(
     AbortOnDrop(tokio::spawn(async move {
         let mut failures = 0;
         loop {
-            let heard = session(&connect, &cache, &clock).await;
+            let mut heard = false;
+            let ended = listen(&connect, &cache, &clock, &mut heard).await;
             cache.deafen();
-            if let Err(e) = &heard.1 {
+            if let Err(e) = &ended {
                 tracing::debug!(error = %e, "grant cache listener lost the database");
             }
-            failures = if heard.0 { 0 } else { failures + 1 };
+            failures = if heard { 0 } else { failures + 1 };
             if failures == FAILURES_LOGGED {
                 tracing::warn!(
                     "the grant cache is off: its listening connection keeps failing \
@@ -72,17 +73,7 @@ pub(crate) fn spawn(
     }))
 }
 
-/// One connection's life: whether it was ever heard, and how it ended.
-async fn session(
-    connect: &tokio_postgres::Config,
-    cache: &Arc<GrantCache>,
-    clock: &SharedClock,
-) -> (bool, Result<(), StorageError>) {
-    let mut heard = false;
-    let ended = listen(connect, cache, clock, &mut heard).await;
-    (heard, ended)
-}
-
+/// One connection's life, until it fails; `heard` once a heartbeat came back.
 async fn listen(
     connect: &tokio_postgres::Config,
     cache: &Arc<GrantCache>,

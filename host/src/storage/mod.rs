@@ -501,6 +501,50 @@ impl StoredColumns {
     }
 }
 
+/// A row's [`StoredColumns`] from a driver's row `r` (tokio-postgres or
+/// sqlx: both name columns with `try_get`), `?` on the first that fails.
+macro_rules! stored_columns {
+    ($r:expr) => {{
+        let r = $r;
+        crate::storage::StoredColumns {
+            provider: r.try_get("provider")?,
+            user_id: r.try_get("user_id")?,
+            key_id: r.try_get("key_id")?,
+            access_token: r.try_get("access_token")?,
+            refresh_token: r.try_get("refresh_token")?,
+            access_token_expires_at: r.try_get("access_token_expires_at")?,
+            refresh_token_expires_at: r.try_get("refresh_token_expires_at")?,
+            scopes: r.try_get("scopes")?,
+            obtained_at: r.try_get("obtained_at")?,
+            generation: r.try_get("generation")?,
+            failed_attempts: r.try_get("failed_attempts")?,
+            last_failure_at: r.try_get("last_failure_at")?,
+            last_failure: r.try_get("last_failure")?,
+            last_success_at: r.try_get("last_success_at")?,
+            refresh_started_at: r.try_get("refresh_started_at")?,
+            baseline_scopes: r.try_get("baseline_scopes")?,
+            retry_not_before: r.try_get("retry_not_before")?,
+        }
+    }};
+}
+pub(crate) use stored_columns;
+
+/// How an upsert replaces a row: every column but the key, and the next
+/// generation (both backends' SQL).
+pub(crate) const UPSERT_ON_CONFLICT: &str = "DO UPDATE SET \
+     key_id = excluded.key_id, access_token = excluded.access_token, \
+     refresh_token = excluded.refresh_token, \
+     access_token_expires_at = excluded.access_token_expires_at, \
+     refresh_token_expires_at = excluded.refresh_token_expires_at, \
+     scopes = excluded.scopes, obtained_at = excluded.obtained_at, \
+     generation = tokenkeep_tokens.generation + 1, \
+     failed_attempts = excluded.failed_attempts, last_failure_at = excluded.last_failure_at, \
+     last_failure = excluded.last_failure, last_success_at = excluded.last_success_at, \
+     refresh_started_at = excluded.refresh_started_at, \
+     baseline_scopes = excluded.baseline_scopes, \
+     retry_not_before = excluded.retry_not_before, updated_at = excluded.updated_at \
+     RETURNING generation";
+
 /// The JSON text the scope columns hold.
 pub(crate) fn scopes_text(scopes: &[String]) -> String {
     serde_json::to_string(scopes).unwrap_or_else(|_| "[]".into())
@@ -524,25 +568,7 @@ macro_rules! rows {
         type Db = $db;
 
         fn decode(r: &<Db as sqlx::Database>::Row) -> Result<SealedRow, sqlx::Error> {
-            crate::storage::StoredColumns {
-                provider: r.try_get("provider")?,
-                user_id: r.try_get("user_id")?,
-                key_id: r.try_get("key_id")?,
-                access_token: r.try_get("access_token")?,
-                refresh_token: r.try_get("refresh_token")?,
-                access_token_expires_at: r.try_get("access_token_expires_at")?,
-                refresh_token_expires_at: r.try_get("refresh_token_expires_at")?,
-                scopes: r.try_get("scopes")?,
-                obtained_at: r.try_get("obtained_at")?,
-                generation: r.try_get("generation")?,
-                failed_attempts: r.try_get("failed_attempts")?,
-                last_failure_at: r.try_get("last_failure_at")?,
-                last_failure: r.try_get("last_failure")?,
-                last_success_at: r.try_get("last_success_at")?,
-                refresh_started_at: r.try_get("refresh_started_at")?,
-                baseline_scopes: r.try_get("baseline_scopes")?,
-                retry_not_before: r.try_get("retry_not_before")?,
-            }
+            crate::storage::stored_columns!(r)
             .into_row()
             .map_err(|e| sqlx::Error::Decode(Box::new(e)))
         }
@@ -757,21 +783,7 @@ macro_rules! rows {
         }
 
         pub async fn upsert(pool: &sqlx::Pool<Db>, row: &SealedRow, now: i64) -> Result<u64, StorageError> {
-            let sql = insert_sql(
-                "DO UPDATE SET \
-                 key_id = excluded.key_id, access_token = excluded.access_token, \
-                 refresh_token = excluded.refresh_token, \
-                 access_token_expires_at = excluded.access_token_expires_at, \
-                 refresh_token_expires_at = excluded.refresh_token_expires_at, \
-                 scopes = excluded.scopes, obtained_at = excluded.obtained_at, \
-                 generation = tokenkeep_tokens.generation + 1, \
-                 failed_attempts = excluded.failed_attempts, last_failure_at = excluded.last_failure_at, \
-                 last_failure = excluded.last_failure, last_success_at = excluded.last_success_at, \
-                 refresh_started_at = excluded.refresh_started_at, \
-                 baseline_scopes = excluded.baseline_scopes, \
-                 retry_not_before = excluded.retry_not_before, updated_at = excluded.updated_at \
-                 RETURNING generation",
-            );
+            let sql = insert_sql(crate::storage::UPSERT_ON_CONFLICT);
             let generation: i64 = insert_row(&sql, row, now)
                 .fetch_one(pool)
                 .await

@@ -307,23 +307,7 @@ fn insert_sql(on_conflict: &str) -> String {
 
 static INSERT_SQL: LazyLock<String> = LazyLock::new(|| insert_sql("DO NOTHING"));
 
-static UPSERT_SQL: LazyLock<String> = LazyLock::new(|| {
-    insert_sql(
-        "DO UPDATE SET \
-         key_id = excluded.key_id, access_token = excluded.access_token, \
-         refresh_token = excluded.refresh_token, \
-         access_token_expires_at = excluded.access_token_expires_at, \
-         refresh_token_expires_at = excluded.refresh_token_expires_at, \
-         scopes = excluded.scopes, obtained_at = excluded.obtained_at, \
-         generation = tokenkeep_tokens.generation + 1, \
-         failed_attempts = excluded.failed_attempts, last_failure_at = excluded.last_failure_at, \
-         last_failure = excluded.last_failure, last_success_at = excluded.last_success_at, \
-         refresh_started_at = excluded.refresh_started_at, \
-         baseline_scopes = excluded.baseline_scopes, \
-         retry_not_before = excluded.retry_not_before, updated_at = excluded.updated_at \
-         RETURNING generation",
-    )
-});
+static UPSERT_SQL: LazyLock<String> = LazyLock::new(|| insert_sql(super::UPSERT_ON_CONFLICT));
 
 /// Writes the locked row if it still holds the generation `$19`: the row's
 /// values as [`ROW_VALUES`], `$18` the generation written.
@@ -781,28 +765,9 @@ fn decode_read(r: &Row) -> Result<BackendRead, StorageError> {
 }
 
 fn decode(r: &Row) -> Result<SealedRow, StorageError> {
-    let columns = (|| -> Result<StoredColumns, tokio_postgres::Error> {
-        Ok(StoredColumns {
-            provider: r.try_get("provider")?,
-            user_id: r.try_get("user_id")?,
-            key_id: r.try_get("key_id")?,
-            access_token: r.try_get("access_token")?,
-            refresh_token: r.try_get("refresh_token")?,
-            access_token_expires_at: r.try_get("access_token_expires_at")?,
-            refresh_token_expires_at: r.try_get("refresh_token_expires_at")?,
-            scopes: r.try_get("scopes")?,
-            obtained_at: r.try_get("obtained_at")?,
-            generation: r.try_get("generation")?,
-            failed_attempts: r.try_get("failed_attempts")?,
-            last_failure_at: r.try_get("last_failure_at")?,
-            last_failure: r.try_get("last_failure")?,
-            last_success_at: r.try_get("last_success_at")?,
-            refresh_started_at: r.try_get("refresh_started_at")?,
-            baseline_scopes: r.try_get("baseline_scopes")?,
-            retry_not_before: r.try_get("retry_not_before")?,
-        })
-    })()
-    .map_err(error)?;
+    let columns =
+        (|| -> Result<StoredColumns, tokio_postgres::Error> { Ok(super::stored_columns!(r)) })()
+            .map_err(error)?;
     columns
         .into_row()
         .map_err(|e| StorageError::Unavailable(format!("postgres: a stored row is malformed: {e}")))
