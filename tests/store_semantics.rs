@@ -26,6 +26,7 @@ on_both_backends!(
     refreshing_a_fresh_token_is_a_no_op,
     a_waiter_that_outlasts_the_lock_wait_gets_a_lock_timeout_and_readers_never_wait,
     a_slow_writer_loses_the_compare_and_set_to_a_newer_write,
+    a_write_under_the_lock_is_read_back_and_is_what_the_next_holder_reads,
     a_narrowed_scope_is_reported_and_the_rotated_chain_kept,
     keys_rotate_online_and_an_interrupted_rotation_finishes_on_rerun,
     tampered_rows_and_unknown_keys_fail_to_decrypt_and_stay_as_they_were,
@@ -314,6 +315,100 @@ async fn a_slow_writer_loses_the_compare_and_set_to_a_newer_write(b: Backend) {
     let r = w.stored("alice").await;
     assert_eq!(r.tokens.access_token.expose_secret(), "at-2");
     assert_eq!(r.generation, 2);
+}
+
+/// On Postgres a write that expects the generation its transaction locked
+/// is sent with the commit, in one round trip: it must still come before
+/// the commit (even on a connection that has not prepared it yet), and a
+/// read in the same transaction must still see it.
+async fn a_write_under_the_lock_is_read_back_and_is_what_the_next_holder_reads(b: Backend) {
+    let w = World::new(b, "held-write").await;
+    w.store("alice", "at-1", Some("rt-0"), 3600).await;
+    let open = || Store::open(&w.database_url, StoreOptions::default(), w.clock.clone());
+    let next = |row: &tokenkeep_host::storage::SealedRow| {
+        let mut next = row.clone();
+        next.generation += 1;
+        next
+    };
+
+    // Read back in the same transaction.
+    let store = open().await.unwrap();
+    let mut tx = store.begin().await.unwrap();
+    let locked = tx
+        .load_for_update("acme", "alice")
+        .await
+        .unwrap()
+        .row
+        .unwrap();
+    assert!(tx.compare_and_set(&next(&locked), 1).await.unwrap());
+    let again = tx
+        .load_for_update("acme", "alice")
+        .await
+        .unwrap()
+        .row
+        .unwrap();
+    assert_eq!(again.generation, 2, "a read after the write sees it");
+    tx.commit().await.unwrap();
+
+    // Another runtime queued on the lock reads what the holder wrote. Fresh
+    // connections: the write is not prepared on any of them yet. A commit
+    // that overtook its write would lose the race for the row only now and
+    // then (the waiter must wake first), so it runs several times.
+    for generation in 2..8 {
+        let (holder, other) = (open().await.unwrap(), open().await.unwrap());
+        let mut tx = holder.begin().await.unwrap();
+        let locked = tx
+            .load_for_update("acme", "alice")
+            .await
+            .unwrap()
+            .row
+            .unwrap();
+        let waiter = tokio::spawn(async move {
+            let mut tx = other.begin().await.unwrap();
+            let read = tx
+                .load_for_update("acme", "alice")
+                .await
+                .unwrap()
+                .row
+                .unwrap();
+            tx.commit().await.unwrap();
+            read.generation
+        });
+        if b == Backend::Postgres {
+            wait_for_a_lock_waiter(&w.database_url).await;
+        }
+        assert!(
+            tx.compare_and_set(&next(&locked), generation)
+                .await
+                .unwrap()
+        );
+        tx.commit().await.unwrap();
+        assert_eq!(
+            waiter.await.unwrap(),
+            generation + 1,
+            "the next holder reads the write"
+        );
+    }
+    assert_eq!(w.stored("alice").await.generation, 8);
+}
+
+/// Until a session of the test's database waits for a row lock.
+async fn wait_for_a_lock_waiter(database_url: &str) {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(database_url).await.unwrap();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
 }
 
 async fn a_narrowed_scope_is_reported_and_the_rotated_chain_kept(b: Backend) {

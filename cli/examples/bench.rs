@@ -712,7 +712,7 @@ async fn main() {
     notes.push(format!(
         "Refreshes: {users} distinct expired tokens per run; baseline: `BEGIN; SELECT … FOR UPDATE; \
          UPDATE; COMMIT` on {CALLERS} dedicated connections, each on its own row. Database round \
-         trips per refresh: 5 (counted by tests/performance.rs)."
+         trips per refresh: 4 (counted by tests/performance.rs)."
     ));
 
     // SQLite.

@@ -24,7 +24,7 @@ use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::{NoTls, Row, Statement};
 
 /// Schema migrations, applied in order under an advisory lock.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -232,6 +232,54 @@ const MIGRATIONS: &[(i64, &str)] = &[
     CREATE TRIGGER tokenkeep_tokens_truncated AFTER TRUNCATE
         ON tokenkeep_tokens FOR EACH STATEMENT EXECUTE FUNCTION tokenkeep_tokens_changed();",
     ),
+    (
+        12,
+        // `tokenkeep_lock` naming the lock holder by its transaction id
+        // rather than by a pg_stat_activity lookup, which copies every
+        // backend's status and cost more than the lock itself. The old
+        // function stays for hosts of the previous release.
+        "CREATE FUNCTION tokenkeep_lock_row(p TEXT, u TEXT, no_wait BOOLEAN,
+        OUT t tokenkeep_tokens, OUT started_at BIGINT, OUT db_now BIGINT, OUT xid BIGINT)
+    LANGUAGE plpgsql VOLATILE AS $$
+    DECLARE
+        rescued tokenkeep_tokens;
+    BEGIN
+        IF no_wait THEN
+            SELECT * INTO t FROM tokenkeep_tokens
+            WHERE provider = p AND user_id = u FOR UPDATE NOWAIT;
+        ELSE
+            SELECT * INTO t FROM tokenkeep_tokens
+            WHERE provider = p AND user_id = u FOR UPDATE;
+        END IF;
+        IF FOUND THEN
+            WITH r AS (DELETE FROM tokenkeep_rescues AS d
+                       WHERE d.provider = p AND d.user_id = u RETURNING d.*)
+            UPDATE tokenkeep_tokens AS x SET key_id = r.key_id,
+                access_token = r.access_token, refresh_token = r.refresh_token,
+                access_token_expires_at = r.access_token_expires_at,
+                refresh_token_expires_at = r.refresh_token_expires_at, scopes = r.scopes,
+                obtained_at = r.obtained_at, generation = r.generation,
+                failed_attempts = r.failed_attempts, last_failure_at = r.last_failure_at,
+                last_failure = r.last_failure, last_success_at = r.last_success_at,
+                refresh_started_at = r.refresh_started_at,
+                baseline_scopes = r.baseline_scopes, retry_not_before = r.retry_not_before,
+                updated_at = r.updated_at
+            FROM r WHERE x.provider = r.provider AND x.user_id = r.user_id
+                AND x.generation = r.replaces
+            RETURNING x.* INTO rescued;
+            IF FOUND THEN
+                t := rescued;
+            END IF;
+            SELECT s.started_at INTO started_at FROM tokenkeep_refresh_starts AS s
+            WHERE s.provider = p AND s.user_id = u AND s.generation = t.generation;
+            -- The row lock gave the transaction its id: it lives exactly as
+            -- long as the lock.
+            xid := txid_current();
+        END IF;
+        db_now := floor(extract(epoch FROM clock_timestamp()))::bigint;
+    END
+    $$",
+    ),
 ];
 
 /// How long one statement may go unanswered (a read, a write of one row, a
@@ -267,9 +315,10 @@ const READ_SQL: &str = concat!(
      LEFT JOIN tokenkeep_tokens AS t ON t.provider = $1 AND t.user_id = $2"
 );
 
-/// The locking read (`tokenkeep_lock`, migration 10): the row's columns,
-/// its refresh-start record in place of the row's own, the database's time
-/// and the session. `$3`: fail at once (55P03) rather than wait.
+/// The locking read (`tokenkeep_lock_row`, migration 12): the row's
+/// columns, its refresh-start record in place of the row's own, the
+/// database's time and the locking transaction's id. `$3`: fail at once
+/// (55P03) rather than wait.
 static LOCK_SQL: LazyLock<String> = LazyLock::new(|| {
     let columns: Vec<String> = COLUMNS
         .split(',')
@@ -280,8 +329,7 @@ static LOCK_SQL: LazyLock<String> = LazyLock::new(|| {
         })
         .collect();
     format!(
-        "SELECT {}, l.db_now, l.pid, l.backend_start, l.xact_start \
-         FROM tokenkeep_lock($1, $2, $3) AS l",
+        "SELECT {}, l.db_now, l.xid FROM tokenkeep_lock_row($1, $2, $3) AS l",
         columns.join(", ")
     )
 });
@@ -339,37 +387,37 @@ static RESCUE_SQL: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// Whether the session that holds a row lock is still in the transaction
-/// that took it (pid, backend start, transaction start; where the server
-/// does not track transaction starts, both are null and the session must be
-/// alive).
-macro_rules! lock_session_alive {
-    ($pid:literal, $backend:literal, $xact:literal) => {
-        concat!(
-            "EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = ",
-            $pid,
-            "::int AND backend_start = ",
-            $backend,
-            "::text::timestamptz AND xact_start IS NOT DISTINCT FROM ",
-            $xact,
-            "::text::timestamptz)"
-        )
+/// Whether the transaction that took a row lock is still running, and so
+/// still holds it (a transaction id is never reused while its epoch lasts).
+macro_rules! lock_holder_alive {
+    ($xid:literal) => {
+        concat!("txid_status(", $xid, "::bigint) = 'in progress'")
     };
 }
 
-/// Records a refresh start, but only while the lock's session is alive.
+/// Records a refresh start, but only while the lock's transaction is alive.
 const START_REFRESH_SQL: &str = concat!(
     "INSERT INTO tokenkeep_refresh_starts (provider, user_id, generation, started_at) \
      SELECT $1::text, $2::text, $3::bigint, $4::bigint WHERE ",
-    lock_session_alive!("$5", "$6", "$7"),
+    lock_holder_alive!("$5"),
     " ON CONFLICT (provider, user_id) DO UPDATE SET \
      generation = excluded.generation, started_at = excluded.started_at"
 );
 
-/// Asked again once the record is committed: a session that died between
-/// the check and the commit may have let another runtime lock the row
-/// before the record was visible.
-const STILL_ALIVE_SQL: &str = concat!("SELECT ", lock_session_alive!("$1", "$2", "$3"));
+/// Asked again once the record is committed: a transaction that ended
+/// between the check and the commit may have let another runtime lock the
+/// row before the record was visible.
+const STILL_ALIVE_SQL: &str = concat!("SELECT ", lock_holder_alive!("$1"));
+
+/// Ends the session whose transaction `$1` is still running: the holder of
+/// its transaction-id lock (behind a pooler a backend serves many clients;
+/// only this transaction is ours to end).
+const END_HOLDER_SQL: &str = concat!(
+    "SELECT pg_terminate_backend(l.pid) FROM pg_locks AS l \
+     WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted \
+     AND l.transactionid = ($1::bigint % 4294967296)::text::xid AND ",
+    lock_holder_alive!("$1")
+);
 
 /// Every transaction reads committed data: the locking function's reads
 /// after a lock wait rely on a snapshot per statement.
@@ -567,11 +615,12 @@ impl PgStore {
                         .map_err(error)?;
                     let check = conn.prepare_cached(STILL_ALIVE_SQL).await.map_err(error)?;
                     let [p, u, g, at] = record;
-                    let who: [&(dyn ToSql + Sync); 3] =
-                        [&session.pid, &session.backend_start, &session.xact_start];
-                    let values = [p, u, g, at, who[0], who[1], who[2]];
-                    let (inserted, alive) =
-                        tokio::join!(conn.execute(&insert, &values), conn.query_one(&check, &who));
+                    let holder: [&(dyn ToSql + Sync); 1] = [&session.xid];
+                    let values = [p, u, g, at, holder[0]];
+                    let (inserted, alive) = tokio::join!(
+                        conn.execute(&insert, &values),
+                        conn.query_one(&check, &holder)
+                    );
                     let inserted = inserted.map_err(error)?;
                     let alive: bool = alive.and_then(|r| r.try_get(0)).map_err(error)?;
                     Ok(inserted == 1 && alive)
@@ -595,6 +644,8 @@ impl PgStore {
             begun: false,
             session: None,
             written: None,
+            held: None,
+            deferred: None,
             store: self.clone(),
         }
     }
@@ -1017,6 +1068,12 @@ impl super::Backend for PgStore {
     }
 }
 
+/// A write under the row's lock that found another generation: impossible
+/// unless something outside the lock changed the row; nothing is written.
+fn changed_under_lock() -> StorageError {
+    StorageError::Unavailable("postgres: the locked row changed under its lock".into())
+}
+
 /// A connection a transaction runs on.
 enum Conn {
     Pooled(Object),
@@ -1076,16 +1133,19 @@ struct PgTransaction {
     session: Option<Session>,
     /// The row written in this transaction and the generation it replaces.
     written: Option<(SealedRow, u64, i64)>,
+    /// The row this transaction holds locked, with the generation it held
+    /// when locked or since written here: a write that expects that
+    /// generation cannot miss, since no one else can change the row.
+    held: Option<(String, String, u64)>,
+    /// Such a write, not yet sent: it goes with the commit, in the same
+    /// round trip, or before any other statement of the transaction.
+    deferred: Option<(SealedRow, u64, i64)>,
     store: PgStore,
 }
 
-/// A server session in one transaction: the backend's pid and start, and
-/// the transaction's start (behind a pooler a backend serves many clients;
-/// only this transaction is ours to end).
+/// The transaction that holds a row lock, by its id (`txid_current`).
 struct Session {
-    pid: i32,
-    backend_start: String,
-    xact_start: Option<String>,
+    xid: i64,
 }
 
 impl Drop for PgTransaction {
@@ -1165,6 +1225,18 @@ impl PgTransaction {
         user_id: &str,
         wait: bool,
     ) -> Result<BackendRead, StorageError> {
+        // A read after a write sees it.
+        self.send_deferred().await?;
+        self.lock_row(provider, user_id, wait).await
+    }
+
+    /// [`PgTransaction::lock`] with no write deferred.
+    async fn lock_row(
+        &mut self,
+        provider: &str,
+        user_id: &str,
+        wait: bool,
+    ) -> Result<BackendRead, StorageError> {
         let bound = if wait {
             self.store.lock_wait + STATEMENT_BOUND
         } else {
@@ -1207,14 +1279,80 @@ impl PgTransaction {
                 return Err(e);
             }
         };
-        if begin {
-            self.session = Some(Session {
-                pid: row.try_get("pid").map_err(error)?,
-                backend_start: row.try_get("backend_start").map_err(error)?,
-                xact_start: row.try_get("xact_start").map_err(error)?,
-            });
+        // No row, no lock, no id.
+        let xid: Option<i64> = row.try_get("xid").map_err(error)?;
+        if let Some(xid) = xid {
+            self.session = Some(Session { xid });
         }
-        decode_read(&row)
+        let read = decode_read(&row)?;
+        self.held = read
+            .0
+            .as_ref()
+            .map(|r| (provider.to_string(), user_id.to_string(), r.generation));
+        Ok(read)
+    }
+
+    /// Sends the compare-and-set of `row` over `expected`; true when it
+    /// wrote the row.
+    async fn send_write(
+        &self,
+        row: &SealedRow,
+        expected: u64,
+        now: i64,
+    ) -> Result<bool, StorageError> {
+        let statement = self.write_statement().await?;
+        self.execute_write(&statement, row, expected, now).await
+    }
+
+    /// The compare-and-set, prepared on this connection (once).
+    async fn write_statement(&self) -> Result<Statement, StorageError> {
+        let client = self.client()?;
+        within(STATEMENT_BOUND, async {
+            client
+                .prepare_cached(COMPARE_AND_SET_SQL)
+                .await
+                .map_err(error)
+        })
+        .await
+    }
+
+    /// Sends the prepared compare-and-set at its first poll, so that a
+    /// statement polled after it is sent after it.
+    async fn execute_write(
+        &self,
+        statement: &Statement,
+        row: &SealedRow,
+        expected: u64,
+        now: i64,
+    ) -> Result<bool, StorageError> {
+        let client = self.client()?;
+        let generation = to_i64(row.generation)?;
+        let expected = to_i64(expected)?;
+        let values = RowValues::new(row, now);
+        within(STATEMENT_BOUND, async {
+            let n = client
+                .execute(statement, &values.with(&[&generation, &expected]))
+                .await
+                .map_err(error)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    /// Sends a deferred write before another statement of the transaction.
+    async fn send_deferred(&mut self) -> Result<(), StorageError> {
+        let Some((row, expected, now)) = self.deferred.take() else {
+            return Ok(());
+        };
+        let sent = match self.send_write(&row, expected, now).await {
+            Err(StorageError::ConnectionLost(_)) => self.save_written(&row, expected, now).await,
+            sent => sent,
+        };
+        if sent? {
+            Ok(())
+        } else {
+            Err(changed_under_lock())
+        }
     }
 
     /// After the connection was lost with `row` written (or being written):
@@ -1244,20 +1382,11 @@ impl PgTransaction {
             // Its lock goes now, not when the server notices the silence.
             // Only if it is still in our transaction; best effort: it may
             // be gone already.
-            let _ = bounded(
-                STATEMENT_BOUND,
-                alone.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                     WHERE pid = $1 AND backend_start = $2::text::timestamptz \
-                     AND xact_start IS NOT DISTINCT FROM $3::text::timestamptz",
-                    &[&old.pid, &old.backend_start, &old.xact_start],
-                ),
-            )
-            .await;
+            let _ = bounded(STATEMENT_BOUND, alone.execute(END_HOLDER_SQL, &[&old.xid])).await;
         }
         self.conn = Some(Conn::Alone(alone));
         self.begun = false;
-        let (stored, _) = self.lock(&row.provider, &row.user_id, true).await?;
+        let (stored, _) = self.lock_row(&row.provider, &row.user_id, true).await?;
         Ok(stored
             .is_some_and(|s| s.generation == row.generation && s.access_token == row.access_token))
     }
@@ -1330,6 +1459,21 @@ impl BackendTransaction for PgTransaction {
         now: i64,
     ) -> BoxFuture<'a, Result<bool, StorageError>> {
         Box::pin(async move {
+            // Under the lock, a write that expects the generation we hold
+            // cannot miss: it waits for the commit, one round trip fewer.
+            if self.deferred.is_none()
+                && self.conn.is_some()
+                && self.session.is_some()
+                && self.held.as_ref().is_some_and(|(p, u, g)| {
+                    *p == row.provider && *u == row.user_id && *g == expected
+                })
+            {
+                self.held = Some((row.provider.clone(), row.user_id.clone(), row.generation));
+                self.deferred = Some((row.clone(), expected, now));
+                self.written = Some((row.clone(), expected, now));
+                return Ok(true);
+            }
+            self.send_deferred().await?;
             // A write opens the transaction if no read did.
             self.open(true).await?;
             if !self.begun {
@@ -1340,23 +1484,7 @@ impl BackendTransaction for PgTransaction {
                     return Err(e);
                 }
             }
-            let client = self.client()?;
-            let generation = to_i64(row.generation)?;
-            let expected_i = to_i64(expected)?;
-            let values = RowValues::new(row, now);
-            let set = within(STATEMENT_BOUND, async {
-                let statement = client
-                    .prepare_cached(COMPARE_AND_SET_SQL)
-                    .await
-                    .map_err(error)?;
-                let n = client
-                    .execute(&statement, &values.with(&[&generation, &expected_i]))
-                    .await
-                    .map_err(error)?;
-                Ok(n == 1)
-            })
-            .await;
-            match set {
+            match self.send_write(row, expected, now).await {
                 Ok(true) => {
                     self.written = Some((row.clone(), expected, now));
                     Ok(true)
@@ -1382,7 +1510,38 @@ impl BackendTransaction for PgTransaction {
                 drop(self.conn.take());
                 return Ok(());
             }
-            let committed = bounded(STATEMENT_BOUND, self.client()?.batch_execute("COMMIT")).await;
+            let committed = match self.deferred.take() {
+                None => bounded(STATEMENT_BOUND, self.client()?.batch_execute("COMMIT")).await,
+                // The write and the commit in one round trip, the write
+                // first (prepared beforehand: a statement still to prepare
+                // would let the COMMIT overtake it). A write that failed
+                // turns the COMMIT into a rollback.
+                Some((row, expected, now)) => {
+                    let client = self.client()?;
+                    let pair = match self.write_statement().await {
+                        Ok(statement) => {
+                            tokio::join!(
+                                self.execute_write(&statement, &row, expected, now),
+                                bounded(STATEMENT_BOUND, client.batch_execute("COMMIT"))
+                            )
+                        }
+                        Err(e) => (Err(e), Ok(())),
+                    };
+                    match pair {
+                        (Ok(true), committed) => committed,
+                        (Err(e @ StorageError::ConnectionLost(_)), _)
+                        | (_, Err(e @ StorageError::ConnectionLost(_))) => Err(e),
+                        (Ok(false), _) => {
+                            self.lose_connection();
+                            return Err(changed_under_lock());
+                        }
+                        (Err(e), _) => {
+                            self.lose_connection();
+                            return Err(e);
+                        }
+                    }
+                }
+            };
             match committed {
                 Ok(()) => {
                     // Back to the pool (or closed, if it was our own).

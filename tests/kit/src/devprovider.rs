@@ -362,7 +362,7 @@ async fn serve_one<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         )
     };
     events.notify_waiters();
-    tokio::time::sleep(delay).await;
+    pause(delay).await;
     // A client that hung up while we stalled: its request is never processed.
     if hung_up(socket) {
         state.lock().unwrap_or_else(|p| p.into_inner()).abandoned += 1;
@@ -373,20 +373,29 @@ async fn serve_one<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         write_out(socket, &raw, trickle).await?;
         // A stall mid-answer, when asked for; then the connection closes
         // (a raw answer may not say where it ends).
-        tokio::time::sleep(answer_delay).await;
+        pause(answer_delay).await;
         socket.shutdown().await?;
         return Ok(false);
     }
     let (status, content_type, answer) = respond(state, &body, authorization);
     events.notify_waiters();
     let _ = held.wait_for(|held| !held).await;
-    tokio::time::sleep(answer_delay).await;
+    pause(answer_delay).await;
     let reply = format!(
         "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n{answer}",
         answer.len()
     );
     write_out(socket, reply.as_bytes(), trickle).await?;
     Ok(true)
+}
+
+/// Sleeps for `d`, not at all for zero: a zero sleep still waits for the
+/// timer's next millisecond, which would make a zero-latency provider
+/// answer 1 ms late.
+async fn pause(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
 }
 
 /// Writes `bytes` at once, or the head at once and then the body a byte
