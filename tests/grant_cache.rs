@@ -192,22 +192,34 @@ async fn a_cached_token_inside_its_refresh_window_is_refreshed_not_served() {
     assert_eq!(grant.generation, 2);
 }
 
+/// On SQLite every cached read asks the file's change counter first, so a
+/// change committed by anyone else (another runtime, a writer outside
+/// tokenkeep) is answered by the very next read: no bound at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_grant_cache_on_sqlite_is_a_configuration_error() {
+async fn on_sqlite_the_next_read_answers_any_change_committed_elsewhere() {
+    use secrecy::ExposeSecret;
     let w = World::new(Backend::Sqlite, "cache-sqlite").await;
-    let opened = common::open_keeper_with(
+    w.store("u", "at-1", Some("rt-1"), 3600).await;
+    let cached = w.caching_keeper(&w.database_url).await;
+    until_cached(&cached, "u").await;
+
+    // Another runtime (the world's keeper: connections of its own).
+    w.store("u", "at-2", Some("rt-2"), 3600).await;
+    let got = cached.ensure_fresh("acme", "u").await.unwrap();
+    assert_eq!(got.access_token.expose_secret(), "at-2");
+    until_cached(&cached, "u").await;
+
+    // A writer outside tokenkeep.
+    common::raw_sql(
         &w.database_url,
-        &w.config_path,
-        common::KEYS,
-        Clock::System,
-        true,
+        "DELETE FROM tokenkeep_tokens WHERE provider = 'acme' AND user_id = 'u'",
     )
     .await;
-    match opened {
-        Err(Error::Config(m)) => assert!(m.contains("Postgres"), "{m}"),
-        Err(other) => panic!("expected a configuration error, got {other}"),
-        Ok(_) => panic!("a grant cache on SQLite was accepted"),
-    }
+    assert!(matches!(
+        cached.ensure_fresh("acme", "u").await,
+        Err(Error::NotFound { .. })
+    ));
+    assert_eq!(w.provider.calls(), 0);
 }
 
 /// A connection of the test's own that listens to the change channel.

@@ -267,6 +267,66 @@ async fn hot_path(
     (base50, base_rate)
 }
 
+/// The hot path served from the grant cache of `k`, against the uncached
+/// baselines of the same backend.
+async fn cached_rows(
+    rows: &mut Vec<Row>,
+    backend: &str,
+    k: Arc<Keeper>,
+    bare50: Figure,
+    bare_rate: Figure,
+    target_rate: &str,
+) {
+    // Until the cache is ready (a listener heard) and a read has filled it.
+    while k.cached_grants() < Some(1) {
+        k.ensure_fresh("bench", "fresh").await.expect("fresh");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let c = k.clone();
+    let (ours50, ours99) = latency(|| {
+        let k = c.clone();
+        async move {
+            k.ensure_fresh("bench", "fresh").await.expect("fresh");
+        }
+    })
+    .await;
+    rows.push(row(
+        &format!("{backend}: hot path p50, 1 caller (cached)"),
+        format!(
+            "{:.2} µs ({:.2}–{:.2})",
+            ours50.median, ours50.low, ours50.high
+        ),
+        us(bare50),
+        ours50.median / bare50.median,
+        "",
+    ));
+    rows.push(row(
+        &format!("{backend}: hot path p99, 1 caller (cached)"),
+        format!(
+            "{:.2} µs ({:.2}–{:.2})",
+            ours99.median, ours99.low, ours99.high
+        ),
+        String::new(),
+        ours99.median / ours50.median,
+        "(ratio: p99 / p50)",
+    ));
+    let c = k.clone();
+    let (rate, _, _) = throughput(CALLERS, move |_| {
+        let k = c.clone();
+        async move {
+            k.ensure_fresh("bench", "fresh").await.expect("fresh");
+        }
+    })
+    .await;
+    rows.push(row(
+        &format!("{backend}: hot path throughput, {CALLERS} callers (cached)"),
+        per_s(rate),
+        per_s(bare_rate),
+        rate.median / bare_rate.median,
+        target_rate,
+    ));
+}
+
 /// The grant cache: the hot path served from memory, and how long another
 /// host's change takes to reach it.
 async fn cached(
@@ -285,54 +345,7 @@ async fn cached(
         true,
     )
     .await;
-    // Until the listener has been heard and a read has filled the cache.
-    while k.cached_grants() < Some(1) {
-        k.ensure_fresh("bench", "fresh").await.expect("fresh");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let c = k.clone();
-    let (ours50, ours99) = latency(|| {
-        let k = c.clone();
-        async move {
-            k.ensure_fresh("bench", "fresh").await.expect("fresh");
-        }
-    })
-    .await;
-    rows.push(row(
-        "Postgres: hot path p50, 1 caller (cached)",
-        format!(
-            "{:.2} µs ({:.2}–{:.2})",
-            ours50.median, ours50.low, ours50.high
-        ),
-        us(bare50),
-        ours50.median / bare50.median,
-        "",
-    ));
-    rows.push(row(
-        "Postgres: hot path p99, 1 caller (cached)",
-        format!(
-            "{:.2} µs ({:.2}–{:.2})",
-            ours99.median, ours99.low, ours99.high
-        ),
-        String::new(),
-        ours99.median / ours50.median,
-        "(ratio: p99 / p50)",
-    ));
-    let c = k.clone();
-    let (rate, _, _) = throughput(CALLERS, move |_| {
-        let k = c.clone();
-        async move {
-            k.ensure_fresh("bench", "fresh").await.expect("fresh");
-        }
-    })
-    .await;
-    rows.push(row(
-        &format!("Postgres: hot path throughput, {CALLERS} callers (cached)"),
-        per_s(rate),
-        per_s(bare_rate),
-        rate.median / bare_rate.median,
-        "≥ 5x",
-    ));
+    cached_rows(rows, "Postgres", k.clone(), bare50, bare_rate, "≥ 5x").await;
 
     // Another host stores a new token; the time until this host's cache
     // answers it (its notification's way through Postgres).
@@ -486,6 +499,94 @@ async fn converge_worker(pg_url: &str, token_url: &str, user: &str) {
     println!("done");
 }
 
+/// The date, the CPU model and the number of cores, for the page's header.
+fn machine() -> (String, String, usize) {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    (date, model, cores)
+}
+
+/// `just bench-vs-main`: the SQLite hot path probe built from the previous
+/// main (`previous`, at commit `base`) and from this tree (`current`), each
+/// in a process of its own on a database of its own, taking turns, written
+/// to `docs/benchmarks-vs-main.md`.
+fn versus_previous_main(base: &str, previous: &str, current: &str) {
+    let scratch = std::env::temp_dir().join(format!("tokenkeep-vs-main-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).expect("scratch directory");
+    let (mut old_rates, mut new_rates) = (Vec::new(), Vec::new());
+    // Two turns each, alternating, so that a slow spell of the machine
+    // does not land on one side only.
+    for turn in 0..2 {
+        for (probe, rates, name) in [
+            (previous, &mut old_rates, "previous"),
+            (current, &mut new_rates, "current"),
+        ] {
+            let db = scratch.join(format!("{name}-{turn}.db"));
+            let out = std::process::Command::new(probe)
+                .arg(&db)
+                .arg(RUNS.to_string())
+                .output()
+                .expect("run the probe");
+            assert!(
+                out.status.success(),
+                "{probe}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            rates.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .map(|l| l.trim().parse::<f64>().expect("a rate")),
+            );
+        }
+    }
+    let (old, new) = (Figure::of(old_rates), Figure::of(new_rates));
+    let (date, model, cores) = machine();
+    let mut out = String::new();
+    let _ = writeln!(out, "# The SQLite hot path against the previous main\n");
+    let _ = writeln!(
+        out,
+        "Written by `just bench-vs-main` on {date}: {model}, {cores} cores. The same probe \
+         (`cli/examples/sqlite_hot_path.rs`: `ensure_fresh` on a fresh token, {CALLERS} callers, \
+         runs of {} ms) built from the previous main ({base}, the head before the performance \
+         issue) and from this tree, each in its own process on its own database file, taking \
+         turns; each figure is the median of {} runs with the lowest and highest in brackets.\n",
+        WINDOW.as_millis(),
+        2 * RUNS,
+    );
+    let _ = writeln!(
+        out,
+        "| Measure | tokenkeep | Previous main | Ratio | Target |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "| SQLite: hot path throughput, {CALLERS} callers (uncached) | {} | {} | {:.2}x | ≥ 5x |",
+        per_s(new),
+        per_s(old),
+        new.median / old.median
+    );
+    print!("{out}");
+    let docs =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks-vs-main.md");
+    std::fs::write(&docs, out).expect("docs/benchmarks-vs-main.md");
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -493,6 +594,11 @@ async fn main() {
         && mode == "converge"
     {
         return converge_worker(pg_url, token_url, user).await;
+    }
+    if let [_, mode, base, previous, current] = &args[..]
+        && mode == "vs-main"
+    {
+        return versus_previous_main(base, previous, current);
     }
     let started = Instant::now();
     let scratch = std::env::temp_dir().join(format!("tokenkeep-bench-{}", std::process::id()));
@@ -749,7 +855,7 @@ async fn main() {
         .collect();
     let one = conns[0].clone();
     let many = Arc::new(conns.clone());
-    hot_path(
+    let (lite50, lite_rate) = hot_path(
         &mut rows,
         "SQLite",
         lite.clone(),
@@ -772,6 +878,14 @@ async fn main() {
         ["", "", "≤ 3x"],
     )
     .await;
+    let lite_cached = keeper(
+        &sqlite_url,
+        &provider.token_url(),
+        SandboxLimits::default(),
+        true,
+    )
+    .await;
+    cached_rows(&mut rows, "SQLite", lite_cached, lite50, lite_rate, "").await;
 
     // Instances: pooled against allocated on demand, and a call into the
     // component against the same check in native code.
@@ -903,26 +1017,14 @@ async fn main() {
         "Peak resident memory of this process (five keepers, pools warm, 8 Postgres and 8 SQLite \
          baseline connections, the loopback provider): {peak}."
     ));
-    notes.push("Not measured yet: the SQLite hot path against the previous main's build.".into());
+    notes.push(
+        "The SQLite hot path against the previous main's build (which `just bench` does not \
+         build): `just bench-vs-main`, in [benchmarks-vs-main.md](benchmarks-vs-main.md)."
+            .into(),
+    );
 
     let mut out = String::new();
-    let machine = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let date = std::process::Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%d %H:%M UTC")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let (date, machine, cores) = machine();
     let _ = writeln!(out, "# Benchmarks\n");
     let _ = writeln!(
         out,

@@ -37,8 +37,9 @@ pub struct Options {
     /// The component's wall clock (tests use a manual one).
     pub clock: Clock,
     /// Serve repeated reads of a token valid beyond its refresh window from
-    /// memory ([`crate::grant_cache`]): Postgres only, kept current by its
-    /// change notifications within [`crate::grant_cache::STALENESS_BOUND`].
+    /// memory ([`crate::grant_cache`]), kept current by Postgres' change
+    /// notifications within [`crate::grant_cache::STALENESS_BOUND`], or by
+    /// SQLite's change counter, asked at every read.
     pub grant_cache: bool,
 }
 
@@ -143,9 +144,7 @@ impl Keeper {
         };
         let mut store = Store::open(&options.database_url, store_options, options.clock).await?;
         if options.grant_cache {
-            store
-                .cache_grants()
-                .map_err(|e| Error::Config(e.to_string()))?;
+            store.cache_grants()?;
         }
         let shared = Shared {
             store,

@@ -94,19 +94,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         provider: &'a str,
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<bool, StorageError>>;
-    /// Keeps `cache` current with every host's changes, for as long as the
-    /// guard lives. Only a database that announces its changes can.
-    /// The database's time comes with the listener's heartbeats, for `clock`.
-    fn listen(
+    /// A grant cache kept current with every host's changes, and what
+    /// keeps it so (a listener, for as long as the guard lives; none where
+    /// the cache asks the database itself). A listener's heartbeats bring
+    /// the database's time, for `clock`.
+    fn grant_cache(
         &self,
-        cache: Arc<GrantCache>,
         clock: Arc<SharedClock>,
-    ) -> Result<listener::AbortOnDrop, StorageError> {
-        let _ = (cache, clock);
-        Err(StorageError::Unavailable(
-            "the grant cache needs Postgres: this database does not announce changes".into(),
-        ))
-    }
+    ) -> Result<(Arc<GrantCache>, Option<listener::AbortOnDrop>), StorageError>;
     /// A transaction whose row loads lock.
     fn begin(&self) -> BoxFuture<'_, Result<Box<dyn BackendTransaction>, StorageError>>;
     fn conversation_entries<'a>(
@@ -282,13 +277,14 @@ impl Store {
     }
 
     /// Serves grants from a process-local cache from now on, kept current
-    /// by the database's change notifications (Postgres only).
+    /// by the database: its change notifications (Postgres) or its change
+    /// counter (SQLite).
     pub fn cache_grants(&mut self) -> Result<Arc<GrantCache>, StorageError> {
         if let Some(cache) = &self.cache {
             return Ok(cache.clone());
         }
-        let cache = Arc::new(GrantCache::default());
-        self._listener = Some(self.backend.listen(cache.clone(), self.clock.clone())?);
+        let (cache, listener) = self.backend.grant_cache(self.clock.clone())?;
+        self._listener = listener;
         self.cache = Some(cache.clone());
         Ok(cache)
     }

@@ -15,6 +15,7 @@ use super::{
     BackendRead, BackendTransaction, BoxFuture, COLUMNS, ConversationEntry, RowKey, SealedRow,
     StorageError, StoreOptions, StoredColumns, scopes_text, to_i64,
 };
+use crate::grant_cache::GrantCache;
 use deadpool_postgres::{
     ClientWrapper, Hook, HookError, Manager, ManagerConfig, Object, Pool, PoolError,
     RecyclingMethod, Runtime,
@@ -988,12 +989,13 @@ impl super::Backend for PgStore {
             Ok(n > 0)
         }))
     }
-    fn listen(
+    fn grant_cache(
         &self,
-        cache: Arc<crate::grant_cache::GrantCache>,
         clock: Arc<crate::clock::SharedClock>,
-    ) -> Result<super::listener::AbortOnDrop, StorageError> {
-        Ok(super::listener::spawn(&self.connect, cache, clock))
+    ) -> Result<(Arc<GrantCache>, Option<super::listener::AbortOnDrop>), StorageError> {
+        let cache = Arc::new(GrantCache::default());
+        let listener = super::listener::spawn(&self.connect, cache.clone(), clock);
+        Ok((cache, Some(listener)))
     }
 
     fn begin(&self) -> BoxFuture<'_, Result<Box<dyn BackendTransaction>, StorageError>> {

@@ -8,9 +8,13 @@ use super::{
     BackendRead, BackendTransaction, BoxFuture, ConversationEntry, RowKey, SealedRow, StorageError,
     StoreOptions,
 };
+use crate::clock::SharedClock;
+use crate::grant_cache::{ChangeCounter, GrantCache};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (
@@ -93,6 +97,8 @@ pub struct SqliteStore {
     pub(crate) markers: SqlitePool,
     /// The busy timeout: how long a locking read waits for the write lock.
     lock_wait_ms: u128,
+    /// The database file, for the grant cache's change counter.
+    path: String,
 }
 
 /// The owner's clock is the database's: no `db_now`. The write lock is the
@@ -125,6 +131,7 @@ impl SqliteStore {
             tx_pool: connect(path, options).await?,
             markers: connect(&format!("{path}-refresh-starts"), options).await?,
             lock_wait_ms: options.lock_wait.as_millis(),
+            path: path.to_string(),
         };
         store.migrate().await?;
         sqlx::query(
@@ -246,6 +253,42 @@ impl super::Backend for SqliteStore {
         Box::pin(
             async move { Ok(Box::new(SqliteStore::begin(self)) as Box<dyn BackendTransaction>) },
         )
+    }
+    fn grant_cache(
+        &self,
+        _clock: Arc<SharedClock>,
+    ) -> Result<(Arc<GrantCache>, Option<super::listener::AbortOnDrop>), StorageError> {
+        let counter = DataVersion::open(&self.path)?;
+        Ok((Arc::new(GrantCache::counting(Box::new(counter))), None))
+    }
+}
+
+/// The file's count of other connections' commits (`PRAGMA data_version`),
+/// on a read-only connection of its own that never writes, so that every
+/// commit of every process (and of this one's pools) moves it.
+struct DataVersion(Mutex<rusqlite::Connection>);
+
+impl DataVersion {
+    fn open(path: &str) -> Result<Self, StorageError> {
+        use rusqlite::OpenFlags;
+        let conn = rusqlite::Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| StorageError::Unavailable(format!("sqlite: {e}")))?;
+        // Never waits: a file busy for a moment (a WAL recovery) serves
+        // from the database instead.
+        conn.busy_timeout(Duration::ZERO)
+            .map_err(|e| StorageError::Unavailable(format!("sqlite: {e}")))?;
+        Ok(Self(Mutex::new(conn)))
+    }
+}
+
+impl ChangeCounter for DataVersion {
+    fn read(&self) -> Option<i64> {
+        let conn = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut statement = conn.prepare_cached("PRAGMA data_version").ok()?;
+        statement.query_row([], |r| r.get(0)).ok()
     }
 }
 
