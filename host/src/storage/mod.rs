@@ -865,13 +865,6 @@ pub(crate) use rows;
 /// `pool`.
 macro_rules! pool_backend_methods {
     () => {
-        fn read<'a>(
-            &'a self,
-            provider: &'a str,
-            user_id: &'a str,
-        ) -> BoxFuture<'a, Result<BackendRead, StorageError>> {
-            Box::pin(rows::read(&self.pool, provider, user_id))
-        }
         fn list<'a>(
             &'a self,
             after: Option<&'a RowKey>,

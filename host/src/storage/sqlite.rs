@@ -6,7 +6,7 @@
 
 use super::{
     BackendRead, BackendTransaction, BoxFuture, ConversationEntry, RowKey, SealedRow, StorageError,
-    StoreOptions,
+    StoreOptions, StoredColumns,
 };
 use crate::clock::SharedClock;
 use crate::grant_cache::{ChangeCounter, GrantCache};
@@ -99,6 +99,8 @@ pub struct SqliteStore {
     lock_wait_ms: u128,
     /// The database file, for the grant cache's change counter.
     path: String,
+    /// Unlocked point reads, in the calling thread.
+    readers: Arc<Readers>,
 }
 
 /// The owner's clock is the database's: no `db_now`. The write lock is the
@@ -132,6 +134,11 @@ impl SqliteStore {
             markers: connect(&format!("{path}-refresh-starts"), options).await?,
             lock_wait_ms: options.lock_wait.as_millis(),
             path: path.to_string(),
+            readers: Arc::new(Readers {
+                path: path.to_string(),
+                idle: Mutex::default(),
+                keep: options.max_connections.clamp(1, 8) as usize,
+            }),
         };
         store.migrate().await?;
         sqlx::query(
@@ -233,8 +240,22 @@ pub(crate) fn error(e: sqlx::Error) -> StorageError {
 }
 
 impl super::Backend for SqliteStore {
-    // read, list, insert, upsert and the conversation entries: the shared SQL.
+    // list, insert, upsert and the conversation entries: the shared SQL.
     super::pool_backend_methods!();
+    fn read<'a>(
+        &'a self,
+        provider: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<BackendRead, StorageError>> {
+        Box::pin(async move {
+            match self.readers.read(provider, user_id) {
+                Some(read) => read,
+                // Busy for a moment (a WAL recovery), or not readable here:
+                // through the pool, which waits.
+                None => rows::read(&self.pool, provider, user_id).await,
+            }
+        })
+    }
     fn database_now(&self) -> BoxFuture<'_, Result<Option<i64>, StorageError>> {
         // One owner: its clock is the database's.
         Box::pin(async { Ok(None) })
@@ -263,6 +284,81 @@ impl super::Backend for SqliteStore {
     }
 }
 
+/// Read-only connections for the hot path's point read, run in the calling
+/// thread: a few microseconds in the C library, where sqlx sends every
+/// statement to a worker thread of its connection and back. A WAL reader
+/// never waits for the write lock; one that would wait (busy_timeout 0),
+/// or fails in any way, hands the read back to the pool.
+#[derive(Debug)]
+struct Readers {
+    path: String,
+    idle: Mutex<Vec<rusqlite::Connection>>,
+    /// Idle connections kept at most.
+    keep: usize,
+}
+
+impl Readers {
+    /// None when it could not be read here (busy, no connection, any
+    /// failure of the C library's).
+    fn read(&self, provider: &str, user_id: &str) -> Option<Result<BackendRead, StorageError>> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => read_only(&self.path).ok()?,
+        };
+        let read = (|| {
+            let mut statement = conn.prepare_cached(READ_SQL)?;
+            statement.query_row([provider, user_id], |r| {
+                let present: Option<String> = r.get("provider")?;
+                match present {
+                    None => Ok(None),
+                    Some(_) => Ok(Some(super::stored_columns!(ByName(r)))),
+                }
+            })
+        })();
+        // Any failure (busy, or anything else) goes to the pool, which
+        // waits and names errors the one way; this connection is dropped.
+        let read = read.ok()?;
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.keep {
+            idle.push(conn);
+        }
+        drop(idle);
+        let row = match read.map(StoredColumns::into_row).transpose() {
+            Ok(row) => row,
+            Err(e) => {
+                return Some(Err(StorageError::Unavailable(format!(
+                    "sqlite: a stored row is malformed: {e}"
+                ))));
+            }
+        };
+        // The owner's clock is the database's: no time of its own.
+        Some(Ok((row, None)))
+    }
+}
+
+/// A rusqlite row read by column name, as [`super::stored_columns`] reads.
+struct ByName<'r, 's>(&'r rusqlite::Row<'s>);
+
+impl ByName<'_, '_> {
+    fn try_get<T: rusqlite::types::FromSql>(&self, name: &str) -> rusqlite::Result<T> {
+        self.0.get(name)
+    }
+}
+
+/// A connection that never writes and never waits.
+fn read_only(path: &str) -> Result<rusqlite::Connection, StorageError> {
+    use rusqlite::OpenFlags;
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| StorageError::Unavailable(format!("sqlite: {e}")))?;
+    conn.busy_timeout(Duration::ZERO)
+        .map_err(|e| StorageError::Unavailable(format!("sqlite: {e}")))?;
+    Ok(conn)
+}
+
 /// The file's count of other connections' commits (`PRAGMA data_version`),
 /// on a read-only connection of its own that never writes, so that every
 /// commit of every process (and of this one's pools) moves it.
@@ -270,17 +366,9 @@ struct DataVersion(Mutex<rusqlite::Connection>);
 
 impl DataVersion {
     fn open(path: &str) -> Result<Self, StorageError> {
-        use rusqlite::OpenFlags;
-        let conn = rusqlite::Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| StorageError::Unavailable(format!("sqlite: {e}")))?;
         // Never waits: a file busy for a moment (a WAL recovery) serves
         // from the database instead.
-        conn.busy_timeout(Duration::ZERO)
-            .map_err(|e| StorageError::Unavailable(format!("sqlite: {e}")))?;
-        Ok(Self(Mutex::new(conn)))
+        Ok(Self(Mutex::new(read_only(path)?)))
     }
 }
 
