@@ -58,6 +58,7 @@ bench-vs-main base="2ba7246":
     set -euo pipefail
     root="$PWD"
     tree="$root/target/previous-main"
+    git worktree prune
     if [ ! -d "$tree" ]; then git worktree add --detach "$tree" {{base}}; fi
     git -C "$tree" checkout -q --detach {{base}}
     sed '/previous main: none/d' cli/examples/sqlite_hot_path.rs > "$tree/cli/examples/sqlite_hot_path.rs"

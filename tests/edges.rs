@@ -281,6 +281,29 @@ async fn a_refresher_cut_off_from_the_database_releases_the_lock_and_saves_the_r
     eprintln!("row lock held {held:?} after the cut; the rotated token was saved");
 }
 
+/// The write of a refresh goes with the commit; when the database refuses
+/// it there (here a trigger of the test's that refuses the first update of
+/// any row; in production a lock or statement timeout), the rotated token
+/// is still saved another way, as when the connection is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_row_the_database_refuses_at_commit_is_saved_another_way() {
+    let w = World::new(Backend::Postgres, "refused-at-commit").await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    for sql in [
+        "CREATE SEQUENCE refuse_once",
+        "CREATE FUNCTION refuse_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF nextval('refuse_once') = 1 THEN RAISE EXCEPTION 'refused once'; END IF; \
+         RETURN NEW; END $$",
+        "CREATE TRIGGER refuse_once BEFORE UPDATE ON tokenkeep_tokens \
+         FOR EACH ROW EXECUTE FUNCTION refuse_once()",
+    ] {
+        common::raw_sql(&w.database_url, sql).await;
+    }
+    let grant = w.keeper.ensure_fresh("acme", "alice").await.unwrap();
+    assert_eq!(grant.generation, 2);
+    assert_chain_alive(&w, "alice", 2).await;
+}
+
 /// The database ends the refresher's session (`pg_terminate_backend`, a
 /// failover) while the provider rotates: the answer is saved all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

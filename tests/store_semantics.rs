@@ -396,7 +396,12 @@ async fn a_write_under_the_lock_is_read_back_and_is_what_the_next_holder_reads(b
 async fn wait_for_a_lock_waiter(database_url: &str) {
     use sqlx::Connection;
     let mut c = sqlx::PgConnection::connect(database_url).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nobody waited for the lock"
+        );
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity \
              WHERE datname = current_database() AND wait_event_type = 'Lock'",

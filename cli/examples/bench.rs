@@ -528,20 +528,22 @@ fn machine() -> (String, String, usize) {
 fn versus_previous_main(base: &str, previous: &str, current: &str) {
     let scratch = std::env::temp_dir().join(format!("tokenkeep-vs-main-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).expect("scratch directory");
-    let (mut old_rates, mut new_rates) = (Vec::new(), Vec::new());
+    let (mut old_rates, mut new_rates, mut cached_rates) = (Vec::new(), Vec::new(), Vec::new());
     // Two turns each, alternating, so that a slow spell of the machine
     // does not land on one side only.
     for turn in 0..2 {
-        for (probe, rates, name) in [
-            (previous, &mut old_rates, "previous"),
-            (current, &mut new_rates, "current"),
+        for (probe, rates, name, cached) in [
+            (previous, &mut old_rates, "previous", false),
+            (current, &mut new_rates, "current", false),
+            (current, &mut cached_rates, "cached", true),
         ] {
             let db = scratch.join(format!("{name}-{turn}.db"));
-            let out = std::process::Command::new(probe)
-                .arg(&db)
-                .arg(RUNS.to_string())
-                .output()
-                .expect("run the probe");
+            let mut command = std::process::Command::new(probe);
+            command.arg(&db).arg(RUNS.to_string());
+            if cached {
+                command.arg("cached");
+            }
+            let out = command.output().expect("run the probe");
             assert!(
                 out.status.success(),
                 "{probe}: {}",
@@ -554,7 +556,11 @@ fn versus_previous_main(base: &str, previous: &str, current: &str) {
             );
         }
     }
-    let (old, new) = (Figure::of(old_rates), Figure::of(new_rates));
+    let (old, new, cached) = (
+        Figure::of(old_rates),
+        Figure::of(new_rates),
+        Figure::of(cached_rates),
+    );
     let (date, model, cores) = machine();
     let mut out = String::new();
     let _ = writeln!(out, "# The SQLite hot path against the previous main\n");
@@ -579,6 +585,14 @@ fn versus_previous_main(base: &str, previous: &str, current: &str) {
         per_s(new),
         per_s(old),
         new.median / old.median
+    );
+    let _ = writeln!(
+        out,
+        "| SQLite: hot path throughput, {CALLERS} callers (grant cache; the previous main had \
+         none) | {} | {} | {:.2}x |  |",
+        per_s(cached),
+        per_s(old),
+        cached.median / old.median
     );
     print!("{out}");
     let docs =

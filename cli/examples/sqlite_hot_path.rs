@@ -4,7 +4,8 @@
 //! main's, so it uses only the API both have (the recipe deletes the lines
 //! marked `previous main: none` before building the old one).
 //!
-//! Usage: `sqlite_hot_path <database file> <runs>`.
+//! Usage: `sqlite_hot_path <database file> <runs> [cached]` (`cached`:
+//! with the grant cache, which the previous main did not have).
 
 use secrecy::SecretString;
 use std::sync::Arc;
@@ -19,9 +20,13 @@ const WINDOW: Duration = Duration::from_millis(700);
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let [_, path, runs] = &args[..] else {
-        eprintln!("usage: sqlite_hot_path <database file> <runs>");
-        std::process::exit(2);
+    let (path, runs, cached) = match &args[..] {
+        [_, path, runs] => (path, runs, false),
+        [_, path, runs, cached] if cached == "cached" => (path, runs, true),
+        _ => {
+            eprintln!("usage: sqlite_hot_path <database file> <runs> [cached]");
+            std::process::exit(2);
+        }
     };
     let runs: usize = runs.parse().expect("runs: a number");
     let config = Config::parse(
@@ -37,7 +42,7 @@ async fn main() {
             limits: SandboxLimits::default(),
             max_connections: 16,
             clock: Default::default(),
-            grant_cache: false, // previous main: none
+            grant_cache: cached, // previous main: none
         })
         .await
         .expect("keeper"),

@@ -1,11 +1,12 @@
 //! A process-local cache of access grants, so that repeated reads of a token
 //! that is valid beyond its refresh window do not touch the database.
 //!
-//! Correctness rests on three rules:
+//! Correctness rests on these rules:
 //! - **Invalidation.** Every host's writes reach every cache: this process's
-//!   own writes invalidate at once (in [`crate::storage::Store`]); other
-//!   hosts' through Postgres `NOTIFY`, sent by a trigger on every change of
-//!   a row and delivered to this process's listening connection.
+//!   own writes invalidate at once (in [`crate::storage::Store`]); on
+//!   Postgres other hosts' through `NOTIFY`, sent by a trigger on every
+//!   change of a row and delivered to this process's listening connection;
+//!   on SQLite through the file's change counter (below).
 //! - **Freshness of the listener** (Postgres). The listener sends itself a heartbeat
 //!   notification every [`HEARTBEAT`]. Notifications arrive in commit order,
 //!   so once a heartbeat comes back, every change committed before it was

@@ -130,7 +130,11 @@ pub trait BackendTransaction: Send {
         provider: &'a str,
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<BackendRead>, StorageError>>;
-    /// Writes `row` if the stored generation is still `expected`.
+    /// Writes `row` if the stored generation is still `expected`. Under
+    /// the row's lock, where the generation it read is `expected` and so
+    /// the write cannot miss, a backend may send it with the commit (or
+    /// with the transaction's next statement) and say true at once: a write
+    /// that then does not land is saved as a rescue or fails the commit.
     fn compare_and_set<'a>(
         &'a mut self,
         row: &'a SealedRow,
@@ -150,6 +154,8 @@ pub trait BackendTransaction: Send {
         generation: u64,
         at: i64,
     ) -> BoxFuture<'a, Result<(), StorageError>>;
+    /// Commits, with any write still to send; an error when a row written
+    /// here could not be committed nor saved.
     fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), StorageError>>;
 }
 

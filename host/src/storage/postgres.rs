@@ -1071,7 +1071,8 @@ impl super::Backend for PgStore {
 }
 
 /// A write under the row's lock that found another generation: impossible
-/// unless something outside the lock changed the row; nothing is written.
+/// unless something outside the lock changed the row; the row is not
+/// written (and is then saved as a rescue only if it still can be).
 fn changed_under_lock() -> StorageError {
     StorageError::Unavailable("postgres: the locked row changed under its lock".into())
 }
@@ -1177,6 +1178,9 @@ impl PgTransaction {
     /// Takes the connection out of service after a failure.
     fn lose_connection(&mut self) {
         self.begun = false;
+        // No connection, no lock: nothing is held, no write can be deferred.
+        self.held = None;
+        self.session = None;
         if let Some(conn) = self.conn.take() {
             conn.discard();
         }
@@ -1342,18 +1346,27 @@ impl PgTransaction {
     }
 
     /// Sends a deferred write before another statement of the transaction.
+    /// It was reported written already: if it did not land, it is saved
+    /// another way (as when the connection is lost), or this is an error.
+    /// Kept until the send has ended, so that a caller cancelled before it
+    /// was sent leaves it for the commit.
     async fn send_deferred(&mut self) -> Result<(), StorageError> {
-        let Some((row, expected, now)) = self.deferred.take() else {
+        let Some((row, expected, now)) = self.deferred.clone() else {
             return Ok(());
         };
-        let sent = match self.send_write(&row, expected, now).await {
-            Err(StorageError::ConnectionLost(_)) => self.save_written(&row, expected, now).await,
-            sent => sent,
+        let sent = self.send_write(&row, expected, now).await;
+        self.deferred = None;
+        let why = match sent {
+            Ok(true) => return Ok(()),
+            Ok(false) => changed_under_lock(),
+            Err(e) => e,
         };
-        if sent? {
+        if self.save_written(&row, expected, now).await? {
             Ok(())
         } else {
-            Err(changed_under_lock())
+            Err(StorageError::Unavailable(format!(
+                "{why}; the row changed before the refreshed tokens could be saved"
+            )))
         }
     }
 
@@ -1366,6 +1379,7 @@ impl PgTransaction {
         expected: u64,
         now: i64,
     ) -> Result<bool, StorageError> {
+        let old = self.session.take();
         self.lose_connection();
         let alone = self.store.connect_alone().await?;
         let generation = to_i64(row.generation)?;
@@ -1380,7 +1394,7 @@ impl PgTransaction {
             provider = %row.provider,
             "lost the database connection holding a refreshed row; saving it on a new one"
         );
-        if let Some(old) = self.session.take() {
+        if let Some(old) = old {
             // Its lock goes now, not when the server notices the silence.
             // Only if it is still in our transaction; best effort: it may
             // be gone already.
@@ -1408,13 +1422,24 @@ impl BackendTransaction for PgTransaction {
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<BackendRead>, StorageError>> {
         Box::pin(async move {
-            match self.lock(provider, user_id, false).await {
+            // A refusal below must be the lock's, not a pending write's.
+            self.send_deferred().await?;
+            match self.lock_row(provider, user_id, false).await {
                 Ok(read) => Ok(Some(read)),
+                // Rolling back would take a row written here with it.
+                Err(StorageError::LockTimeout) if self.written.is_some() => {
+                    Err(StorageError::Unavailable(
+                        "postgres: a row lock held elsewhere would roll back a row this \
+                         transaction wrote"
+                            .into(),
+                    ))
+                }
                 // NOWAIT's refusal aborted the transaction: roll it back,
                 // and the connection can serve again.
                 Err(StorageError::LockTimeout) => {
                     self.begun = false;
                     self.session = None;
+                    self.held = None;
                     if let Some(conn) = self.conn.take() {
                         conn.roll_back().await;
                     }
@@ -1470,6 +1495,9 @@ impl BackendTransaction for PgTransaction {
                     *p == row.provider && *u == row.user_id && *g == expected
                 })
             {
+                // What the send would refuse, refused now.
+                to_i64(row.generation)?;
+                to_i64(expected)?;
                 self.held = Some((row.provider.clone(), row.user_id.clone(), row.generation));
                 self.deferred = Some((row.clone(), expected, now));
                 self.written = Some((row.clone(), expected, now));
@@ -1507,6 +1535,12 @@ impl BackendTransaction for PgTransaction {
     fn commit(mut self: Box<Self>) -> BoxFuture<'static, Result<(), StorageError>> {
         Box::pin(async move {
             if !self.begun {
+                // Rolled back after a failure: a row written here is gone.
+                if self.written.is_some() {
+                    return Err(StorageError::Unavailable(
+                        "postgres: the transaction was rolled back before its commit".into(),
+                    ));
+                }
                 // Nothing was locked or written: nothing to commit; the
                 // connection goes back to the pool.
                 drop(self.conn.take());
@@ -1529,18 +1563,12 @@ impl BackendTransaction for PgTransaction {
                         }
                         Err(e) => (Err(e), Ok(())),
                     };
+                    // A write that did not land fails the commit, and is
+                    // saved another way below.
                     match pair {
                         (Ok(true), committed) => committed,
-                        (Err(e @ StorageError::ConnectionLost(_)), _)
-                        | (_, Err(e @ StorageError::ConnectionLost(_))) => Err(e),
-                        (Ok(false), _) => {
-                            self.lose_connection();
-                            return Err(changed_under_lock());
-                        }
-                        (Err(e), _) => {
-                            self.lose_connection();
-                            return Err(e);
-                        }
+                        (Ok(false), _) => Err(changed_under_lock()),
+                        (Err(e), _) => Err(e),
                     }
                 }
             };
