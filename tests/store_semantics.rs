@@ -334,19 +334,9 @@ async fn a_write_under_the_lock_is_read_back_and_is_what_the_next_holder_reads(b
     // Read back in the same transaction.
     let store = open().await.unwrap();
     let mut tx = store.begin().await.unwrap();
-    let locked = tx
-        .load_for_update("acme", "alice")
-        .await
-        .unwrap()
-        .row
-        .unwrap();
+    let locked = locked_alice(&mut tx).await;
     assert!(tx.compare_and_set(&next(&locked), 1).await.unwrap());
-    let again = tx
-        .load_for_update("acme", "alice")
-        .await
-        .unwrap()
-        .row
-        .unwrap();
+    let again = locked_alice(&mut tx).await;
     assert_eq!(again.generation, 2, "a read after the write sees it");
     tx.commit().await.unwrap();
 
@@ -357,20 +347,10 @@ async fn a_write_under_the_lock_is_read_back_and_is_what_the_next_holder_reads(b
     for generation in 2..8 {
         let (holder, other) = (open().await.unwrap(), open().await.unwrap());
         let mut tx = holder.begin().await.unwrap();
-        let locked = tx
-            .load_for_update("acme", "alice")
-            .await
-            .unwrap()
-            .row
-            .unwrap();
+        let locked = locked_alice(&mut tx).await;
         let waiter = tokio::spawn(async move {
             let mut tx = other.begin().await.unwrap();
-            let read = tx
-                .load_for_update("acme", "alice")
-                .await
-                .unwrap()
-                .row
-                .unwrap();
+            let read = locked_alice(&mut tx).await;
             tx.commit().await.unwrap();
             read.generation
         });
@@ -390,6 +370,17 @@ async fn a_write_under_the_lock_is_read_back_and_is_what_the_next_holder_reads(b
         );
     }
     assert_eq!(w.stored("alice").await.generation, 8);
+}
+
+/// acme/alice, locked by `tx`.
+async fn locked_alice(
+    tx: &mut tokenkeep_host::storage::Transaction,
+) -> tokenkeep_host::storage::SealedRow {
+    tx.load_for_update("acme", "alice")
+        .await
+        .unwrap()
+        .row
+        .unwrap()
 }
 
 /// Until a session of the test's database waits for a row lock.
