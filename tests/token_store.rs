@@ -11,6 +11,7 @@ use tokenkeep_host::{Error, TokenState};
 use tokenkeep_testkit::devprovider::Behaviour;
 
 on_both_backends!(
+    a_database_migrated_by_a_newer_tokenkeep_is_refused_with_both_versions_named,
     a_fresh_token_is_returned_without_calling_the_provider,
     an_expired_token_is_refreshed_once_and_the_rotated_refresh_token_persisted,
     the_old_refresh_token_is_kept_when_the_answer_has_none,
@@ -471,4 +472,56 @@ fn the_demo_shows_one_refresh_for_eight_runtimes() {
         8,
         "{stdout}"
     );
+}
+
+/// `tokenkeep migrate` says which schema version the database is at; once a
+/// newer tokenkeep has migrated it further, this one refuses it (library and
+/// CLI, every command), naming both versions, and writes nothing.
+async fn a_database_migrated_by_a_newer_tokenkeep_is_refused_with_both_versions_named(b: Backend) {
+    let w = World::new(b, "schema").await;
+    w.store("u", "at-1", Some("rt-1"), 3600).await;
+    let migrated = w.cli().arg("migrate").output().unwrap();
+    let out = String::from_utf8_lossy(&migrated.stdout);
+    assert_eq!(migrated.status.code(), Some(0), "{out}");
+    let known: i64 = out
+        .trim()
+        .strip_prefix("schema at version ")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("migrate printed {out:?}"));
+
+    let newer = known + 1;
+    raw_sql(
+        &w.database_url,
+        &match b {
+            Backend::Postgres => format!("INSERT INTO tokenkeep_schema (version) VALUES ({newer})"),
+            Backend::Sqlite => {
+                format!("INSERT INTO tokenkeep_schema (version, applied_at) VALUES ({newer}, 0)")
+            }
+        },
+    )
+    .await;
+    let opened = common::open_keeper_with(
+        &w.database_url,
+        &w.config_path,
+        common::KEYS,
+        w.clock.clone(),
+        false,
+    )
+    .await;
+    match opened {
+        Err(Error::Config(m)) => assert!(
+            m.contains(&format!("version {newer}")) && m.contains(&format!("({known})")),
+            "{m}"
+        ),
+        Err(other) => panic!("expected a configuration error, got {other}"),
+        Ok(_) => panic!("a newer schema was accepted"),
+    }
+    for args in [&["migrate"][..], &["tokens", "get", "acme", "u"]] {
+        let o = w.cli().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(14), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        assert!(err.contains("newer than this tokenkeep"), "{err}");
+        assert!(o.stdout.is_empty(), "{args:?}");
+    }
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use tokenkeep_host::keeper::error_class_name;
+use tokenkeep_host::storage::{Store, StoreOptions};
 use tokenkeep_host::{
     Config, ConversationError, ConversationSettings, Error, Keeper, Keyring, Options, RowKey,
     SandboxLimits, TokenSet, TokenState, TokenSummary,
@@ -50,6 +51,9 @@ enum Command {
     /// Encryption keys: status and rotation.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Bring the database's schema up to date and print its version (every
+    /// other command migrates too); a schema newer than this build is refused.
+    Migrate,
     /// Watch several runtimes share one expiring token (SQLite, local test provider).
     Demo {
         /// How many runtime processes ask at once.
@@ -167,6 +171,9 @@ async fn run(cli: Cli) -> Result<Finished, Error> {
     if let Command::Demo { runtimes } = &cli.command {
         return crate::demo::run(*runtimes).await.map(|()| Finished::Done);
     }
+    if let Command::Migrate = &cli.command {
+        return migrate(&cli).await.map(|()| Finished::Done);
+    }
     // Before anything is in flight: from here on, SIGTERM and SIGINT wait
     // for refreshes to commit (a provider may already have rotated the
     // token); before the keeper is open (a connect, a migration waiting for
@@ -177,7 +184,7 @@ async fn run(cli: Cli) -> Result<Finished, Error> {
         let keeper = open(&cli).await?;
         let keeper = opened.get_or_init(|| keeper);
         match &cli.command {
-            Command::Demo { .. } => Ok(()),
+            Command::Demo { .. } | Command::Migrate => Ok(()),
             Command::Tokens(cmd) => tokens(keeper, cmd).await,
             Command::Keys(cmd) => keys(keeper, cmd).await,
             Command::Conversations(cmd) => conversations(keeper, cmd).await,
@@ -566,11 +573,28 @@ fn data_dir() -> PathBuf {
         .join("tokenkeep")
 }
 
-async fn open(cli: &Cli) -> Result<Arc<Keeper>, Error> {
-    let database_url = cli
-        .database
+/// `--database`, or SQLite in the data directory.
+fn database_url(cli: &Cli) -> String {
+    cli.database
         .clone()
-        .unwrap_or_else(|| format!("sqlite:{}", data_dir().join("tokenkeep.db").display()));
+        .unwrap_or_else(|| format!("sqlite:{}", data_dir().join("tokenkeep.db").display()))
+}
+
+/// Opening the store migrates it (or refuses a newer schema); no keys or
+/// provider configuration are needed for that.
+async fn migrate(cli: &Cli) -> Result<(), Error> {
+    let store = Store::open(
+        &database_url(cli),
+        StoreOptions::default(),
+        Default::default(),
+    )
+    .await?;
+    println!("schema at version {}", store.schema_version());
+    Ok(())
+}
+
+async fn open(cli: &Cli) -> Result<Arc<Keeper>, Error> {
+    let database_url = database_url(cli);
     let config = match &cli.config {
         Some(path) => Config::load(path)?,
         None => {

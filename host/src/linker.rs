@@ -339,6 +339,9 @@ fn storage_error(e: crate::storage::StorageError) -> storage::StorageError {
         crate::storage::StorageError::LockTimeout => storage::StorageError::LockTimeout,
         crate::storage::StorageError::Unavailable(m)
         | crate::storage::StorageError::ConnectionLost(m) => storage::StorageError::Unavailable(m),
+        e @ crate::storage::StorageError::SchemaTooNew { .. } => {
+            storage::StorageError::Unavailable(e.to_string())
+        }
     }
 }
 

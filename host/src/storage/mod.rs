@@ -30,6 +30,13 @@ pub enum StorageError {
     /// transaction did may or may not have reached the database.
     #[error("{0}")]
     ConnectionLost(String),
+    /// The database was migrated by a newer tokenkeep: this one must not
+    /// read or write rows whose meaning it may not know.
+    #[error(
+        "the database's schema is at version {found}, newer than this tokenkeep knows \
+         ({known}): upgrade tokenkeep before using this database"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
 }
 
 impl From<StorageError> for crate::Error {
@@ -39,7 +46,16 @@ impl From<StorageError> for crate::Error {
             StorageError::Unavailable(m) | StorageError::ConnectionLost(m) => {
                 crate::Error::Storage(m)
             }
+            e @ StorageError::SchemaTooNew { .. } => crate::Error::Config(e.to_string()),
         }
+    }
+}
+
+/// A schema past `known` (a newer tokenkeep migrated it) is refused.
+pub(crate) fn refuse_newer(current: Option<i64>, known: i64) -> Result<(), StorageError> {
+    match current {
+        Some(found) if found > known => Err(StorageError::SchemaTooNew { found, known }),
+        _ => Ok(()),
     }
 }
 
@@ -102,6 +118,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         &self,
         clock: Arc<SharedClock>,
     ) -> Result<(Arc<GrantCache>, Option<listener::AbortOnDrop>), StorageError>;
+    /// The schema version this build migrates a database to (and refuses
+    /// to run past).
+    fn schema_version(&self) -> i64;
     /// A transaction whose row loads lock.
     fn begin(&self) -> BoxFuture<'_, Result<Box<dyn BackendTransaction>, StorageError>>;
     fn conversation_entries<'a>(
@@ -293,6 +312,12 @@ impl Store {
         self._listener = listener;
         self.cache = Some(cache.clone());
         Ok(cache)
+    }
+
+    /// The schema version the database is at: the one this build knows,
+    /// since opening migrates to it and refuses a newer one.
+    pub fn schema_version(&self) -> i64 {
+        self.backend.schema_version()
     }
 
     /// The grant cache, when enabled.

@@ -11,6 +11,7 @@
 //! so that `BEGIN` and the locking read cost one round trip. Every statement
 //! is bounded: a connection that stops answering is dropped, not waited on.
 
+use super::refuse_newer;
 use super::{
     BackendRead, BackendTransaction, BoxFuture, COLUMNS, ConversationEntry, RowKey, SealedRow,
     StorageError, StoreOptions, StoredColumns, scopes_text, to_i64,
@@ -672,6 +673,11 @@ async fn get(pool: &Pool, wait: Duration) -> Result<Object, StorageError> {
     }
 }
 
+/// The last migration this build knows.
+fn latest_schema() -> i64 {
+    MIGRATIONS.last().map_or(0, |(v, _)| *v)
+}
+
 /// Brings the schema up to date under an advisory lock.
 async fn migrate(client: &ClientWrapper) -> Result<(), StorageError> {
     // Another process may be migrating: wait for it, however long.
@@ -692,6 +698,7 @@ async fn migrate(client: &ClientWrapper) -> Result<(), StorageError> {
         .await
         .and_then(|r| r.try_get(0))
         .map_err(error)?;
+    refuse_newer(current, latest_schema())?;
     for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| Some(*v) > current) {
         client.batch_execute(sql).await.map_err(error)?;
         client
@@ -1000,6 +1007,9 @@ impl super::Backend for PgStore {
 
     fn begin(&self) -> BoxFuture<'_, Result<Box<dyn BackendTransaction>, StorageError>> {
         Box::pin(async move { Ok(Box::new(PgStore::begin(self)) as Box<dyn BackendTransaction>) })
+    }
+    fn schema_version(&self) -> i64 {
+        latest_schema()
     }
     fn conversation_entries<'a>(
         &'a self,

@@ -6,7 +6,7 @@
 
 use super::{
     BackendRead, BackendTransaction, BoxFuture, ConversationEntry, RowKey, SealedRow, StorageError,
-    StoreOptions, StoredColumns,
+    StoreOptions, StoredColumns, refuse_newer,
 };
 use crate::clock::SharedClock;
 use crate::grant_cache::{ChangeCounter, GrantCache};
@@ -82,6 +82,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "ALTER TABLE tokenkeep_tokens ADD COLUMN retry_not_before INTEGER",
     ),
 ];
+
+/// The last migration this build knows.
+fn latest_schema() -> i64 {
+    MIGRATIONS.last().map_or(0, |(v, _)| *v)
+}
 
 /// A pool over one SQLite file.
 #[derive(Clone, Debug)]
@@ -160,12 +165,13 @@ impl SqliteStore {
         // Most starts find the schema current: a read, which waits for no
         // refresh holding the write lock. Only a start that must migrate
         // takes the lock.
-        let latest = MIGRATIONS.last().map(|(v, _)| *v);
+        let latest = latest_schema();
         let current: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM tokenkeep_schema")
             .fetch_one(&self.pool)
             .await
             .unwrap_or(None);
-        if current >= latest {
+        refuse_newer(current, latest)?;
+        if current >= Some(latest) {
             return Ok(());
         }
         let mut tx = self
@@ -181,6 +187,7 @@ impl SqliteStore {
             .fetch_one(&mut *tx)
             .await
             .map_err(error)?;
+        refuse_newer(current, latest)?;
         for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| Some(*v) > current) {
             sqlx::query(sql).execute(&mut *tx).await.map_err(error)?;
             sqlx::query("INSERT INTO tokenkeep_schema (version, applied_at) VALUES ($1, $2)")
@@ -274,6 +281,9 @@ impl super::Backend for SqliteStore {
         Box::pin(
             async move { Ok(Box::new(SqliteStore::begin(self)) as Box<dyn BackendTransaction>) },
         )
+    }
+    fn schema_version(&self) -> i64 {
+        latest_schema()
     }
     fn grant_cache(
         &self,
