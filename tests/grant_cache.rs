@@ -111,14 +111,7 @@ async fn another_hosts_refresh_and_delete_are_never_served_past_the_bound() {
     let (w, cached, _) = cached_u("cache-other-host", false).await;
 
     // Another host stores a new token (what a refresh there commits).
-    w.keeper
-        .store_tokens(
-            "acme",
-            "u",
-            &token_set("at-2", Some("rt-2"), Some(w.now() + 3600)),
-        )
-        .await
-        .unwrap();
+    w.store("u", "at-2", Some("rt-2"), 3600).await;
     let committed = Instant::now();
     let lag = until_seen(&cached, "u", committed, "at-1", |got| {
         use secrecy::ExposeSecret;

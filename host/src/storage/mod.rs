@@ -51,6 +51,11 @@ impl From<StorageError> for crate::Error {
     }
 }
 
+/// The last of a backend's migrations: the schema version this build knows.
+pub(crate) fn latest_schema(migrations: &[(i64, &str)]) -> i64 {
+    migrations.last().map_or(0, |(v, _)| *v)
+}
+
 /// A schema past `known` (a newer tokenkeep migrated it) is refused.
 pub(crate) fn refuse_newer(current: Option<i64>, known: i64) -> Result<(), StorageError> {
     match current {

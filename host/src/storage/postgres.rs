@@ -673,11 +673,6 @@ async fn get(pool: &Pool, wait: Duration) -> Result<Object, StorageError> {
     }
 }
 
-/// The last migration this build knows.
-fn latest_schema() -> i64 {
-    MIGRATIONS.last().map_or(0, |(v, _)| *v)
-}
-
 /// Brings the schema up to date under an advisory lock.
 async fn migrate(client: &ClientWrapper) -> Result<(), StorageError> {
     // Another process may be migrating: wait for it, however long.
@@ -698,7 +693,7 @@ async fn migrate(client: &ClientWrapper) -> Result<(), StorageError> {
         .await
         .and_then(|r| r.try_get(0))
         .map_err(error)?;
-    refuse_newer(current, latest_schema())?;
+    refuse_newer(current, super::latest_schema(MIGRATIONS))?;
     for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| Some(*v) > current) {
         client.batch_execute(sql).await.map_err(error)?;
         client
@@ -1009,7 +1004,7 @@ impl super::Backend for PgStore {
         Box::pin(async move { Ok(Box::new(PgStore::begin(self)) as Box<dyn BackendTransaction>) })
     }
     fn schema_version(&self) -> i64 {
-        latest_schema()
+        super::latest_schema(MIGRATIONS)
     }
     fn conversation_entries<'a>(
         &'a self,

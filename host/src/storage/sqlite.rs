@@ -83,11 +83,6 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
 ];
 
-/// The last migration this build knows.
-fn latest_schema() -> i64 {
-    MIGRATIONS.last().map_or(0, |(v, _)| *v)
-}
-
 /// A pool over one SQLite file.
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
@@ -102,9 +97,8 @@ pub struct SqliteStore {
     pub(crate) markers: SqlitePool,
     /// The busy timeout: how long a locking read waits for the write lock.
     lock_wait_ms: u128,
-    /// The database file, for the grant cache's change counter.
-    path: String,
-    /// Unlocked point reads, in the calling thread.
+    /// Unlocked point reads, in the calling thread (and the file's path,
+    /// for the grant cache's change counter).
     readers: Arc<Readers>,
 }
 
@@ -138,7 +132,6 @@ impl SqliteStore {
             tx_pool: connect(path, options).await?,
             markers: connect(&format!("{path}-refresh-starts"), options).await?,
             lock_wait_ms: options.lock_wait.as_millis(),
-            path: path.to_string(),
             readers: Arc::new(Readers {
                 path: path.to_string(),
                 idle: Mutex::default(),
@@ -165,7 +158,7 @@ impl SqliteStore {
         // Most starts find the schema current: a read, which waits for no
         // refresh holding the write lock. Only a start that must migrate
         // takes the lock.
-        let latest = latest_schema();
+        let latest = super::latest_schema(MIGRATIONS);
         let current: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM tokenkeep_schema")
             .fetch_one(&self.pool)
             .await
@@ -283,13 +276,13 @@ impl super::Backend for SqliteStore {
         )
     }
     fn schema_version(&self) -> i64 {
-        latest_schema()
+        super::latest_schema(MIGRATIONS)
     }
     fn grant_cache(
         &self,
         _clock: Arc<SharedClock>,
     ) -> Result<(Arc<GrantCache>, Option<super::listener::AbortOnDrop>), StorageError> {
-        let counter = DataVersion::open(&self.path)?;
+        let counter = DataVersion::open(&self.readers.path)?;
         Ok((Arc::new(GrantCache::counting(Box::new(counter))), None))
     }
 }
