@@ -7,12 +7,13 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use tokenkeep_host::keeper::error_class_name;
+use tokenkeep_host::keeper::{error_class_name, summary_json, token_state_name};
 use tokenkeep_host::storage::{Store, StoreOptions};
 use tokenkeep_host::{
     Config, ConversationError, ConversationSettings, Error, Keeper, Keyring, Options, RowKey,
-    SandboxLimits, TokenSet, TokenState, TokenSummary,
+    SandboxLimits, TokenSummary,
 };
+use tokenkeep_service::{Listen, ServeSettings, Server};
 
 /// Rows fetched per page by `tokens list`.
 const LIST_PAGE: u32 = 1000;
@@ -54,6 +55,16 @@ enum Command {
     /// Bring the database's schema up to date and print its version (every
     /// other command migrates too); a schema newer than this build is refused.
     Migrate,
+    /// Serve the HTTP API (see /v1/openapi.json) on a Unix socket or a
+    /// loopback port until SIGTERM or SIGINT; prints one `listening on`
+    /// line per listener on standard output once it answers.
+    Serve {
+        /// unix:PATH or tcp:127.0.0.1:PORT, repeatable or comma-separated
+        /// (default: [serve] listen in the configuration, else
+        /// unix:$XDG_RUNTIME_DIR/tokenkeep/api.sock).
+        #[arg(long, env = "TOKENKEEP_LISTEN", value_delimiter = ',')]
+        listen: Vec<String>,
+    },
     /// Watch several runtimes share one expiring token (SQLite, local test provider).
     Demo {
         /// How many runtime processes ask at once.
@@ -174,6 +185,9 @@ async fn run(cli: Cli) -> Result<Finished, Error> {
     if let Command::Migrate = &cli.command {
         return migrate(&cli).await.map(|()| Finished::Done);
     }
+    if let Command::Serve { listen } = &cli.command {
+        return serve(&cli, listen).await;
+    }
     // Before anything is in flight: from here on, SIGTERM and SIGINT wait
     // for refreshes to commit (a provider may already have rotated the
     // token); before the keeper is open (a connect, a migration waiting for
@@ -184,7 +198,7 @@ async fn run(cli: Cli) -> Result<Finished, Error> {
         let keeper = open(&cli).await?;
         let keeper = opened.get_or_init(|| keeper);
         match &cli.command {
-            Command::Demo { .. } | Command::Migrate => Ok(()),
+            Command::Demo { .. } | Command::Migrate | Command::Serve { .. } => Ok(()),
             Command::Tokens(cmd) => tokens(keeper, cmd).await,
             Command::Keys(cmd) => keys(keeper, cmd).await,
             Command::Conversations(cmd) => conversations(keeper, cmd).await,
@@ -235,7 +249,10 @@ async fn tokens(keeper: &Keeper, cmd: &TokensCommand) -> Result<(), Error> {
     match cmd {
         TokensCommand::Put { provider, user } => {
             // Lifetimes count on the keeper's clock (the database's).
-            let tokens = token_set_from_response(read_stdin()?.expose_secret(), keeper.now())?;
+            let tokens = tokenkeep_host::token_response::token_set(
+                read_stdin()?.expose_secret(),
+                keeper.now(),
+            )?;
             let record = keeper.store_tokens(provider, user, &tokens).await?;
             eprintln!(
                 "stored {provider}/{user} (generation {})",
@@ -427,21 +444,6 @@ fn read_stdin() -> Result<secrecy::SecretSlice<u8>, Error> {
     Ok(raw.into())
 }
 
-/// Reads an RFC 6749 section 5.1 token response from standard input.
-/// Turns a provider's token response into a token set, expiries counted from `now`.
-pub fn token_set_from_response(body: &[u8], now: i64) -> Result<TokenSet, Error> {
-    use tokenkeep_core::provider::parse_token_response;
-    let r = parse_token_response(200, Some("application/json"), body, &[])
-        .map_err(|e| Error::InvalidInput(format!("standard input: {e}")))?;
-    Ok(TokenSet {
-        access_token: r.access_token,
-        refresh_token: r.refresh_token,
-        access_token_expires_at: r.expires_in.map(|s| now + s),
-        refresh_token_expires_at: r.refresh_token_expires_in.map(|s| now + s),
-        scopes: r.scopes.unwrap_or_default(),
-    })
-}
-
 fn print_list(list: &[TokenSummary], json: bool, now: i64, header: bool) {
     let mut out = std::io::stdout().lock();
     if !json && header {
@@ -452,26 +454,9 @@ fn print_list(list: &[TokenSummary], json: bool, now: i64, header: bool) {
         );
     }
     for s in list {
-        let state = state_name(s.state);
+        let state = token_state_name(s.state);
         if json {
-            let v = serde_json::json!({
-                "provider": s.provider,
-                "user_id": s.user_id,
-                "state": state,
-                "access_token_expires_at": s.access_token_expires_at,
-                "refresh_token_expires_at": s.refresh_token_expires_at,
-                "has_refresh_token": s.has_refresh_token,
-                "scopes": s.scopes,
-                "baseline_scopes": s.baseline_scopes,
-                "obtained_at": s.obtained_at,
-                "generation": s.generation,
-                "key_id": s.key_id,
-                "failed_attempts": s.health.failed_attempts,
-                "last_failure": s.health.last_failure.map(error_class_name),
-                "last_failure_at": s.health.last_failure_at,
-                "last_success_at": s.health.last_success_at,
-                "retry_not_before": s.health.retry_not_before,
-            });
+            let v = summary_json(s);
             let _ = writeln!(out, "{v}");
         } else {
             let failure = match (s.health.last_failure, s.health.last_failure_at) {
@@ -501,16 +486,6 @@ fn print_list(list: &[TokenSummary], json: bool, now: i64, header: bool) {
                 failure
             );
         }
-    }
-}
-
-fn state_name(s: TokenState) -> &'static str {
-    match s {
-        TokenState::Fresh => "fresh",
-        TokenState::RefreshDue => "refresh-due",
-        TokenState::RefreshTokenExpiring => "refresh-token-expiring",
-        TokenState::ReauthorizationRequired => "reauthorization-required",
-        TokenState::ScopeNarrowed => "scope-narrowed",
     }
 }
 
@@ -593,19 +568,34 @@ async fn migrate(cli: &Cli) -> Result<(), Error> {
     Ok(())
 }
 
-async fn open(cli: &Cli) -> Result<Arc<Keeper>, Error> {
-    let database_url = database_url(cli);
-    let config = match &cli.config {
-        Some(path) => Config::load(path)?,
+/// The configuration file's text: `--config`, or `config.toml` in the data
+/// directory if there is one.
+fn config_text(cli: &Cli) -> Result<Option<String>, Error> {
+    let path = match &cli.config {
+        Some(path) => path.clone(),
         None => {
             let default = data_dir().join("config.toml");
-            if default.exists() {
-                Config::load(&default)?
-            } else {
-                Config::default()
+            if !default.exists() {
+                return Ok(None);
             }
+            default
         }
     };
+    std::fs::read_to_string(&path)
+        .map(Some)
+        .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
+}
+
+async fn open(cli: &Cli) -> Result<Arc<Keeper>, Error> {
+    let config = match config_text(cli)? {
+        Some(text) => Config::parse(&text)?,
+        None => Config::default(),
+    };
+    open_with(cli, config, false).await
+}
+
+async fn open_with(cli: &Cli, config: Config, grant_cache: bool) -> Result<Arc<Keeper>, Error> {
+    let database_url = database_url(cli);
     let keyring = keyring(cli, &database_url)?;
     Keeper::open(Options {
         database_url,
@@ -614,9 +604,52 @@ async fn open(cli: &Cli) -> Result<Arc<Keeper>, Error> {
         limits: SandboxLimits::default(),
         max_connections: 16,
         clock: Default::default(),
-        grant_cache: false,
+        grant_cache,
     })
     .await
+}
+
+/// Where `serve` listens when nothing says: a socket in the runtime
+/// directory (per user, cleared at logout), else beside the database.
+fn default_socket() -> Listen {
+    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(|d| PathBuf::from(d).join("tokenkeep"))
+        .unwrap_or_else(data_dir);
+    Listen::Unix(dir.join("api.sock"))
+}
+
+/// `tokenkeep serve`: the keeper (with its grant cache) behind the HTTP
+/// API until SIGTERM or SIGINT; a second signal stops at once.
+async fn serve(cli: &Cli, listen: &[String]) -> Result<Finished, Error> {
+    let mut signals = Signals::new()?;
+    let text = config_text(cli)?.unwrap_or_default();
+    let config = Config::parse(&text)?;
+    let settings = ServeSettings::parse(&text, listen, default_socket())?;
+    let keeper = open_with(cli, config, true).await?;
+    let server = Server::bind(keeper, settings).await?;
+    let mut lines = String::new();
+    for address in server.addresses() {
+        lines.push_str(&format!("listening on {address}\n"));
+    }
+    print_stdout(lines.trim_end())?;
+    let (first, stop) = tokio::sync::oneshot::channel::<u8>();
+    let running = tokio::spawn(server.run(async move {
+        let _ = stop.await;
+    }));
+    let signal = signals.next().await;
+    let _ = first.send(signal);
+    tracing::info!(
+        signal,
+        "stopping: finishing requests and refreshes in flight"
+    );
+    tokio::select! {
+        done = running => match done {
+            Ok(Ok(())) => Ok(Finished::Done),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Sandbox("the service's task panicked".into())),
+        },
+        _ = signals.next() => Ok(Finished::Interrupted(signal)),
+    }
 }
 
 /// Keys from TOKENKEEP_KEYS, a key file, or (SQLite only) a key file created

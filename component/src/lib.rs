@@ -270,8 +270,16 @@ impl Guest for Component {
         provider: String,
         user_id: String,
     ) -> Result<wit::AccessGrant, wit::RefreshError> {
+        Self::ensure_fresh_for(provider, user_id, 0)
+    }
+
+    fn ensure_fresh_for(
+        provider: String,
+        user_id: String,
+        min_remaining_seconds: u32,
+    ) -> Result<wit::AccessGrant, wit::RefreshError> {
         keeper()
-            .ensure_fresh(&provider, &user_id)
+            .ensure_fresh_for(&provider, &user_id, min_remaining_seconds)
             .map(|g| wit::AccessGrant {
                 provider: g.provider,
                 user_id: g.user_id,

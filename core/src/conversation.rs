@@ -135,7 +135,7 @@ impl<H: Host> Keeper<H> {
                 provider: e.provider.clone(),
                 error,
             };
-            let (grant, _) = self.fresh(&e.provider, &e.user_id).map_err(named)?;
+            let (grant, _) = self.fresh(&e.provider, &e.user_id, 0).map_err(named)?;
             require_scopes(&e.scopes, &grant.scopes).map_err(named)?;
             if grant.generation != e.generation {
                 self.note_generation(
@@ -197,7 +197,7 @@ impl<H: Host> Keeper<H> {
         }
         // What this conversation relies on decides, not the whole
         // authorisation: a scope it never used may have been narrowed away.
-        let (grant, _) = self.fresh(&t.provider, user_id)?;
+        let (grant, _) = self.fresh(&t.provider, user_id, 0)?;
         require_scopes(&t.scopes, &grant.scopes)?;
         let generation = grant.generation;
         Ok((token_from_grant(grant), Some(generation)))

@@ -166,7 +166,20 @@ impl<H: Host> Keeper<H> {
     /// refresh window, refreshed under the row lock when needed. Opens only
     /// the access token unless it refreshes.
     pub fn ensure_fresh(&self, provider: &str, user_id: &str) -> Result<AccessGrant, RefreshError> {
-        let (grant, missing) = self.fresh(provider, user_id)?;
+        self.ensure_fresh_for(provider, user_id, 0)
+    }
+
+    /// WIT `ensure-fresh-for`: like [`Keeper::ensure_fresh`], and valid for
+    /// at least `min_remaining` seconds more, refreshed first when it is
+    /// not. A token that is served despite a failed refresh must meet the
+    /// minimum too.
+    pub fn ensure_fresh_for(
+        &self,
+        provider: &str,
+        user_id: &str,
+        min_remaining: u32,
+    ) -> Result<AccessGrant, RefreshError> {
+        let (grant, missing) = self.fresh(provider, user_id, min_remaining)?;
         if !missing.is_empty() {
             return Err(RefreshError::ScopeMismatch(missing));
         }
@@ -176,15 +189,24 @@ impl<H: Host> Keeper<H> {
     /// [`Keeper::ensure_fresh`]'s work: the grant, and the scopes of the
     /// user's authorisation it lacks (a narrowed token), for the caller to
     /// judge against what it needs (all of them, or a conversation's own).
-    pub(crate) fn fresh(&self, provider: &str, user_id: &str) -> Result<Fresh, RefreshError> {
+    pub(crate) fn fresh(
+        &self,
+        provider: &str,
+        user_id: &str,
+        min_remaining: u32,
+    ) -> Result<Fresh, RefreshError> {
         let config = self.config(provider)?;
         check_user_id(user_id)?;
-        let threshold = config.refresh_threshold_seconds;
+        let want = Want {
+            threshold: config.refresh_threshold_seconds,
+            min_remaining,
+        };
 
         // 1. One unlocked read, which also tells the shared clock's time.
         let RowRead { row, now } = self.host.read(provider, user_id)?;
         let row = row.ok_or(RefreshError::NotFound)?;
-        if !due(&row, now, threshold) {
+        want.attainable(&row)?;
+        if !want.due(&row, now) {
             return self.grant(&row);
         }
         // A refusal stands until a new authorisation: no lock needed to say so.
@@ -192,13 +214,14 @@ impl<H: Host> Keeper<H> {
             return self.still_valid_or(
                 &row,
                 now,
+                want,
                 recorded_failure(ErrorClass::ReauthorizationRequired),
             );
         }
         // After a failure the provider is left alone until the row says so
         // (its Retry-After, or a backoff): no stampede when it comes back.
         if let Some(backing_off) = backing_off(&row, now) {
-            return self.still_valid_or(&row, now, backing_off);
+            return self.still_valid_or(&row, now, want, backing_off);
         }
         let seen = row.health.clone();
 
@@ -208,7 +231,7 @@ impl<H: Host> Keeper<H> {
         //    that runtime is refreshing, and the token we read is good.
         let seen_generation = row.generation;
         let txn = self.host.begin()?;
-        let RowRead { row, now } = if still_valid(&row, now) {
+        let RowRead { row, now } = if want.still_valid(&row, now) {
             match txn.try_load_for_update(provider, user_id)? {
                 Some(read) => read,
                 None => {
@@ -225,8 +248,12 @@ impl<H: Host> Keeper<H> {
         // again already; refreshing it once per waiter would be a stampede).
         let refreshed_meanwhile = row.generation != seen_generation
             && row.health.last_failure.is_none()
-            && validity::is_access_token_valid(row.access_token_expires_at, now, 0);
-        if !due(&row, now, threshold) || refreshed_meanwhile {
+            && validity::is_access_token_valid(
+                row.access_token_expires_at,
+                now,
+                want.min_remaining,
+            );
+        if !want.due(&row, now) || refreshed_meanwhile {
             txn.commit()?;
             return self.grant(&row);
         }
@@ -236,7 +263,7 @@ impl<H: Host> Keeper<H> {
         // once the token is no good.
         if let Some(backing_off) = backing_off(&row, now) {
             txn.commit()?;
-            return self.still_valid_or(&row, now, backing_off);
+            return self.still_valid_or(&row, now, want, backing_off);
         }
         // Single flight for failures too: a definitive refusal stands until a
         // new authorisation is stored, and a failure another runtime recorded
@@ -247,7 +274,7 @@ impl<H: Host> Keeper<H> {
                 || row.health.last_failure_at != seen.last_failure_at;
             if definitive || while_we_waited {
                 txn.commit()?;
-                return self.still_valid_or(&row, now, recorded_failure(class));
+                return self.still_valid_or(&row, now, want, recorded_failure(class));
             }
         }
         let current = self.open_row(&row)?;
@@ -257,6 +284,7 @@ impl<H: Host> Keeper<H> {
             return self.still_valid_or(
                 &row,
                 now,
+                want,
                 RefreshError::ReauthorizationRequired(
                     "no refresh token is stored; store a new authorisation".into(),
                 ),
@@ -298,6 +326,11 @@ impl<H: Host> Keeper<H> {
                     return Err(RefreshError::Storage("row changed while locked".into()));
                 }
                 txn.commit()?;
+                // Saved all the same: the next caller with this minimum is
+                // refused without a refresh.
+                if let Some(at) = tokens.access_token_expires_at {
+                    want.lives_long_enough(at.saturating_sub(sent_at))?;
+                }
                 let grant = AccessGrant {
                     provider: provider.into(),
                     user_id: user_id.into(),
@@ -326,7 +359,7 @@ impl<H: Host> Keeper<H> {
                     )
                 {
                     drop(txn);
-                    return self.still_valid_or(&row, now, err);
+                    return self.still_valid_or(&row, now, want, err);
                 }
                 let err = match (err, interrupted) {
                     (RefreshError::ReauthorizationRequired(m), Some(at))
@@ -387,7 +420,7 @@ impl<H: Host> Keeper<H> {
                     // authorisation), the rejection was a race: use theirs.
                     // Best effort: if the re-read fails, the refusal still stands.
                     if let Ok(Some(newer)) =
-                        self.newer_fresh_row(provider, user_id, row.generation, threshold)
+                        self.newer_fresh_row(provider, user_id, row.generation, want)
                     {
                         return Ok(newer);
                     }
@@ -396,7 +429,7 @@ impl<H: Host> Keeper<H> {
                 // Refreshed early and refused or unanswered: the token we
                 // have is still valid, so it is not stale. Serve it; the row
                 // records the failure.
-                self.still_valid_or(&row, now, err)
+                self.still_valid_or(&row, now, want, err)
             }
         }
     }
@@ -408,13 +441,13 @@ impl<H: Host> Keeper<H> {
         provider: &str,
         user_id: &str,
         spent_generation: u64,
-        threshold: u32,
+        want: Want,
     ) -> Result<Option<Fresh>, RefreshError> {
         let txn = self.host.begin()?;
         let RowRead { row, now } = txn.load_for_update(provider, user_id)?;
         txn.commit()?;
         match row {
-            Some(row) if row.generation != spent_generation && !due(&row, now, threshold) => {
+            Some(row) if row.generation != spent_generation && !want.due(&row, now) => {
                 self.grant(&row).map(Some)
             }
             _ => Ok(None),
@@ -648,9 +681,10 @@ impl<H: Host> Keeper<H> {
         &self,
         row: &SealedRow,
         now: i64,
+        want: Want,
         failure: RefreshError,
     ) -> Result<Fresh, RefreshError> {
-        if still_valid(row, now) {
+        if want.still_valid(row, now) {
             self.grant(row)
         } else {
             Err(failure)
@@ -736,17 +770,58 @@ fn backing_off(row: &SealedRow, now: i64) -> Option<RefreshError> {
     ))
 }
 
-/// Whether the row's access token is valid beyond the clock skew at `now`.
-fn still_valid(row: &SealedRow, now: i64) -> bool {
-    validity::is_access_token_valid(
-        row.access_token_expires_at,
-        now,
-        validity::DEFAULT_CLOCK_SKEW_SECONDS,
-    )
+/// What a caller of `ensure-fresh` asks of a token: its provider's refresh
+/// window, and (from `ensure-fresh-for`) a lifetime it must still have.
+#[derive(Debug, Clone, Copy)]
+struct Want {
+    threshold: u32,
+    min_remaining: u32,
 }
 
-fn due(row: &SealedRow, now: i64, threshold: u32) -> bool {
-    validity::needs_refresh(row.obtained_at, row.access_token_expires_at, now, threshold)
+impl Want {
+    /// Whether the row's access token is valid beyond the clock skew, and
+    /// for the lifetime asked for, at `now`: good enough to serve.
+    fn still_valid(&self, row: &SealedRow, now: i64) -> bool {
+        let skew = validity::DEFAULT_CLOCK_SKEW_SECONDS.max(self.min_remaining);
+        validity::is_access_token_valid(row.access_token_expires_at, now, skew)
+    }
+
+    /// Whether the row should be refreshed before it is served.
+    fn due(&self, row: &SealedRow, now: i64) -> bool {
+        let short = row
+            .access_token_expires_at
+            .is_some_and(|at| at.saturating_sub(now) < i64::from(self.min_remaining));
+        short
+            || validity::needs_refresh(
+                row.obtained_at,
+                row.access_token_expires_at,
+                now,
+                self.threshold,
+            )
+    }
+
+    /// A lifetime longer than the token's whole lifetime could only be met
+    /// by refreshing on every call: refused before anything is done.
+    fn attainable(&self, row: &SealedRow) -> Result<(), RefreshError> {
+        match row.access_token_expires_at {
+            Some(at) if self.min_remaining > 0 => {
+                self.lives_long_enough(at.saturating_sub(row.obtained_at))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a token that lives `lifetime` seconds can meet the minimum.
+    fn lives_long_enough(&self, lifetime: i64) -> Result<(), RefreshError> {
+        if lifetime < i64::from(self.min_remaining) {
+            return Err(RefreshError::InvalidInput(format!(
+                "this token lives {lifetime} s from when it was obtained: a minimum \
+                 remaining lifetime of {} s cannot be met",
+                self.min_remaining
+            )));
+        }
+        Ok(())
+    }
 }
 
 fn timing(row: &SealedRow) -> Timing {

@@ -672,3 +672,95 @@ fn a_token_narrowed_below_what_the_user_authorised_is_served_to_no_one() {
     );
     assert_eq!(fake.0.borrow().requests.len(), 1);
 }
+
+#[test]
+fn a_minimum_lifetime_refreshes_a_token_its_window_would_still_serve() {
+    // Half an hour left of an hour: outside the 10-minute window.
+    let (keeper, fake) = world(1800);
+    assert_eq!(
+        keeper
+            .ensure_fresh("acme", "alice")
+            .unwrap()
+            .access_token
+            .expose_secret(),
+        "at-1"
+    );
+    fake.0
+        .borrow_mut()
+        .answers
+        .push_back(granted("at-2", "rt-2"));
+    let grant = keeper.ensure_fresh_for("acme", "alice", 2400).unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-2");
+    assert_eq!(grant.expires_at, Some(T0 + 3600));
+    // The new token meets the minimum: the next caller is served it.
+    let again = keeper.ensure_fresh_for("acme", "alice", 2400).unwrap();
+    assert_eq!(again.access_token.expose_secret(), "at-2");
+    assert_eq!(fake.0.borrow().requests, ["rt-1"]);
+}
+
+#[test]
+fn a_minimum_longer_than_the_tokens_lifetime_is_invalid_input_and_sends_nothing() {
+    let (keeper, fake) = world(1800);
+    let e = keeper.ensure_fresh_for("acme", "alice", 7200).unwrap_err();
+    assert_eq!(e.class(), ErrorClass::InvalidInput);
+    assert!(e.to_string().contains("3600 s"), "{e}");
+    assert!(fake.0.borrow().requests.is_empty());
+}
+
+#[test]
+fn a_refreshed_token_shorter_than_the_minimum_is_kept_and_the_minimum_refused() {
+    let (keeper, fake) = world(1800);
+    fake.0.borrow_mut().answers.push_back(answer(
+        200,
+        r#"{"access_token":"at-2","refresh_token":"rt-2","expires_in":2000}"#,
+    ));
+    let e = keeper.ensure_fresh_for("acme", "alice", 2400).unwrap_err();
+    assert_eq!(e.class(), ErrorClass::InvalidInput);
+    assert!(e.to_string().contains("2000 s"), "{e}");
+    assert_eq!(refresh_token_of(&fake), "rt-2", "the rotation is kept");
+    // From then on refused without a request; the token itself is served.
+    let e = keeper.ensure_fresh_for("acme", "alice", 2400).unwrap_err();
+    assert_eq!(e.class(), ErrorClass::InvalidInput);
+    assert_eq!(fake.0.borrow().requests, ["rt-1"]);
+    let grant = keeper.ensure_fresh("acme", "alice").unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-2");
+}
+
+#[test]
+fn a_token_stored_after_its_expiry_is_still_refreshed_without_a_minimum() {
+    let (keeper, fake) = world(-10);
+    fake.0
+        .borrow_mut()
+        .rows
+        .get_mut(&("acme".into(), "alice".into()))
+        .unwrap()
+        .obtained_at = T0;
+    fake.0
+        .borrow_mut()
+        .answers
+        .push_back(granted("at-2", "rt-2"));
+    let grant = keeper.ensure_fresh("acme", "alice").unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-2");
+}
+
+#[test]
+fn a_token_short_of_the_minimum_is_not_served_when_its_refresh_fails() {
+    let (keeper, fake) = world(1800);
+    fake.0.borrow_mut().held_elsewhere = true;
+    fake.0
+        .borrow_mut()
+        .answers
+        .push_back(answer(400, r#"{"error":"invalid_grant"}"#));
+    let e = keeper.ensure_fresh_for("acme", "alice", 2400).unwrap_err();
+    assert_eq!(e.class(), ErrorClass::ReauthorizationRequired);
+    let s = fake.0.borrow();
+    assert_eq!(
+        s.try_locks, 0,
+        "short of the minimum: it waits for the lock"
+    );
+    assert_eq!(s.requests, ["rt-1"]);
+    drop(s);
+    // Without a minimum, the same token is still served.
+    let grant = keeper.ensure_fresh("acme", "alice").unwrap();
+    assert_eq!(grant.access_token.expose_secret(), "at-1");
+}

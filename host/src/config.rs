@@ -110,6 +110,11 @@ struct RawConfig {
     lock_wait_ms: Option<u32>,
     #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
+    /// `tokenkeep serve`'s section (listeners, API keys, webhooks), read
+    /// by tokenkeep-service from the same file.
+    #[serde(default)]
+    #[allow(dead_code)]
+    serve: Option<toml::Table>,
 }
 
 #[derive(Deserialize)]

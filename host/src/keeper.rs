@@ -94,24 +94,28 @@ pub struct Keeper {
     /// cancels a refresh between the provider's answer and the commit, and
     /// [`Keeper::shutdown`] waits for them.
     detached: TaskTracker,
-    /// `ensure_fresh` calls in flight, per row: callers in this process
-    /// for the same token share one call (one connection, one refresh).
-    flights: Arc<Mutex<HashMap<RowKey, Flight>>>,
+    /// `ensure_fresh` calls in flight, per row and minimum lifetime:
+    /// callers in this process for the same token share one call (one
+    /// connection, one refresh).
+    flights: Arc<Mutex<HashMap<FlightKey, Flight>>>,
 }
+
+/// A row and the minimum remaining lifetime asked of its token.
+type FlightKey = (RowKey, u32);
 
 /// The answer of an `ensure_fresh` call in flight, once it has one.
 type Flight = watch::Receiver<Option<Result<AccessGrant, Error>>>;
 
 /// Takes the flights map even if a task panicked holding it.
-fn flights(map: &Mutex<HashMap<RowKey, Flight>>) -> MutexGuard<'_, HashMap<RowKey, Flight>> {
+fn flights(map: &Mutex<HashMap<FlightKey, Flight>>) -> MutexGuard<'_, HashMap<FlightKey, Flight>> {
     map.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Takes a flight off the map when its task ends, however it ends (a panic
 /// included), and only that flight.
 struct Landing {
-    flights: Arc<Mutex<HashMap<RowKey, Flight>>>,
-    key: RowKey,
+    flights: Arc<Mutex<HashMap<FlightKey, Flight>>>,
+    key: FlightKey,
     flight: Flight,
 }
 
@@ -201,6 +205,13 @@ impl Keeper {
         self.runtime.shared().store.grant_cache().map(|c| c.len())
     }
 
+    /// One round trip to the database (a point read of a row that cannot
+    /// exist: provider names are never empty): a readiness probe.
+    pub async fn check_database(&self) -> Result<(), Error> {
+        self.runtime.shared().store.read("", "").await?;
+        Ok(())
+    }
+
     /// The shared time (the database's clock), seconds since the epoch.
     pub fn now(&self) -> i64 {
         self.runtime.shared().store.now()
@@ -281,32 +292,57 @@ impl Keeper {
     /// needed; one provider call however many runtimes ask. The refresh
     /// token stays in the keeper.
     pub async fn ensure_fresh(&self, provider: &str, user_id: &str) -> Result<AccessGrant, Error> {
+        self.ensure_fresh_for(provider, user_id, 0).await
+    }
+
+    /// [`Keeper::ensure_fresh`] for a caller that needs the token to stay
+    /// valid for `min_remaining` seconds more: refreshed first when it would
+    /// not. A minimum longer than the token's whole lifetime is
+    /// [`Error::InvalidInput`].
+    pub async fn ensure_fresh_for(
+        &self,
+        provider: &str,
+        user_id: &str,
+        min_remaining: u32,
+    ) -> Result<AccessGrant, Error> {
         let shared = self.runtime.shared();
         let Some(cache) = shared.store.grant_cache() else {
-            return self.ensure_fresh_shared(provider, user_id).await;
+            return self
+                .ensure_fresh_shared(provider, user_id, min_remaining)
+                .await;
         };
+        let now = shared.store.now();
         if let Some(threshold) = shared
             .config
             .providers
             .get(provider)
             .map(|p| p.refresh_threshold_seconds)
-            && let Some(grant) = cache.get(provider, user_id, shared.store.now(), threshold)
+            && let Some(grant) = cache.get(provider, user_id, now, threshold)
+            && grant
+                .expires_at
+                .is_none_or(|at| at.saturating_sub(now) >= i64::from(min_remaining))
         {
             return Ok(grant);
         }
-        self.ensure_fresh_shared(provider, user_id).await
+        self.ensure_fresh_shared(provider, user_id, min_remaining)
+            .await
     }
 
-    /// [`Keeper::ensure_fresh`] from the database, one call per row in flight.
+    /// [`Keeper::ensure_fresh_for`] from the database, one call per row and
+    /// minimum in flight.
     async fn ensure_fresh_shared(
         &self,
         provider: &str,
         user_id: &str,
+        min_remaining: u32,
     ) -> Result<AccessGrant, Error> {
-        let key = RowKey {
-            provider: provider.to_string(),
-            user_id: user_id.to_string(),
-        };
+        let key = (
+            RowKey {
+                provider: provider.to_string(),
+                user_id: user_id.to_string(),
+            },
+            min_remaining,
+        );
         let mut flight = {
             let mut map = flights(&self.flights);
             match map.get(&key) {
@@ -321,12 +357,18 @@ impl Keeper {
                     };
                     let runtime = self.runtime.clone();
                     self.detached.spawn(async move {
-                        let key = &landing.key;
+                        let (row, min_remaining) = &landing.key;
                         // Taken before the read: the fill is dropped if any
                         // row changed meanwhile.
                         let cache = runtime.shared().store.grant_cache();
                         let epoch = cache.map(|c| c.epoch());
-                        let got = ensure_fresh_once(&runtime, &key.provider, &key.user_id).await;
+                        let got = ensure_fresh_once(
+                            &runtime,
+                            &row.provider,
+                            &row.user_id,
+                            *min_remaining,
+                        )
+                        .await;
                         if let (Some(cache), Some(epoch), Ok(grant)) = (cache, epoch, &got) {
                             cache.fill(epoch, grant);
                         }
@@ -427,6 +469,34 @@ impl Keeper {
             return Err(not_the_rows());
         }
         Ok(page)
+    }
+
+    /// One stored token's summary, without secrets; `None` when there is none.
+    pub async fn token_summary(
+        &self,
+        provider: &str,
+        user_id: &str,
+    ) -> Result<Option<TokenSummary>, Error> {
+        let key = RowKey {
+            provider: provider.to_string(),
+            user_id: user_id.to_string(),
+        };
+        let (r, ctx) = self
+            .runtime
+            .call(Scope::Summary(key), 1, async |k, s| {
+                k.tokenkeep_oauth_token_store()
+                    .call_list_tokens(s, None, 1)
+                    .await
+            })
+            .await?;
+        let mut page = r.map_err(|e| refresh_error(&ctx, e, provider, user_id))?;
+        match page.pop() {
+            None => Ok(None),
+            Some(s) if page.is_empty() && s.provider == provider && s.user_id == user_id => {
+                Ok(Some(s))
+            }
+            Some(_) => Err(not_the_rows()),
+        }
     }
 
     /// Re-encrypts every row sealed with an older key to the active key, in
@@ -700,11 +770,12 @@ async fn ensure_fresh_once(
     runtime: &Runtime,
     provider: &str,
     user_id: &str,
+    min_remaining: u32,
 ) -> Result<AccessGrant, Error> {
     let (r, ctx) = runtime
         .call(Scope::row(provider, user_id), 1, async |k, s| {
             k.tokenkeep_oauth_token_store()
-                .call_ensure_fresh(s, provider, user_id)
+                .call_ensure_fresh_for(s, provider, user_id, min_remaining)
                 .await
         })
         .await?;
@@ -754,6 +825,40 @@ const LIST_PAGE: u32 = tokenkeep_core::refresh::MAX_LIST_PAGE;
 /// The documented name of a class as listings carry it.
 pub fn error_class_name(class: wit::ErrorClass) -> &'static str {
     convert::class_from_wit(class).name()
+}
+
+/// The documented name of a token state as listings carry it.
+pub fn token_state_name(s: TokenState) -> &'static str {
+    match s {
+        TokenState::Fresh => "fresh",
+        TokenState::RefreshDue => "refresh-due",
+        TokenState::RefreshTokenExpiring => "refresh-token-expiring",
+        TokenState::ReauthorizationRequired => "reauthorization-required",
+        TokenState::ScopeNarrowed => "scope-narrowed",
+    }
+}
+
+/// A token's summary as JSON listings (`tokens list --json`, the API) carry
+/// it: never a secret.
+pub fn summary_json(s: &TokenSummary) -> serde_json::Value {
+    serde_json::json!({
+        "provider": s.provider,
+        "user_id": s.user_id,
+        "state": token_state_name(s.state),
+        "access_token_expires_at": s.access_token_expires_at,
+        "refresh_token_expires_at": s.refresh_token_expires_at,
+        "has_refresh_token": s.has_refresh_token,
+        "scopes": s.scopes,
+        "baseline_scopes": s.baseline_scopes,
+        "obtained_at": s.obtained_at,
+        "generation": s.generation,
+        "key_id": s.key_id,
+        "failed_attempts": s.health.failed_attempts,
+        "last_failure": s.health.last_failure.map(error_class_name),
+        "last_failure_at": s.health.last_failure_at,
+        "last_success_at": s.health.last_success_at,
+        "retry_not_before": s.health.retry_not_before,
+    })
 }
 
 /// The component returned a token this call never opened or sealed for the

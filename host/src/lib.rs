@@ -23,6 +23,7 @@ pub mod sandbox;
 mod sealing;
 pub mod storage;
 pub mod token_endpoint;
+pub mod token_response;
 
 pub use clock::Clock;
 pub use config::Config;

@@ -40,6 +40,8 @@ pub enum Scope {
     /// One page of a listing: rows without opening them, at most `limit`
     /// after `after`.
     Listing { after: Option<RowKey>, limit: u32 },
+    /// One row's summary: a first page of one row, that row alone.
+    Summary(RowKey),
 }
 
 impl Scope {
@@ -377,22 +379,22 @@ impl storage::Host for KeeperCtxView<'_> {
         limit: u32,
     ) -> Res<Vec<storage::SealedRow>, storage::StorageError> {
         let after = after.map(convert::key_from_wit);
-        let Scope::Listing {
-            after: page,
-            limit: most,
-        } = &self.ctx.scope
-        else {
-            return Err(self.ctx.refuse("a scan outside a listing", &limit));
+        let store = &self.ctx.shared.store;
+        let rows = match &self.ctx.scope {
+            Scope::Listing {
+                after: page,
+                limit: most,
+            } if after == *page && limit <= *most => store.list(after.as_ref(), limit).await,
+            Scope::Summary(key) if after.is_none() && limit >= 1 => store
+                .read(&key.provider, &key.user_id)
+                .await
+                .map(|read| read.row.into_iter().collect()),
+            Scope::Listing { .. } | Scope::Summary(_) => {
+                return Err(self.ctx.refuse("a scan beyond the page asked for", &limit));
+            }
+            _ => return Err(self.ctx.refuse("a scan outside a listing", &limit)),
         };
-        if after != *page || limit > *most {
-            return Err(self.ctx.refuse("a scan beyond the page asked for", &limit));
-        }
-        Ok(self
-            .ctx
-            .shared
-            .store
-            .list(after.as_ref(), limit)
-            .await
+        Ok(rows
             .map(|rows| rows.into_iter().map(convert::row_to_wit).collect())
             .map_err(storage_error))
     }

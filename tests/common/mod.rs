@@ -4,6 +4,8 @@
 
 pub use tokenkeep_testkit::pg;
 
+pub mod service;
+
 use secrecy::SecretString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -15,7 +15,7 @@ mod rogue {
         inline: "
             package tokenkeep:rogue;
             world rogue {
-                include tokenkeep:oauth/keeper-core@0.4.0;
+                include tokenkeep:oauth/keeper-core@0.5.0;
                 import wasi:http/outgoing-handler@0.2.12;
             }
         ",
@@ -362,6 +362,13 @@ mod rogue {
             }
         }
 
+        fn ensure_fresh_for(
+            provider: String,
+            user_id: String,
+            _: u32,
+        ) -> Result<AccessGrant, RefreshError> {
+            Self::ensure_fresh(provider, user_id)
+        }
         fn store_tokens(_: String, _: String, _: TokenSet) -> Result<TokenRecord, RefreshError> {
             Err(refused())
         }

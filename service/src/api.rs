@@ -1,0 +1,436 @@
+//! The HTTP API: routes, the caller's key, bodies, and the keeper's calls.
+//! Every decision about tokens is the [`Keeper`]'s; this module decides
+//! who may ask and how the answer is written.
+
+use crate::api_error::ApiError;
+use crate::api_keys::{ApiKey, ApiKeys};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use tokenkeep_host::keeper::summary_json;
+use tokenkeep_host::{ConversationError, ConversationSettings, Error, Keeper, RowKey};
+
+/// The OpenAPI document the service serves at `/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Rows per page of `GET /v1/tokens` when the caller does not say.
+const DEFAULT_PAGE: u32 = 100;
+/// Most rows per page of `GET /v1/tokens`.
+const MAX_PAGE: u32 = 1000;
+
+/// What every request handler shares.
+pub struct ApiState {
+    pub keeper: Arc<Keeper>,
+    pub keys: ApiKeys,
+    pub max_body_bytes: usize,
+}
+
+type Shared = State<Arc<ApiState>>;
+
+/// The API's routes over `state`.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/healthz", get(health))
+        .route("/readyz", get(ready))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/tokens", get(list_tokens))
+        .route(
+            "/v1/tokens/{provider}/{user}",
+            get(token_state).put(store_tokens).delete(delete_tokens),
+        )
+        .route(
+            "/v1/tokens/{provider}/{user}/access-token",
+            get(access_token),
+        )
+        .route("/v1/conversations/{conversation}", get(conversation))
+        .route(
+            "/v1/conversations/{conversation}/refresh",
+            post(refresh_conversation),
+        )
+        .route(
+            "/v1/conversations/{conversation}/resume",
+            post(resume_conversation),
+        )
+        .fallback(|| async { ApiError::no_route() })
+        .method_not_allowed_fallback(|| async { ApiError::wrong_method() })
+        .with_state(state)
+}
+
+/// The key the request carries (`Authorization: Bearer KEY`): 401 and
+/// nothing else when it is missing or wrong.
+pub struct Caller(pub ApiKey);
+
+impl FromRequestParts<Arc<ApiState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, ApiError> {
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, key) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+            })
+            .ok_or_else(ApiError::unauthorized)?;
+        let key = state
+            .keys
+            .authenticate(presented)
+            .ok_or_else(ApiError::unauthorized)?;
+        tracing::Span::current().record("key", key.name.as_str());
+        Ok(Caller(key.clone()))
+    }
+}
+
+impl Caller {
+    /// 403 unless this key reaches (provider, user id).
+    fn may(&self, provider: &str, user_id: &str) -> Result<(), ApiError> {
+        if self.0.allows(provider, user_id) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(&format!("{provider}/{user_id}")))
+        }
+    }
+}
+
+/// A JSON body, at most the configured size, parsed into `T`.
+pub struct Body<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned> FromRequest<Arc<ApiState>> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &Arc<ApiState>) -> Result<Self, ApiError> {
+        let limit = state.max_body_bytes;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(ApiError::too_large(limit));
+        }
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| ApiError::too_large(limit))?;
+        serde_json::from_slice(&bytes).map(Body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "the body is not the JSON expected: {}",
+                json_error(&e)
+            ))
+        })
+    }
+}
+
+/// Where a body failed to parse, without quoting it (it may hold tokens).
+fn json_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Io | Category::Eof => "it ends early",
+        Category::Syntax => "it is not valid JSON",
+        Category::Data => "a field is missing or of the wrong type",
+    };
+    format!("{what} (line {}, column {})", e.line(), e.column())
+}
+
+/// Path parameters, percent-decoded; a bad one is a JSON 400.
+fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+    p.map(|Path(t)| t)
+        .map_err(|e| ApiError::bad_request(format!("bad path: {}", e.body_text())))
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(t)| t)
+        .map_err(|e| ApiError::bad_request(format!("bad query: {}", e.body_text())))
+}
+
+/// A JSON answer that no cache may keep (it may hold a token).
+fn no_store(status: StatusCode, body: Value) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+async fn health() -> Response {
+    no_store(StatusCode::OK, json!({ "status": "ok" }))
+}
+
+/// Ready when the database answers.
+async fn ready(State(state): Shared) -> Result<Response, ApiError> {
+    state.keeper.check_database().await?;
+    Ok(no_store(StatusCode::OK, json!({ "status": "ready" })))
+}
+
+async fn openapi(_: Caller) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        OPENAPI,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessQuery {
+    /// Seconds the token must stay valid.
+    min_remaining: Option<u32>,
+}
+
+async fn access_token(
+    State(state): Shared,
+    caller: Caller,
+    p: Result<Path<(String, String)>, PathRejection>,
+    q: Result<Query<AccessQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (provider, user) = path(p)?;
+    let q = query(q)?;
+    caller.may(&provider, &user)?;
+    let grant = state
+        .keeper
+        .ensure_fresh_for(&provider, &user, q.min_remaining.unwrap_or(0))
+        .await?;
+    Ok(no_store(
+        StatusCode::OK,
+        json!({
+            "provider": grant.provider,
+            "user_id": grant.user_id,
+            "access_token": grant.access_token.expose_secret(),
+            "expires_at": grant.expires_at,
+            "scopes": grant.scopes,
+            "obtained_at": grant.obtained_at,
+            "generation": grant.generation,
+        }),
+    ))
+}
+
+async fn token_state(
+    State(state): Shared,
+    caller: Caller,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let (provider, user) = path(p)?;
+    caller.may(&provider, &user)?;
+    match state.keeper.token_summary(&provider, &user).await? {
+        Some(s) => Ok(no_store(StatusCode::OK, summary_json(&s))),
+        None => Err(Error::NotFound {
+            provider,
+            user_id: user,
+        }
+        .into()),
+    }
+}
+
+async fn store_tokens(
+    State(state): Shared,
+    caller: Caller,
+    p: Result<Path<(String, String)>, PathRejection>,
+    Body(response): Body<Value>,
+) -> Result<Response, ApiError> {
+    let (provider, user) = path(p)?;
+    caller.may(&provider, &user)?;
+    // Lifetimes count on the keeper's clock (the database's).
+    let body =
+        serde_json::to_vec(&response).map_err(|_| ApiError::bad_request("unreadable body"))?;
+    let tokens = tokenkeep_host::token_response::token_set(&body, state.keeper.now())?;
+    let record = state.keeper.store_tokens(&provider, &user, &tokens).await?;
+    let summary = state.keeper.token_summary(&provider, &user).await?;
+    let body = match summary {
+        Some(s) => summary_json(&s),
+        None => json!({ "provider": provider, "user_id": user, "generation": record.generation }),
+    };
+    Ok(no_store(StatusCode::OK, body))
+}
+
+async fn delete_tokens(
+    State(state): Shared,
+    caller: Caller,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let (provider, user) = path(p)?;
+    caller.may(&provider, &user)?;
+    if state.keeper.delete_tokens(&provider, &user).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(Error::NotFound {
+            provider,
+            user_id: user,
+        }
+        .into())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    after_provider: Option<String>,
+    after_user: Option<String>,
+    limit: Option<u32>,
+}
+
+/// A page of token states the key may reach. A key limited to some tokens
+/// sees only those: a page may then hold fewer rows than asked for, and
+/// `next` (absent on the last page) says where the next one starts.
+async fn list_tokens(
+    State(state): Shared,
+    caller: Caller,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let after = match (q.after_provider, q.after_user) {
+        (Some(provider), Some(user_id)) => Some(RowKey { provider, user_id }),
+        (None, None) => None,
+        _ => {
+            return Err(ApiError::bad_request(
+                "give both after_provider and after_user, or neither",
+            ));
+        }
+    };
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let page = state.keeper.list_tokens_page(after, limit).await?;
+    let next = (page.len() == limit as usize)
+        .then(|| page.last())
+        .flatten()
+        .map(|s| json!({ "after_provider": s.provider, "after_user": s.user_id }));
+    let tokens: Vec<Value> = page
+        .iter()
+        .filter(|s| caller.0.allows(&s.provider, &s.user_id))
+        .map(summary_json)
+        .collect();
+    Ok(no_store(
+        StatusCode::OK,
+        json!({ "tokens": tokens, "next": next }),
+    ))
+}
+
+async fn conversation(
+    State(state): Shared,
+    caller: Caller,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let conversation = path(p)?;
+    let entries = state.keeper.conversation_entries(&conversation).await?;
+    for e in &entries {
+        caller.may(&e.provider, &e.user_id)?;
+    }
+    let entries: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            json!({
+                "provider": e.provider,
+                "user_id": e.user_id,
+                "scopes": e.scopes,
+                "generation": e.generation,
+                "updated_at": e.updated_at,
+            })
+        })
+        .collect();
+    Ok(no_store(
+        StatusCode::OK,
+        json!({ "conversation_id": conversation, "entries": entries }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshBody {
+    user_id: String,
+    /// `{"provider_tokens": {...}}`, the seed's shape.
+    settings: Value,
+    /// Return what could be refreshed and list the failures, instead of
+    /// failing the whole call.
+    #[serde(default)]
+    partial: bool,
+}
+
+async fn refresh_conversation(
+    State(state): Shared,
+    caller: Caller,
+    p: Result<Path<String>, PathRejection>,
+    Body(body): Body<RefreshBody>,
+) -> Result<Response, ApiError> {
+    let conversation = path(p)?;
+    let text = serde_json::to_vec(&body.settings)
+        .map_err(|_| ApiError::bad_request("unreadable settings"))?;
+    let settings = ConversationSettings::from_json(&text)?;
+    for t in &settings.provider_tokens {
+        caller.may(&t.provider, &body.user_id)?;
+    }
+    if body.partial {
+        let r = state
+            .keeper
+            .refresh_provider_tokens_partial(&settings, &conversation, &body.user_id)
+            .await?;
+        let failures: Vec<Value> = r
+            .failures
+            .iter()
+            .map(|f| {
+                let e = ApiError::from(f.error.clone());
+                json!({ "provider": f.provider, "error": e.class, "message": e.message })
+            })
+            .collect();
+        return Ok(no_store(
+            StatusCode::OK,
+            json!({ "settings": settings_json(&r.settings)?, "failures": failures }),
+        ));
+    }
+    let refreshed = state
+        .keeper
+        .refresh_provider_tokens(&settings, &conversation, &body.user_id)
+        .await
+        .map_err(conversation_error)?;
+    Ok(no_store(StatusCode::OK, settings_json(&refreshed)?))
+}
+
+async fn resume_conversation(
+    State(state): Shared,
+    caller: Caller,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let conversation = path(p)?;
+    // The key must reach every token the conversation names.
+    for e in state.keeper.conversation_entries(&conversation).await? {
+        caller.may(&e.provider, &e.user_id)?;
+    }
+    match state
+        .keeper
+        .resume(&conversation)
+        .await
+        .map_err(conversation_error)?
+    {
+        Some(settings) => Ok(no_store(StatusCode::OK, settings_json(&settings)?)),
+        None => Err(Error::NotFound {
+            provider: "-".into(),
+            user_id: format!("conversation {conversation}"),
+        }
+        .into()),
+    }
+}
+
+fn settings_json(s: &ConversationSettings) -> Result<Value, ApiError> {
+    serde_json::from_str(&s.to_json())
+        .map_err(|_| Error::Sandbox("settings did not serialise".into()).into())
+}
+
+/// A conversation's failure, with the provider it is about.
+fn conversation_error(e: ConversationError) -> ApiError {
+    let mut api = ApiError::from(e.error);
+    if !e.provider.is_empty() {
+        api.message = format!("provider {}: {}", e.provider, api.message);
+    }
+    api
+}

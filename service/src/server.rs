@@ -1,0 +1,169 @@
+//! Binding the listeners and serving until told to stop: in-flight
+//! requests finish, then the keeper's refreshes in flight commit.
+
+use crate::api::{ApiState, router};
+use crate::settings::{Listen, ServeSettings};
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use tokenkeep_host::{Error, Keeper};
+use tokio::net::{TcpListener, UnixListener};
+use tracing::Instrument;
+
+/// Mode of the Unix socket: its owner and group may connect (the key is
+/// still required).
+const SOCKET_MODE: u32 = 0o660;
+
+/// The service with its listeners bound, not yet answering.
+pub struct Server {
+    listeners: Vec<Bound>,
+    state: Arc<ApiState>,
+}
+
+enum Bound {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Server {
+    /// Binds every listener of `settings`; fails if one cannot be bound
+    /// (a socket another live service answers on is not taken over).
+    pub async fn bind(keeper: Arc<Keeper>, settings: ServeSettings) -> Result<Self, Error> {
+        let mut listeners = Vec::new();
+        for listen in &settings.listen {
+            listeners.push(match listen {
+                Listen::Unix(path) => Bound::Unix(bind_unix(path).await?, path.clone()),
+                Listen::Tcp(addr) => Bound::Tcp(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| Error::Config(format!("cannot listen on {listen}: {e}")))?,
+                ),
+            });
+        }
+        Ok(Self {
+            listeners,
+            state: Arc::new(ApiState {
+                keeper,
+                keys: settings.keys,
+                max_body_bytes: settings.max_body_bytes,
+            }),
+        })
+    }
+
+    /// Where the service answers (a TCP port 0 resolved to the port taken).
+    pub fn addresses(&self) -> Vec<Listen> {
+        self.listeners
+            .iter()
+            .filter_map(|l| match l {
+                Bound::Unix(_, path) => Some(Listen::Unix(path.clone())),
+                Bound::Tcp(t) => t.local_addr().ok().map(Listen::Tcp),
+            })
+            .collect()
+    }
+
+    /// Answers until `stop` completes; then stops accepting, lets the
+    /// requests in flight finish, waits for the keeper's refreshes in
+    /// flight, and removes its Unix sockets.
+    pub async fn run(self, stop: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
+        let app = router(self.state.clone()).route_layer(axum::middleware::from_fn(trace));
+        let (stopping, stopped) = tokio::sync::watch::channel(false);
+        let mut serving = tokio::task::JoinSet::new();
+        let mut sockets = Vec::new();
+        for listener in self.listeners {
+            let mut stopped = stopped.clone();
+            let signal = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            let app = app.clone();
+            match listener {
+                Bound::Unix(l, path) => {
+                    sockets.push(path);
+                    serving.spawn(async move {
+                        axum::serve(l, app).with_graceful_shutdown(signal).await
+                    });
+                }
+                Bound::Tcp(l) => {
+                    serving.spawn(async move {
+                        axum::serve(l, app).with_graceful_shutdown(signal).await
+                    });
+                }
+            }
+        }
+        tokio::spawn(async move {
+            stop.await;
+            let _ = stopping.send(true);
+        });
+        let mut failed = None;
+        while let Some(done) = serving.join_next().await {
+            if let Ok(Err(e)) = done {
+                failed.get_or_insert(e);
+            }
+        }
+        self.state.keeper.shutdown().await;
+        for path in sockets {
+            let _ = std::fs::remove_file(path);
+        }
+        match failed {
+            Some(e) => Err(Error::Config(format!("the listener failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Binds a Unix socket at `path`, replacing a stale socket file that no
+/// live service answers on.
+async fn bind_unix(path: &std::path::Path) -> Result<UnixListener, Error> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let fail =
+        |e: std::io::Error| Error::Config(format!("cannot listen on unix:{}: {e}", path.display()));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(Error::Config(format!(
+                "cannot listen on unix:{}: a file that is not a socket is there",
+                path.display()
+            )));
+        }
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(Error::Config(format!(
+                "cannot listen on unix:{}: another service answers there",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(fail)?;
+    }
+    let listener = UnixListener::bind(path).map_err(fail)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE)).map_err(fail)?;
+    Ok(listener)
+}
+
+/// One span per request (method, route, the key's name once known) and
+/// one line when it is answered: never a path's ids, a body or a header.
+async fn trace(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("-", |p| p.as_str())
+        .to_owned();
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        route = %route,
+        key = tracing::field::Empty,
+    );
+    let started = Instant::now();
+    let response = next.run(req).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::info!(
+            status = response.status().as_u16(),
+            micros = started.elapsed().as_micros() as u64,
+            "answered"
+        )
+    });
+    response
+}

@@ -1,0 +1,481 @@
+//! `tokenkeep serve`: the HTTP API on a Unix socket and a loopback port,
+//! driven by concurrent clients, with real processes on a real database.
+
+mod common;
+
+use common::service::{self, Endpoint, OPS_KEY, Reply, Service, TENANT_A_KEY, request, segment};
+use common::{Backend, World, token_set};
+use secrecy::ExposeSecret;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+/// A world whose configuration carries the `[serve]` section.
+async fn served(backend: Backend, name: &str) -> World {
+    let mut w = World::new(backend, name).await;
+    w.add_config(&service::serve_section()).await;
+    w
+}
+
+async fn get(at: &Endpoint, path: &str, key: Option<&str>) -> Reply {
+    request(at, "GET", path, key, None).await
+}
+
+fn access_path(provider: &str, user: &str) -> String {
+    format!(
+        "/v1/tokens/{}/{}/access-token",
+        segment(provider),
+        segment(user)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_services_on_one_database_refresh_each_token_once_per_expiry() {
+    const USERS: usize = 6;
+    const CLIENTS_PER_USER: usize = 8;
+    let w = served(Backend::Postgres, "serve-two").await;
+    // Long enough that every client asks while the first refresh is out.
+    w.provider.set(|p| p.delay = Duration::from_millis(300));
+    for i in 0..USERS {
+        let refresh = format!("rt-{i}");
+        if i == 0 {
+            w.provider.reset_chain(&refresh);
+        } else {
+            w.provider.add_chain(&refresh);
+        }
+        w.keeper
+            .store_tokens(
+                "acme",
+                &format!("user-{i}"),
+                &token_set(&format!("at-{i}"), Some(&refresh), Some(common::now() - 10)),
+            )
+            .await
+            .unwrap();
+    }
+    let services = [
+        Service::start(&w, "one", "warn"),
+        Service::start(&w, "two", "warn"),
+    ];
+    let endpoints: Vec<Endpoint> = services.iter().flat_map(|s| [s.unix(), s.tcp()]).collect();
+    for round in 1..=2 {
+        if round == 2 {
+            // Every token expires again.
+            common::raw_sql(
+                &w.database_url,
+                &format!(
+                    "UPDATE tokenkeep_tokens SET access_token_expires_at = {}",
+                    common::now() - 10
+                ),
+            )
+            .await;
+        }
+        let mut clients = Vec::new();
+        for i in 0..USERS {
+            for c in 0..CLIENTS_PER_USER {
+                let at = endpoints[(i + c) % endpoints.len()].clone();
+                let path = access_path("acme", &format!("user-{i}"));
+                clients.push(tokio::spawn(async move {
+                    (i, get(&at, &path, Some(OPS_KEY)).await)
+                }));
+            }
+        }
+        let mut tokens: HashMap<usize, HashSet<String>> = HashMap::new();
+        for client in clients {
+            let (i, reply) = client.await.unwrap();
+            assert_eq!(reply.status, 200, "round {round}: {:?}", reply.json());
+            assert_eq!(reply.header("cache-control"), Some("no-store"));
+            let grant = reply.json();
+            let token = grant["access_token"].as_str().unwrap().to_string();
+            assert!(token.starts_with("dev-at-"), "a refreshed token: {token}");
+            assert!(grant.get("refresh_token").is_none());
+            tokens.entry(i).or_default().insert(token);
+        }
+        assert!(
+            tokens.values().all(|t| t.len() == 1),
+            "round {round}: every client of a user got the same token: {tokens:?}"
+        );
+        assert_eq!(
+            w.provider.calls() as usize,
+            USERS * round,
+            "round {round}: one provider call per token"
+        );
+    }
+    assert_eq!(w.provider.reuses(), 0);
+    assert_eq!(w.provider.revoked_chains(), 0);
+    for s in &services {
+        assert_eq!(s.stderr(), "", "nothing on stderr at the default level");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_wrong_key_gets_401_and_nothing_else() {
+    let w = served(Backend::Sqlite, "serve-401").await;
+    w.store("alice", "at-alice", Some("rt-0"), 3600).await;
+    let s = Service::start(&w, "api", "warn");
+    let path = access_path("acme", "alice");
+    for at in [s.unix(), s.tcp()] {
+        for key in [None, Some("wrong-key-0123456789"), Some("")] {
+            let reply = get(&at, &path, key).await;
+            assert_eq!(reply.status, 401, "{key:?}");
+            assert_eq!(reply.class(), "unauthorized");
+            assert_eq!(
+                reply.json().as_object().unwrap().len(),
+                2,
+                "error and message only"
+            );
+            assert!(!String::from_utf8_lossy(&reply.body).contains("at-alice"));
+            assert_eq!(
+                reply.header("www-authenticate"),
+                Some("Bearer realm=\"tokenkeep\"")
+            );
+        }
+        // Another scheme carrying the right key is still no bearer key.
+        let basic = service::exchange(
+            &at,
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Basic {OPS_KEY}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert_eq!(basic.status, 401);
+        let ok = get(&at, &path, Some(OPS_KEY)).await;
+        assert_eq!(ok.status, 200);
+        assert_eq!(ok.json()["access_token"], "at-alice");
+    }
+    // Health and readiness need no key; the API description does.
+    assert_eq!(get(&s.unix(), "/healthz", None).await.status, 200);
+    assert_eq!(
+        get(&s.unix(), "/readyz", None).await.json()["status"],
+        "ready"
+    );
+    assert_eq!(get(&s.unix(), "/v1/openapi.json", None).await.status, 401);
+    let doc = get(&s.unix(), "/v1/openapi.json", Some(OPS_KEY))
+        .await
+        .json();
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert!(doc["paths"]["/v1/tokens/{provider}/{user}/access-token"].is_object());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_outside_its_scope_gets_403_and_lists_only_its_own_tokens() {
+    let mut w = served(Backend::Sqlite, "serve-403").await;
+    let _other = w.add_provider("globex", Default::default()).await;
+    for user in ["a:alice", "a:ann", "b:bob"] {
+        w.store(user, &format!("at-{user}"), Some("rt-0"), 3600)
+            .await;
+    }
+    w.keeper
+        .store_tokens("globex", "a:alice", &token_set("at-globex", None, None))
+        .await
+        .unwrap();
+    let s = Service::start(&w, "api", "warn");
+    let at = s.unix();
+    let mine = get(&at, &access_path("acme", "a:alice"), Some(TENANT_A_KEY)).await;
+    assert_eq!(mine.status, 200);
+    for (provider, user) in [("acme", "b:bob"), ("globex", "a:alice"), ("acme", "ab:x")] {
+        let theirs = get(&at, &access_path(provider, user), Some(TENANT_A_KEY)).await;
+        assert_eq!(theirs.status, 403, "{provider}/{user}");
+        assert_eq!(theirs.class(), "forbidden");
+        assert!(!String::from_utf8_lossy(&theirs.body).contains("at-"));
+        let state = get(
+            &at,
+            &format!("/v1/tokens/{provider}/{}", segment(user)),
+            Some(TENANT_A_KEY),
+        )
+        .await;
+        assert_eq!(state.status, 403);
+        let delete = request(
+            &at,
+            "DELETE",
+            &format!("/v1/tokens/{provider}/{}", segment(user)),
+            Some(TENANT_A_KEY),
+            None,
+        )
+        .await;
+        assert_eq!(delete.status, 403);
+    }
+    // Its listing holds its own tokens only, page after page.
+    let mut seen = Vec::new();
+    let mut next = String::from("/v1/tokens?limit=1");
+    loop {
+        let page = get(&at, &next, Some(TENANT_A_KEY)).await.json();
+        for t in page["tokens"].as_array().unwrap() {
+            assert!(t.get("access_token").is_none());
+            seen.push(format!(
+                "{}/{}",
+                t["provider"].as_str().unwrap(),
+                t["user_id"].as_str().unwrap()
+            ));
+        }
+        match page["next"].as_object() {
+            Some(n) => {
+                next = format!(
+                    "/v1/tokens?limit=1&after_provider={}&after_user={}",
+                    segment(n["after_provider"].as_str().unwrap()),
+                    segment(n["after_user"].as_str().unwrap())
+                )
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["acme/a:alice", "acme/a:ann"]);
+    let all = get(&at, "/v1/tokens", Some(OPS_KEY)).await.json();
+    assert_eq!(all["tokens"].as_array().unwrap().len(), 4);
+    assert!(all["next"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_bodies_get_json_errors_and_change_nothing() {
+    let w = served(Backend::Sqlite, "serve-bodies").await;
+    w.store("alice", "at-alice", Some("rt-0"), 3600).await;
+    let s = Service::start(&w, "api", "warn");
+    let at = s.tcp();
+    let path = "/v1/tokens/acme/alice";
+    let put = |body: Vec<u8>| {
+        let at = at.clone();
+        async move { request(&at, "PUT", path, Some(OPS_KEY), Some(&body)).await }
+    };
+    for (body, why) in [
+        (b"{not json".to_vec(), "not JSON"),
+        (b"".to_vec(), "empty"),
+        (br#"{"refresh_token":"rt-new"}"#.to_vec(), "no access token"),
+        (
+            br#"{"access_token":"at-x","expires_in":"soon"}"#.to_vec(),
+            "bad expires_in",
+        ),
+        (br#"["access_token"]"#.to_vec(), "not an object"),
+    ] {
+        let reply = put(body).await;
+        assert_eq!(reply.status, 400, "{why}: {:?}", reply.json());
+        assert_eq!(reply.class(), "invalid-input", "{why}");
+        assert!(
+            !String::from_utf8_lossy(&reply.body).contains("rt-new"),
+            "{why}: the body is not quoted"
+        );
+    }
+    // Oversized, declared and chunked.
+    let big = format!(r#"{{"access_token":"{}"}}"#, "x".repeat(5000));
+    let reply = put(big.clone().into_bytes()).await;
+    assert_eq!(reply.status, 413);
+    assert_eq!(reply.class(), "body-too-large");
+    let chunked = format!(
+        "PUT {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {OPS_KEY}\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{big}\r\n0\r\n\r\n",
+        big.len()
+    );
+    let reply = service::exchange(&at, chunked.as_bytes()).await;
+    assert_eq!(reply.status, 413);
+    assert_eq!(reply.class(), "body-too-large");
+    // Hostile ids and unknown routes: typed, JSON.
+    let reply = get(&at, "/v1/tokens/acme/%00alice/access-token", Some(OPS_KEY)).await;
+    assert_eq!(
+        (reply.status, reply.class().as_str()),
+        (400, "invalid-input")
+    );
+    let reply = get(
+        &at,
+        "/v1/tokens/no%20such/alice/access-token",
+        Some(OPS_KEY),
+    )
+    .await;
+    assert_eq!(reply.status, 400, "{:?}", reply.json());
+    let reply = get(&at, "/v1/tokens/nope/alice/access-token", Some(OPS_KEY)).await;
+    assert_eq!(
+        (reply.status, reply.class().as_str()),
+        (404, "unknown-provider")
+    );
+    let reply = get(&at, "/v1/tokens/acme/nobody/access-token", Some(OPS_KEY)).await;
+    assert_eq!((reply.status, reply.class().as_str()), (404, "not-found"));
+    let reply = get(&at, "/v2/anything", Some(OPS_KEY)).await;
+    assert_eq!(
+        (reply.status, reply.class().as_str()),
+        (404, "unknown-endpoint")
+    );
+    let reply = request(&at, "POST", path, Some(OPS_KEY), Some(b"{}")).await;
+    assert_eq!(
+        (reply.status, reply.class().as_str()),
+        (405, "method-not-allowed")
+    );
+    // Nothing was stored: the token is what it was.
+    let reply = get(&at, &access_path("acme", "alice"), Some(OPS_KEY)).await;
+    assert_eq!(reply.json()["access_token"], "at-alice");
+    assert_eq!(reply.json()["generation"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_stored_read_refreshed_for_a_minimum_lifetime_and_deleted() {
+    let w = served(Backend::Sqlite, "serve-crud").await;
+    let s = Service::start(&w, "api", "warn");
+    let at = s.unix();
+    // A user id with a slash, a space and a non-ASCII letter.
+    let user = "team/ann é";
+    let state_path = format!("/v1/tokens/acme/{}", segment(user));
+    let stored = request(
+        &at,
+        "PUT",
+        &state_path,
+        Some(OPS_KEY),
+        Some(br#"{"access_token":"at-1","refresh_token":"rt-0","expires_in":3600,"scope":"repo"}"#),
+    )
+    .await;
+    assert_eq!(stored.status, 200, "{:?}", stored.json());
+    let state = stored.json();
+    assert_eq!(
+        (state["user_id"].as_str(), state["state"].as_str()),
+        (Some(user), Some("fresh"))
+    );
+    assert!(!String::from_utf8_lossy(&stored.body).contains("rt-0"));
+    // Half an hour passes: half an hour left, outside the refresh window,
+    // served as it is.
+    common::raw_sql(
+        &w.database_url,
+        "UPDATE tokenkeep_tokens SET obtained_at = obtained_at - 1800, \
+         access_token_expires_at = access_token_expires_at - 1800",
+    )
+    .await;
+    let plain = get(&at, &access_path("acme", user), Some(OPS_KEY))
+        .await
+        .json();
+    assert_eq!(plain["access_token"], "at-1");
+    assert_eq!(w.provider.calls(), 0);
+    // A caller that needs 45 minutes gets a refreshed token.
+    let long = get(
+        &at,
+        &format!("{}?min_remaining=2700", access_path("acme", user)),
+        Some(OPS_KEY),
+    )
+    .await;
+    assert_eq!(long.status, 200, "{:?}", long.json());
+    let long = long.json();
+    assert_ne!(long["access_token"], "at-1");
+    assert!(long["expires_at"].as_i64().unwrap() - common::now() >= 2700);
+    assert_eq!(w.provider.calls(), 1);
+    // More than any token of it lives: refused, nothing sent.
+    let too_long = get(
+        &at,
+        &format!("{}?min_remaining=7200", access_path("acme", user)),
+        Some(OPS_KEY),
+    )
+    .await;
+    assert_eq!(
+        (too_long.status, too_long.class().as_str()),
+        (400, "invalid-input")
+    );
+    assert_eq!(w.provider.calls(), 1);
+    let bad = get(
+        &at,
+        &format!("{}?min_remaining=-1", access_path("acme", user)),
+        Some(OPS_KEY),
+    )
+    .await;
+    assert_eq!((bad.status, bad.class().as_str()), (400, "invalid-input"));
+    // Deleted once; the second time there is nothing.
+    let deleted = request(&at, "DELETE", &state_path, Some(OPS_KEY), None).await;
+    assert_eq!(deleted.status, 204);
+    let again = request(&at, "DELETE", &state_path, Some(OPS_KEY), None).await;
+    assert_eq!((again.status, again.class().as_str()), (404, "not-found"));
+    assert_eq!(get(&at, &state_path, Some(OPS_KEY)).await.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_refresh_in_flight_answers_it_and_exits() {
+    let w = served(Backend::Sqlite, "serve-sigterm").await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    let mut s = Service::start(&w, "api", "warn");
+    w.provider.hold_answers();
+    let at = s.unix();
+    let path = access_path("acme", "alice");
+    let client = tokio::spawn(async move { get(&at, &path, Some(OPS_KEY)).await });
+    w.provider.wait_until(|p| p.arrived() == 1).await;
+    s.signal(15);
+    // It stops accepting new connections...
+    while tokio::net::UnixStream::connect(&s.unix).await.is_ok() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // ...and the request in flight is answered once its refresh lands.
+    w.provider.release_answers();
+    let reply = client.await.unwrap();
+    assert_eq!(reply.status, 200, "{:?}", reply.json());
+    let token = reply.json()["access_token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("dev-at-"));
+    let (code, stderr, socket_left) = tokio::task::spawn_blocking(move || {
+        let (code, stderr) = s.finish();
+        (code, stderr, s.unix.exists())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (code, stderr.as_str(), socket_left),
+        (Some(0), "", false),
+        "exit 0, quiet, socket removed"
+    );
+    assert_eq!(
+        w.stored("alice").await.tokens.access_token.expose_secret(),
+        token
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_services_log_even_at_trace_level() {
+    let w = served(Backend::Sqlite, "serve-log").await;
+    w.store("alice", "at-SECRET-old", Some("rt-SECRET-0"), -10)
+        .await;
+    w.provider.reset_chain("rt-SECRET-0");
+    let mut s = Service::start(&w, "api", "trace");
+    let at = s.tcp();
+    let reply = get(&at, &access_path("acme", "alice"), Some(OPS_KEY)).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.json());
+    let fresh = reply.json()["access_token"].as_str().unwrap().to_string();
+    let _ = request(
+        &at,
+        "PUT",
+        "/v1/tokens/acme/bob",
+        Some(OPS_KEY),
+        Some(br#"{"access_token":"at-SECRET-bob","refresh_token":"rt-SECRET-bob"}"#),
+    )
+    .await;
+    let _ = get(
+        &at,
+        &access_path("acme", "bob"),
+        Some("wrong-SECRET-key-123"),
+    )
+    .await;
+    s.signal(15);
+    let (_, log) = tokio::task::spawn_blocking(move || s.finish())
+        .await
+        .unwrap();
+    assert!(log.contains("answered"), "the trace shows requests: {log}");
+    for secret in ["SECRET", &fresh, OPS_KEY, "dev-secret"] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_example_reads_refreshes_and_reports_failures() {
+    let w = served(Backend::Sqlite, "serve-python").await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    let s = Service::start(&w, "api", "warn");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/python/tokenkeep_client.py");
+    let run = |env: (&str, String), user: &str| {
+        std::process::Command::new("python3")
+            .arg(script)
+            .args(["acme", user])
+            .env(env.0, env.1)
+            .env("TOKENKEEP_API_KEY", OPS_KEY)
+            .output()
+            .unwrap()
+    };
+    let over_socket = run(("TOKENKEEP_SOCKET", s.unix.display().to_string()), "alice");
+    assert!(over_socket.status.success(), "{over_socket:?}");
+    let token = String::from_utf8(over_socket.stdout).unwrap();
+    assert!(token.trim().starts_with("dev-at-"), "refreshed: {token}");
+    let over_tcp = run(("TOKENKEEP_URL", format!("http://{}", s.tcp)), "alice");
+    assert_eq!(String::from_utf8(over_tcp.stdout).unwrap(), token, "the same token");
+    let missing = run(("TOKENKEEP_SOCKET", s.unix.display().to_string()), "nobody");
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stderr),
+        "tokenkeep: not-found: no token stored for acme/nobody\n"
+    );
+    assert_eq!(w.provider.calls(), 1);
+}
