@@ -9,10 +9,12 @@ use secrecy::ExposeSecret;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-/// A world whose configuration carries the `[serve]` section.
+/// A world whose configuration carries the `[serve]` section, without the
+/// background refresher.
 async fn served(backend: Backend, name: &str) -> World {
     let mut w = World::new(backend, name).await;
-    w.add_config(&service::serve_section()).await;
+    w.add_config(&service::serve_section(service::NO_REFRESHER))
+        .await;
     w
 }
 
@@ -455,7 +457,10 @@ async fn the_python_client_example_reads_refreshes_and_reports_failures() {
     let w = served(Backend::Sqlite, "serve-python").await;
     w.store("alice", "at-old", Some("rt-0"), -10).await;
     let s = Service::start(&w, "api", "warn");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/python/tokenkeep_client.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/python/tokenkeep_client.py"
+    );
     let run = |env: (&str, String), user: &str| {
         std::process::Command::new("python3")
             .arg(script)
@@ -470,7 +475,11 @@ async fn the_python_client_example_reads_refreshes_and_reports_failures() {
     let token = String::from_utf8(over_socket.stdout).unwrap();
     assert!(token.trim().starts_with("dev-at-"), "refreshed: {token}");
     let over_tcp = run(("TOKENKEEP_URL", format!("http://{}", s.tcp)), "alice");
-    assert_eq!(String::from_utf8(over_tcp.stdout).unwrap(), token, "the same token");
+    assert_eq!(
+        String::from_utf8(over_tcp.stdout).unwrap(),
+        token,
+        "the same token"
+    );
     let missing = run(("TOKENKEEP_SOCKET", s.unix.display().to_string()), "nobody");
     assert_eq!(missing.status.code(), Some(1));
     assert_eq!(
@@ -478,4 +487,124 @@ async fn the_python_client_example_reads_refreshes_and_reports_failures() {
         "tokenkeep: not-found: no token stored for acme/nobody\n"
     );
     assert_eq!(w.provider.calls(), 1);
+}
+
+/// Waits until `service` has logged `n` more refresher scans than `seen`.
+async fn scans_after(service: &Service, seen: usize, n: usize) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let scans = service.stderr().matches("refresher scan").count();
+        if scans >= seen + n {
+            return scans;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scan: {}",
+            service.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_services_refresh_tokens_ahead_of_their_readers_once_each() {
+    const USERS: usize = 12;
+    let mut w = World::new(Backend::Postgres, "serve-refresher").await;
+    w.add_config(&service::serve_section(
+        "interval_seconds = 1\nlead_seconds = 60\nspread_seconds = 2\n",
+    ))
+    .await;
+    for i in 0..USERS {
+        let refresh = format!("rt-{i}");
+        if i == 0 {
+            w.provider.reset_chain(&refresh);
+        } else {
+            w.provider.add_chain(&refresh);
+        }
+        w.store(
+            &format!("user-{i}"),
+            &format!("at-{i}"),
+            Some(&refresh),
+            3600,
+        )
+        .await;
+    }
+    // Obtained 50 minutes ago, 661 s left: outside the 600-second window,
+    // so readers are served as it is, but the window opens in 61 s, within
+    // the refresher's lead.
+    let now = common::now();
+    common::raw_sql(
+        &w.database_url,
+        &format!(
+            "UPDATE tokenkeep_tokens SET obtained_at = {}, access_token_expires_at = {}",
+            now - 3000,
+            now + 661
+        ),
+    )
+    .await;
+    let log = "warn,tokenkeep_host::refresher=info";
+    let services = [
+        Service::start(&w, "one", log),
+        Service::start(&w, "two", log),
+    ];
+    // Readers keep asking on both services meanwhile.
+    let endpoints: Vec<Endpoint> = services.iter().flat_map(|s| [s.unix(), s.tcp()]).collect();
+    let reading = {
+        let endpoints = endpoints.clone();
+        let provider = w.provider.clone();
+        tokio::spawn(async move {
+            let mut replies = 0;
+            // At least one round, and on until the refresher is done.
+            loop {
+                for i in 0..USERS {
+                    let reply = get(
+                        &endpoints[i % endpoints.len()],
+                        &access_path("acme", &format!("user-{i}")),
+                        Some(OPS_KEY),
+                    )
+                    .await;
+                    assert_eq!(reply.status, 200, "{:?}", reply.json());
+                    let left = reply.json()["expires_at"].as_i64().unwrap() - common::now();
+                    assert!(left > 600, "never a token inside its window: {left}");
+                    replies += 1;
+                }
+                if provider.calls() as usize >= USERS {
+                    break;
+                }
+            }
+            replies
+        })
+    };
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        w.provider.wait_until(|p| p.calls() as usize >= USERS),
+    )
+    .await
+    .expect("the refresher refreshes every token ahead of its window");
+    assert!(reading.await.unwrap() > 0);
+    // Two more scans on each service change nothing.
+    for s in &services {
+        let seen = scans_after(s, 0, 1).await;
+        scans_after(s, seen, 2).await;
+    }
+    assert_eq!(
+        w.provider.calls() as usize,
+        USERS,
+        "one provider call per token"
+    );
+    assert_eq!(w.provider.reuses(), 0);
+    for i in 0..USERS {
+        let state = w
+            .keeper
+            .token_summary("acme", &format!("user-{i}"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(state.generation, 2, "user-{i} refreshed once");
+        assert!(state.access_token_expires_at.unwrap() - common::now() > 3000);
+    }
+    for s in &services {
+        let log = s.stderr();
+        assert!(!log.contains("WARN"), "no failure: {log}");
+    }
 }

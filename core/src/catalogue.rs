@@ -52,6 +52,9 @@ pub struct Spec {
     /// Refresh-token lifetime to assume when a new refresh token comes
     /// without `refresh_token_expires_in` (documented or inactivity limits).
     pub default_refresh_token_expires_in: Option<u32>,
+    /// How long the provider lets a refresh token sit unused before it
+    /// revokes it: a keeper refreshes idle tokens well within it.
+    pub refresh_token_idle_seconds: Option<u32>,
     pub docs: &'static str,
 }
 
@@ -84,6 +87,7 @@ pub const CATALOGUE: &[Spec] = &[
         ],
         default_expires_in: Some(8 * 3600),
         default_refresh_token_expires_in: Some(15_811_200),
+        refresh_token_idle_seconds: None,
         docs: "https://docs.github.com/en/apps/creating-github-apps/authenticating-with-a-github-app/refreshing-user-access-tokens",
     },
     Spec {
@@ -110,6 +114,7 @@ pub const CATALOGUE: &[Spec] = &[
         error_codes: &[],
         default_expires_in: Some(2 * 3600),
         default_refresh_token_expires_in: None,
+        refresh_token_idle_seconds: None,
         docs: "https://docs.gitlab.com/api/oauth2/",
     },
     Spec {
@@ -123,6 +128,7 @@ pub const CATALOGUE: &[Spec] = &[
         error_codes: &[],
         default_expires_in: Some(2 * 3600),
         default_refresh_token_expires_in: None,
+        refresh_token_idle_seconds: None,
         docs: "https://developer.atlassian.com/cloud/bitbucket/oauth-2/",
     },
     Spec {
@@ -136,6 +142,7 @@ pub const CATALOGUE: &[Spec] = &[
         error_codes: &[],
         default_expires_in: Some(3600),
         default_refresh_token_expires_in: None,
+        refresh_token_idle_seconds: Some(180 * DAY),
         docs: "https://developers.google.com/identity/protocols/oauth2/web-server#offline",
     },
     Spec {
@@ -158,6 +165,7 @@ pub const CATALOGUE: &[Spec] = &[
         ],
         default_expires_in: Some(12 * 3600),
         default_refresh_token_expires_in: None,
+        refresh_token_idle_seconds: None,
         docs: "https://api.slack.com/authentication/rotation",
     },
     Spec {
@@ -172,6 +180,7 @@ pub const CATALOGUE: &[Spec] = &[
         default_expires_in: Some(3600),
         // Rotating tokens die after 90 days without use.
         default_refresh_token_expires_in: Some(90 * DAY),
+        refresh_token_idle_seconds: Some(90 * DAY),
         docs: "https://developer.atlassian.com/cloud/jira/platform/oauth-2-3lo-apps/#use-a-refresh-token-to-get-another-access-token-and-refresh-token-pair",
     },
     Spec {
@@ -202,6 +211,7 @@ pub const CATALOGUE: &[Spec] = &[
         ],
         default_expires_in: Some(3600),
         default_refresh_token_expires_in: Some(90 * DAY),
+        refresh_token_idle_seconds: Some(90 * DAY),
         docs: "https://learn.microsoft.com/en-us/entra/identity-platform/v2-oauth2-auth-code-flow#refresh-the-access-token",
     },
     Spec {
@@ -215,6 +225,7 @@ pub const CATALOGUE: &[Spec] = &[
         error_codes: &[],
         default_expires_in: Some(DAY),
         default_refresh_token_expires_in: None,
+        refresh_token_idle_seconds: None,
         docs: "https://linear.app/developers/oauth-2-0-authentication",
     },
 ];
@@ -235,6 +246,7 @@ pub struct Resolved {
     pub error_codes: Vec<(String, ErrorClass)>,
     pub default_expires_in: Option<u32>,
     pub default_refresh_token_expires_in: Option<u32>,
+    pub refresh_token_idle_seconds: Option<u32>,
 }
 
 /// Why a provider's configuration does not resolve. Never quotes values.
@@ -313,6 +325,7 @@ pub fn resolve(kind: &str, settings: &[(&str, &str)]) -> Result<Resolved, Catalo
             .collect(),
         default_expires_in: spec.default_expires_in,
         default_refresh_token_expires_in: spec.default_refresh_token_expires_in,
+        refresh_token_idle_seconds: spec.refresh_token_idle_seconds,
     })
 }
 

@@ -60,6 +60,10 @@ pub struct Provider {
     pub error_codes: Vec<(String, tokenkeep_core::error::ErrorClass)>,
     pub default_expires_in: Option<u32>,
     pub default_refresh_token_expires_in: Option<u32>,
+    /// How long the provider lets a refresh token sit unused before it
+    /// revokes it (the catalogue's, or configured): the background
+    /// refresher keeps idle tokens alive within it.
+    pub refresh_token_idle_seconds: Option<u32>,
     pub max_attempts: u32,
     /// Filled from the lock wait: retries end well before waiters give up.
     pub retry_budget_ms: u32,
@@ -140,6 +144,7 @@ struct RawProvider {
     max_attempts: Option<u32>,
     default_expires_in: Option<u32>,
     default_refresh_token_expires_in: Option<u32>,
+    refresh_token_idle_seconds: Option<u32>,
     rotates_refresh_tokens: Option<bool>,
     reuse_leeway_seconds: Option<u32>,
     bare_4xx_is_refusal: Option<bool>,
@@ -261,6 +266,7 @@ impl Provider {
                 error_codes: Vec::new(),
                 default_expires_in: None,
                 default_refresh_token_expires_in: None,
+                refresh_token_idle_seconds: None,
             }
         } else {
             if p.rotates_refresh_tokens.is_some() {
@@ -359,6 +365,9 @@ impl Provider {
             default_refresh_token_expires_in: p
                 .default_refresh_token_expires_in
                 .or(resolved.default_refresh_token_expires_in),
+            refresh_token_idle_seconds: p
+                .refresh_token_idle_seconds
+                .or(resolved.refresh_token_idle_seconds),
             max_attempts: p.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS).clamp(1, 10),
             retry_budget_ms: 0,
             refresh_threshold_seconds: p

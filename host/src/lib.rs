@@ -19,6 +19,7 @@ pub mod keyring;
 pub mod linker;
 mod outbound;
 pub mod provider_connections;
+pub mod refresher;
 pub mod sandbox;
 mod sealing;
 pub mod storage;

@@ -9,6 +9,7 @@ use axum::response::Response;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
+use tokenkeep_host::refresher::{Refresher, RefresherSettings};
 use tokenkeep_host::{Error, Keeper};
 use tokio::net::{TcpListener, UnixListener};
 use tracing::Instrument;
@@ -21,6 +22,7 @@ const SOCKET_MODE: u32 = 0o660;
 pub struct Server {
     listeners: Vec<Bound>,
     state: Arc<ApiState>,
+    refresher: Option<RefresherSettings>,
 }
 
 enum Bound {
@@ -45,6 +47,7 @@ impl Server {
         }
         Ok(Self {
             listeners,
+            refresher: settings.refresher,
             state: Arc::new(ApiState {
                 keeper,
                 keys: settings.keys,
@@ -64,9 +67,10 @@ impl Server {
             .collect()
     }
 
-    /// Answers until `stop` completes; then stops accepting, lets the
-    /// requests in flight finish, waits for the keeper's refreshes in
-    /// flight, and removes its Unix sockets.
+    /// Answers (and runs the background refresher) until `stop` completes;
+    /// then stops accepting and planning, lets the requests in flight
+    /// finish, waits for the keeper's refreshes in flight, and removes its
+    /// Unix sockets.
     pub async fn run(self, stop: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
         let app = router(self.state.clone()).route_layer(axum::middleware::from_fn(trace));
         let (stopping, stopped) = tokio::sync::watch::channel(false);
@@ -91,6 +95,13 @@ impl Server {
                     });
                 }
             }
+        }
+        if let Some(settings) = self.refresher {
+            let refresher = Arc::new(Refresher::new(self.state.keeper.clone(), settings));
+            let mut stopped = stopped.clone();
+            tokio::spawn(refresher.run(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }));
         }
         tokio::spawn(async move {
             stop.await;

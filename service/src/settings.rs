@@ -8,7 +8,9 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 use tokenkeep_host::Error;
+use tokenkeep_host::refresher::RefresherSettings;
 
 /// Default cap on a request body: a token response or a conversation's
 /// settings are a few KiB.
@@ -66,6 +68,8 @@ pub struct ServeSettings {
     pub listen: Vec<Listen>,
     pub keys: ApiKeys,
     pub max_body_bytes: usize,
+    /// The background refresher; `None` when turned off.
+    pub refresher: Option<RefresherSettings>,
 }
 
 #[derive(Deserialize, Default)]
@@ -76,6 +80,62 @@ struct RawServe {
     max_body_bytes: Option<usize>,
     #[serde(default)]
     keys: BTreeMap<String, RawKey>,
+    #[serde(default)]
+    refresher: RawRefresher,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRefresher {
+    #[serde(default = "yes")]
+    enabled: bool,
+    interval_seconds: Option<u64>,
+    lead_seconds: Option<u64>,
+    spread_seconds: Option<u64>,
+    max_failures: Option<u32>,
+    concurrency: Option<usize>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for RawRefresher {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_seconds: None,
+            lead_seconds: None,
+            spread_seconds: None,
+            max_failures: None,
+            concurrency: None,
+        }
+    }
+}
+
+impl RawRefresher {
+    fn settings(self) -> Result<Option<RefresherSettings>, Error> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let d = RefresherSettings::default();
+        let secs = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_secs);
+        let s = RefresherSettings {
+            interval: secs(self.interval_seconds, d.interval),
+            lead: secs(self.lead_seconds, d.lead),
+            spread: secs(self.spread_seconds, d.spread),
+            max_failures: self.max_failures.unwrap_or(d.max_failures),
+            concurrency: self.concurrency.unwrap_or(d.concurrency),
+            page: d.page,
+        };
+        if s.interval.is_zero() || s.concurrency == 0 || s.max_failures == 0 {
+            return Err(Error::Config(
+                "serve.refresher: interval_seconds, concurrency and max_failures must be at least 1"
+                    .into(),
+            ));
+        }
+        Ok(Some(s))
+    }
 }
 
 #[derive(Deserialize)]
@@ -148,6 +208,7 @@ impl ServeSettings {
             listen: listeners,
             keys: ApiKeys::new(keys),
             max_body_bytes,
+            refresher: serve.refresher.settings()?,
         })
     }
 }

@@ -13,15 +13,20 @@ pub const OPS_KEY: &str = "ops-key-0123456789abcdef";
 /// A key limited to users `a:*` of provider `acme`, configured as `tenant-a`.
 pub const TENANT_A_KEY: &str = "tenant-a-key-0123456789";
 
-/// The `[serve]` section the service tests append to a world's config.
-pub fn serve_section() -> String {
+/// The `[serve]` section the service tests append to a world's config,
+/// with `refresher` as the body of `[serve.refresher]`.
+pub fn serve_section(refresher: &str) -> String {
     format!(
         "\n[serve]\nmax_body_bytes = 4096\n\
          [serve.keys.ops]\nsecret_env = \"TK_TEST_OPS_KEY\"\n\
-         [serve.keys.tenant-a]\nsecret_sha256 = \"{}\"\nproviders = [\"acme\"]\nusers = [\"a:*\"]\n",
+         [serve.keys.tenant-a]\nsecret_sha256 = \"{}\"\nproviders = [\"acme\"]\nusers = [\"a:*\"]\n\
+         [serve.refresher]\n{refresher}\n",
         sha256_hex(TENANT_A_KEY)
     )
 }
+
+/// A refresher that stays out of the way of tests about the API.
+pub const NO_REFRESHER: &str = "enabled = false";
 
 fn sha256_hex(s: &str) -> String {
     use sha2::Digest;
