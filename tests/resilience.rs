@@ -112,6 +112,7 @@ async fn load_worker() {
         max_connections: 16,
         clock: Clock::System,
         grant_cache: false,
+        audit_as: None,
     })
     .await
     .unwrap();

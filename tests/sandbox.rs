@@ -65,6 +65,7 @@ async fn rogue_keeper(w: &World, limits: SandboxLimits) -> Arc<Keeper> {
             max_connections: 4,
             clock: Clock::System,
             grant_cache: false,
+            audit_as: None,
         },
         rogue_component(),
     )
@@ -342,6 +343,7 @@ async fn the_real_component_fits_its_sandbox_with_room_to_spare() {
         max_connections: 4,
         clock: Clock::System,
         grant_cache: false,
+        audit_as: None,
     })
     .await
     .unwrap();

@@ -174,6 +174,7 @@ async fn keeper(
         max_connections: 16,
         clock: Clock::System,
         grant_cache,
+        audit_as: None,
     })
     .await
     .expect("keeper")

@@ -43,6 +43,7 @@ async fn main() {
             max_connections: 16,
             clock: Default::default(),
             grant_cache: cached, // previous main: none
+            audit_as: None,      // previous main: none
         })
         .await
         .expect("keeper"),

@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use tokenkeep_host::audit;
 use tokenkeep_host::keeper::{error_class_name, summary_json, token_state_name};
 use tokenkeep_host::storage::{Store, StoreOptions};
 use tokenkeep_host::{
@@ -52,6 +53,9 @@ enum Command {
     /// Encryption keys: status and rotation.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The audit log: every token read, refresh, store and delete, oldest
+    /// first (one JSON object per line with --json).
+    Audit(AuditArgs),
     /// Bring the database's schema up to date and print its version (every
     /// other command migrates too); a schema newer than this build is refused.
     Migrate,
@@ -71,6 +75,29 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         runtimes: usize,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct AuditArgs {
+    #[arg(long)]
+    provider: Option<String>,
+    #[arg(long)]
+    user: Option<String>,
+    /// An API key's name, `cli`, or a library caller's name.
+    #[arg(long)]
+    caller: Option<String>,
+    /// At or after: seconds since the epoch, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (UTC).
+    #[arg(long, value_parser = parse_time)]
+    since: Option<i64>,
+    /// Before: the same forms as --since.
+    #[arg(long, value_parser = parse_time)]
+    until: Option<i64>,
+    /// At most this many entries.
+    #[arg(long)]
+    limit: Option<u64>,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -197,12 +224,16 @@ async fn run(cli: Cli) -> Result<Finished, Error> {
     let work = async {
         let keeper = open(&cli).await?;
         let keeper = opened.get_or_init(|| keeper);
-        match &cli.command {
+        let done = match &cli.command {
             Command::Demo { .. } | Command::Migrate | Command::Serve { .. } => Ok(()),
             Command::Tokens(cmd) => tokens(keeper, cmd).await,
             Command::Keys(cmd) => keys(keeper, cmd).await,
             Command::Conversations(cmd) => conversations(keeper, cmd).await,
-        }
+            Command::Audit(cmd) => audit(keeper, cmd).await,
+        };
+        // The audit entries of this command are written before it exits.
+        keeper.shutdown().await;
+        done
     };
     tokio::select! {
         done = work => done.map(|()| Finished::Done),
@@ -359,6 +390,110 @@ async fn conversations(keeper: &Keeper, cmd: &ConversationsCommand) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Prints the audit log page by page: a log of any size streams.
+async fn audit(keeper: &Keeper, args: &AuditArgs) -> Result<(), Error> {
+    let mut filter = audit::Filter {
+        provider: args.provider.clone(),
+        user_id: args.user.clone(),
+        caller: args.caller.clone(),
+        since: args.since,
+        until: args.until,
+        after_id: None,
+    };
+    let mut left = args.limit.unwrap_or(u64::MAX);
+    let mut out = std::io::stdout().lock();
+    if !args.json {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<16} {:<8} {:<12} {:<24} {:>4} OUTCOME",
+            "AT", "CALLER", "ACTION", "PROVIDER", "USER", "GEN"
+        );
+    }
+    while left > 0 {
+        let page_size = left.min(u64::from(audit::MAX_PAGE)) as u32;
+        let page = keeper.audit_page(&filter, page_size).await?;
+        for e in &page {
+            let line = if args.json {
+                serde_json::json!({
+                    "id": e.id,
+                    "at": e.at,
+                    "caller": e.caller,
+                    "action": e.action.name(),
+                    "provider": e.provider,
+                    "user_id": e.user_id,
+                    "generation": e.generation,
+                    "outcome": e.outcome,
+                })
+                .to_string()
+            } else {
+                format!(
+                    "{:<20} {:<16} {:<8} {:<12} {:<24} {:>4} {}",
+                    utc(e.at),
+                    e.caller,
+                    e.action.name(),
+                    e.provider,
+                    e.user_id,
+                    e.generation.map_or("-".into(), |g| g.to_string()),
+                    e.outcome
+                )
+            };
+            writeln!(out, "{line}")
+                .map_err(|e| Error::Config(format!("cannot write to standard output: {e}")))?;
+        }
+        left = left.saturating_sub(page.len() as u64);
+        match page.last() {
+            Some(last) if page.len() == page_size as usize => filter.after_id = Some(last.id),
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
+/// Seconds since the epoch, `YYYY-MM-DD` or `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+fn parse_time(text: &str) -> Result<i64, String> {
+    if let Ok(secs) = text.parse::<i64>() {
+        return Ok(secs);
+    }
+    let bad =
+        || format!("{text:?} is not seconds since the epoch, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ");
+    let (date, time) = match text.split_once('T') {
+        Some((d, t)) => (d, Some(t.strip_suffix('Z').ok_or_else(bad)?)),
+        None => (text, None),
+    };
+    let mut d = date.split('-').map(|p| p.parse::<i64>().map_err(|_| bad()));
+    let (y, m, day) = match (d.next(), d.next(), d.next(), d.next()) {
+        (Some(y), Some(m), Some(day), None) => (y?, m?, day?),
+        _ => return Err(bad()),
+    };
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+        return Err(bad());
+    }
+    let secs = match time {
+        None => 0,
+        Some(t) => {
+            let mut t = t.split(':').map(|p| p.parse::<i64>().map_err(|_| bad()));
+            match (t.next(), t.next(), t.next(), t.next()) {
+                (Some(h), Some(mi), Some(s), None) => {
+                    let (h, mi, s) = (h?, mi?, s?);
+                    if h > 23 || mi > 59 || s > 60 {
+                        return Err(bad());
+                    }
+                    h * 3600 + mi * 60 + s
+                }
+                _ => return Err(bad()),
+            }
+        }
+    };
+    // Days from the civil date (proleptic Gregorian), the inverse of `utc`.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Ok((era * 146_097 + doe - 719_468) * 86_400 + secs)
 }
 
 /// The same error class, with the provider named in its message.
@@ -591,10 +726,16 @@ async fn open(cli: &Cli) -> Result<Arc<Keeper>, Error> {
         Some(text) => Config::parse(&text)?,
         None => Config::default(),
     };
-    open_with(cli, config, false).await
+    open_with(cli, config, false, "cli").await
 }
 
-async fn open_with(cli: &Cli, config: Config, grant_cache: bool) -> Result<Arc<Keeper>, Error> {
+/// The keeper of a command (`caller`: its name in the audit log).
+async fn open_with(
+    cli: &Cli,
+    config: Config,
+    grant_cache: bool,
+    caller: &str,
+) -> Result<Arc<Keeper>, Error> {
     let database_url = database_url(cli);
     let keyring = keyring(cli, &database_url)?;
     Keeper::open(Options {
@@ -605,6 +746,7 @@ async fn open_with(cli: &Cli, config: Config, grant_cache: bool) -> Result<Arc<K
         max_connections: 16,
         clock: Default::default(),
         grant_cache,
+        audit_as: Some(caller.to_string()),
     })
     .await
 }
@@ -625,7 +767,7 @@ async fn serve(cli: &Cli, listen: &[String]) -> Result<Finished, Error> {
     let text = config_text(cli)?.unwrap_or_default();
     let config = Config::parse(&text)?;
     let settings = ServeSettings::parse(&text, listen, default_socket())?;
-    let keeper = open_with(cli, config, true).await?;
+    let keeper = open_with(cli, config, true, "serve").await?;
     let server = Server::bind(keeper, settings).await?;
     let mut lines = String::new();
     for address in server.addresses() {
@@ -680,4 +822,27 @@ fn keyring(cli: &Cli, database_url: &str) -> Result<Keyring, Error> {
         path.display()
     );
     Ok(ring)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse_back_from_what_the_listings_print() {
+        for ts in [0, 951_782_400, 1_700_000_000, 1_900_000_000, 4_107_542_399] {
+            assert_eq!(parse_time(&utc(ts)), Ok(ts), "{}", utc(ts));
+        }
+        assert_eq!(parse_time("2026-11-24"), Ok(1_795_478_400));
+        assert_eq!(parse_time("1700000000"), Ok(1_700_000_000));
+        for bad in [
+            "2026-13-01",
+            "2026-11-24T25:00:00Z",
+            "2026-11-24T10:00:00",
+            "yesterday",
+            "",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -56,6 +56,7 @@ async fn run_in(dir: &std::path::Path, runtimes: usize) -> Result<(), Error> {
         max_connections: 4,
         clock: Default::default(),
         grant_cache: false,
+        audit_as: None,
     })
     .await?;
     let now = now();

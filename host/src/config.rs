@@ -96,13 +96,19 @@ pub struct Config {
     pub providers: BTreeMap<String, Provider>,
     /// How long a runtime waits for another's row lock.
     pub lock_wait_ms: u32,
+    /// How long audit entries are kept; `None`: for ever.
+    pub audit_retention_days: Option<u32>,
 }
+
+/// Default retention of the audit log.
+pub const DEFAULT_AUDIT_RETENTION_DAYS: u32 = 90;
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             providers: BTreeMap::new(),
             lock_wait_ms: DEFAULT_LOCK_WAIT_MS,
+            audit_retention_days: Some(DEFAULT_AUDIT_RETENTION_DAYS),
         }
     }
 }
@@ -112,6 +118,8 @@ impl Default for Config {
 struct RawConfig {
     #[serde(default)]
     lock_wait_ms: Option<u32>,
+    /// 0: keep the audit log for ever.
+    audit_retention_days: Option<u32>,
     #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
     /// `tokenkeep serve`'s section (listeners, API keys, webhooks), read
@@ -210,6 +218,10 @@ impl Config {
         Ok(Config {
             providers,
             lock_wait_ms,
+            audit_retention_days: match raw.audit_retention_days {
+                Some(0) => None,
+                days => Some(days.unwrap_or(DEFAULT_AUDIT_RETENTION_DAYS)),
+            },
         })
     }
 }

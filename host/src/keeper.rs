@@ -1,5 +1,6 @@
 //! [`Keeper`]: the host API that the CLI, services and tests all use.
 
+use crate::audit::{Action, AuditLog, Entry as AuditEntry, Filter};
 use crate::bindings::KeeperCore;
 use crate::bindings::tokenkeep::oauth::types as wit;
 use crate::clock::Clock;
@@ -41,6 +42,10 @@ pub struct Options {
     /// notifications within [`crate::grant_cache::STALENESS_BOUND`], or by
     /// SQLite's change counter, asked at every read.
     pub grant_cache: bool,
+    /// Record every token read, refresh, store and delete in the audit log
+    /// ([`crate::audit`]), attributed to this caller unless the calling
+    /// task names one ([`crate::audit::as_caller`]); `None`: no audit log.
+    pub audit_as: Option<String>,
 }
 
 impl std::fmt::Debug for Options {
@@ -61,6 +66,7 @@ impl std::fmt::Debug for Options {
             .field("limits", &self.limits)
             .field("max_connections", &self.max_connections)
             .field("grant_cache", &self.grant_cache)
+            .field("audit_as", &self.audit_as)
             .finish_non_exhaustive()
     }
 }
@@ -98,6 +104,8 @@ pub struct Keeper {
     /// callers in this process for the same token share one call (one
     /// connection, one refresh).
     flights: Arc<Mutex<HashMap<FlightKey, Flight>>>,
+    /// Where reads, refreshes, stores and deletes are recorded.
+    audit: Option<AuditLog>,
 }
 
 /// A row and the minimum remaining lifetime asked of its token.
@@ -156,12 +164,21 @@ impl Keeper {
             keyring: options.keyring,
             connections: Default::default(),
         };
+        let retention = shared
+            .config
+            .audit_retention_days
+            .map(|days| Duration::from_secs(u64::from(days) * 86_400));
         // Compiling (or loading the cached machine code) happens once per process.
         let runtime = Runtime::new(shared, options.limits, wasm)?;
+        let audit = options
+            .audit_as
+            .as_deref()
+            .map(|caller| AuditLog::start(runtime.shared().clone(), caller, retention));
         Ok(Arc::new(Self {
             runtime: Arc::new(runtime),
             detached: TaskTracker::new(),
             flights: Arc::default(),
+            audit,
         }))
     }
 
@@ -177,6 +194,34 @@ impl Keeper {
         self.detached.close();
         self.detached.wait().await;
         self.detached.reopen();
+        if let Some(audit) = &self.audit {
+            audit.flush().await;
+        }
+    }
+
+    /// Records one audit entry, if this keeper keeps an audit log.
+    fn audit<T>(
+        &self,
+        action: Action,
+        provider: &str,
+        user_id: &str,
+        got: &Result<T, Error>,
+        generation: impl FnOnce(&T) -> Option<u64>,
+    ) {
+        if let Some(audit) = &self.audit {
+            let (generation, outcome) = match got {
+                Ok(t) => (generation(t), "ok"),
+                Err(e) => (None, e.class()),
+            };
+            audit.record(action, provider, user_id, generation, outcome);
+        }
+    }
+
+    /// Audit entries matching `filter`, oldest first: at most `limit`
+    /// (capped at [`crate::audit::MAX_PAGE`]) after `filter.after_id`.
+    pub async fn audit_page(&self, filter: &Filter, limit: u32) -> Result<Vec<AuditEntry>, Error> {
+        let limit = limit.clamp(1, crate::audit::MAX_PAGE);
+        Ok(self.runtime.shared().store.audit(filter, limit).await?)
     }
 
     /// Runs `work` on a tracked task of its own, so that dropping the
@@ -232,6 +277,19 @@ impl Keeper {
 
     /// Seals and stores a provider's tokens for a user, replacing older ones.
     pub async fn store_tokens(
+        &self,
+        provider: &str,
+        user_id: &str,
+        tokens: &TokenSet,
+    ) -> Result<TokenRecord, Error> {
+        let got = self.store_tokens_unaudited(provider, user_id, tokens).await;
+        self.audit(Action::Store, provider, user_id, &got, |r| {
+            Some(r.generation)
+        });
+        got
+    }
+
+    async fn store_tokens_unaudited(
         &self,
         provider: &str,
         user_id: &str,
@@ -305,6 +363,20 @@ impl Keeper {
         user_id: &str,
         min_remaining: u32,
     ) -> Result<AccessGrant, Error> {
+        let got = self.fresh_for(provider, user_id, min_remaining).await;
+        self.audit(Action::Read, provider, user_id, &got, |g| {
+            Some(g.generation)
+        });
+        got
+    }
+
+    /// [`Keeper::ensure_fresh_for`] from the cache, or the database.
+    async fn fresh_for(
+        &self,
+        provider: &str,
+        user_id: &str,
+        min_remaining: u32,
+    ) -> Result<AccessGrant, Error> {
         let shared = self.runtime.shared();
         let Some(cache) = shared.store.grant_cache() else {
             return self
@@ -356,19 +428,38 @@ impl Keeper {
                         flight: flight.clone(),
                     };
                     let runtime = self.runtime.clone();
+                    // The refresh is this caller's, though others share it.
+                    let audit = self
+                        .audit
+                        .clone()
+                        .map(|log| (log, crate::audit::current_caller()));
                     self.detached.spawn(async move {
                         let (row, min_remaining) = &landing.key;
                         // Taken before the read: the fill is dropped if any
                         // row changed meanwhile.
                         let cache = runtime.shared().store.grant_cache();
                         let epoch = cache.map(|c| c.epoch());
-                        let got = ensure_fresh_once(
+                        let (got, refreshed) = ensure_fresh_once(
                             &runtime,
                             &row.provider,
                             &row.user_id,
                             *min_remaining,
                         )
                         .await;
+                        if let (Some((log, caller)), true) = (&audit, refreshed) {
+                            let (generation, outcome) = match &got {
+                                Ok(g) => (Some(g.generation), "ok"),
+                                Err(e) => (None, e.class()),
+                            };
+                            log.record_as(
+                                caller.clone(),
+                                Action::Refresh,
+                                &row.provider,
+                                &row.user_id,
+                                generation,
+                                outcome,
+                            );
+                        }
                         if let (Some(cache), Some(epoch), Ok(grant)) = (cache, epoch, &got) {
                             cache.fill(epoch, grant);
                         }
@@ -395,6 +486,19 @@ impl Keeper {
 
     /// Deletes a user's tokens; false when there were none.
     pub async fn delete_tokens(&self, provider: &str, user_id: &str) -> Result<bool, Error> {
+        let got = self.delete_tokens_unaudited(provider, user_id).await;
+        let got_audited = match &got {
+            Ok(false) => Err(Error::NotFound {
+                provider: provider.into(),
+                user_id: user_id.into(),
+            }),
+            other => other.clone(),
+        };
+        self.audit(Action::Delete, provider, user_id, &got_audited, |_| None);
+        got
+    }
+
+    async fn delete_tokens_unaudited(&self, provider: &str, user_id: &str) -> Result<bool, Error> {
         let (r, ctx) = self
             .runtime
             .call(Scope::writable_row(provider, user_id), 1, async |k, s| {
@@ -765,21 +869,37 @@ impl Keeper {
     }
 }
 
-/// One `ensure-fresh` call into the component, its answer checked.
+/// One `ensure-fresh-for` call into the component, its answer checked, and
+/// whether it asked the provider.
 async fn ensure_fresh_once(
     runtime: &Runtime,
     provider: &str,
     user_id: &str,
     min_remaining: u32,
-) -> Result<AccessGrant, Error> {
-    let (r, ctx) = runtime
+) -> (Result<AccessGrant, Error>, bool) {
+    let called = runtime
         .call(Scope::row(provider, user_id), 1, async |k, s| {
             k.tokenkeep_oauth_token_store()
                 .call_ensure_fresh_for(s, provider, user_id, min_remaining)
                 .await
         })
-        .await?;
-    let g = r.map_err(|e| refresh_error(&ctx, e, provider, user_id))?;
+        .await;
+    match called {
+        Ok((r, ctx)) => {
+            let refreshed = ctx.refreshed().next().is_some();
+            (checked_grant(r, &ctx, provider, user_id), refreshed)
+        }
+        Err(e) => (Err(e), false),
+    }
+}
+
+fn checked_grant(
+    r: Result<wit::AccessGrant, wit::RefreshError>,
+    ctx: &KeeperCtx,
+    provider: &str,
+    user_id: &str,
+) -> Result<AccessGrant, Error> {
+    let g = r.map_err(|e| refresh_error(ctx, e, provider, user_id))?;
     if g.provider != provider
         || g.user_id != user_id
         || !ctx.vouches_for(provider, Some(user_id), &g.access_token)

@@ -7,6 +7,7 @@
 //! already embeds wasmtime can link the imports into its own `Linker` with
 //! [`linker::add_to_linker`] instead.
 
+pub mod audit;
 pub mod bindings;
 pub mod clock;
 pub mod config;

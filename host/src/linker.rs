@@ -129,6 +129,14 @@ impl KeeperCtx {
         }
     }
 
+    /// The rows this call sent token requests for: its refreshes.
+    pub(crate) fn refreshed(&self) -> impl Iterator<Item = &RowKey> {
+        self.requests
+            .iter()
+            .filter(|(_, sent, _)| *sent > 0)
+            .map(|(k, ..)| k)
+    }
+
     /// Whether `access_token`, returned for (provider, user id), is one this
     /// call opened or sealed for that row as an access token (`user_id` none:
     /// any row of the provider in scope, for conversations), and no refresh

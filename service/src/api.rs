@@ -8,6 +8,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -35,11 +36,10 @@ pub struct ApiState {
 
 type Shared = State<Arc<ApiState>>;
 
-/// The API's routes over `state`.
+/// The API's routes over `state`: health and readiness for anyone, the
+/// rest for a caller with a key.
 pub fn router(state: Arc<ApiState>) -> Router {
-    Router::new()
-        .route("/healthz", get(health))
-        .route("/readyz", get(ready))
+    let keyed = Router::new()
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/tokens", get(list_tokens))
         .route(
@@ -59,37 +59,51 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/conversations/{conversation}/resume",
             post(resume_conversation),
         )
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .route("/healthz", get(health))
+        .route("/readyz", get(ready))
+        .merge(keyed)
         .fallback(|| async { ApiError::no_route() })
         .method_not_allowed_fallback(|| async { ApiError::wrong_method() })
         .with_state(state)
 }
 
-/// The key the request carries (`Authorization: Bearer KEY`): 401 and
-/// nothing else when it is missing or wrong.
+/// Checks the request's key (`Authorization: Bearer KEY`): 401 and nothing
+/// else when it is missing or wrong. The rest of the request runs as that
+/// key's caller, which the audit log records.
+async fn authenticate(State(state): Shared, mut req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, key) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+        });
+    let Some(key) = presented.and_then(|k| state.keys.authenticate(k)) else {
+        return ApiError::unauthorized().into_response();
+    };
+    tracing::Span::current().record("key", key.name.as_str());
+    let key = key.clone();
+    let name = key.name.clone();
+    req.extensions_mut().insert(key);
+    tokenkeep_host::audit::as_caller(&name, next.run(req)).await
+}
+
+/// The key the request was authenticated with.
 pub struct Caller(pub ApiKey);
 
 impl FromRequestParts<Arc<ApiState>> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<ApiState>,
-    ) -> Result<Self, ApiError> {
-        let presented = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, key) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
-            })
-            .ok_or_else(ApiError::unauthorized)?;
-        let key = state
-            .keys
-            .authenticate(presented)
-            .ok_or_else(ApiError::unauthorized)?;
-        tracing::Span::current().record("key", key.name.as_str());
-        Ok(Caller(key.clone()))
+    async fn from_request_parts(parts: &mut Parts, _: &Arc<ApiState>) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<ApiKey>()
+            .cloned()
+            .map(Caller)
+            .ok_or_else(ApiError::unauthorized)
     }
 }
 

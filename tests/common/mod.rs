@@ -287,6 +287,7 @@ pub async fn open_keeper_with(
         max_connections: 8,
         clock,
         grant_cache,
+        audit_as: None,
     })
     .await
 }

@@ -9,6 +9,7 @@ pub mod listener;
 pub mod postgres;
 pub mod sqlite;
 
+use crate::audit;
 use crate::clock::{Clock, SharedClock};
 use crate::grant_cache::GrantCache;
 use std::future::Future;
@@ -136,6 +137,58 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         &'a self,
         entry: &'a ConversationEntry,
     ) -> BoxFuture<'a, Result<(), StorageError>>;
+    /// Appends audit entries (the database numbers them), all or none.
+    fn append_audit<'a>(
+        &'a self,
+        entries: &'a [audit::Entry],
+    ) -> BoxFuture<'a, Result<(), StorageError>>;
+    /// Audit entries matching `filter`, in the order they were written, at
+    /// most `limit`.
+    fn audit<'a>(
+        &'a self,
+        filter: &'a audit::Filter,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<audit::Entry>, StorageError>>;
+    /// Deletes audit entries from before `before`: how many.
+    fn prune_audit(&self, before: i64) -> BoxFuture<'_, Result<u64, StorageError>>;
+}
+
+/// The audit log's query, the same SQL on both backends: every filter
+/// optional, oldest first.
+pub(crate) const AUDIT_SQL: &str = "SELECT id, at, caller, action, provider, user_id, generation, \
+     outcome FROM tokenkeep_audit \
+     WHERE ($1::TEXT IS NULL OR provider = $1) AND ($2::TEXT IS NULL OR user_id = $2) \
+     AND ($3::TEXT IS NULL OR caller = $3) AND ($4::BIGINT IS NULL OR at >= $4) \
+     AND ($5::BIGINT IS NULL OR at < $5) AND ($6::BIGINT IS NULL OR id > $6) \
+     ORDER BY id LIMIT $7";
+
+/// An audit entry's stored columns, in [`AUDIT_SQL`]'s order.
+pub(crate) type AuditColumns = (
+    i64,
+    i64,
+    String,
+    String,
+    String,
+    String,
+    Option<i64>,
+    String,
+);
+
+/// An audit entry from its stored columns.
+pub(crate) fn audit_entry(
+    (id, at, caller, action, provider, user_id, generation, outcome): AuditColumns,
+) -> Result<audit::Entry, StorageError> {
+    Ok(audit::Entry {
+        id,
+        at,
+        caller,
+        action: audit::Action::from_name(&action)
+            .ok_or_else(|| StorageError::Unavailable(format!("unknown audit action {action:?}")))?,
+        provider,
+        user_id,
+        generation: generation.map(|g| g.max(0) as u64),
+        outcome,
+    })
 }
 
 /// An open backend transaction; dropping it rolls back.
@@ -348,6 +401,25 @@ impl Store {
             row,
             now: self.clock.observe(db_now),
         })
+    }
+
+    /// Appends audit entries, all or none.
+    pub async fn append_audit(&self, entries: &[audit::Entry]) -> Result<(), StorageError> {
+        self.backend.append_audit(entries).await
+    }
+
+    /// Audit entries matching `filter`, oldest first, at most `limit`.
+    pub async fn audit(
+        &self,
+        filter: &audit::Filter,
+        limit: u32,
+    ) -> Result<Vec<audit::Entry>, StorageError> {
+        self.backend.audit(filter, limit).await
+    }
+
+    /// Deletes audit entries from before `before`.
+    pub async fn prune_audit(&self, before: i64) -> Result<u64, StorageError> {
+        self.backend.prune_audit(before).await
     }
 
     /// Up to `limit` rows after `after`, ordered by provider then user.

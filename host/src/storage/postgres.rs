@@ -16,6 +16,7 @@ use super::{
     BackendRead, BackendTransaction, BoxFuture, COLUMNS, ConversationEntry, RowKey, SealedRow,
     StorageError, StoreOptions, StoredColumns, scopes_text, to_i64,
 };
+use crate::audit;
 use crate::grant_cache::GrantCache;
 use deadpool_postgres::{
     ClientWrapper, Hook, HookError, Manager, ManagerConfig, Object, Pool, PoolError,
@@ -282,6 +283,23 @@ const MIGRATIONS: &[(i64, &str)] = &[
     END
     $$",
     ),
+    (
+        13,
+        // The audit log: who read which token, every refresh, store and
+        // delete. Never a secret.
+        "CREATE TABLE tokenkeep_audit (
+        id BIGSERIAL PRIMARY KEY,
+        at BIGINT NOT NULL,
+        caller TEXT NOT NULL,
+        action TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        generation BIGINT,
+        outcome TEXT NOT NULL
+    );
+    CREATE INDEX tokenkeep_audit_at ON tokenkeep_audit (at);
+    CREATE INDEX tokenkeep_audit_row ON tokenkeep_audit (provider, user_id, id);",
+    ),
 ];
 
 /// How long one statement may go unanswered (a read, a write of one row, a
@@ -423,6 +441,12 @@ const END_HOLDER_SQL: &str = concat!(
 
 /// Every transaction reads committed data: the locking function's reads
 /// after a lock wait rely on a snapshot per statement.
+/// Appends a batch of audit entries in one statement, one array per column.
+const APPEND_AUDIT_SQL: &str = "INSERT INTO tokenkeep_audit \
+     (at, caller, action, provider, user_id, generation, outcome) \
+     SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], \
+     $6::BIGINT[], $7::TEXT[])";
+
 const BEGIN_SQL: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
 
 /// A row, its refresh-start record and its rescue go together.
@@ -880,6 +904,90 @@ impl<'r> RowValues<'r> {
 }
 
 impl super::Backend for PgStore {
+    fn append_audit<'a>(
+        &'a self,
+        entries: &'a [audit::Entry],
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            if entries.is_empty() {
+                return Ok(());
+            }
+            let column = |f: fn(&audit::Entry) -> String| entries.iter().map(f).collect::<Vec<_>>();
+            let at: Vec<i64> = entries.iter().map(|e| e.at).collect();
+            let generation: Vec<Option<i64>> = entries
+                .iter()
+                .map(|e| e.generation.map(|g| i64::try_from(g).unwrap_or(i64::MAX)))
+                .collect();
+            let (caller, action, provider, user_id, outcome) = (
+                column(|e| e.caller.clone()),
+                column(|e| e.action.name().to_string()),
+                column(|e| e.provider.clone()),
+                column(|e| e.user_id.clone()),
+                column(|e| e.outcome.clone()),
+            );
+            let statement = c.prepare_cached(APPEND_AUDIT_SQL).await.map_err(error)?;
+            c.execute(
+                &statement,
+                &[
+                    &at,
+                    &caller,
+                    &action,
+                    &provider,
+                    &user_id,
+                    &generation,
+                    &outcome,
+                ],
+            )
+            .await
+            .map_err(error)?;
+            Ok(())
+        }))
+    }
+    fn audit<'a>(
+        &'a self,
+        filter: &'a audit::Filter,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<audit::Entry>, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            let statement = c.prepare_cached(super::AUDIT_SQL).await.map_err(error)?;
+            let rows = c
+                .query(
+                    &statement,
+                    &[
+                        &filter.provider,
+                        &filter.user_id,
+                        &filter.caller,
+                        &filter.since,
+                        &filter.until,
+                        &filter.after_id,
+                        &i64::from(limit),
+                    ],
+                )
+                .await
+                .map_err(error)?;
+            rows.iter()
+                .map(|r| {
+                    super::audit_entry((
+                        r.try_get(0).map_err(error)?,
+                        r.try_get(1).map_err(error)?,
+                        r.try_get(2).map_err(error)?,
+                        r.try_get(3).map_err(error)?,
+                        r.try_get(4).map_err(error)?,
+                        r.try_get(5).map_err(error)?,
+                        r.try_get(6).map_err(error)?,
+                        r.try_get(7).map_err(error)?,
+                    ))
+                })
+                .collect()
+        }))
+    }
+    fn prune_audit(&self, before: i64) -> BoxFuture<'_, Result<u64, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            c.execute("DELETE FROM tokenkeep_audit WHERE at < $1", &[&before])
+                .await
+                .map_err(error)
+        }))
+    }
     fn database_now(&self) -> BoxFuture<'_, Result<Option<i64>, StorageError>> {
         Box::pin(async move { PgStore::database_now(self).await.map(Some) })
     }

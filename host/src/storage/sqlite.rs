@@ -8,6 +8,7 @@ use super::{
     BackendRead, BackendTransaction, BoxFuture, ConversationEntry, RowKey, SealedRow, StorageError,
     StoreOptions, StoredColumns, refuse_newer,
 };
+use crate::audit;
 use crate::clock::SharedClock;
 use crate::grant_cache::{ChangeCounter, GrantCache};
 use sqlx::sqlite::{
@@ -95,6 +96,10 @@ pub struct SqliteStore {
     /// database, and they must be written while the row's transaction holds
     /// the main file's write lock.
     pub(crate) markers: SqlitePool,
+    /// The audit log, in a file of its own: its writes neither wait for
+    /// the tokens' write lock nor move the change counter that keeps the
+    /// grant cache current.
+    audit: SqlitePool,
     /// The busy timeout: how long a locking read waits for the write lock.
     lock_wait_ms: u128,
     /// Unlocked point reads, in the calling thread (and the file's path,
@@ -131,6 +136,7 @@ impl SqliteStore {
             pool: connect(path, options).await?,
             tx_pool: connect(path, options).await?,
             markers: connect(&format!("{path}-refresh-starts"), options).await?,
+            audit: connect(&format!("{path}-audit"), options).await?,
             lock_wait_ms: options.lock_wait.as_millis(),
             readers: Arc::new(Readers {
                 path: path.to_string(),
@@ -149,6 +155,23 @@ impl SqliteStore {
             ) WITHOUT ROWID",
         )
         .execute(&store.markers)
+        .await
+        .map_err(error)?;
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS tokenkeep_audit (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                at INTEGER NOT NULL,
+                caller TEXT NOT NULL,
+                action TEXT NOT NULL,
+                provider TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                generation INTEGER,
+                outcome TEXT NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS tokenkeep_audit_at ON tokenkeep_audit (at);
+            CREATE INDEX IF NOT EXISTS tokenkeep_audit_row ON tokenkeep_audit (provider, user_id, id);",
+        )
+        .execute(&store.audit)
         .await
         .map_err(error)?;
         Ok(store)
@@ -254,6 +277,66 @@ impl super::Backend for SqliteStore {
                 // through the pool, which waits.
                 None => rows::read(&self.pool, provider, user_id).await,
             }
+        })
+    }
+    fn append_audit<'a>(
+        &'a self,
+        entries: &'a [audit::Entry],
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(async move {
+            let mut tx = self.audit.begin().await.map_err(error)?;
+            for e in entries {
+                sqlx::query(
+                    "INSERT INTO tokenkeep_audit \
+                     (at, caller, action, provider, user_id, generation, outcome) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(e.at)
+                .bind(&e.caller)
+                .bind(e.action.name())
+                .bind(&e.provider)
+                .bind(&e.user_id)
+                .bind(e.generation.map(|g| i64::try_from(g).unwrap_or(i64::MAX)))
+                .bind(&e.outcome)
+                .execute(&mut *tx)
+                .await
+                .map_err(error)?;
+            }
+            tx.commit().await.map_err(error)
+        })
+    }
+    fn audit<'a>(
+        &'a self,
+        filter: &'a audit::Filter,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<audit::Entry>, StorageError>> {
+        Box::pin(async move {
+            // SQLite has no ::TYPE casts: the shared SQL without them.
+            let sql = super::AUDIT_SQL
+                .replace("::TEXT", "")
+                .replace("::BIGINT", "");
+            let rows: Vec<super::AuditColumns> = sqlx::query_as(&sql)
+                .bind(&filter.provider)
+                .bind(&filter.user_id)
+                .bind(&filter.caller)
+                .bind(filter.since)
+                .bind(filter.until)
+                .bind(filter.after_id)
+                .bind(i64::from(limit))
+                .fetch_all(&self.audit)
+                .await
+                .map_err(error)?;
+            rows.into_iter().map(super::audit_entry).collect()
+        })
+    }
+    fn prune_audit(&self, before: i64) -> BoxFuture<'_, Result<u64, StorageError>> {
+        Box::pin(async move {
+            sqlx::query("DELETE FROM tokenkeep_audit WHERE at < $1")
+                .bind(before)
+                .execute(&self.audit)
+                .await
+                .map(|r| r.rows_affected())
+                .map_err(error)
         })
     }
     fn database_now(&self) -> BoxFuture<'_, Result<Option<i64>, StorageError>> {
