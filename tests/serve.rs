@@ -103,6 +103,43 @@ async fn two_services_on_one_database_refresh_each_token_once_per_expiry() {
     }
     assert_eq!(w.provider.reuses(), 0);
     assert_eq!(w.provider.revoked_chains(), 0);
+    // What the two services' /metrics say, summed, is what happened.
+    let mut scraped = String::new();
+    for s in &services {
+        assert_eq!(get(&s.unix(), "/metrics", None).await.status, 401);
+        let reply = get(&s.tcp(), "/metrics", Some(OPS_KEY)).await;
+        assert_eq!(reply.status, 200);
+        scraped.push_str(&String::from_utf8(reply.body).unwrap());
+    }
+    let m = |name: &str, labels: &[(&str, &str)]| service::metric(&scraped, name, labels) as usize;
+    let calls = USERS * 2;
+    let reads = USERS * CLIENTS_PER_USER * 2;
+    let acme_ok = [("provider", "acme"), ("outcome", "ok")];
+    assert_eq!(m("tokenkeep_refreshes_total", &acme_ok), calls);
+    assert_eq!(
+        m(
+            "tokenkeep_provider_requests_total",
+            &[("provider", "acme"), ("answer", "2xx")]
+        ),
+        calls
+    );
+    assert_eq!(
+        m(
+            "tokenkeep_provider_request_duration_seconds_count",
+            &[("provider", "acme")]
+        ),
+        calls
+    );
+    assert_eq!(m("tokenkeep_token_reads_total", &acme_ok), reads);
+    let route = ("route", "/v1/tokens/{provider}/{user}/access-token");
+    assert_eq!(
+        m("tokenkeep_http_requests_total", &[route, ("status", "200")]),
+        reads
+    );
+    assert!(m("tokenkeep_component_instantiations_total", &[]) >= calls);
+    assert_eq!(m("tokenkeep_component_traps_total", &[]), 0);
+    assert!(m("tokenkeep_lock_wait_seconds_count", &[]) >= calls);
+    assert!(m("tokenkeep_db_connections", &[("state", "max")]) > 0);
     for s in &services {
         assert_eq!(s.stderr(), "", "nothing on stderr at the default level");
     }
@@ -606,5 +643,14 @@ async fn two_services_refresh_tokens_ahead_of_their_readers_once_each() {
     for s in &services {
         let log = s.stderr();
         assert!(!log.contains("WARN"), "no failure: {log}");
+        // The last scan (after the refreshes) found every token fresh.
+        let scraped = get(&s.tcp(), "/metrics", Some(OPS_KEY)).await;
+        let scraped = String::from_utf8(scraped.body).unwrap();
+        let fresh = service::metric(&scraped, "tokenkeep_tokens", &[("state", "fresh")]);
+        assert_eq!(fresh as usize, USERS, "{scraped}");
+        assert_eq!(
+            service::metric(&scraped, "tokenkeep_tokens", &[("state", "refresh-due")]),
+            0.0
+        );
     }
 }

@@ -209,11 +209,8 @@ impl Keeper {
         generation: impl FnOnce(&T) -> Option<u64>,
     ) {
         if let Some(audit) = &self.audit {
-            let (generation, outcome) = match got {
-                Ok(t) => (generation(t), "ok"),
-                Err(e) => (None, e.class()),
-            };
-            audit.record(action, provider, user_id, generation, outcome);
+            let generation = got.as_ref().ok().and_then(generation);
+            audit.record(action, provider, user_id, generation, outcome(got));
         }
     }
 
@@ -243,6 +240,11 @@ impl Keeper {
             conversation_id.to_string(),
             user_id.to_string(),
         )
+    }
+
+    /// The database connections this process holds, for metrics.
+    pub fn pool_use(&self) -> crate::metrics::PoolUse {
+        self.runtime.shared().store.pool_use()
     }
 
     /// How many grants the grant cache holds; none without a cache.
@@ -364,6 +366,7 @@ impl Keeper {
         min_remaining: u32,
     ) -> Result<AccessGrant, Error> {
         let got = self.fresh_for(provider, user_id, min_remaining).await;
+        crate::metrics::read(provider, outcome(&got));
         self.audit(Action::Read, provider, user_id, &got, |g| {
             Some(g.generation)
         });
@@ -446,18 +449,17 @@ impl Keeper {
                             *min_remaining,
                         )
                         .await;
+                        if refreshed {
+                            crate::metrics::refresh(&row.provider, outcome(&got));
+                        }
                         if let (Some((log, caller)), true) = (&audit, refreshed) {
-                            let (generation, outcome) = match &got {
-                                Ok(g) => (Some(g.generation), "ok"),
-                                Err(e) => (None, e.class()),
-                            };
                             log.record_as(
                                 caller.clone(),
                                 Action::Refresh,
                                 &row.provider,
                                 &row.user_id,
-                                generation,
-                                outcome,
+                                got.as_ref().ok().map(|g| g.generation),
+                                outcome(&got),
                             );
                         }
                         if let (Some(cache), Some(epoch), Ok(grant)) = (cache, epoch, &got) {
@@ -715,8 +717,47 @@ impl Keeper {
             })
             .await
             .map_err(ConversationError::whole)?;
-        let out = r.map_err(|f| failure_from_wit(&ctx, f, user_id))?;
-        checked_settings(out, &ctx, settings).map_err(ConversationError::whole)
+        let got = r
+            .map_err(|f| failure_from_wit(&ctx, f, user_id))
+            .and_then(|out| {
+                checked_settings(out, &ctx, settings).map_err(ConversationError::whole)
+            });
+        self.conversation_done(&ctx, got.as_ref().map_err(|e| &e.error), user_id, |s| {
+            s.provider_tokens
+                .iter()
+                .map(|t| t.provider.clone())
+                .collect()
+        });
+        got
+    }
+
+    /// Counts and records what a conversation call did: its refreshes, and
+    /// the access tokens it handed out (by provider, of `user_id`).
+    fn conversation_done<T>(
+        &self,
+        ctx: &KeeperCtx,
+        got: Result<&T, &Error>,
+        user_id: &str,
+        handed: impl FnOnce(&T) -> Vec<String>,
+    ) {
+        let outcome = match got {
+            Ok(_) => "ok",
+            Err(e) => e.class(),
+        };
+        for row in ctx.refreshed() {
+            crate::metrics::refresh(&row.provider, outcome);
+            if let Some(audit) = &self.audit {
+                audit.record(Action::Refresh, &row.provider, &row.user_id, None, outcome);
+            }
+        }
+        if let Ok(t) = got {
+            for provider in handed(t) {
+                crate::metrics::read(&provider, "ok");
+                if let Some(audit) = &self.audit {
+                    audit.record(Action::Read, &provider, user_id, None, "ok");
+                }
+            }
+        }
     }
 
     /// Like [`Keeper::refresh_provider_tokens`], but keeps going past failures
@@ -741,14 +782,22 @@ impl Keeper {
                     .await
             })
             .await?;
-        Ok(PartialRefresh {
+        let partial = PartialRefresh {
             settings: checked_settings(r.settings, &ctx, settings)?,
             failures: r
                 .failures
                 .into_iter()
                 .map(|f| failure_from_wit(&ctx, f, user_id))
                 .collect(),
-        })
+        };
+        self.conversation_done(&ctx, Ok(&partial), user_id, |p| {
+            p.settings
+                .provider_tokens
+                .iter()
+                .map(|t| t.provider.clone())
+                .collect()
+        });
+        Ok(partial)
     }
 
     /// A conversation's persisted settings, refreshed first; `None` for a
@@ -916,6 +965,14 @@ fn checked_grant(
         obtained_at: g.obtained_at,
         generation: g.generation,
     })
+}
+
+/// A call's outcome as the audit log and the metrics name it.
+fn outcome<T>(got: &Result<T, Error>) -> &'static str {
+    match got {
+        Ok(_) => "ok",
+        Err(e) => e.class(),
+    }
 }
 
 /// The rows a conversation call may touch: each provider's row of `user_id`.

@@ -18,6 +18,7 @@ pub mod grant_cache;
 pub mod keeper;
 pub mod keyring;
 pub mod linker;
+pub mod metrics;
 mod outbound;
 pub mod provider_connections;
 pub mod refresher;

@@ -560,10 +560,10 @@ impl storage::HostTransaction for KeeperCtxView<'_> {
         provider: String,
         user_id: String,
     ) -> Res<storage::RowRead, storage::StorageError> {
-        Ok(self
-            .lock_row(tx, provider, user_id, true)
-            .await?
-            .and_then(|read| read.ok_or(storage::StorageError::LockTimeout)))
+        let asked = std::time::Instant::now();
+        let locked = self.lock_row(tx, provider, user_id, true).await;
+        crate::metrics::lock_wait(asked.elapsed());
+        Ok(locked?.and_then(|read| read.ok_or(storage::StorageError::LockTimeout)))
     }
 
     async fn try_load_for_update(
@@ -815,6 +815,7 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
         let Some(txn) = self.table.get_mut(&locked)?.txn.as_mut() else {
             return Err(self.ctx.refuse("a refresh without a locked row", &()));
         };
+        let sent = std::time::Instant::now();
         let outcome = crate::token_endpoint::request_refresh(
             &shared.connections,
             &provider,
@@ -823,6 +824,11 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
             &refresh_token,
         )
         .await;
+        crate::metrics::provider_request(
+            &provider.name,
+            outcome.as_ref().ok().map(|a| a.status),
+            sent.elapsed(),
+        );
         if let Ok(a) = &outcome
             && let Some(granted) =
                 salvage_refresh_token(a.status, a.content_type.as_deref(), a.body.expose_secret())

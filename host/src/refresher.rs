@@ -14,7 +14,7 @@ use crate::Keeper;
 use crate::config::Provider;
 use crate::error::Error;
 use crate::keeper::RowKey;
-use crate::keeper::{TokenState, TokenSummary};
+use crate::keeper::{TokenState, TokenSummary, token_state_name};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -169,6 +169,8 @@ pub struct Scan {
     /// Tokens (and their generations) left to their readers after too many
     /// failures.
     pub given_up: Vec<(RowKey, u64)>,
+    /// Tokens per state, every state named.
+    pub states: Vec<(&'static str, u64)>,
 }
 
 /// The refresher of one process.
@@ -197,6 +199,16 @@ impl Refresher {
         let now = self.keeper.now();
         let horizon = now + i64::try_from(self.settings.interval.as_secs()).unwrap_or(0);
         let mut scan = Scan::default();
+        let mut states = std::collections::BTreeMap::new();
+        for state in [
+            TokenState::Fresh,
+            TokenState::RefreshDue,
+            TokenState::RefreshTokenExpiring,
+            TokenState::ReauthorizationRequired,
+            TokenState::ScopeNarrowed,
+        ] {
+            states.insert(token_state_name(state), 0u64);
+        }
         let mut after = None;
         loop {
             let page = self
@@ -205,6 +217,7 @@ impl Refresher {
                 .await?;
             scan.examined += page.len() as u64;
             for s in &page {
+                *states.entry(token_state_name(s.state)).or_default() += 1;
                 let Some(provider) = self.keeper.config().providers.get(&s.provider) else {
                     continue;
                 };
@@ -231,7 +244,10 @@ impl Refresher {
                         user_id: last.user_id.clone(),
                     });
                 }
-                _ => return Ok(scan),
+                _ => {
+                    scan.states = states.into_iter().collect();
+                    return Ok(scan);
+                }
             }
         }
     }
@@ -255,6 +271,7 @@ impl Refresher {
                             "refresher scan"
                         );
                         self.report_given_up(&scan);
+                        crate::metrics::tokens_by_state(&scan.states);
                         for p in scan.planned {
                             let key = (p.row.clone(), p.generation);
                             let fresh = self

@@ -281,6 +281,7 @@ impl Runtime {
             .fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL))
             .map_err(sandbox)?;
         let run = async {
+            crate::metrics::instantiation();
             let instance = self.pre.instantiate_async(&mut store).await?;
             f(&instance, &mut store).await
         };
@@ -291,10 +292,12 @@ impl Runtime {
         let value = match outcome {
             Ok(Ok(value)) => value,
             Ok(Err(trap)) => {
+                crate::metrics::trap();
                 tracing::error!(error = %describe_trap(&trap), "component call failed");
                 return Err(Error::Sandbox(describe_trap(&trap)));
             }
             Err(_) => {
+                crate::metrics::trap();
                 return Err(Error::Sandbox(format!(
                     "call exceeded {} ms",
                     budget.as_millis()

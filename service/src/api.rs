@@ -12,6 +12,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -32,6 +33,23 @@ pub struct ApiState {
     pub keeper: Arc<Keeper>,
     pub keys: ApiKeys,
     pub max_body_bytes: usize,
+    /// Renders what the process's recorder holds, for `/metrics`.
+    pub metrics: PrometheusHandle,
+}
+
+/// The process's metrics recorder (installed once, on first use).
+pub fn metrics_recorder() -> Result<PrometheusHandle, Error> {
+    static HANDLE: std::sync::OnceLock<Result<PrometheusHandle, String>> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets(tokenkeep_host::metrics::BUCKETS)
+                .and_then(|b| b.install_recorder())
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|e| Error::Config(format!("cannot install the metrics recorder: {e}")))
 }
 
 type Shared = State<Arc<ApiState>>;
@@ -41,6 +59,7 @@ type Shared = State<Arc<ApiState>>;
 pub fn router(state: Arc<ApiState>) -> Router {
     let keyed = Router::new()
         .route("/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
         .route("/v1/tokens", get(list_tokens))
         .route(
             "/v1/tokens/{provider}/{user}",
@@ -194,6 +213,19 @@ async fn openapi(_: Caller) -> Response {
             HeaderValue::from_static("application/json"),
         )],
         OPENAPI,
+    )
+        .into_response()
+}
+
+/// The Prometheus text format: what this process counted.
+async fn metrics(State(state): Shared, _: Caller) -> Response {
+    tokenkeep_host::metrics::pool_use(state.keeper.pool_use());
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        state.metrics.render(),
     )
         .into_response()
 }

@@ -52,6 +52,7 @@ impl Server {
                 keeper,
                 keys: settings.keys,
                 max_body_bytes: settings.max_body_bytes,
+                metrics: crate::api::metrics_recorder()?,
             }),
         })
     }
@@ -169,10 +170,12 @@ async fn trace(req: Request, next: Next) -> Response {
     );
     let started = Instant::now();
     let response = next.run(req).instrument(span.clone()).await;
+    let took = started.elapsed();
+    tokenkeep_host::metrics::http_request(&route, response.status().as_u16(), took);
     span.in_scope(|| {
         tracing::info!(
             status = response.status().as_u16(),
-            micros = started.elapsed().as_micros() as u64,
+            micros = took.as_micros() as u64,
             "answered"
         )
     });

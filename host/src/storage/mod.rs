@@ -151,6 +151,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'a, Result<Vec<audit::Entry>, StorageError>>;
     /// Deletes audit entries from before `before`: how many.
     fn prune_audit(&self, before: i64) -> BoxFuture<'_, Result<u64, StorageError>>;
+    /// The connections of the pools that serve reads and transactions.
+    fn pool_use(&self) -> crate::metrics::PoolUse;
 }
 
 /// The audit log's query, the same SQL on both backends: every filter
@@ -415,6 +417,11 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<audit::Entry>, StorageError> {
         self.backend.audit(filter, limit).await
+    }
+
+    /// The database connections this process holds.
+    pub fn pool_use(&self) -> crate::metrics::PoolUse {
+        self.backend.pool_use()
     }
 
     /// Deletes audit entries from before `before`.

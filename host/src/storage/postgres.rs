@@ -904,6 +904,16 @@ impl<'r> RowValues<'r> {
 }
 
 impl super::Backend for PgStore {
+    fn pool_use(&self) -> crate::metrics::PoolUse {
+        let mut total = crate::metrics::PoolUse::default();
+        for pool in [&self.pool, &self.tx_pool] {
+            let s = pool.status();
+            total.open += s.size as u64;
+            total.idle += s.available as u64;
+            total.max += s.max_size as u64;
+        }
+        total
+    }
     fn append_audit<'a>(
         &'a self,
         entries: &'a [audit::Entry],

@@ -263,6 +263,15 @@ pub(crate) fn error(e: sqlx::Error) -> StorageError {
 }
 
 impl super::Backend for SqliteStore {
+    fn pool_use(&self) -> crate::metrics::PoolUse {
+        let mut total = crate::metrics::PoolUse::default();
+        for pool in [&self.pool, &self.tx_pool] {
+            total.open += u64::from(pool.size());
+            total.idle += pool.num_idle() as u64;
+            total.max += u64::from(pool.options().get_max_connections());
+        }
+        total
+    }
     // list, insert, upsert and the conversation entries: the shared SQL.
     super::pool_backend_methods!();
     fn read<'a>(
