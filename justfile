@@ -49,10 +49,11 @@ fuzz target="provider_response" seconds="300":
     cd core && cargo +nightly fuzz run {{target}} fuzz/corpus/{{target}} -- -max_total_time={{seconds}}
 
 # The SQLite hot path against the previous main's build, in one run: builds
-# the commit before the performance work in a worktree under target/ (its
-# own crates beside ours in target/, so about two minutes once `just bench`
-# has built), runs the same probe from both, and writes
-# docs/benchmarks-vs-main.md.
+# the commit before the performance work in a worktree under target/, with a
+# target directory of its own (a shared one mixes the two trees' build-script
+# outputs: one build then embeds the other's component), runs the same probe
+# from both, and writes docs/benchmarks-vs-main.md. The first run builds
+# wasmtime a second time (about 6 minutes on 2 cores).
 bench-vs-main base="2ba7246":
     #!/usr/bin/env bash
     set -euo pipefail
@@ -62,7 +63,7 @@ bench-vs-main base="2ba7246":
     if [ ! -d "$tree" ]; then git worktree add --detach "$tree" {{base}}; fi
     git -C "$tree" checkout -q --detach {{base}}
     sed '/previous main: none/d' cli/examples/sqlite_hot_path.rs > "$tree/cli/examples/sqlite_hot_path.rs"
-    (cd "$tree" && CARGO_TARGET_DIR="$root/target" cargo build --release -p tokenkeep --example sqlite_hot_path)
-    cp target/release/examples/sqlite_hot_path target/sqlite_hot_path-previous
+    (cd "$tree" && CARGO_TARGET_DIR="$root/target/previous-main-target" cargo build --release -p tokenkeep --example sqlite_hot_path)
+    cp target/previous-main-target/release/examples/sqlite_hot_path target/sqlite_hot_path-previous
     cargo build --release -p tokenkeep --example sqlite_hot_path --example bench
     target/release/examples/bench vs-main {{base}} target/sqlite_hot_path-previous target/release/examples/sqlite_hot_path

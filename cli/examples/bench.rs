@@ -328,6 +328,169 @@ async fn cached_rows(
     ));
 }
 
+/// The bench's API key (its name in the audit log: `bench`).
+const API_KEY: &str = "bench-api-key-0123456789";
+
+/// One keep-alive HTTP/1.1 connection to `serve`'s Unix socket.
+struct ApiConnection {
+    stream: tokio::io::BufReader<tokio::net::UnixStream>,
+    line: String,
+    body: Vec<u8>,
+}
+
+impl ApiConnection {
+    async fn open(socket: &std::path::Path) -> Self {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .expect("connect to serve");
+        Self {
+            stream: tokio::io::BufReader::new(stream),
+            line: String::new(),
+            body: Vec::new(),
+        }
+    }
+
+    /// Sends `request` and reads the whole answer: its status.
+    async fn ask(&mut self, request: &[u8]) -> u16 {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        self.stream
+            .get_mut()
+            .write_all(request)
+            .await
+            .expect("send");
+        let mut status = 0;
+        let mut length = 0;
+        loop {
+            self.line.clear();
+            self.stream.read_line(&mut self.line).await.expect("answer");
+            let l = self.line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some(code) = l.strip_prefix("HTTP/1.1 ") {
+                status = code[..3].parse().expect("status");
+            } else if let Some((name, value)) = l.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().expect("length");
+            }
+        }
+        self.body.resize(length, 0);
+        self.stream.read_exact(&mut self.body).await.expect("body");
+        status
+    }
+}
+
+/// `tokenkeep serve`'s token reads over its Unix socket (keep-alive
+/// connections, one per client) against the library call on the same
+/// keeper (grant cache and audit log on, as `serve` runs it), in one run.
+async fn api(
+    rows: &mut Vec<Row>,
+    notes: &mut Vec<String>,
+    pg_url: &str,
+    provider: &DevProvider,
+    scratch: &std::path::Path,
+) {
+    use tokenkeep_service::{ApiKey, ApiKeys, Listen, ServeSettings, Server};
+    let config = Config::parse(&format!(
+        "[providers.bench]\ntoken_url = \"{}\"\nclient_id = \"dev-client\"\nclient_secret = \"dev-secret\"\n",
+        provider.token_url()
+    ))
+    .expect("config");
+    let k = Keeper::open(Options {
+        database_url: pg_url.to_string(),
+        config,
+        keyring: Keyring::parse(&SecretString::from(KEYS.to_string())).expect("keys"),
+        limits: SandboxLimits::default(),
+        max_connections: 16,
+        clock: Clock::System,
+        grant_cache: true,
+        audit_as: Some("bench".into()),
+    })
+    .await
+    .expect("keeper");
+    let socket = scratch.join("api.sock");
+    let settings = ServeSettings {
+        listen: vec![Listen::Unix(socket.clone())],
+        keys: ApiKeys::new(vec![ApiKey::with_secret(
+            "bench",
+            &SecretString::from(API_KEY.to_string()),
+            None,
+            None,
+        )]),
+        max_body_bytes: 65_536,
+        refresher: None,
+        webhooks: Vec::new(),
+    };
+    let server = Server::bind(k.clone(), settings).await.expect("bind");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    while k.cached_grants() < Some(1) {
+        k.ensure_fresh("bench", "fresh").await.expect("fresh");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let c = k.clone();
+    let (lib_rate, lib50, lib99) = throughput(CALLERS, move |_| {
+        let k = c.clone();
+        async move {
+            k.ensure_fresh("bench", "fresh").await.expect("fresh");
+        }
+    })
+    .await;
+    let mut connections = Vec::new();
+    for _ in 0..CALLERS {
+        connections.push(tokio::sync::Mutex::new(ApiConnection::open(&socket).await));
+    }
+    let connections = Arc::new(connections);
+    let request: &'static [u8] = Box::leak(
+        format!(
+            "GET /v1/tokens/bench/fresh/access-token HTTP/1.1\r\nHost: localhost\r\n\
+             Authorization: Bearer {API_KEY}\r\n\r\n"
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    let (rate, p50, p99) = throughput(CALLERS, move |caller| {
+        let connections = connections.clone();
+        async move {
+            let status = connections[caller].lock().await.ask(request).await;
+            assert_eq!(status, 200, "an API read");
+        }
+    })
+    .await;
+    rows.push(row(
+        &format!("API: token reads, {CALLERS} clients (Unix socket, keep-alive)"),
+        per_s(rate),
+        per_s(lib_rate),
+        rate.median / lib_rate.median,
+        "(baseline: the library call)",
+    ));
+    rows.push(row(
+        &format!("API: read p50, {CALLERS} clients"),
+        us(p50),
+        format!("{:.2} µs", lib50.median),
+        p50.median / lib50.median,
+        "",
+    ));
+    rows.push(row(
+        &format!("API: read p99, {CALLERS} clients"),
+        us(p99),
+        format!("{:.2} µs", lib99.median),
+        p99.median / lib99.median,
+        "",
+    ));
+    notes.push(format!(
+        "API: `tokenkeep serve`'s router and keeper in the bench's process, {CALLERS} clients \
+         each on its own keep-alive connection to the Unix socket, reading one token; baseline: \
+         `Keeper::ensure_fresh` on the same keeper, {CALLERS} callers. Both with the grant cache \
+         and the audit log on, as `serve` runs."
+    ));
+    let _ = stop.send(());
+    let _ = serving.await;
+}
+
 /// The grant cache: the hot path served from memory, and how long another
 /// host's change takes to reach it.
 async fn cached(
@@ -835,6 +998,8 @@ async fn main() {
          UPDATE; COMMIT` on {CALLERS} dedicated connections, each on its own row. Database round \
          trips per refresh: 4 (counted by tests/performance.rs)."
     ));
+
+    api(&mut rows, &mut notes, &pg_url, &provider, &scratch).await;
 
     // SQLite.
     let path = scratch.join("bench.db");

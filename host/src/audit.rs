@@ -16,8 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// Most entries per batch.
 const BATCH: usize = 500;
-/// Entries held while the database does not take them; beyond this the
-/// oldest are dropped (and counted in a warning).
+/// Entries held while the database does not take them, or waiting for
+/// the writer when reads outpace it; beyond this the oldest pending are
+/// dropped, or new ones are not queued (counted, and warned of).
 const HOLD_AT_MOST: usize = 100_000;
 /// Most entries per page of [`crate::Keeper::audit_page`].
 pub const MAX_PAGE: u32 = 1000;
@@ -105,7 +106,9 @@ enum Message {
 /// The writer's end: cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    sender: mpsc::UnboundedSender<Message>,
+    sender: mpsc::Sender<Message>,
+    /// Entries not queued because the writer was [`HOLD_AT_MOST`] behind.
+    dropped: Arc<std::sync::atomic::AtomicU64>,
     shared: Arc<Shared>,
     /// Who calls when no task names a caller.
     default_caller: Arc<str>,
@@ -119,10 +122,11 @@ impl AuditLog {
         default_caller: &str,
         retention: Option<Duration>,
     ) -> Self {
-        let (sender, receiver) = mpsc::unbounded_channel();
+        let (sender, receiver) = mpsc::channel(HOLD_AT_MOST);
         tokio::spawn(write(shared.clone(), receiver, retention));
         Self {
             sender,
+            dropped: Arc::default(),
             shared,
             default_caller: Arc::from(default_caller),
         }
@@ -159,7 +163,7 @@ impl AuditLog {
         outcome: &str,
     ) {
         let caller = caller.unwrap_or_else(|| self.default_caller.clone());
-        let _ = self.sender.send(Message::Entry(Entry {
+        let sent = self.sender.try_send(Message::Entry(Entry {
             id: 0,
             at: self.shared.store.now(),
             caller: caller.to_string(),
@@ -169,13 +173,25 @@ impl AuditLog {
             generation,
             outcome: outcome.to_string(),
         }));
+        if let Err(mpsc::error::TrySendError::Full(_)) = sent {
+            crate::metrics::audit_dropped();
+            let before = self
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if before.is_power_of_two() || before == 0 {
+                tracing::warn!(
+                    dropped = before + 1,
+                    "audit entries dropped: reads outpace the audit writer"
+                );
+            }
+        }
     }
 
     /// Waits until every entry recorded before this call is written (or
     /// the writer gave up on the database).
     pub async fn flush(&self) {
         let (done, written) = oneshot::channel();
-        if self.sender.send(Message::Flush(done)).is_ok() {
+        if self.sender.send(Message::Flush(done)).await.is_ok() {
             let _ = written.await;
         }
     }
@@ -185,7 +201,7 @@ impl AuditLog {
 /// while the database does not take them.
 async fn write(
     shared: Arc<Shared>,
-    mut receiver: mpsc::UnboundedReceiver<Message>,
+    mut receiver: mpsc::Receiver<Message>,
     retention: Option<Duration>,
 ) {
     let store = &shared.store;

@@ -242,6 +242,45 @@ impl Keeper {
         )
     }
 
+    /// Takes or renews the lease on delivering `webhook`'s events (see
+    /// [`crate::events`]): false while another process holds it.
+    pub async fn lease_webhook(&self, webhook: &str, holder: &str) -> Result<bool, Error> {
+        let store = &self.runtime.shared().store;
+        Ok(store
+            .lease_webhook(webhook, holder, crate::events::LEASE_SECONDS)
+            .await?)
+    }
+
+    /// Gives up this holder's lease on `webhook`, if it holds it.
+    pub async fn release_webhook(&self, webhook: &str, holder: &str) -> Result<(), Error> {
+        let store = &self.runtime.shared().store;
+        store
+            .lease_webhook(webhook, holder, -crate::events::LEASE_SECONDS)
+            .await?;
+        Ok(())
+    }
+
+    /// The oldest event not yet delivered to `webhook`.
+    pub async fn next_event(&self, webhook: &str) -> Result<Option<crate::events::Event>, Error> {
+        Ok(self.runtime.shared().store.next_event(webhook).await?)
+    }
+
+    /// Records an event as delivered, if `holder` still holds the lease.
+    pub async fn mark_delivered(
+        &self,
+        webhook: &str,
+        holder: &str,
+        event_id: i64,
+    ) -> Result<bool, Error> {
+        let store = &self.runtime.shared().store;
+        Ok(store.mark_delivered(webhook, holder, event_id).await?)
+    }
+
+    /// Events not yet delivered to `webhook`.
+    pub async fn pending_events(&self, webhook: &str) -> Result<u64, Error> {
+        Ok(self.runtime.shared().store.pending_events(webhook).await?)
+    }
+
     /// The database connections this process holds, for metrics.
     pub fn pool_use(&self) -> crate::metrics::PoolUse {
         self.runtime.shared().store.pool_use()

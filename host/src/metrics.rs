@@ -16,6 +16,12 @@ pub const PROVIDER_LATENCY: &str = "tokenkeep_provider_request_duration_seconds"
 pub const LOCK_WAIT: &str = "tokenkeep_lock_wait_seconds";
 /// Access tokens handed out, by provider and outcome.
 pub const READS: &str = "tokenkeep_token_reads_total";
+/// Audit entries dropped because reads outpaced the audit writer.
+pub const AUDIT_DROPPED: &str = "tokenkeep_audit_dropped_total";
+/// Token events not yet delivered, by webhook.
+pub const EVENTS_PENDING: &str = "tokenkeep_events_pending";
+/// Webhook deliveries, by webhook and outcome (`delivered`, `failed`).
+pub const DELIVERIES: &str = "tokenkeep_webhook_deliveries_total";
 /// Component instances created (one per call).
 pub const INSTANTIATIONS: &str = "tokenkeep_component_instantiations_total";
 /// Component calls that trapped, ran out of fuel or time.
@@ -97,4 +103,18 @@ pub fn http_request(route: &str, status: u16, took: Duration) {
     metrics::counter!(HTTP_REQUESTS, "route" => route.to_string(), "status" => status.to_string())
         .increment(1);
     metrics::histogram!(HTTP_LATENCY, "route" => route.to_string()).record(took.as_secs_f64());
+}
+
+pub(crate) fn audit_dropped() {
+    metrics::counter!(AUDIT_DROPPED).increment(1);
+}
+
+pub fn events_pending(webhook: &str, n: u64) {
+    metrics::gauge!(EVENTS_PENDING, "webhook" => webhook.to_string()).set(n as f64);
+}
+
+pub fn delivery(webhook: &str, delivered: bool) {
+    let outcome = if delivered { "delivered" } else { "failed" };
+    metrics::counter!(DELIVERIES, "webhook" => webhook.to_string(), "outcome" => outcome)
+        .increment(1);
 }

@@ -240,6 +240,71 @@ async fn tunnel(
     }
 }
 
+/// POSTs `body` to `url` (straight or through the environment's proxy,
+/// TLS trusting the web roots) within `timeout`: the answer's status. For
+/// the service's own deliveries (webhooks), never a token request.
+pub async fn post(
+    url: &str,
+    headers: &[(&'static str, String)],
+    body: Vec<u8>,
+    timeout: std::time::Duration,
+) -> Result<u16, String> {
+    use http_body_util::{BodyExt, Full};
+    let uri: http::Uri = url.parse().map_err(|_| "not a URI".to_string())?;
+    let (Some(host), Some(scheme)) = (uri.host(), uri.scheme_str()) else {
+        return Err("the URL has no host".into());
+    };
+    let port = uri
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    let authority = uri.authority().map_or(host, |a| a.as_str()).to_string();
+    let target = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let mut request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(http::header::HOST, authority)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::CONTENT_LENGTH, body.len());
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let request = request
+        .body(Full::new(bytes::Bytes::from(body)))
+        .map_err(|e| format!("request: {e}"))?;
+    static WEB: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>> =
+        std::sync::OnceLock::new();
+    let tls = WEB.get_or_init(|| client_tls(None)).clone()?;
+    let exchange = async {
+        let stream = connect(scheme, &target, port, &tls)
+            .await
+            .map_err(|e| match e {
+                ConnectError::Unreachable(m) | ConnectError::Misconfigured(m) => m,
+            })?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, Full<bytes::Bytes>>(
+                wasmtime_wasi_http::io::TokioIo::new(stream),
+            )
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let driving = tokio::spawn(connection);
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        let status = response.status().as_u16();
+        // The answer's body is read (and dropped) so the exchange ends cleanly.
+        let _ = response.into_body().collect().await;
+        driving.abort();
+        Ok(status)
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@ pub mod api_error;
 pub mod api_keys;
 pub mod server;
 pub mod settings;
+pub mod webhooks;
 
 pub use api_error::ApiError;
 pub use api_keys::{ApiKey, ApiKeys};

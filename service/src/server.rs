@@ -3,6 +3,7 @@
 
 use crate::api::{ApiState, router};
 use crate::settings::{Listen, ServeSettings};
+use crate::webhooks::Webhook;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -23,6 +24,7 @@ pub struct Server {
     listeners: Vec<Bound>,
     state: Arc<ApiState>,
     refresher: Option<RefresherSettings>,
+    webhooks: Vec<Webhook>,
 }
 
 enum Bound {
@@ -48,6 +50,7 @@ impl Server {
         Ok(Self {
             listeners,
             refresher: settings.refresher,
+            webhooks: settings.webhooks,
             state: Arc::new(ApiState {
                 keeper,
                 keys: settings.keys,
@@ -104,6 +107,24 @@ impl Server {
                 let _ = stopped.wait_for(|s| *s).await;
             }));
         }
+        // Deliveries run until the stop, finishing the one in flight.
+        let holder = format!(
+            "{}-{}-{:x}",
+            hostname(),
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+        );
+        let mut delivering = tokio::task::JoinSet::new();
+        for webhook in self.webhooks {
+            delivering.spawn(crate::webhooks::deliver(
+                self.state.keeper.clone(),
+                webhook,
+                holder.clone(),
+                stopped.clone(),
+            ));
+        }
         tokio::spawn(async move {
             stop.await;
             let _ = stopping.send(true);
@@ -114,6 +135,7 @@ impl Server {
                 failed.get_or_insert(e);
             }
         }
+        while delivering.join_next().await.is_some() {}
         self.state.keeper.shutdown().await;
         for path in sockets {
             let _ = std::fs::remove_file(path);
@@ -180,4 +202,13 @@ async fn trace(req: Request, next: Next) -> Response {
         )
     });
     response
+}
+
+/// This machine's name, to tell lease holders apart in the database.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into())
 }

@@ -3,6 +3,7 @@
 //! command line or the environment.
 
 use crate::api_keys::{ApiKey, ApiKeys};
+use crate::webhooks::Webhook;
 use secrecy::SecretString;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -70,6 +71,8 @@ pub struct ServeSettings {
     pub max_body_bytes: usize,
     /// The background refresher; `None` when turned off.
     pub refresher: Option<RefresherSettings>,
+    /// Where token events are delivered.
+    pub webhooks: Vec<Webhook>,
 }
 
 #[derive(Deserialize, Default)]
@@ -82,6 +85,16 @@ struct RawServe {
     keys: BTreeMap<String, RawKey>,
     #[serde(default)]
     refresher: RawRefresher,
+    #[serde(default)]
+    webhooks: BTreeMap<String, RawWebhook>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: String,
+    /// The environment variable holding the signing secret (`whsec_…`).
+    secret_env: String,
 }
 
 #[derive(Deserialize)]
@@ -209,6 +222,19 @@ impl ServeSettings {
             keys: ApiKeys::new(keys),
             max_body_bytes,
             refresher: serve.refresher.settings()?,
+            webhooks: serve
+                .webhooks
+                .into_iter()
+                .map(|(name, w)| {
+                    let secret = std::env::var(&w.secret_env).map_err(|_| {
+                        Error::Config(format!(
+                            "serve.webhooks.{name}: environment variable {} is not set",
+                            w.secret_env
+                        ))
+                    })?;
+                    Webhook::new(&name, &w.url, &secret)
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 }

@@ -11,6 +11,7 @@ pub mod sqlite;
 
 use crate::audit;
 use crate::clock::{Clock, SharedClock};
+use crate::events;
 use crate::grant_cache::GrantCache;
 use std::future::Future;
 use std::pin::Pin;
@@ -153,6 +154,80 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn prune_audit(&self, before: i64) -> BoxFuture<'_, Result<u64, StorageError>>;
     /// The connections of the pools that serve reads and transactions.
     fn pool_use(&self) -> crate::metrics::PoolUse;
+    /// Takes or renews the lease on delivering `webhook`'s events for
+    /// `seconds`: false while another holder's lease runs.
+    fn lease_webhook<'a>(
+        &'a self,
+        webhook: &'a str,
+        holder: &'a str,
+        seconds: i64,
+    ) -> BoxFuture<'a, Result<bool, StorageError>>;
+    /// The oldest event not yet delivered to `webhook`.
+    fn next_event<'a>(
+        &'a self,
+        webhook: &'a str,
+    ) -> BoxFuture<'a, Result<Option<events::Event>, StorageError>>;
+    /// Records `event_id` as delivered to `webhook`, if `holder` still
+    /// holds its lease: false when it does not.
+    fn mark_delivered<'a>(
+        &'a self,
+        webhook: &'a str,
+        holder: &'a str,
+        event_id: i64,
+    ) -> BoxFuture<'a, Result<bool, StorageError>>;
+    /// Events not yet delivered to `webhook`.
+    fn pending_events<'a>(&'a self, webhook: &'a str) -> BoxFuture<'a, Result<u64, StorageError>>;
+}
+
+/// The outbox's SQL, the same on both backends but for the database's
+/// time (`{now}`: seconds since the epoch) and its casts.
+pub(crate) mod outbox {
+    pub const LEASE: &str = "INSERT INTO tokenkeep_webhook_leases (webhook, holder, until) \
+         VALUES ($1, $2, {now} + $3) ON CONFLICT (webhook) DO UPDATE \
+         SET holder = excluded.holder, until = excluded.until \
+         WHERE tokenkeep_webhook_leases.holder = excluded.holder \
+         OR tokenkeep_webhook_leases.until < {now}";
+    pub const NEXT: &str = "SELECT id, at, provider, user_id, state, reason, generation, \
+         conversations FROM tokenkeep_events e WHERE NOT EXISTS (SELECT 1 FROM \
+         tokenkeep_deliveries d WHERE d.webhook = $1 AND d.event_id = e.id) ORDER BY id LIMIT 1";
+    pub const MARK: &str = "INSERT INTO tokenkeep_deliveries (webhook, event_id, delivered_at) \
+         SELECT webhook, CAST($3 AS BIGINT), {now} FROM tokenkeep_webhook_leases \
+         WHERE webhook = $1 AND holder = $2 AND until >= {now} \
+         ON CONFLICT (webhook, event_id) DO NOTHING";
+    pub const PENDING: &str = "SELECT count(*) FROM tokenkeep_events e WHERE NOT EXISTS \
+         (SELECT 1 FROM tokenkeep_deliveries d WHERE d.webhook = $1 AND d.event_id = e.id)";
+
+    /// `sql` with the database's time expression.
+    pub fn with_now(sql: &str, now: &str) -> String {
+        sql.replace("{now}", now)
+    }
+}
+
+/// An event's stored columns, in [`outbox::NEXT`]'s order.
+pub(crate) type EventColumns = (
+    i64,
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    i64,
+    String,
+);
+
+pub(crate) fn event(
+    (id, at, provider, user_id, state, reason, generation, conversations): EventColumns,
+) -> events::Event {
+    events::Event {
+        id,
+        at,
+        provider,
+        user_id,
+        state,
+        reason,
+        generation: generation.max(0) as u64,
+        conversations: serde_json::from_str(&conversations).unwrap_or_default(),
+    }
 }
 
 /// The audit log's query, the same SQL on both backends: every filter
@@ -417,6 +492,32 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<audit::Entry>, StorageError> {
         self.backend.audit(filter, limit).await
+    }
+
+    pub async fn lease_webhook(
+        &self,
+        webhook: &str,
+        holder: &str,
+        seconds: i64,
+    ) -> Result<bool, StorageError> {
+        self.backend.lease_webhook(webhook, holder, seconds).await
+    }
+
+    pub async fn next_event(&self, webhook: &str) -> Result<Option<events::Event>, StorageError> {
+        self.backend.next_event(webhook).await
+    }
+
+    pub async fn mark_delivered(
+        &self,
+        webhook: &str,
+        holder: &str,
+        event_id: i64,
+    ) -> Result<bool, StorageError> {
+        self.backend.mark_delivered(webhook, holder, event_id).await
+    }
+
+    pub async fn pending_events(&self, webhook: &str) -> Result<u64, StorageError> {
+        self.backend.pending_events(webhook).await
     }
 
     /// The database connections this process holds.

@@ -11,12 +11,14 @@
 //! so that `BEGIN` and the locking read cost one round trip. Every statement
 //! is bounded: a connection that stops answering is dropped, not waited on.
 
+use super::outbox;
 use super::refuse_newer;
 use super::{
     BackendRead, BackendTransaction, BoxFuture, COLUMNS, ConversationEntry, RowKey, SealedRow,
     StorageError, StoreOptions, StoredColumns, scopes_text, to_i64,
 };
 use crate::audit;
+use crate::events::Event;
 use crate::grant_cache::GrantCache;
 use deadpool_postgres::{
     ClientWrapper, Hook, HookError, Manager, ManagerConfig, Object, Pool, PoolError,
@@ -299,6 +301,61 @@ const MIGRATIONS: &[(i64, &str)] = &[
     );
     CREATE INDEX tokenkeep_audit_at ON tokenkeep_audit (at);
     CREATE INDEX tokenkeep_audit_row ON tokenkeep_audit (provider, user_id, id);",
+    ),
+    (
+        14,
+        // Token events: an outbox written by the database in the
+        // transaction that changes the row, whoever the writer; deliveries
+        // per webhook; a lease per webhook so that one process delivers
+        // its events at a time, in order.
+        "CREATE TABLE tokenkeep_events (
+        id BIGSERIAL PRIMARY KEY,
+        at BIGINT NOT NULL,
+        provider TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT,
+        generation BIGINT NOT NULL,
+        conversations TEXT NOT NULL
+    );
+    CREATE TABLE tokenkeep_deliveries (
+        webhook TEXT NOT NULL,
+        event_id BIGINT NOT NULL,
+        delivered_at BIGINT NOT NULL,
+        PRIMARY KEY (webhook, event_id)
+    );
+    CREATE TABLE tokenkeep_webhook_leases (
+        webhook TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        until BIGINT NOT NULL
+    );
+    CREATE FUNCTION tokenkeep_token_event() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        before TEXT;
+        state TEXT;
+    BEGIN
+        IF TG_OP = 'UPDATE' THEN before := OLD.last_failure; END IF;
+        IF NEW.last_failure = 'reauthorization-required'
+           AND before IS DISTINCT FROM 'reauthorization-required' THEN
+            state := 'reauthorization-required';
+        ELSIF before = 'reauthorization-required'
+           AND NEW.last_failure IS DISTINCT FROM 'reauthorization-required' THEN
+            state := 'recovered';
+        ELSE
+            RETURN NULL;
+        END IF;
+        INSERT INTO tokenkeep_events
+            (at, provider, user_id, state, reason, generation, conversations)
+        VALUES (extract(epoch FROM now())::BIGINT, NEW.provider, NEW.user_id, state,
+            NEW.last_failure, NEW.generation,
+            COALESCE((SELECT json_agg(conversation_id ORDER BY conversation_id)::TEXT
+                FROM tokenkeep_conversations
+                WHERE provider = NEW.provider AND user_id = NEW.user_id), '[]'));
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER tokenkeep_token_event AFTER INSERT OR UPDATE ON tokenkeep_tokens
+        FOR EACH ROW EXECUTE FUNCTION tokenkeep_token_event();",
     ),
 ];
 
@@ -903,7 +960,74 @@ impl<'r> RowValues<'r> {
     }
 }
 
+/// The database's time in the outbox's SQL.
+const PG_NOW: &str = "extract(epoch FROM now())::BIGINT";
+
 impl super::Backend for PgStore {
+    fn lease_webhook<'a>(
+        &'a self,
+        webhook: &'a str,
+        holder: &'a str,
+        seconds: i64,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            let sql = outbox::with_now(outbox::LEASE, PG_NOW);
+            let n = c
+                .execute(sql.as_str(), &[&webhook, &holder, &seconds])
+                .await
+                .map_err(error)?;
+            Ok(n == 1)
+        }))
+    }
+    fn next_event<'a>(
+        &'a self,
+        webhook: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Event>, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            let row = c
+                .query_opt(outbox::NEXT, &[&webhook])
+                .await
+                .map_err(error)?;
+            row.map(|r| {
+                Ok(super::event((
+                    r.try_get(0).map_err(error)?,
+                    r.try_get(1).map_err(error)?,
+                    r.try_get(2).map_err(error)?,
+                    r.try_get(3).map_err(error)?,
+                    r.try_get(4).map_err(error)?,
+                    r.try_get(5).map_err(error)?,
+                    r.try_get(6).map_err(error)?,
+                    r.try_get(7).map_err(error)?,
+                )))
+            })
+            .transpose()
+        }))
+    }
+    fn mark_delivered<'a>(
+        &'a self,
+        webhook: &'a str,
+        holder: &'a str,
+        event_id: i64,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            let sql = outbox::with_now(outbox::MARK, PG_NOW);
+            let n = c
+                .execute(sql.as_str(), &[&webhook, &holder, &event_id])
+                .await
+                .map_err(error)?;
+            Ok(n == 1)
+        }))
+    }
+    fn pending_events<'a>(&'a self, webhook: &'a str) -> BoxFuture<'a, Result<u64, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            let row = c
+                .query_one(outbox::PENDING, &[&webhook])
+                .await
+                .map_err(error)?;
+            let n: i64 = row.try_get(0).map_err(error)?;
+            Ok(n.max(0) as u64)
+        }))
+    }
     fn pool_use(&self) -> crate::metrics::PoolUse {
         let mut total = crate::metrics::PoolUse::default();
         for pool in [&self.pool, &self.tx_pool] {

@@ -4,12 +4,14 @@
 //! read takes that lock up front (`BEGIN IMMEDIATE`) and waits for it at most
 //! the lock wait (the busy timeout).
 
+use super::outbox;
 use super::{
     BackendRead, BackendTransaction, BoxFuture, ConversationEntry, RowKey, SealedRow, StorageError,
     StoreOptions, StoredColumns, refuse_newer,
 };
 use crate::audit;
 use crate::clock::SharedClock;
+use crate::events::Event;
 use crate::grant_cache::{ChangeCounter, GrantCache};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -81,6 +83,68 @@ const MIGRATIONS: &[(i64, &str)] = &[
         6,
         // When the provider may be asked again after a failure.
         "ALTER TABLE tokenkeep_tokens ADD COLUMN retry_not_before INTEGER",
+    ),
+    (
+        7,
+        // Token events (see the Postgres migration 14): the outbox...
+        "CREATE TABLE tokenkeep_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        provider TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT,
+        generation INTEGER NOT NULL,
+        conversations TEXT NOT NULL
+    )",
+    ),
+    (
+        8,
+        // ...deliveries per webhook...
+        "CREATE TABLE tokenkeep_deliveries (
+        webhook TEXT NOT NULL,
+        event_id INTEGER NOT NULL,
+        delivered_at INTEGER NOT NULL,
+        PRIMARY KEY (webhook, event_id)
+    ) WITHOUT ROWID",
+    ),
+    (
+        9,
+        // ...one deliverer per webhook at a time...
+        "CREATE TABLE tokenkeep_webhook_leases (
+        webhook TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        until INTEGER NOT NULL
+    ) WITHOUT ROWID",
+    ),
+    (
+        10,
+        // ...and the triggers that write events with the change.
+        "CREATE TRIGGER tokenkeep_event_reauthorization AFTER UPDATE ON tokenkeep_tokens
+    WHEN NEW.last_failure = 'reauthorization-required'
+        AND OLD.last_failure IS NOT 'reauthorization-required'
+    BEGIN
+        INSERT INTO tokenkeep_events
+            (at, provider, user_id, state, reason, generation, conversations)
+        VALUES (unixepoch(), NEW.provider, NEW.user_id, 'reauthorization-required', NEW.last_failure, NEW.generation,
+            (SELECT json_group_array(conversation_id) FROM (SELECT conversation_id
+                FROM tokenkeep_conversations WHERE provider = NEW.provider
+                AND user_id = NEW.user_id ORDER BY conversation_id)));
+    END",
+    ),
+    (
+        11,
+        "CREATE TRIGGER tokenkeep_event_recovered AFTER UPDATE ON tokenkeep_tokens
+    WHEN OLD.last_failure = 'reauthorization-required'
+        AND NEW.last_failure IS NOT 'reauthorization-required'
+    BEGIN
+        INSERT INTO tokenkeep_events
+            (at, provider, user_id, state, reason, generation, conversations)
+        VALUES (unixepoch(), NEW.provider, NEW.user_id, 'recovered', NEW.last_failure, NEW.generation,
+            (SELECT json_group_array(conversation_id) FROM (SELECT conversation_id
+                FROM tokenkeep_conversations WHERE provider = NEW.provider
+                AND user_id = NEW.user_id ORDER BY conversation_id)));
+    END",
     ),
 ];
 
@@ -262,7 +326,69 @@ pub(crate) fn error(e: sqlx::Error) -> StorageError {
     })
 }
 
+/// The database's time in the outbox's SQL (the owner's clock).
+const SQLITE_NOW: &str = "unixepoch()";
+
 impl super::Backend for SqliteStore {
+    fn lease_webhook<'a>(
+        &'a self,
+        webhook: &'a str,
+        holder: &'a str,
+        seconds: i64,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(async move {
+            let sql = outbox::with_now(outbox::LEASE, SQLITE_NOW);
+            let done = sqlx::query(&sql)
+                .bind(webhook)
+                .bind(holder)
+                .bind(seconds)
+                .execute(&self.pool)
+                .await
+                .map_err(error)?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+    fn next_event<'a>(
+        &'a self,
+        webhook: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Event>, StorageError>> {
+        Box::pin(async move {
+            let row: Option<super::EventColumns> = sqlx::query_as(outbox::NEXT)
+                .bind(webhook)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(error)?;
+            Ok(row.map(super::event))
+        })
+    }
+    fn mark_delivered<'a>(
+        &'a self,
+        webhook: &'a str,
+        holder: &'a str,
+        event_id: i64,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(async move {
+            let sql = outbox::with_now(outbox::MARK, SQLITE_NOW);
+            let done = sqlx::query(&sql)
+                .bind(webhook)
+                .bind(holder)
+                .bind(event_id)
+                .execute(&self.pool)
+                .await
+                .map_err(error)?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+    fn pending_events<'a>(&'a self, webhook: &'a str) -> BoxFuture<'a, Result<u64, StorageError>> {
+        Box::pin(async move {
+            let n: i64 = sqlx::query_scalar(outbox::PENDING)
+                .bind(webhook)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(error)?;
+            Ok(n.max(0) as u64)
+        })
+    }
     fn pool_use(&self) -> crate::metrics::PoolUse {
         let mut total = crate::metrics::PoolUse::default();
         for pool in [&self.pool, &self.tx_pool] {
