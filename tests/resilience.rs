@@ -197,22 +197,7 @@ async fn single_flight_holds_for_four_processes_of_sixty_four_tasks_over_two_hun
     w.provider
         .set(|p| p.delay = Duration::from_millis(delay as u64));
     // One authorisation per user, each a rotating chain with reuse detection.
-    for i in 0..tokens {
-        let refresh = format!("rt-{i}");
-        if i > 0 {
-            w.provider.add_chain(&refresh);
-        } else {
-            w.provider.reset_chain(&refresh);
-        }
-        w.keeper
-            .store_tokens(
-                "acme",
-                &format!("user-{i}"),
-                &token_set(&format!("at-{i}"), Some(&refresh), Some(common::now() - 10)),
-            )
-            .await
-            .unwrap();
-    }
+    w.store_chains(tokens, -10).await;
     let mut workers: Vec<Worker> = (0..PROCESSES).map(|_| Worker::spawn(&w, tokens)).collect();
     let per_process = TASKS / (TASKS / CALLERS_PER_TOKEN) * tokens;
     for round in 1..=rounds {

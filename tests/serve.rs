@@ -37,22 +37,7 @@ async fn two_services_on_one_database_refresh_each_token_once_per_expiry() {
     let w = served(Backend::Postgres, "serve-two").await;
     // Long enough that every client asks while the first refresh is out.
     w.provider.set(|p| p.delay = Duration::from_millis(300));
-    for i in 0..USERS {
-        let refresh = format!("rt-{i}");
-        if i == 0 {
-            w.provider.reset_chain(&refresh);
-        } else {
-            w.provider.add_chain(&refresh);
-        }
-        w.keeper
-            .store_tokens(
-                "acme",
-                &format!("user-{i}"),
-                &token_set(&format!("at-{i}"), Some(&refresh), Some(common::now() - 10)),
-            )
-            .await
-            .unwrap();
-    }
+    w.store_chains(USERS, -10).await;
     let services = [
         Service::start(&w, "one", "warn"),
         Service::start(&w, "two", "warn"),
@@ -551,21 +536,7 @@ async fn two_services_refresh_tokens_ahead_of_their_readers_once_each() {
         "interval_seconds = 1\nlead_seconds = 60\nspread_seconds = 2\n",
     ))
     .await;
-    for i in 0..USERS {
-        let refresh = format!("rt-{i}");
-        if i == 0 {
-            w.provider.reset_chain(&refresh);
-        } else {
-            w.provider.add_chain(&refresh);
-        }
-        w.store(
-            &format!("user-{i}"),
-            &format!("at-{i}"),
-            Some(&refresh),
-            3600,
-        )
-        .await;
-    }
+    w.store_chains(USERS, 3600).await;
     // Obtained 50 minutes ago, 661 s left: outside the 600-second window,
     // so readers are served as it is, but the window opens in 61 s, within
     // the refresher's lead.

@@ -163,6 +163,17 @@ struct RawProvider {
     redirect_uri: Option<String>,
 }
 
+/// Where in `text` a TOML error is (` at line N`), without quoting it:
+/// a value there may be a secret.
+pub fn where_in(text: &str, e: &toml::de::Error) -> String {
+    e.span()
+        .map(|s| {
+            let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+            format!(" at line {line}")
+        })
+        .unwrap_or_default()
+}
+
 impl Config {
     /// The longest one refresh may talk to its provider, retries included:
     /// how long a refresher may hold a row lock without a word to the database.
@@ -188,14 +199,10 @@ impl Config {
         // toml's messages can quote the offending value, which may be a
         // secret: say where, never what.
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let at = e
-                .span()
-                .map(|s| {
-                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
-                    format!(" at line {line}")
-                })
-                .unwrap_or_default();
-            Error::Config(format!("configuration is not valid TOML for tokenkeep{at}"))
+            Error::Config(format!(
+                "configuration is not valid TOML for tokenkeep{}",
+                where_in(text, &e)
+            ))
         })?;
         let mut providers: BTreeMap<String, Provider> = BTreeMap::new();
         for (name, p) in raw.providers {

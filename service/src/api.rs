@@ -187,6 +187,11 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("bad query: {}", e.body_text())))
 }
 
+/// No token stored for (provider, user).
+fn not_found(provider: String, user_id: String) -> ApiError {
+    Error::NotFound { provider, user_id }.into()
+}
+
 /// A JSON answer that no cache may keep (it may hold a token).
 fn no_store(status: StatusCode, body: Value) -> Response {
     let mut response = (status, Json(body)).into_response();
@@ -273,11 +278,7 @@ async fn token_state(
     caller.may(&provider, &user)?;
     match state.keeper.token_summary(&provider, &user).await? {
         Some(s) => Ok(no_store(StatusCode::OK, summary_json(&s))),
-        None => Err(Error::NotFound {
-            provider,
-            user_id: user,
-        }
-        .into()),
+        None => Err(not_found(provider, user)),
     }
 }
 
@@ -312,11 +313,7 @@ async fn delete_tokens(
     if state.keeper.delete_tokens(&provider, &user).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
-        Err(Error::NotFound {
-            provider,
-            user_id: user,
-        }
-        .into())
+        Err(not_found(provider, user))
     }
 }
 

@@ -169,15 +169,10 @@ impl ServeSettings {
     pub fn parse(text: &str, listen: &[String], default_listen: Listen) -> Result<Self, Error> {
         // The file's other sections are the host's to check.
         let file: toml::Table = toml::from_str(text).map_err(|e| {
-            // Say where, never what: a value elsewhere may be a secret.
-            let at = e
-                .span()
-                .map(|s| {
-                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
-                    format!(" at line {line}")
-                })
-                .unwrap_or_default();
-            Error::Config(format!("configuration is not valid TOML{at}"))
+            Error::Config(format!(
+                "configuration is not valid TOML{}",
+                tokenkeep_host::config::where_in(text, &e)
+            ))
         })?;
         let serve: RawServe = match file.get("serve") {
             // [serve] holds names, digests and patterns, no secret: its

@@ -82,7 +82,7 @@ impl Webhook {
         let id = format!("evt_{}", event.id);
         let body = serde_json::json!({
             "type": format!("token.{}", event.state),
-            "timestamp": rfc3339(event.at),
+            "timestamp": tokenkeep_host::clock::utc(event.at),
             "data": {
                 "event_id": event.id,
                 "provider": event.provider,
@@ -119,27 +119,6 @@ pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
     mac.update(format!("{id}.{timestamp}.").as_bytes());
     mac.update(body);
     base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ`.
-fn rfc3339(ts: i64) -> String {
-    let days = ts.div_euclid(86_400);
-    let secs = ts.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
 }
 
 /// Delivers `webhook`'s events until `stop` says so; a delivery in flight

@@ -201,6 +201,27 @@ impl World {
             .unwrap();
     }
 
+    /// Stores acme tokens for `user-0` … `user-{n-1}` (access `at-{i}`,
+    /// expiring in `expires_in` seconds), each an authorisation of its own
+    /// at the provider: a rotating chain starting at `rt-{i}`.
+    pub async fn store_chains(&self, n: usize, expires_in: i64) {
+        for i in 0..n {
+            let refresh = format!("rt-{i}");
+            if i == 0 {
+                self.provider.reset_chain(&refresh);
+            } else {
+                self.provider.add_chain(&refresh);
+            }
+            self.store(
+                &format!("user-{i}"),
+                &format!("at-{i}"),
+                Some(&refresh),
+                expires_in,
+            )
+            .await;
+        }
+    }
+
     /// Time passes until every row's backoff after a failure is over (the
     /// provider may be asked again at once).
     pub async fn backoff_over(&self) {

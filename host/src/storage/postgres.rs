@@ -960,6 +960,30 @@ impl<'r> RowValues<'r> {
     }
 }
 
+/// The first eight columns of a row (an audit entry's, an event's).
+fn eight<A, B, C, D, E, F, G, H>(r: &Row) -> Result<(A, B, C, D, E, F, G, H), StorageError>
+where
+    A: for<'a> tokio_postgres::types::FromSql<'a>,
+    B: for<'a> tokio_postgres::types::FromSql<'a>,
+    C: for<'a> tokio_postgres::types::FromSql<'a>,
+    D: for<'a> tokio_postgres::types::FromSql<'a>,
+    E: for<'a> tokio_postgres::types::FromSql<'a>,
+    F: for<'a> tokio_postgres::types::FromSql<'a>,
+    G: for<'a> tokio_postgres::types::FromSql<'a>,
+    H: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    Ok((
+        r.try_get(0).map_err(error)?,
+        r.try_get(1).map_err(error)?,
+        r.try_get(2).map_err(error)?,
+        r.try_get(3).map_err(error)?,
+        r.try_get(4).map_err(error)?,
+        r.try_get(5).map_err(error)?,
+        r.try_get(6).map_err(error)?,
+        r.try_get(7).map_err(error)?,
+    ))
+}
+
 /// The database's time in the outbox's SQL.
 const PG_NOW: &str = "extract(epoch FROM now())::BIGINT";
 
@@ -988,19 +1012,7 @@ impl super::Backend for PgStore {
                 .query_opt(outbox::NEXT, &[&webhook])
                 .await
                 .map_err(error)?;
-            row.map(|r| {
-                Ok(super::event((
-                    r.try_get(0).map_err(error)?,
-                    r.try_get(1).map_err(error)?,
-                    r.try_get(2).map_err(error)?,
-                    r.try_get(3).map_err(error)?,
-                    r.try_get(4).map_err(error)?,
-                    r.try_get(5).map_err(error)?,
-                    r.try_get(6).map_err(error)?,
-                    r.try_get(7).map_err(error)?,
-                )))
-            })
-            .transpose()
+            row.map(|r| eight(&r).map(super::event)).transpose()
         }))
     }
     fn mark_delivered<'a>(
@@ -1099,20 +1111,7 @@ impl super::Backend for PgStore {
                 )
                 .await
                 .map_err(error)?;
-            rows.iter()
-                .map(|r| {
-                    super::audit_entry((
-                        r.try_get(0).map_err(error)?,
-                        r.try_get(1).map_err(error)?,
-                        r.try_get(2).map_err(error)?,
-                        r.try_get(3).map_err(error)?,
-                        r.try_get(4).map_err(error)?,
-                        r.try_get(5).map_err(error)?,
-                        r.try_get(6).map_err(error)?,
-                        r.try_get(7).map_err(error)?,
-                    ))
-                })
-                .collect()
+            rows.iter().map(|r| super::audit_entry(eight(r)?)).collect()
         }))
     }
     fn prune_audit(&self, before: i64) -> BoxFuture<'_, Result<u64, StorageError>> {

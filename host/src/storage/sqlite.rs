@@ -329,6 +329,27 @@ pub(crate) fn error(e: sqlx::Error) -> StorageError {
 /// The database's time in the outbox's SQL (the owner's clock).
 const SQLITE_NOW: &str = "unixepoch()";
 
+impl SqliteStore {
+    /// A lease or delivery statement of the outbox: whether it wrote a row.
+    async fn outbox_write(
+        &self,
+        sql: &str,
+        webhook: &str,
+        holder: &str,
+        n: i64,
+    ) -> Result<bool, StorageError> {
+        let sql = outbox::with_now(sql, SQLITE_NOW);
+        let done = sqlx::query(&sql)
+            .bind(webhook)
+            .bind(holder)
+            .bind(n)
+            .execute(&self.pool)
+            .await
+            .map_err(error)?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
 impl super::Backend for SqliteStore {
     fn lease_webhook<'a>(
         &'a self,
@@ -336,17 +357,7 @@ impl super::Backend for SqliteStore {
         holder: &'a str,
         seconds: i64,
     ) -> BoxFuture<'a, Result<bool, StorageError>> {
-        Box::pin(async move {
-            let sql = outbox::with_now(outbox::LEASE, SQLITE_NOW);
-            let done = sqlx::query(&sql)
-                .bind(webhook)
-                .bind(holder)
-                .bind(seconds)
-                .execute(&self.pool)
-                .await
-                .map_err(error)?;
-            Ok(done.rows_affected() == 1)
-        })
+        Box::pin(self.outbox_write(outbox::LEASE, webhook, holder, seconds))
     }
     fn next_event<'a>(
         &'a self,
@@ -367,17 +378,7 @@ impl super::Backend for SqliteStore {
         holder: &'a str,
         event_id: i64,
     ) -> BoxFuture<'a, Result<bool, StorageError>> {
-        Box::pin(async move {
-            let sql = outbox::with_now(outbox::MARK, SQLITE_NOW);
-            let done = sqlx::query(&sql)
-                .bind(webhook)
-                .bind(holder)
-                .bind(event_id)
-                .execute(&self.pool)
-                .await
-                .map_err(error)?;
-            Ok(done.rows_affected() == 1)
-        })
+        Box::pin(self.outbox_write(outbox::MARK, webhook, holder, event_id))
     }
     fn pending_events<'a>(&'a self, webhook: &'a str) -> BoxFuture<'a, Result<u64, StorageError>> {
         Box::pin(async move {
