@@ -961,6 +961,8 @@ impl<'r> RowValues<'r> {
 }
 
 /// The first eight columns of a row (an audit entry's, an event's).
+// One tuple of eight columns, whichever the table: an alias would name one.
+#[allow(clippy::type_complexity)]
 fn eight<A, B, C, D, E, F, G, H>(r: &Row) -> Result<(A, B, C, D, E, F, G, H), StorageError>
 where
     A: for<'a> tokio_postgres::types::FromSql<'a>,
