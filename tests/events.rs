@@ -257,7 +257,12 @@ async fn a_revoked_token_is_announced_once_and_its_recovery_too_across_an_outage
         }
     };
     let mut failed = 0.0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while failed < 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed delivery seen"
+        );
         failed = 0.0;
         for s in [&one, &two] {
             failed += service::metric(
@@ -300,7 +305,9 @@ async fn a_revoked_token_is_announced_once_and_its_recovery_too_across_an_outage
     // Nothing more comes: both services find nothing pending.
     for s in [&two, &three] {
         let mut pending = f64::NAN;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while pending != 0.0 {
+            assert!(std::time::Instant::now() < deadline, "events still pending");
             pending = service::metric(
                 &scrape(s).await,
                 "tokenkeep_events_pending",

@@ -233,6 +233,8 @@ async fn a_key_outside_its_scope_gets_403_and_lists_only_its_own_tokens() {
         }
         match page["next"].as_object() {
             Some(n) => {
+                // A cursor names one of its own rows, never another tenant's.
+                assert!(n["after_user"].as_str().unwrap().starts_with("a:"), "{n:?}");
                 next = format!(
                     "/v1/tokens?limit=1&after_provider={}&after_user={}",
                     segment(n["after_provider"].as_str().unwrap()),
@@ -624,4 +626,55 @@ async fn two_services_refresh_tokens_ahead_of_their_readers_once_each() {
             0.0
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_cannot_take_over_or_resume_another_tenants_conversation() {
+    let w = served(Backend::Sqlite, "serve-conversations").await;
+    w.store("b:bob", "at-bob", Some("rt-0"), 3600).await;
+    w.store("a:ann", "at-ann", Some("rt-ann"), 3600).await;
+    let s = Service::start(&w, "api", "warn");
+    let at = s.unix();
+    let settings = |user: &str, token: &str| {
+        format!(
+            r#"{{"user_id":"{user}","settings":{{"provider_tokens":{{"acme":{{"token":"{token}","expires_at":{}}}}}}}}}"#,
+            common::now() + 3600
+        )
+    };
+    let post = |path: String, key: &'static str, body: String| {
+        let at = at.clone();
+        async move { request(&at, "POST", &path, Some(key), Some(body.as_bytes())).await }
+    };
+    // Bob's platform keeps his conversation.
+    let made = post(
+        "/v1/conversations/c-bob/refresh".into(),
+        OPS_KEY,
+        settings("b:bob", "at-bob"),
+    )
+    .await;
+    assert_eq!(made.status, 200, "{:?}", made.json());
+    // Tenant a may not rebind it to one of its own users, resume it, or see it.
+    let taken = post(
+        "/v1/conversations/c-bob/refresh".into(),
+        TENANT_A_KEY,
+        settings("a:ann", "at-ann"),
+    )
+    .await;
+    assert_eq!((taken.status, taken.class().as_str()), (403, "forbidden"));
+    let resumed = post(
+        "/v1/conversations/c-bob/resume".into(),
+        TENANT_A_KEY,
+        String::new(),
+    )
+    .await;
+    assert_eq!(resumed.status, 403);
+    let shown = get(&at, "/v1/conversations/c-bob", Some(TENANT_A_KEY)).await;
+    assert_eq!(shown.status, 403);
+    let body = String::from_utf8_lossy(&shown.body).into_owned();
+    assert!(!body.contains("bob"), "a refusal names no one: {body}");
+    // The conversation is still bob's.
+    let mine = get(&at, "/v1/conversations/c-bob", Some(OPS_KEY))
+        .await
+        .json();
+    assert_eq!(mine["entries"][0]["user_id"], "b:bob");
 }

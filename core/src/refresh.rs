@@ -328,8 +328,10 @@ impl<H: Host> Keeper<H> {
                 txn.commit()?;
                 // Saved all the same: the next caller with this minimum is
                 // refused without a refresh.
-                if let Some(at) = tokens.access_token_expires_at {
-                    want.lives_long_enough(at.saturating_sub(sent_at))?;
+                if let Some(at) = tokens.access_token_expires_at
+                    && want.min_remaining > 0
+                {
+                    want.lives_long_enough(sent_at, at)?;
                 }
                 let grant = AccessGrant {
                     provider: provider.into(),
@@ -800,23 +802,29 @@ impl Want {
             )
     }
 
-    /// A lifetime longer than the token's whole lifetime could only be met
-    /// by refreshing on every call: refused before anything is done.
+    /// A minimum that leaves less than the refresh window of a token's
+    /// lifetime could only be met by refreshing more often than the window
+    /// allows (on every call, near the lifetime): refused before anything
+    /// is done.
     fn attainable(&self, row: &SealedRow) -> Result<(), RefreshError> {
         match row.access_token_expires_at {
-            Some(at) if self.min_remaining > 0 => {
-                self.lives_long_enough(at.saturating_sub(row.obtained_at))
-            }
+            Some(at) if self.min_remaining > 0 => self.lives_long_enough(row.obtained_at, at),
             _ => Ok(()),
         }
     }
 
-    /// Whether a token that lives `lifetime` seconds can meet the minimum.
-    fn lives_long_enough(&self, lifetime: i64) -> Result<(), RefreshError> {
-        if lifetime < i64::from(self.min_remaining) {
+    /// Whether a token obtained at `obtained_at` and expiring at
+    /// `expires_at` can meet the minimum: its lifetime less its refresh
+    /// window.
+    fn lives_long_enough(&self, obtained_at: i64, expires_at: i64) -> Result<(), RefreshError> {
+        let lifetime = expires_at.saturating_sub(obtained_at);
+        let window = validity::refresh_window(self.threshold, obtained_at, expires_at);
+        let most = lifetime.saturating_sub(window).max(0);
+        if i64::from(self.min_remaining) > most {
             return Err(RefreshError::InvalidInput(format!(
-                "this token lives {lifetime} s from when it was obtained: a minimum \
-                 remaining lifetime of {} s cannot be met",
+                "this token lives {lifetime} s from when it was obtained: a minimum remaining \
+                 lifetime of {} s cannot be met more than its {window} s refresh window \
+                 before it ends (at most {most} s)",
                 self.min_remaining
             )));
         }

@@ -699,11 +699,15 @@ fn a_minimum_lifetime_refreshes_a_token_its_window_would_still_serve() {
 }
 
 #[test]
-fn a_minimum_longer_than_the_tokens_lifetime_is_invalid_input_and_sends_nothing() {
+fn a_minimum_within_the_refresh_window_of_the_tokens_lifetime_is_invalid_input() {
     let (keeper, fake) = world(1800);
-    let e = keeper.ensure_fresh_for("acme", "alice", 7200).unwrap_err();
-    assert_eq!(e.class(), ErrorClass::InvalidInput);
-    assert!(e.to_string().contains("3600 s"), "{e}");
+    for too_long in [7200, 3600, 3001] {
+        let e = keeper
+            .ensure_fresh_for("acme", "alice", too_long)
+            .unwrap_err();
+        assert_eq!(e.class(), ErrorClass::InvalidInput);
+        assert!(e.to_string().contains("at most 3000 s"), "{e}");
+    }
     assert!(fake.0.borrow().requests.is_empty());
 }
 
@@ -716,7 +720,7 @@ fn a_refreshed_token_shorter_than_the_minimum_is_kept_and_the_minimum_refused() 
     ));
     let e = keeper.ensure_fresh_for("acme", "alice", 2400).unwrap_err();
     assert_eq!(e.class(), ErrorClass::InvalidInput);
-    assert!(e.to_string().contains("2000 s"), "{e}");
+    assert!(e.to_string().contains("lives 2000 s"), "{e}");
     assert_eq!(refresh_token_of(&fake), "rt-2", "the rotation is kept");
     // From then on refused without a request; the token itself is served.
     let e = keeper.ensure_fresh_for("acme", "alice", 2400).unwrap_err();

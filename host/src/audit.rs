@@ -16,9 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// Most entries per batch.
 const BATCH: usize = 500;
-/// Entries held while the database does not take them, or waiting for
-/// the writer when reads outpace it; beyond this the oldest pending are
-/// dropped, or new ones are not queued (counted, and warned of).
+/// Entries queued for the writer (while reads outpace it, or the database
+/// is away); beyond this new ones are dropped, counted and warned of.
 const HOLD_AT_MOST: usize = 100_000;
 /// Most entries per page of [`crate::Keeper::audit_page`].
 pub const MAX_PAGE: u32 = 1000;
@@ -98,15 +97,13 @@ pub(crate) fn current_caller() -> Option<Arc<str>> {
     CALLER.try_with(Arc::clone).ok()
 }
 
-enum Message {
-    Entry(Entry),
-    Flush(oneshot::Sender<()>),
-}
-
 /// The writer's end: cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    sender: mpsc::Sender<Message>,
+    sender: mpsc::Sender<Entry>,
+    /// Flush requests, apart from the entries: answered even while the
+    /// entries' queue is full or the database away.
+    flushes: mpsc::UnboundedSender<oneshot::Sender<()>>,
     /// Entries not queued because the writer was [`HOLD_AT_MOST`] behind.
     dropped: Arc<std::sync::atomic::AtomicU64>,
     shared: Arc<Shared>,
@@ -123,9 +120,11 @@ impl AuditLog {
         retention: Option<Duration>,
     ) -> Self {
         let (sender, receiver) = mpsc::channel(HOLD_AT_MOST);
-        tokio::spawn(write(shared.clone(), receiver, retention));
+        let (flushes, flush_requests) = mpsc::unbounded_channel();
+        tokio::spawn(write(shared.clone(), receiver, flush_requests, retention));
         Self {
             sender,
+            flushes,
             dropped: Arc::default(),
             shared,
             default_caller: Arc::from(default_caller),
@@ -163,7 +162,7 @@ impl AuditLog {
         outcome: &str,
     ) {
         let caller = caller.unwrap_or_else(|| self.default_caller.clone());
-        let sent = self.sender.try_send(Message::Entry(Entry {
+        let sent = self.sender.try_send(Entry {
             id: 0,
             at: self.shared.store.now(),
             caller: caller.to_string(),
@@ -172,7 +171,7 @@ impl AuditLog {
             user_id: user_id.to_string(),
             generation,
             outcome: outcome.to_string(),
-        }));
+        });
         if let Err(mpsc::error::TrySendError::Full(_)) = sent {
             crate::metrics::audit_dropped();
             let before = self
@@ -187,45 +186,59 @@ impl AuditLog {
         }
     }
 
-    /// Waits until every entry recorded before this call is written (or
-    /// the writer gave up on the database).
-    pub async fn flush(&self) {
+    /// Waits until the entries recorded before this call are written, or
+    /// the database refused a write meanwhile (they are kept for later),
+    /// for `at_most`.
+    pub async fn flush(&self, at_most: std::time::Duration) {
         let (done, written) = oneshot::channel();
-        if self.sender.send(Message::Flush(done)).await.is_ok() {
-            let _ = written.await;
+        if self.flushes.send(done).is_ok() {
+            let _ = tokio::time::timeout(at_most, written).await;
         }
     }
 }
 
-/// The writer: batches entries and writes them, holding them (bounded)
-/// while the database does not take them.
+/// The writer: batches entries and writes them, holding a batch while the
+/// database does not take it (the queue behind it is bounded).
 async fn write(
     shared: Arc<Shared>,
-    mut receiver: mpsc::Receiver<Message>,
+    mut receiver: mpsc::Receiver<Entry>,
+    mut flush_requests: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
     retention: Option<Duration>,
 ) {
     let store = &shared.store;
     let mut pending: Vec<Entry> = Vec::new();
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
-    let mut dropped: u64 = 0;
     let mut failures: u32 = 0;
     let mut pruned_at: Option<std::time::Instant> = None;
     let mut open = true;
     while open || !pending.is_empty() {
-        // Nothing pending: wait for something to write.
+        // Nothing pending: wait for an entry or a flush.
         if pending.is_empty() {
-            match receiver.recv().await {
-                Some(m) => take(m, &mut pending, &mut waiting),
-                None => open = false,
+            tokio::select! {
+                entry = receiver.recv() => match entry {
+                    Some(e) => pending.push(e),
+                    None => open = false,
+                },
+                Some(done) = flush_requests.recv() => waiting.push(done),
             }
         }
-        // Gather a batch: up to its size, its time, or a flush request.
+        // Gather a batch: up to its size or its time; a flush request
+        // writes at once what has come before it.
         let deadline = tokio::time::Instant::now() + FLUSH_EVERY;
         while open && pending.len() < BATCH && waiting.is_empty() {
-            match tokio::time::timeout_at(deadline, receiver.recv()).await {
-                Ok(Some(m)) => take(m, &mut pending, &mut waiting),
-                Ok(None) => open = false,
-                Err(_) => break,
+            tokio::select! {
+                entry = receiver.recv() => match entry {
+                    Some(e) => pending.push(e),
+                    None => open = false,
+                },
+                Some(done) = flush_requests.recv() => waiting.push(done),
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if !waiting.is_empty() {
+            // Everything queued before the request.
+            while let Ok(e) = receiver.try_recv() {
+                pending.push(e);
             }
         }
         if !pending.is_empty() {
@@ -239,22 +252,13 @@ async fn write(
                     if failures == 1 {
                         tracing::warn!("audit entries not written yet, held: {e}");
                     }
-                    if pending.len() > HOLD_AT_MOST {
-                        let over = pending.len() - HOLD_AT_MOST;
-                        pending.drain(..over);
-                        dropped += over as u64;
-                        tracing::warn!(
-                            dropped,
-                            "audit entries dropped: the database does not take them"
-                        );
-                    }
-                    if !open {
-                        return;
-                    }
                     // Flushes are answered all the same: no caller waits
                     // on an outage.
                     for done in waiting.drain(..) {
                         let _ = done.send(());
+                    }
+                    if !open {
+                        return;
                     }
                     tokio::time::sleep(FLUSH_EVERY * failures.min(25)).await;
                     continue;
@@ -282,10 +286,3 @@ async fn write(
 
 /// How often entries past the retention are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
-
-fn take(m: Message, pending: &mut Vec<Entry>, waiting: &mut Vec<oneshot::Sender<()>>) {
-    match m {
-        Message::Entry(e) => pending.push(e),
-        Message::Flush(done) => waiting.push(done),
-    }
-}

@@ -100,30 +100,33 @@ pub struct Keeper {
     /// cancels a refresh between the provider's answer and the commit, and
     /// [`Keeper::shutdown`] waits for them.
     detached: TaskTracker,
-    /// `ensure_fresh` calls in flight, per row and minimum lifetime:
-    /// callers in this process for the same token share one call (one
-    /// connection, one refresh).
-    flights: Arc<Mutex<HashMap<FlightKey, Flight>>>,
+    /// `ensure_fresh` calls in flight, per row: callers in this process
+    /// for the same token share one call (one connection, one refresh).
+    flights: Arc<Mutex<HashMap<RowKey, Flight>>>,
     /// Where reads, refreshes, stores and deletes are recorded.
     audit: Option<AuditLog>,
 }
 
-/// A row and the minimum remaining lifetime asked of its token.
-type FlightKey = (RowKey, u32);
+/// How long [`Keeper::shutdown`] waits for the audit log's last entries
+/// (the database may be away).
+const AUDIT_FLUSH_WAIT: Duration = Duration::from_secs(10);
+
+/// How many calls in flight a caller joins before it calls on its own.
+const FLIGHTS_JOINED: usize = 3;
 
 /// The answer of an `ensure_fresh` call in flight, once it has one.
 type Flight = watch::Receiver<Option<Result<AccessGrant, Error>>>;
 
 /// Takes the flights map even if a task panicked holding it.
-fn flights(map: &Mutex<HashMap<FlightKey, Flight>>) -> MutexGuard<'_, HashMap<FlightKey, Flight>> {
+fn flights(map: &Mutex<HashMap<RowKey, Flight>>) -> MutexGuard<'_, HashMap<RowKey, Flight>> {
     map.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Takes a flight off the map when its task ends, however it ends (a panic
 /// included), and only that flight.
 struct Landing {
-    flights: Arc<Mutex<HashMap<FlightKey, Flight>>>,
-    key: FlightKey,
+    flights: Arc<Mutex<HashMap<RowKey, Flight>>>,
+    key: RowKey,
     flight: Flight,
 }
 
@@ -195,7 +198,7 @@ impl Keeper {
         self.detached.wait().await;
         self.detached.reopen();
         if let Some(audit) = &self.audit {
-            audit.flush().await;
+            audit.flush(AUDIT_FLUSH_WAIT).await;
         }
     }
 
@@ -405,7 +408,7 @@ impl Keeper {
         min_remaining: u32,
     ) -> Result<AccessGrant, Error> {
         let got = self.fresh_for(provider, user_id, min_remaining).await;
-        crate::metrics::read(provider, outcome(&got));
+        crate::metrics::read(self.provider_label(provider), outcome(&got));
         self.audit(Action::Read, provider, user_id, &got, |g| {
             Some(g.generation)
         });
@@ -442,21 +445,46 @@ impl Keeper {
             .await
     }
 
-    /// [`Keeper::ensure_fresh_for`] from the database, one call per row and
-    /// minimum in flight.
+    /// [`Keeper::ensure_fresh_for`] from the database, one call per row in
+    /// flight: a caller joins the call in flight for its row, and if that
+    /// call's answer (made for another caller's minimum) falls short of its
+    /// own, it starts or joins the next one, a few times at most, then
+    /// calls on its own.
     async fn ensure_fresh_shared(
         &self,
         provider: &str,
         user_id: &str,
         min_remaining: u32,
     ) -> Result<AccessGrant, Error> {
-        let key = (
-            RowKey {
-                provider: provider.to_string(),
-                user_id: user_id.to_string(),
-            },
-            min_remaining,
-        );
+        let row = RowKey {
+            provider: provider.to_string(),
+            user_id: user_id.to_string(),
+        };
+        for _ in 0..FLIGHTS_JOINED {
+            let got = self.fly(&row, min_remaining).await;
+            let now = self.runtime.shared().store.now();
+            match got {
+                Ok(g)
+                    if g.expires_at
+                        .is_some_and(|at| at.saturating_sub(now) < i64::from(min_remaining)) => {}
+                other => return other,
+            }
+        }
+        // Detached like a flight: a caller that stops waiting never cancels
+        // a refresh between the provider's answer and the commit.
+        let (runtime, provider, user_id) = self.owned(provider, user_id);
+        self.detached(async move {
+            ensure_fresh_once(&runtime, &provider, &user_id, min_remaining)
+                .await
+                .0
+        })
+        .await
+    }
+
+    /// Joins the call in flight for `row`, or starts one for
+    /// `min_remaining`: its answer.
+    async fn fly(&self, row: &RowKey, min_remaining: u32) -> Result<AccessGrant, Error> {
+        let key = row.clone();
         let mut flight = {
             let mut map = flights(&self.flights);
             match map.get(&key) {
@@ -476,18 +504,14 @@ impl Keeper {
                         .clone()
                         .map(|log| (log, crate::audit::current_caller()));
                     self.detached.spawn(async move {
-                        let (row, min_remaining) = &landing.key;
+                        let row = &landing.key;
                         // Taken before the read: the fill is dropped if any
                         // row changed meanwhile.
                         let cache = runtime.shared().store.grant_cache();
                         let epoch = cache.map(|c| c.epoch());
-                        let (got, refreshed) = ensure_fresh_once(
-                            &runtime,
-                            &row.provider,
-                            &row.user_id,
-                            *min_remaining,
-                        )
-                        .await;
+                        let (got, refreshed) =
+                            ensure_fresh_once(&runtime, &row.provider, &row.user_id, min_remaining)
+                                .await;
                         if refreshed {
                             crate::metrics::refresh(&row.provider, outcome(&got));
                         }
@@ -761,40 +785,47 @@ impl Keeper {
             .and_then(|out| {
                 checked_settings(out, &ctx, settings).map_err(ConversationError::whole)
             });
-        self.conversation_done(&ctx, got.as_ref().map_err(|e| &e.error), user_id, |s| {
-            s.provider_tokens
-                .iter()
-                .map(|t| t.provider.clone())
-                .collect()
-        });
+        match &got {
+            Ok(out) => self.conversation_done(&ctx, &[], &handed(out, |_| user_id)),
+            Err(e) => self.conversation_done(&ctx, &[(e.provider.clone(), e.error.class())], &[]),
+        }
         got
     }
 
-    /// Counts and records what a conversation call did: its refreshes, and
-    /// the access tokens it handed out (by provider, of `user_id`).
-    fn conversation_done<T>(
+    /// A provider's name as a metrics label: a configured one, or
+    /// `unknown` (a label per name a caller makes up would grow without
+    /// bound).
+    fn provider_label<'a>(&self, provider: &'a str) -> &'a str {
+        if self.config().providers.contains_key(provider) {
+            provider
+        } else {
+            "unknown"
+        }
+    }
+
+    /// Counts and records what a conversation call did: its refreshes (each
+    /// with the failure of its provider, if `failed` names one, else `ok`),
+    /// and the access tokens it handed out, by (provider, user id).
+    fn conversation_done(
         &self,
         ctx: &KeeperCtx,
-        got: Result<&T, &Error>,
-        user_id: &str,
-        handed: impl FnOnce(&T) -> Vec<String>,
+        failed: &[(String, &'static str)],
+        handed: &[(String, String)],
     ) {
-        let outcome = match got {
-            Ok(_) => "ok",
-            Err(e) => e.class(),
-        };
         for row in ctx.refreshed() {
-            crate::metrics::refresh(&row.provider, outcome);
+            let outcome = failed
+                .iter()
+                .find(|(p, _)| *p == row.provider || p.is_empty())
+                .map_or("ok", |(_, class)| *class);
+            crate::metrics::refresh(self.provider_label(&row.provider), outcome);
             if let Some(audit) = &self.audit {
                 audit.record(Action::Refresh, &row.provider, &row.user_id, None, outcome);
             }
         }
-        if let Ok(t) = got {
-            for provider in handed(t) {
-                crate::metrics::read(&provider, "ok");
-                if let Some(audit) = &self.audit {
-                    audit.record(Action::Read, &provider, user_id, None, "ok");
-                }
+        for (provider, user_id) in handed {
+            crate::metrics::read(self.provider_label(provider), "ok");
+            if let Some(audit) = &self.audit {
+                audit.record(Action::Read, provider, user_id, None, "ok");
             }
         }
     }
@@ -829,13 +860,12 @@ impl Keeper {
                 .map(|f| failure_from_wit(&ctx, f, user_id))
                 .collect(),
         };
-        self.conversation_done(&ctx, Ok(&partial), user_id, |p| {
-            p.settings
-                .provider_tokens
-                .iter()
-                .map(|t| t.provider.clone())
-                .collect()
-        });
+        let failed: Vec<(String, &'static str)> = partial
+            .failures
+            .iter()
+            .map(|f| (f.provider.clone(), f.error.class()))
+            .collect();
+        self.conversation_done(&ctx, &failed, &handed(&partial.settings, |_| user_id));
         Ok(partial)
     }
 
@@ -853,6 +883,10 @@ impl Keeper {
             .conversation_entries(conversation_id)
             .await
             .map_err(|e| ConversationError::whole(e.into()))?;
+        let resumed: Vec<(String, String)> = entries
+            .iter()
+            .map(|e| (e.provider.clone(), e.user_id.clone()))
+            .collect();
         let scope = Scope::Rows {
             rows: entries
                 .iter()
@@ -877,12 +911,29 @@ impl Keeper {
             })
             .await
             .map_err(ConversationError::whole)?;
-        r.map_err(|f| failure_from_wit(&ctx, f, ""))?
-            .map(|out| {
-                checked_settings(out, &ctx, &ConversationSettings::default())
-                    .map_err(ConversationError::whole)
-            })
-            .transpose()
+        let got = r
+            .map_err(|f| failure_from_wit(&ctx, f, ""))
+            .and_then(|out| {
+                out.map(|out| {
+                    checked_settings(out, &ctx, &ConversationSettings::default())
+                        .map_err(ConversationError::whole)
+                })
+                .transpose()
+            });
+        match &got {
+            Ok(Some(out)) => {
+                let user_of = |provider: &str| {
+                    resumed
+                        .iter()
+                        .find(|(p, _)| p == provider)
+                        .map_or("", |(_, u)| u.as_str())
+                };
+                self.conversation_done(&ctx, &[], &handed(out, user_of));
+            }
+            Ok(None) => {}
+            Err(e) => self.conversation_done(&ctx, &[(e.provider.clone(), e.error.class())], &[]),
+        }
+        got
     }
 
     /// What is persisted for a conversation, without secrets.
@@ -1004,6 +1055,18 @@ fn checked_grant(
         obtained_at: g.obtained_at,
         generation: g.generation,
     })
+}
+
+/// The (provider, user id) of each token a conversation call handed out.
+fn handed<'a>(
+    settings: &ConversationSettings,
+    user_of: impl Fn(&str) -> &'a str,
+) -> Vec<(String, String)> {
+    settings
+        .provider_tokens
+        .iter()
+        .map(|t| (t.provider.clone(), user_of(&t.provider).to_string()))
+        .collect()
 }
 
 /// A call's outcome as the audit log and the metrics name it.

@@ -20,6 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokenkeep_core::validity;
 
+/// The refresher's name in the audit log.
+pub const REFRESHER: &str = "refresher";
+
 /// How the refresher runs.
 #[derive(Debug, Clone)]
 pub struct RefresherSettings {
@@ -121,8 +124,9 @@ pub fn plan(
     // by anyone has more, and is left alone.
     let mut min_remaining = expires_at.saturating_sub(at).saturating_add(1);
     // A token refreshed by another process since the plan is at most this
-    // much older than new when the planned call reaches it.
-    let margin = (lifetime / 10).min(600);
+    // much older than new when the planned call reaches it; and a minimum
+    // is refused within the refresh window of the token's lifetime.
+    let margin = (lifetime / 10).min(600).max(window);
     if min_remaining > lifetime - margin {
         // Too short-lived to plan ahead (or stored already expired): the
         // plain hot path once the window is open.
@@ -211,10 +215,19 @@ impl Refresher {
         }
         let mut after = None;
         loop {
-            let page = self
+            let page = match self
                 .keeper
                 .list_tokens_page(after, self.settings.page)
-                .await?;
+                .await
+            {
+                Ok(page) => page,
+                // What the pages before found is planned all the same.
+                Err(e) if scan.examined > 0 => {
+                    tracing::warn!(class = e.class(), "refresher scan cut short: {e}");
+                    return Ok(scan);
+                }
+                Err(e) => return Err(e),
+            };
             scan.examined += page.len() as u64;
             for s in &page {
                 *states.entry(token_state_name(s.state)).or_default() += 1;
@@ -306,10 +319,24 @@ impl Refresher {
         let wait = p.at.saturating_sub(self.keeper.now()).max(0);
         tokio::time::sleep(Duration::from_secs(u64::try_from(wait).unwrap_or(0))).await;
         let permit = gate.acquire_owned().await;
-        let got = self
-            .keeper
-            .ensure_fresh_for(&p.row.provider, &p.row.user_id, p.min_remaining)
-            .await;
+        // Planned on the generation the scan saw: a token refreshed since
+        // (by anyone) is left alone, however long this waited for a permit.
+        let got = crate::audit::as_caller(REFRESHER, async {
+            match self
+                .keeper
+                .token_summary(&p.row.provider, &p.row.user_id)
+                .await
+            {
+                Ok(Some(now)) if now.generation == p.generation => self
+                    .keeper
+                    .ensure_fresh_for(&p.row.provider, &p.row.user_id, p.min_remaining)
+                    .await
+                    .map(|_| ()),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+        .await;
         drop(permit);
         self.pending
             .lock()

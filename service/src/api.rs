@@ -325,9 +325,8 @@ struct ListQuery {
     limit: Option<u32>,
 }
 
-/// A page of token states the key may reach. A key limited to some tokens
-/// sees only those: a page may then hold fewer rows than asked for, and
-/// `next` (absent on the last page) says where the next one starts.
+/// A page of token states the key may reach: `limit` of them, and `next`
+/// (null once the listing has ended) where the next page starts.
 async fn list_tokens(
     State(state): Shared,
     caller: Caller,
@@ -344,16 +343,33 @@ async fn list_tokens(
         }
     };
     let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
-    let page = state.keeper.list_tokens_page(after, limit).await?;
-    let next = (page.len() == limit as usize)
-        .then(|| page.last())
-        .flatten()
-        .map(|s| json!({ "after_provider": s.provider, "after_user": s.user_id }));
-    let tokens: Vec<Value> = page
-        .iter()
-        .filter(|s| caller.0.allows(&s.provider, &s.user_id))
-        .map(summary_json)
-        .collect();
+    // A key limited to some tokens reads on past the rows it may not see
+    // until its page is full or the listing ends: `next` is always a row
+    // it may see, never one of another tenant's.
+    let mut tokens: Vec<Value> = Vec::new();
+    let mut next = None;
+    let mut after = after;
+    loop {
+        let page = state.keeper.list_tokens_page(after, limit).await?;
+        let full = page.len() == limit as usize;
+        for s in &page {
+            if caller.0.allows(&s.provider, &s.user_id) {
+                tokens.push(summary_json(s));
+                if tokens.len() == limit as usize {
+                    next = Some(json!({ "after_provider": s.provider, "after_user": s.user_id }));
+                    break;
+                }
+            }
+        }
+        if next.is_some() || !full {
+            break;
+        }
+        after = page.last().map(|s| RowKey {
+            provider: s.provider.clone(),
+            user_id: s.user_id.clone(),
+        });
+    }
+    // A full last page: the next one may be empty, which says the end.
     Ok(no_store(
         StatusCode::OK,
         json!({ "tokens": tokens, "next": next }),
@@ -366,10 +382,7 @@ async fn conversation(
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let conversation = path(p)?;
-    let entries = state.keeper.conversation_entries(&conversation).await?;
-    for e in &entries {
-        caller.may(&e.provider, &e.user_id)?;
-    }
+    let entries = may_reach_conversation(&state, &caller, &conversation).await?;
     let entries: Vec<Value> = entries
         .iter()
         .map(|e| {
@@ -413,6 +426,8 @@ async fn refresh_conversation(
     for t in &settings.provider_tokens {
         caller.may(&t.provider, &body.user_id)?;
     }
+    // Nor may it take over a conversation whose tokens it may not reach.
+    may_reach_conversation(&state, &caller, &conversation).await?;
     if body.partial {
         let r = state
             .keeper
@@ -445,22 +460,40 @@ async fn resume_conversation(
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let conversation = path(p)?;
-    // The key must reach every token the conversation names.
-    for e in state.keeper.conversation_entries(&conversation).await? {
-        caller.may(&e.provider, &e.user_id)?;
-    }
-    match state
+    may_reach_conversation(&state, &caller, &conversation).await?;
+    let resumed = state
         .keeper
         .resume(&conversation)
         .await
-        .map_err(conversation_error)?
-    {
+        .map_err(conversation_error)?;
+    // Checked again after: the entries it resumed are the ones checked
+    // (a conversation rebound meanwhile answers nothing).
+    may_reach_conversation(&state, &caller, &conversation).await?;
+    match resumed {
         Some(settings) => Ok(no_store(StatusCode::OK, settings_json(&settings)?)),
         None => Err(Error::NotFound {
             provider: "-".into(),
             user_id: format!("conversation {conversation}"),
         }
         .into()),
+    }
+}
+
+/// The conversation's entries, if the key reaches every token they name;
+/// 403 (naming none of them) if not.
+async fn may_reach_conversation(
+    state: &ApiState,
+    caller: &Caller,
+    conversation: &str,
+) -> Result<Vec<tokenkeep_host::ConversationEntry>, ApiError> {
+    let entries = state.keeper.conversation_entries(conversation).await?;
+    if entries
+        .iter()
+        .all(|e| caller.0.allows(&e.provider, &e.user_id))
+    {
+        Ok(entries)
+    } else {
+        Err(ApiError::forbidden("this conversation"))
     }
 }
 

@@ -32,6 +32,33 @@ enum Bound {
     Tcp(TcpListener),
 }
 
+/// The socket file this service bound: removed at exit only if it is still
+/// that file (a service started meanwhile may have replaced it).
+struct SocketFile {
+    path: PathBuf,
+    inode: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    fn of(path: PathBuf) -> Self {
+        let inode = file_id(&path);
+        Self { path, inode }
+    }
+
+    fn remove(self) {
+        if self.inode.is_some() && file_id(&self.path) == self.inode {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
 impl Server {
     /// Binds every listener of `settings`; fails if one cannot be bound
     /// (a socket another live service answers on is not taken over).
@@ -88,7 +115,7 @@ impl Server {
             let app = app.clone();
             match listener {
                 Bound::Unix(l, path) => {
-                    sockets.push(path);
+                    sockets.push(SocketFile::of(path));
                     serving.spawn(async move {
                         axum::serve(l, app).with_graceful_shutdown(signal).await
                     });
@@ -100,13 +127,13 @@ impl Server {
                 }
             }
         }
-        if let Some(settings) = self.refresher {
+        let refreshing = self.refresher.map(|settings| {
             let refresher = Arc::new(Refresher::new(self.state.keeper.clone(), settings));
             let mut stopped = stopped.clone();
             tokio::spawn(refresher.run(async move {
                 let _ = stopped.wait_for(|s| *s).await;
-            }));
-        }
+            }))
+        });
         // Deliveries run until the stop, finishing the one in flight.
         let holder = format!(
             "{}-{}-{:x}",
@@ -136,9 +163,14 @@ impl Server {
             }
         }
         while delivering.join_next().await.is_some() {}
+        // The refresher has stopped planning before the keeper waits for the
+        // refreshes in flight: none starts after that wait.
+        if let Some(refreshing) = refreshing {
+            let _ = refreshing.await;
+        }
         self.state.keeper.shutdown().await;
-        for path in sockets {
-            let _ = std::fs::remove_file(path);
+        for socket in sockets {
+            socket.remove();
         }
         match failed {
             Some(e) => Err(Error::Config(format!("the listener failed: {e}"))),
@@ -163,11 +195,16 @@ async fn bind_unix(path: &std::path::Path) -> Result<UnixListener, Error> {
                 path.display()
             )));
         }
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Err(Error::Config(format!(
-                "cannot listen on unix:{}: another service answers there",
-                path.display()
-            )));
+        // Stale only if nothing listens there: any other failure (a
+        // socket we may not connect to) is someone else's live socket.
+        match tokio::net::UnixStream::connect(path).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            _ => {
+                return Err(Error::Config(format!(
+                    "cannot listen on unix:{}: another service answers there",
+                    path.display()
+                )));
+            }
         }
         std::fs::remove_file(path).map_err(fail)?;
     }

@@ -175,9 +175,15 @@ async fn deliver_one(
     webhook: &Webhook,
     holder: &str,
 ) -> Result<Option<bool>, Error> {
+    // A read first: an idle deliverer writes nothing (on SQLite a write
+    // would start every grant cache over).
+    if keeper.next_event(&webhook.name).await?.is_none() {
+        return Ok(None);
+    }
     if !keeper.lease_webhook(&webhook.name, holder).await? {
         return Ok(None);
     }
+    // Again under the lease: the holder before may have delivered it.
     let Some(event) = keeper.next_event(&webhook.name).await? else {
         return Ok(None);
     };
