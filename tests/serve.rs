@@ -447,7 +447,7 @@ async fn no_secret_reaches_the_services_log_even_at_trace_level() {
     w.store("alice", "at-SECRET-old", Some("rt-SECRET-0"), -10)
         .await;
     w.provider.reset_chain("rt-SECRET-0");
-    let mut s = Service::start(&w, "api", "trace");
+    let mut s = Service::start_with(&w, "api", "trace", &[("TOKENKEEP_LOG_FORMAT", "json")]);
     let at = s.tcp();
     let reply = get(&at, &access_path("acme", "alice"), Some(OPS_KEY)).await;
     assert_eq!(reply.status, 200, "{:?}", reply.json());
@@ -471,6 +471,15 @@ async fn no_secret_reaches_the_services_log_even_at_trace_level() {
         .await
         .unwrap();
     assert!(log.contains("answered"), "the trace shows requests: {log}");
+    for line in log.lines() {
+        let line: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(line["level"].is_string(), "{line}");
+    }
+    assert!(
+        log.contains(r#""key":"ops""#),
+        "the span names the key: {log}"
+    );
     for secret in ["SECRET", &fresh, OPS_KEY, "dev-secret"] {
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");
     }
@@ -677,4 +686,101 @@ async fn a_key_cannot_take_over_or_resume_another_tenants_conversation() {
         .await
         .json();
     assert_eq!(mine["entries"][0]["user_id"], "b:bob");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_keys_and_providers_without_dropping_a_request_in_flight() {
+    const NEW_KEY: &str = "new-key-0123456789abcdef";
+    let w = served(Backend::Sqlite, "serve-sighup").await;
+    w.store("alice", "at-old", Some("rt-0"), -10).await;
+    let s = Service::start(&w, "api", "warn");
+    let at = s.unix();
+    let globex = "/v1/tokens/globex/alice";
+    assert_eq!(
+        request(
+            &at,
+            "PUT",
+            globex,
+            Some(OPS_KEY),
+            Some(br#"{"access_token":"at-g"}"#)
+        )
+        .await
+        .class(),
+        "unknown-provider"
+    );
+    // A request in flight across the reload.
+    w.provider.hold_answers();
+    let in_flight = {
+        let at = at.clone();
+        tokio::spawn(async move { get(&at, &access_path("acme", "alice"), Some(OPS_KEY)).await })
+    };
+    w.provider.wait_until(|p| p.arrived() == 1).await;
+    // The new file: tenant-a's key is gone, a new key and a new provider come.
+    let config = std::fs::read_to_string(&w.config_path).unwrap();
+    let config = config.replace(
+        "[serve.keys.tenant-a]",
+        "[serve.keys.retired]\nsecret_env = \"TK_TEST_OPS_KEY\"\n[serve.keys.old-tenant-a]",
+    );
+    let tenant_a = format!(
+        "secret_sha256 = \"{}\"",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(TENANT_A_KEY))
+    );
+    let config = config.replace(
+        &tenant_a,
+        &format!(
+            "secret_sha256 = \"{}\"",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(NEW_KEY))
+        ),
+    );
+    let config = format!(
+        "{config}\n[providers.globex]\ntoken_url = \"{}\"\nclient_id = \"dev-client\"\nclient_secret = \"dev-secret\"\n",
+        w.provider.token_url()
+    );
+    std::fs::write(&w.config_path, &config).unwrap();
+    s.signal(1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while get(&at, "/v1/tokens", Some(NEW_KEY)).await.status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new key never worked: {}",
+            s.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        get(&at, "/v1/tokens", Some(TENANT_A_KEY)).await.status,
+        401,
+        "the old key is gone"
+    );
+    w.provider.release_answers();
+    let reply = in_flight.await.unwrap();
+    assert_eq!(
+        reply.status,
+        200,
+        "the request in flight was answered: {:?}",
+        reply.json()
+    );
+    // (On SQLite the store waits for the refresh's write lock: after it.)
+    let stored = request(
+        &at,
+        "PUT",
+        globex,
+        Some(OPS_KEY),
+        Some(br#"{"access_token":"at-g"}"#),
+    )
+    .await;
+    assert_eq!(stored.status, 200, "the new provider: {:?}", stored.json());
+    // A file that does not parse changes nothing, and says so once.
+    std::fs::write(&w.config_path, "[serve\n").unwrap();
+    s.signal(1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !s.stderr().contains("reload refused") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no word of the refused reload"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(&at, "/v1/tokens", Some(NEW_KEY)).await.status, 200);
+    assert_eq!(s.stderr().lines().count(), 1, "{}", s.stderr());
 }

@@ -192,11 +192,15 @@ fn init_logging() {
         Ok(directive) => filter.add_directive(directive),
         Err(_) => filter,
     };
-    let _ = tracing_subscriber::fmt()
+    let log = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_writer(std::io::stderr);
+    // One JSON object per line, spans included, for log collectors.
+    let _ = if std::env::var("TOKENKEEP_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        log.json().try_init()
+    } else {
+        log.with_ansi(std::io::stderr().is_terminal()).try_init()
+    };
 }
 
 /// How a command ended, when it did not fail.
@@ -731,6 +735,29 @@ async fn open_with(
     .await
 }
 
+/// SIGHUP: the configuration file read again; its providers and API keys
+/// replace the running ones. A file that does not parse changes nothing
+/// (one line on standard error says why).
+fn reload(cli: &Cli, listen: &[String], reloader: &tokenkeep_service::server::Reloader) {
+    let read = config_text(cli).and_then(|text| {
+        let text = text.unwrap_or_default();
+        Ok((
+            Config::parse(&text)?,
+            ServeSettings::parse(&text, listen, default_socket())?,
+        ))
+    });
+    match read {
+        Ok((config, settings)) => {
+            reloader.reload(config, settings);
+            tracing::info!("configuration reloaded");
+        }
+        Err(e) => eprintln!(
+            "tokenkeep: {}: reload refused, the running configuration stays: {e}",
+            e.class()
+        ),
+    }
+}
+
 /// Where `serve` listens when nothing says: a socket in the runtime
 /// directory (per user, cleared at logout), else beside the database.
 fn default_socket() -> Listen {
@@ -749,6 +776,7 @@ async fn serve(cli: &Cli, listen: &[String]) -> Result<Finished, Error> {
     let settings = ServeSettings::parse(&text, listen, default_socket())?;
     let keeper = open_with(cli, config, true, "serve").await?;
     let server = Server::bind(keeper, settings).await?;
+    let reloader = server.reloader();
     let mut lines = String::new();
     for address in server.addresses() {
         lines.push_str(&format!("listening on {address}\n"));
@@ -758,7 +786,14 @@ async fn serve(cli: &Cli, listen: &[String]) -> Result<Finished, Error> {
     let running = tokio::spawn(server.run(async move {
         let _ = stop.await;
     }));
-    let signal = signals.next().await;
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| Error::Config(format!("cannot catch signals: {e}")))?;
+    let signal = loop {
+        tokio::select! {
+            signal = signals.next() => break signal,
+            _ = hangups.recv() => reload(cli, listen, &reloader),
+        }
+    };
     let _ = first.send(signal);
     tracing::info!(
         signal,

@@ -163,12 +163,12 @@ impl Keeper {
         }
         let shared = Shared {
             store,
-            config: Arc::new(options.config),
+            config: std::sync::RwLock::new(Arc::new(options.config)),
             keyring: options.keyring,
             connections: Default::default(),
         };
         let retention = shared
-            .config
+            .config()
             .audit_retention_days
             .map(|days| Duration::from_secs(u64::from(days) * 86_400));
         // Compiling (or loading the cached machine code) happens once per process.
@@ -185,9 +185,22 @@ impl Keeper {
         }))
     }
 
-    /// The configuration this keeper runs with.
-    pub fn config(&self) -> &Config {
-        &self.runtime.shared().config
+    /// The configuration this keeper runs with now.
+    pub fn config(&self) -> Arc<Config> {
+        self.runtime.shared().config()
+    }
+
+    /// Replaces the provider configuration (SIGHUP): calls that start from
+    /// now on use `config`; calls in flight finish with the one they began
+    /// with. The lock wait and the database settings are read at open and
+    /// need a restart.
+    pub fn reload_config(&self, config: Config) {
+        let shared = self.runtime.shared();
+        *shared.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        if let Some(cache) = shared.store.grant_cache() {
+            // Thresholds may have changed: the cache starts over.
+            cache.invalidate_all();
+        }
     }
 
     /// Waits until every refresh in flight has committed or failed: call it
@@ -430,7 +443,7 @@ impl Keeper {
         };
         let now = shared.store.now();
         if let Some(threshold) = shared
-            .config
+            .config()
             .providers
             .get(provider)
             .map(|p| p.refresh_threshold_seconds)

@@ -96,6 +96,9 @@ const MIN_LEAK_LEN: usize = 8;
 /// The state of one call into the component.
 pub struct KeeperCtx {
     shared: Arc<Shared>,
+    /// The configuration as the call started (a reload does not change a
+    /// call midway).
+    config: Arc<crate::Config>,
     scope: Scope,
     /// Access tokens this call opened or sealed, by row: what it may return.
     handed: Vec<(RowKey, SecretString)>,
@@ -118,6 +121,7 @@ pub struct KeeperCtx {
 impl KeeperCtx {
     pub(crate) fn new(shared: Arc<Shared>, scope: Scope) -> Self {
         Self {
+            config: shared.config(),
             shared,
             scope,
             handed: Vec::new(),
@@ -748,7 +752,6 @@ impl providers::Host for KeeperCtxView<'_> {
     ) -> wasmtime::Result<Option<providers::ProviderConfig>> {
         Ok(self
             .ctx
-            .shared
             .config
             .providers
             .get(&name)
@@ -767,7 +770,7 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
             return Err(self.ctx.refuse("a refresh without a locked row", &()));
         };
         let key = row.key();
-        let Some(provider) = self.ctx.shared.config.providers.get(&row.provider).cloned() else {
+        let Some(provider) = self.ctx.config.providers.get(&row.provider).cloned() else {
             return Ok(Err(E::Denied(
                 "the locked row's provider is not configured".into(),
             )));

@@ -229,9 +229,10 @@ impl Refresher {
                 Err(e) => return Err(e),
             };
             scan.examined += page.len() as u64;
+            let config = self.keeper.config();
             for s in &page {
                 *states.entry(token_state_name(s.state)).or_default() += 1;
-                let Some(provider) = self.keeper.config().providers.get(&s.provider) else {
+                let Some(provider) = config.providers.get(&s.provider) else {
                     continue;
                 };
                 if s.has_refresh_token

@@ -102,10 +102,22 @@ fn allocation_strategy(limits: &SandboxLimits) -> wasmtime::InstanceAllocationSt
 /// What every store of a process shares.
 pub struct Shared {
     pub store: Store,
-    pub config: Arc<Config>,
+    /// Replaced whole on a reload ([`crate::Keeper::reload_config`]); each
+    /// call works with the one it started with.
+    pub config: std::sync::RwLock<Arc<Config>>,
     pub keyring: Keyring,
     /// Connections to token endpoints kept between refreshes.
     pub connections: ProviderConnections,
+}
+
+impl Shared {
+    /// The configuration now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// The state of one store: one call into the component.
@@ -195,8 +207,9 @@ impl Runtime {
         // loses a rotated refresh token. Queueing for a connection (up to two
         // lock waits), the row lock, the provider, the re-read after a
         // refusal (another lock wait), and the writes.
-        let call_budget = 4 * Duration::from_millis(u64::from(shared.config.lock_wait_ms))
-            + shared.config.slowest_provider_call()
+        let config = shared.config();
+        let call_budget = 4 * Duration::from_millis(u64::from(config.lock_wait_ms))
+            + config.slowest_provider_call()
             + Duration::from_secs(10);
         Ok(Self {
             engine,

@@ -31,7 +31,8 @@ const MAX_PAGE: u32 = 1000;
 /// What every request handler shares.
 pub struct ApiState {
     pub keeper: Arc<Keeper>,
-    pub keys: ApiKeys,
+    /// Replaced whole on a reload; a request uses the keys it found.
+    pub keys: std::sync::RwLock<Arc<ApiKeys>>,
     pub max_body_bytes: usize,
     /// Renders what the process's recorder holds, for `/metrics`.
     pub metrics: PrometheusHandle,
@@ -100,11 +101,11 @@ async fn authenticate(State(state): Shared, mut req: Request, next: Next) -> Res
             let (scheme, key) = v.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
         });
-    let Some(key) = presented.and_then(|k| state.keys.authenticate(k)) else {
+    let keys = state.keys.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some(key) = presented.and_then(|k| keys.authenticate(k)).cloned() else {
         return ApiError::unauthorized().into_response();
     };
     tracing::Span::current().record("key", key.name.as_str());
-    let key = key.clone();
     let name = key.name.clone();
     req.extensions_mut().insert(key);
     tokenkeep_host::audit::as_caller(&name, next.run(req)).await

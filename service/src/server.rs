@@ -15,6 +15,21 @@ use tokenkeep_host::{Error, Keeper};
 use tokio::net::{TcpListener, UnixListener};
 use tracing::Instrument;
 
+/// Applies a new configuration to a running service: the API keys and the
+/// providers. Requests in flight finish with what they started with.
+/// Listeners, the refresher's settings and webhooks need a restart.
+#[derive(Clone)]
+pub struct Reloader {
+    state: Arc<ApiState>,
+}
+
+impl Reloader {
+    pub fn reload(&self, config: tokenkeep_host::Config, settings: ServeSettings) {
+        self.state.keeper.reload_config(config);
+        *self.state.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings.keys);
+    }
+}
+
 /// Mode of the Unix socket: its owner and group may connect (the key is
 /// still required).
 const SOCKET_MODE: u32 = 0o660;
@@ -80,11 +95,18 @@ impl Server {
             webhooks: settings.webhooks,
             state: Arc::new(ApiState {
                 keeper,
-                keys: settings.keys,
+                keys: std::sync::RwLock::new(Arc::new(settings.keys)),
                 max_body_bytes: settings.max_body_bytes,
                 metrics: crate::api::metrics_recorder()?,
             }),
         })
+    }
+
+    /// What a reload (SIGHUP) replaces while the service answers.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            state: self.state.clone(),
+        }
     }
 
     /// Where the service answers (a TCP port 0 resolved to the port taken).

@@ -54,11 +54,17 @@ impl Service {
     /// Starts `serve` against `world` on a socket named `name` in its
     /// scratch directory and a loopback port, and waits until it answers.
     pub fn start(world: &super::World, name: &str, log: &str) -> Self {
+        Self::start_with(world, name, log, &[])
+    }
+
+    /// [`Service::start`] with more environment.
+    pub fn start_with(world: &super::World, name: &str, log: &str, env: &[(&str, &str)]) -> Self {
         let unix = world.scratch.0.join(format!("{name}.sock"));
         let mut child = world
             .cli()
             .env("TK_TEST_OPS_KEY", OPS_KEY)
             .env("TOKENKEEP_LOG", log)
+            .envs(env.iter().copied())
             .args(["serve", "--listen"])
             .arg(format!("unix:{},tcp:127.0.0.1:0", unix.display()))
             .stdin(Stdio::null())
