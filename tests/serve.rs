@@ -736,6 +736,8 @@ async fn sighup_reloads_keys_and_providers_without_dropping_a_request_in_flight(
         "{config}\n[providers.globex]\ntoken_url = \"{}\"\nclient_id = \"dev-client\"\nclient_secret = \"dev-secret\"\n",
         w.provider.token_url()
     );
+    // acme's endpoint moves: the call in flight keeps the one it began with.
+    let config = config.replacen(&w.provider.token_url(), "http://127.0.0.1:9/moved", 1);
     std::fs::write(&w.config_path, &config).unwrap();
     s.signal(1);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -739,21 +739,19 @@ async fn open_with(
 /// replace the running ones. A file that does not parse changes nothing
 /// (one line on standard error says why).
 fn reload(cli: &Cli, listen: &[String], reloader: &tokenkeep_service::server::Reloader) {
-    let read = config_text(cli).and_then(|text| {
+    let reloaded = config_text(cli).and_then(|text| {
         let text = text.unwrap_or_default();
-        Ok((
+        reloader.reload(
             Config::parse(&text)?,
             ServeSettings::parse(&text, listen, default_socket())?,
-        ))
+        )
     });
-    match read {
-        Ok((config, settings)) => {
-            reloader.reload(config, settings);
-            tracing::info!("configuration reloaded");
-        }
-        Err(e) => eprintln!(
-            "tokenkeep: {}: reload refused, the running configuration stays: {e}",
-            e.class()
+    match reloaded {
+        Ok(()) => tracing::info!("configuration reloaded"),
+        // Through the log: one line, in the log's format.
+        Err(e) => tracing::error!(
+            class = e.class(),
+            "reload refused, the running configuration stays: {e}"
         ),
     }
 }
@@ -771,6 +769,10 @@ fn default_socket() -> Listen {
 /// API until SIGTERM or SIGINT; a second signal stops at once.
 async fn serve(cli: &Cli, listen: &[String]) -> Result<Finished, Error> {
     let mut signals = Signals::new()?;
+    // Caught from the start: a reload while the keeper opens is applied once
+    // it answers, never the default (which ends the process).
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| Error::Config(format!("cannot catch signals: {e}")))?;
     let text = config_text(cli)?.unwrap_or_default();
     let config = Config::parse(&text)?;
     let settings = ServeSettings::parse(&text, listen, default_socket())?;
@@ -786,8 +788,6 @@ async fn serve(cli: &Cli, listen: &[String]) -> Result<Finished, Error> {
     let running = tokio::spawn(server.run(async move {
         let _ = stop.await;
     }));
-    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|e| Error::Config(format!("cannot catch signals: {e}")))?;
     let signal = loop {
         tokio::select! {
             signal = signals.next() => break signal,

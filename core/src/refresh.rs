@@ -205,7 +205,7 @@ impl<H: Host> Keeper<H> {
         // 1. One unlocked read, which also tells the shared clock's time.
         let RowRead { row, now } = self.host.read(provider, user_id)?;
         let row = row.ok_or(RefreshError::NotFound)?;
-        want.attainable(&row)?;
+        want.attainable(&row, now)?;
         if !want.due(&row, now) {
             return self.grant(&row);
         }
@@ -806,9 +806,13 @@ impl Want {
     /// lifetime could only be met by refreshing more often than the window
     /// allows (on every call, near the lifetime): refused before anything
     /// is done.
-    fn attainable(&self, row: &SealedRow) -> Result<(), RefreshError> {
+    fn attainable(&self, row: &SealedRow, now: i64) -> Result<(), RefreshError> {
         match row.access_token_expires_at {
-            Some(at) if self.min_remaining > 0 => self.lives_long_enough(row.obtained_at, at),
+            // An expired token (one stored late, say) is refreshed first:
+            // its new lifetime is then what counts.
+            Some(at) if self.min_remaining > 0 && at > now => {
+                self.lives_long_enough(row.obtained_at, at)
+            }
             _ => Ok(()),
         }
     }

@@ -102,7 +102,7 @@ pub struct Keeper {
     detached: TaskTracker,
     /// `ensure_fresh` calls in flight, per row: callers in this process
     /// for the same token share one call (one connection, one refresh).
-    flights: Arc<Mutex<HashMap<RowKey, Flight>>>,
+    flights: Arc<Mutex<HashMap<RowKey, (Flight, u32)>>>,
     /// Where reads, refreshes, stores and deletes are recorded.
     audit: Option<AuditLog>,
 }
@@ -118,14 +118,16 @@ const FLIGHTS_JOINED: usize = 3;
 type Flight = watch::Receiver<Option<Result<AccessGrant, Error>>>;
 
 /// Takes the flights map even if a task panicked holding it.
-fn flights(map: &Mutex<HashMap<RowKey, Flight>>) -> MutexGuard<'_, HashMap<RowKey, Flight>> {
+fn flights(
+    map: &Mutex<HashMap<RowKey, (Flight, u32)>>,
+) -> MutexGuard<'_, HashMap<RowKey, (Flight, u32)>> {
     map.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Takes a flight off the map when its task ends, however it ends (a panic
 /// included), and only that flight.
 struct Landing {
-    flights: Arc<Mutex<HashMap<RowKey, Flight>>>,
+    flights: Arc<Mutex<HashMap<RowKey, (Flight, u32)>>>,
     key: RowKey,
     flight: Flight,
 }
@@ -135,7 +137,7 @@ impl Drop for Landing {
         let mut map = flights(&self.flights);
         if map
             .get(&self.key)
-            .is_some_and(|f| f.same_channel(&self.flight))
+            .is_some_and(|(f, _)| f.same_channel(&self.flight))
         {
             map.remove(&self.key);
         }
@@ -194,13 +196,28 @@ impl Keeper {
     /// now on use `config`; calls in flight finish with the one they began
     /// with. The lock wait and the database settings are read at open and
     /// need a restart.
-    pub fn reload_config(&self, config: Config) {
+    pub fn reload_config(&self, config: Config) -> Result<(), Error> {
         let shared = self.runtime.shared();
+        let running = shared.config();
+        // The call budget and the database's patience with a silent lock
+        // holder were sized at open for the slowest provider then: a slower
+        // one could be cut off between its answer and the commit.
+        if config.lock_wait_ms != running.lock_wait_ms
+            || config.slowest_provider_call() > running.slowest_provider_call()
+            || config.audit_retention_days != running.audit_retention_days
+        {
+            return Err(Error::Config(
+                "lock_wait_ms, audit_retention_days, or a provider slower than the slowest at \
+                 start (timeout_ms and retries) need a restart"
+                    .into(),
+            ));
+        }
         *shared.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
         if let Some(cache) = shared.store.grant_cache() {
             // Thresholds may have changed: the cache starts over.
             cache.invalidate_all();
         }
+        Ok(())
     }
 
     /// Waits until every refresh in flight has committed or failed: call it
@@ -474,37 +491,45 @@ impl Keeper {
             user_id: user_id.to_string(),
         };
         for _ in 0..FLIGHTS_JOINED {
-            let got = self.fly(&row, min_remaining).await;
+            let (got, asked) = self.fly(&row, min_remaining).await;
             let now = self.runtime.shared().store.now();
             match got {
                 Ok(g)
                     if g.expires_at
                         .is_some_and(|at| at.saturating_sub(now) < i64::from(min_remaining)) => {}
+                // A failure of a call that asked for more than this caller
+                // does (a token still good enough for it may be served).
+                Err(_) if asked > min_remaining => {}
                 other => return other,
             }
         }
         // Detached like a flight: a caller that stops waiting never cancels
         // a refresh between the provider's answer and the commit.
         let (runtime, provider, user_id) = self.owned(provider, user_id);
+        let audit = self.audit.clone();
+        let caller = crate::audit::current_caller();
         self.detached(async move {
-            ensure_fresh_once(&runtime, &provider, &user_id, min_remaining)
-                .await
-                .0
+            let (got, refreshed) =
+                ensure_fresh_once(&runtime, &provider, &user_id, min_remaining).await;
+            if refreshed {
+                record_refresh(audit.as_ref(), caller, &provider, &user_id, &got);
+            }
+            got
         })
         .await
     }
 
     /// Joins the call in flight for `row`, or starts one for
     /// `min_remaining`: its answer.
-    async fn fly(&self, row: &RowKey, min_remaining: u32) -> Result<AccessGrant, Error> {
+    async fn fly(&self, row: &RowKey, min_remaining: u32) -> (Result<AccessGrant, Error>, u32) {
         let key = row.clone();
-        let mut flight = {
+        let (mut flight, asked) = {
             let mut map = flights(&self.flights);
             match map.get(&key) {
-                Some(flight) => flight.clone(),
+                Some((flight, asked)) => (flight.clone(), *asked),
                 None => {
                     let (answer, flight) = watch::channel(None);
-                    map.insert(key.clone(), flight.clone());
+                    map.insert(key.clone(), (flight.clone(), min_remaining));
                     let landing = Landing {
                         flights: self.flights.clone(),
                         key,
@@ -526,17 +551,8 @@ impl Keeper {
                             ensure_fresh_once(&runtime, &row.provider, &row.user_id, min_remaining)
                                 .await;
                         if refreshed {
-                            crate::metrics::refresh(&row.provider, outcome(&got));
-                        }
-                        if let (Some((log, caller)), true) = (&audit, refreshed) {
-                            log.record_as(
-                                caller.clone(),
-                                Action::Refresh,
-                                &row.provider,
-                                &row.user_id,
-                                got.as_ref().ok().map(|g| g.generation),
-                                outcome(&got),
-                            );
+                            let (log, caller) = audit.map_or((None, None), |(l, c)| (Some(l), c));
+                            record_refresh(log.as_ref(), caller, &row.provider, &row.user_id, &got);
                         }
                         if let (Some(cache), Some(epoch), Ok(grant)) = (cache, epoch, &got) {
                             cache.fill(epoch, grant);
@@ -546,20 +562,20 @@ impl Keeper {
                         drop(landing);
                         answer.send_replace(Some(got));
                     });
-                    flight
+                    (flight, min_remaining)
                 }
             }
         };
-        let landed = flight
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| Error::Sandbox("the call's task panicked".into()))?;
-        match &*landed {
-            Some(got) => got.clone(),
-            None => Err(Error::Sandbox(
-                "the call's task ended without an answer".into(),
-            )),
-        }
+        let got = match flight.wait_for(Option::is_some).await {
+            Ok(landed) => match &*landed {
+                Some(got) => got.clone(),
+                None => Err(Error::Sandbox(
+                    "the call's task ended without an answer".into(),
+                )),
+            },
+            Err(_) => Err(Error::Sandbox("the call's task panicked".into())),
+        };
+        (got, asked)
     }
 
     /// Deletes a user's tokens; false when there were none.
@@ -1080,6 +1096,27 @@ fn handed<'a>(
         .iter()
         .map(|t| (t.provider.clone(), user_of(&t.provider).to_string()))
         .collect()
+}
+
+/// Counts a refresh, and records it for `caller` when there is a log.
+fn record_refresh(
+    audit: Option<&AuditLog>,
+    caller: Option<Arc<str>>,
+    provider: &str,
+    user_id: &str,
+    got: &Result<AccessGrant, Error>,
+) {
+    crate::metrics::refresh(provider, outcome(got));
+    if let Some(log) = audit {
+        log.record_as(
+            caller,
+            Action::Refresh,
+            provider,
+            user_id,
+            got.as_ref().ok().map(|g| g.generation),
+            outcome(got),
+        );
+    }
 }
 
 /// A call's outcome as the audit log and the metrics name it.

@@ -308,7 +308,10 @@ impl Refresher {
             () = work => {}
             () = stop => {}
         }
+        // Stopped before returning: none starts a refresh after the
+        // keeper's shutdown has waited for those in flight.
         tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
     }
 
     async fn refresh_at(

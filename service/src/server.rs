@@ -24,9 +24,14 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    pub fn reload(&self, config: tokenkeep_host::Config, settings: ServeSettings) {
-        self.state.keeper.reload_config(config);
+    pub fn reload(
+        &self,
+        config: tokenkeep_host::Config,
+        settings: ServeSettings,
+    ) -> Result<(), Error> {
+        self.state.keeper.reload_config(config)?;
         *self.state.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings.keys);
+        Ok(())
     }
 }
 
