@@ -437,8 +437,22 @@ impl Keeper {
         user_id: &str,
         min_remaining: u32,
     ) -> Result<AccessGrant, Error> {
-        let got = self.fresh_for(provider, user_id, min_remaining).await;
-        crate::metrics::read(self.provider_label(provider), outcome(&got));
+        // The configuration once per read: its threshold for the cache, its
+        // names for the metrics label.
+        let threshold = self
+            .config()
+            .providers
+            .get(provider)
+            .map(|p| p.refresh_threshold_seconds);
+        let got = self
+            .fresh_for(provider, user_id, min_remaining, threshold)
+            .await;
+        let label = if threshold.is_some() {
+            provider
+        } else {
+            "unknown"
+        };
+        crate::metrics::read(label, outcome(&got));
         self.audit(Action::Read, provider, user_id, &got, |g| {
             Some(g.generation)
         });
@@ -451,6 +465,7 @@ impl Keeper {
         provider: &str,
         user_id: &str,
         min_remaining: u32,
+        threshold: Option<u32>,
     ) -> Result<AccessGrant, Error> {
         let shared = self.runtime.shared();
         let Some(cache) = shared.store.grant_cache() else {
@@ -459,11 +474,7 @@ impl Keeper {
                 .await;
         };
         let now = shared.store.now();
-        if let Some(threshold) = shared
-            .config()
-            .providers
-            .get(provider)
-            .map(|p| p.refresh_threshold_seconds)
+        if let Some(threshold) = threshold
             && let Some(grant) = cache.get(provider, user_id, now, threshold)
             && grant
                 .expires_at

@@ -138,6 +138,29 @@ impl Caller {
     }
 }
 
+/// The (provider, user) of a `/v1/tokens/{provider}/{user}…` path,
+/// percent-decoded, that the request's key may reach (403 otherwise).
+pub struct TokenRow {
+    pub provider: String,
+    pub user: String,
+}
+
+impl FromRequestParts<Arc<ApiState>> for TokenRow {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, ApiError> {
+        let p = Path::<(String, String)>::from_request_parts(parts, state).await;
+        let (provider, user) = path(p)?;
+        Caller::from_request_parts(parts, state)
+            .await?
+            .may(&provider, &user)?;
+        Ok(TokenRow { provider, user })
+    }
+}
+
 /// A JSON body, at most the configured size, parsed into `T`.
 pub struct Body<T>(pub T);
 
@@ -245,13 +268,10 @@ struct AccessQuery {
 
 async fn access_token(
     State(state): Shared,
-    caller: Caller,
-    p: Result<Path<(String, String)>, PathRejection>,
+    TokenRow { provider, user }: TokenRow,
     q: Result<Query<AccessQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let (provider, user) = path(p)?;
     let q = query(q)?;
-    caller.may(&provider, &user)?;
     let grant = state
         .keeper
         .ensure_fresh_for(&provider, &user, q.min_remaining.unwrap_or(0))
@@ -272,11 +292,8 @@ async fn access_token(
 
 async fn token_state(
     State(state): Shared,
-    caller: Caller,
-    p: Result<Path<(String, String)>, PathRejection>,
+    TokenRow { provider, user }: TokenRow,
 ) -> Result<Response, ApiError> {
-    let (provider, user) = path(p)?;
-    caller.may(&provider, &user)?;
     match state.keeper.token_summary(&provider, &user).await? {
         Some(s) => Ok(no_store(StatusCode::OK, summary_json(&s))),
         None => Err(not_found(provider, user)),
@@ -285,12 +302,9 @@ async fn token_state(
 
 async fn store_tokens(
     State(state): Shared,
-    caller: Caller,
-    p: Result<Path<(String, String)>, PathRejection>,
+    TokenRow { provider, user }: TokenRow,
     Body(response): Body<Value>,
 ) -> Result<Response, ApiError> {
-    let (provider, user) = path(p)?;
-    caller.may(&provider, &user)?;
     // Lifetimes count on the keeper's clock (the database's).
     let body =
         serde_json::to_vec(&response).map_err(|_| ApiError::bad_request("unreadable body"))?;
@@ -306,11 +320,8 @@ async fn store_tokens(
 
 async fn delete_tokens(
     State(state): Shared,
-    caller: Caller,
-    p: Result<Path<(String, String)>, PathRejection>,
+    TokenRow { provider, user }: TokenRow,
 ) -> Result<Response, ApiError> {
-    let (provider, user) = path(p)?;
-    caller.may(&provider, &user)?;
     if state.keeper.delete_tokens(&provider, &user).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
