@@ -6,11 +6,12 @@ mod common;
 
 use base64::Engine as _;
 use common::service::{self, OPS_KEY, Service, request};
-use common::{Backend, World};
+use common::{Backend, World, raw_sql, token_set};
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokenkeep_host::refresher::{Refresher, RefresherSettings};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -358,8 +359,10 @@ async fn a_revoked_token_is_announced_once_and_its_recovery_too_across_an_outage
 
 async fn events_follow_the_change(backend: Backend) {
     let w = World::new(backend, "events-outbox").await;
-    w.store("alice", "at-alice", Some("rt-0"), -10).await;
     let k = &w.keeper;
+    k.register_webhook("hook").await.unwrap();
+    k.register_webhook("other-hook").await.unwrap();
+    w.store("alice", "at-alice", Some("rt-0"), -10).await;
     assert_eq!(
         k.next_event("hook").await.unwrap(),
         None,
@@ -404,15 +407,153 @@ async fn events_follow_the_change(backend: Backend) {
         1,
         "per webhook"
     );
+    // A webhook added now is not sent what came before it.
+    k.register_webhook("late").await.unwrap();
+    assert_eq!(k.next_event("late").await.unwrap(), None);
+    assert_eq!(k.pending_events("late").await.unwrap(), 0);
     w.store("alice", "at-new", Some("rt-new"), 3600).await;
     let second = k.next_event("hook").await.unwrap().expect("recovered");
     assert_eq!((second.state.as_str(), second.reason), ("recovered", None));
     assert!(second.id > first.id && second.generation > first.generation);
+    assert_eq!(
+        k.next_event("late").await.unwrap().map(|e| e.id),
+        Some(second.id)
+    );
+    k.register_webhook("late").await.unwrap();
+    assert_eq!(
+        k.next_event("late").await.unwrap().map(|e| e.id),
+        Some(second.id),
+        "registering again moves nothing"
+    );
     k.release_webhook("hook", "me").await.unwrap();
     assert!(
         k.lease_webhook("hook", "someone-else").await.unwrap(),
         "released"
     );
+    // Events past the retention go, with their deliveries; newer ones stay.
+    raw_sql(
+        &w.database_url,
+        &format!(
+            "UPDATE tokenkeep_events SET at = at - 31 * 86400 WHERE id = {}",
+            first.id
+        ),
+    )
+    .await;
+    assert_eq!(k.prune_events(30).await.unwrap(), 1);
+    assert_eq!(
+        k.pending_events("other-hook").await.unwrap(),
+        1,
+        "only the recovery left"
+    );
+    assert_eq!(
+        k.next_event("hook").await.unwrap().map(|e| e.id),
+        Some(second.id)
+    );
+}
+
+/// Every event not yet taken by `hook`, oldest first, marked delivered.
+async fn drain(k: &tokenkeep_host::Keeper, hook: &str) -> Vec<tokenkeep_host::events::Event> {
+    assert!(k.lease_webhook(hook, "drain").await.unwrap());
+    let mut all = Vec::new();
+    while let Some(e) = k.next_event(hook).await.unwrap() {
+        assert!(k.mark_delivered(hook, "drain", e.id).await.unwrap());
+        all.push(e);
+    }
+    all
+}
+
+fn states(events: &[tokenkeep_host::events::Event]) -> Vec<String> {
+    let mut s: Vec<String> = events
+        .iter()
+        .map(|e| format!("{} {} {:?}", e.user_id, e.state, e.reason))
+        .collect();
+    s.sort();
+    s
+}
+
+async fn time_decided_states_are_announced_once(backend: Backend) {
+    let w = World::new(backend, "events-time").await;
+    let k = &w.keeper;
+    k.register_webhook("hook").await.unwrap();
+    let other = w.another_keeper().await;
+    let settings = RefresherSettings {
+        max_failures: 1,
+        ..Default::default()
+    };
+    let scanners = [
+        Refresher::new(k.clone(), settings.clone()),
+        Refresher::new(other, settings),
+    ];
+    let now = w.now();
+    // Due now (inside the 60 s skew), and refused a refresh once: the
+    // refresher leaves it be.
+    w.store("due", "at-due", Some("rt-0"), 30).await;
+    w.provider
+        .set(|b| b.canned = Some((503, "text/plain".into(), String::new())));
+    let e = k.ensure_fresh("acme", "due").await.unwrap_err();
+    assert_eq!(e.class(), "provider-unavailable");
+    w.provider.set(|b| b.canned = None);
+    // A refresh token that ends in three hours.
+    let mut ending = token_set("at-ending", Some("rt-ending"), Some(now + 3600));
+    ending.refresh_token_expires_at = Some(now + 3 * 3600);
+    k.store_tokens("acme", "ending", &ending).await.unwrap();
+    // Expired, with nothing to refresh it.
+    w.store("dead", "at-dead", None, -10).await;
+    w.store("fine", "at-fine", Some("rt-fine"), 3600).await;
+    assert_eq!(
+        drain(k, "hook").await,
+        vec![],
+        "storing and failing are no events"
+    );
+
+    // Two processes scan at once: each change is announced once.
+    let (a, b) = tokio::join!(scanners[0].scan(), scanners[1].scan());
+    assert_eq!(a.unwrap().announced + b.unwrap().announced, 3);
+    let got = drain(k, "hook").await;
+    assert_eq!(
+        states(&got),
+        [
+            "dead reauthorization-required Some(\"reauthorization-required\")",
+            "due refresh-due Some(\"provider-unavailable\")",
+            "ending refresh-token-expiring None",
+        ]
+    );
+    for s in &scanners {
+        assert_eq!(
+            s.scan().await.unwrap().announced,
+            0,
+            "nothing changed since"
+        );
+    }
+    assert_eq!(drain(k, "hook").await, vec![]);
+
+    // The refresh that makes it fresh says so, in its own transaction; a
+    // new token for the dead one is its recovery.
+    w.backoff_over().await;
+    k.ensure_fresh("acme", "due").await.unwrap();
+    w.store("dead", "at-dead-2", None, 3600).await;
+    let got = drain(k, "hook").await;
+    assert_eq!(
+        got.iter()
+            .map(|e| format!("{} {}", e.user_id, e.state))
+            .collect::<Vec<_>>(),
+        ["due fresh", "dead recovered"]
+    );
+    assert!(got[0].generation > 1);
+    for s in &scanners {
+        assert_eq!(s.scan().await.unwrap().announced, 0, "as announced");
+    }
+    assert_eq!(drain(k, "hook").await, vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_states_that_time_decides_are_announced_once_by_two_processes() {
+    time_decided_states_are_announced_once(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_states_that_time_decides_are_announced_once_by_two_processes() {
+    time_decided_states_are_announced_once(Backend::Sqlite).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

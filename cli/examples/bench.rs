@@ -421,6 +421,7 @@ async fn api(
         max_body_bytes: 65_536,
         refresher: None,
         webhooks: Vec::new(),
+        event_retention_days: None,
     };
     let server = Server::bind(k.clone(), settings).await.expect("bind");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

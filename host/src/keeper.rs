@@ -314,6 +314,38 @@ impl Keeper {
         Ok(self.runtime.shared().store.pending_events(webhook).await?)
     }
 
+    /// Makes `webhook` known: the first time, its deliveries start after
+    /// the events written so far.
+    pub async fn register_webhook(&self, webhook: &str) -> Result<(), Error> {
+        Ok(self
+            .runtime
+            .shared()
+            .store
+            .register_webhook(webhook)
+            .await?)
+    }
+
+    /// Deletes the events written more than `days` ago, and their
+    /// deliveries: how many events.
+    pub async fn prune_events(&self, days: u32) -> Result<u64, Error> {
+        let before = self.now() - i64::from(days) * 86_400;
+        Ok(self.runtime.shared().store.prune_events(before).await?)
+    }
+
+    /// The states announced for the rows from `first` to `last`.
+    pub(crate) async fn announced(
+        &self,
+        first: &RowKey,
+        last: &RowKey,
+    ) -> Result<Vec<crate::events::Announced>, Error> {
+        Ok(self.runtime.shared().store.announced(first, last).await?)
+    }
+
+    /// Announces a state time decided, if the row is as the scan saw it.
+    pub(crate) async fn announce(&self, a: &crate::events::Announcement) -> Result<bool, Error> {
+        Ok(self.runtime.shared().store.announce(a).await?)
+    }
+
     /// The database connections this process holds, for metrics.
     pub fn pool_use(&self) -> crate::metrics::PoolUse {
         self.runtime.shared().store.pool_use()

@@ -13,9 +13,10 @@
 use crate::Keeper;
 use crate::config::Provider;
 use crate::error::Error;
+use crate::events::{self, Announced, Announcement};
 use crate::keeper::RowKey;
-use crate::keeper::{TokenState, TokenSummary, token_state_name};
-use std::collections::HashSet;
+use crate::keeper::{TokenState, TokenSummary, error_class_name, token_state_name};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokenkeep_core::validity;
@@ -148,6 +149,52 @@ pub fn plan(
     })
 }
 
+/// The state time has moved `s` into, if it is not the one announced for
+/// it: `None` when there is nothing to announce. A token that this pass
+/// refreshes (`refreshing`) is not announced as due: it will not be for
+/// long. A refusal is left to the writes (a new token is `recovered`).
+fn announcement(
+    s: &TokenSummary,
+    refreshing: bool,
+    announced: &HashMap<RowKey, Announced>,
+) -> Option<Announcement> {
+    let row = key(s);
+    let seen = announced
+        .get(&row)
+        .filter(|a| a.generation == s.generation)?;
+    let reason = match s.state {
+        TokenState::RefreshDue if refreshing => return None,
+        TokenState::ScopeNarrowed => return None,
+        TokenState::Fresh | TokenState::RefreshTokenExpiring => None,
+        TokenState::RefreshDue => s.health.last_failure.map(error_class_name),
+        // With nothing to refresh it, the class a reader gets.
+        TokenState::ReauthorizationRequired => Some(
+            s.health
+                .last_failure
+                .map_or("reauthorization-required", error_class_name),
+        ),
+    };
+    let to = token_state_name(s.state);
+    let from = seen.state.as_deref().unwrap_or(events::FRESH);
+    if from == to || from == "reauthorization-required" {
+        return None;
+    }
+    Some(Announcement {
+        row,
+        generation: s.generation,
+        from: seen.state.clone(),
+        to,
+        reason: reason.map(str::to_string),
+    })
+}
+
+fn key(s: &TokenSummary) -> RowKey {
+    RowKey {
+        provider: s.provider.clone(),
+        user_id: s.user_id.clone(),
+    }
+}
+
 /// FNV-1a over the row and its generation: the same jitter in every
 /// process, different for each token and each of its generations.
 fn fnv(provider: &str, user_id: &str, generation: u64) -> u64 {
@@ -175,6 +222,8 @@ pub struct Scan {
     pub given_up: Vec<(RowKey, u64)>,
     /// Tokens per state, every state named.
     pub states: Vec<(&'static str, u64)>,
+    /// States time decided that this pass announced (see [`crate::events`]).
+    pub announced: u64,
 }
 
 /// The refresher of one process.
@@ -229,6 +278,20 @@ impl Refresher {
                 Err(e) => return Err(e),
             };
             scan.examined += page.len() as u64;
+            let announced = match (page.first(), page.last()) {
+                (Some(first), Some(last)) => self
+                    .keeper
+                    .announced(&key(first), &key(last))
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::debug!(class = e.class(), "announced states unread: {e}");
+                        Vec::new()
+                    }),
+                _ => Vec::new(),
+            };
+            let announced: HashMap<RowKey, Announced> =
+                announced.into_iter().map(|a| (a.row.clone(), a)).collect();
+            let mut changes = Vec::new();
             let config = self.keeper.config();
             for s in &page {
                 *states.entry(token_state_name(s.state)).or_default() += 1;
@@ -245,10 +308,19 @@ impl Refresher {
                     };
                     scan.given_up.push((row, s.generation));
                 }
-                if let Some(p) = plan(s, provider, &self.settings)
-                    && p.at <= horizon
-                {
-                    scan.planned.push(p);
+                let planned = plan(s, provider, &self.settings).filter(|p| p.at <= horizon);
+                if let Some(a) = announcement(s, planned.is_some(), &announced) {
+                    changes.push(a);
+                }
+                scan.planned.extend(planned);
+            }
+            for a in &changes {
+                match self.keeper.announce(a).await {
+                    Ok(true) => scan.announced += 1,
+                    // Changed since the page was read, or being refreshed:
+                    // the next pass decides.
+                    Ok(false) => {}
+                    Err(e) => tracing::debug!(class = e.class(), "state not announced: {e}"),
                 }
             }
             match page.last() {

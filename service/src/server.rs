@@ -45,6 +45,7 @@ pub struct Server {
     state: Arc<ApiState>,
     refresher: Option<RefresherSettings>,
     webhooks: Vec<Webhook>,
+    event_retention_days: Option<u32>,
 }
 
 enum Bound {
@@ -98,6 +99,7 @@ impl Server {
             listeners,
             refresher: settings.refresher,
             webhooks: settings.webhooks,
+            event_retention_days: settings.event_retention_days,
             state: Arc::new(ApiState {
                 keeper,
                 keys: std::sync::RwLock::new(Arc::new(settings.keys)),
@@ -176,6 +178,13 @@ impl Server {
                 self.state.keeper.clone(),
                 webhook,
                 holder.clone(),
+                stopped.clone(),
+            ));
+        }
+        if let Some(days) = self.event_retention_days {
+            delivering.spawn(crate::webhooks::prune(
+                self.state.keeper.clone(),
+                days,
                 stopped.clone(),
             ));
         }

@@ -63,6 +63,9 @@ impl std::fmt::Display for Listen {
     }
 }
 
+/// How long token events (delivered or not) are kept by default.
+pub const DEFAULT_EVENT_RETENTION_DAYS: u32 = 30;
+
 /// Everything `serve` needs besides the keeper.
 #[derive(Debug, Clone)]
 pub struct ServeSettings {
@@ -73,6 +76,8 @@ pub struct ServeSettings {
     pub refresher: Option<RefresherSettings>,
     /// Where token events are delivered.
     pub webhooks: Vec<Webhook>,
+    /// How long token events are kept; `None`: for ever.
+    pub event_retention_days: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -87,6 +92,8 @@ struct RawServe {
     refresher: RawRefresher,
     #[serde(default)]
     webhooks: BTreeMap<String, RawWebhook>,
+    /// 0: keep events for ever.
+    event_retention_days: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -217,6 +224,10 @@ impl ServeSettings {
             keys: ApiKeys::new(keys),
             max_body_bytes,
             refresher: serve.refresher.settings()?,
+            event_retention_days: match serve.event_retention_days {
+                Some(0) => None,
+                days => Some(days.unwrap_or(DEFAULT_EVENT_RETENTION_DAYS)),
+            },
             webhooks: serve
                 .webhooks
                 .into_iter()

@@ -131,6 +131,23 @@ pub async fn deliver(
 ) {
     let mut backoff = Duration::ZERO;
     let mut reported = false;
+    // A webhook seen for the first time starts at the events written from
+    // now on; one the database knows resumes where its deliveries stop.
+    while let Err(e) = keeper.register_webhook(&webhook.name).await {
+        backoff = (backoff * 2).clamp(POLL, MAX_BACKOFF);
+        if !reported {
+            reported = true;
+            tracing::warn!(webhook = %webhook.name, class = e.class(), "webhook not registered yet: {e}");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
+    (backoff, reported) = (Duration::ZERO, false);
     loop {
         if *stop.borrow() {
             // Another process may take over at once.
@@ -166,6 +183,26 @@ pub async fn deliver(
         }
     }
 }
+
+/// Deletes the events older than `days` days, and their deliveries, at
+/// start and every hour until `stop` says so: an event a receiver has not
+/// taken in that time is given up.
+pub async fn prune(keeper: Arc<Keeper>, days: u32, mut stop: tokio::sync::watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        match keeper.prune_events(days).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "token events past retention pruned"),
+            Err(e) => tracing::warn!(class = e.class(), "event pruning failed: {e}"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PRUNE_EVERY) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// How often events past the retention are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// One step: the oldest undelivered event, delivered. `None`: nothing to
 /// do (no event, or another process holds the lease); `Some(false)`: the

@@ -177,6 +177,25 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'a, Result<bool, StorageError>>;
     /// Events not yet delivered to `webhook`.
     fn pending_events<'a>(&'a self, webhook: &'a str) -> BoxFuture<'a, Result<u64, StorageError>>;
+    /// The first time `webhook` is seen, starts its deliveries after the
+    /// events written so far.
+    fn register_webhook<'a>(&'a self, webhook: &'a str) -> BoxFuture<'a, Result<(), StorageError>>;
+    /// Deletes the events written before `before`, and their deliveries:
+    /// how many events.
+    fn prune_events(&self, before: i64) -> BoxFuture<'_, Result<u64, StorageError>>;
+    /// The states announced for the rows from `first` to `last`.
+    fn announced<'a>(
+        &'a self,
+        first: &'a RowKey,
+        last: &'a RowKey,
+    ) -> BoxFuture<'a, Result<Vec<events::Announced>, StorageError>>;
+    /// Writes the event and the row's announced state in one transaction,
+    /// if the row still has the generation and the announced state the
+    /// scan saw and no refresh holds it: whether it did.
+    fn announce<'a>(
+        &'a self,
+        a: &'a events::Announcement,
+    ) -> BoxFuture<'a, Result<bool, StorageError>>;
 }
 
 /// The outbox's SQL, the same on both backends but for the database's
@@ -187,15 +206,33 @@ pub(crate) mod outbox {
          SET holder = excluded.holder, until = excluded.until \
          WHERE tokenkeep_webhook_leases.holder = excluded.holder \
          OR tokenkeep_webhook_leases.until < {now}";
+    /// A webhook seen for the first time starts after the events already
+    /// written: a webhook added to a running system is not sent its history.
+    pub const REGISTER: &str = "INSERT INTO tokenkeep_webhook_leases \
+         (webhook, holder, until, start_after) \
+         SELECT CAST($1 AS TEXT), '', 0, COALESCE(max(id), 0) FROM tokenkeep_events WHERE true \
+         ON CONFLICT (webhook) DO NOTHING";
     pub const NEXT: &str = "SELECT id, at, provider, user_id, state, reason, generation, \
-         conversations FROM tokenkeep_events e WHERE NOT EXISTS (SELECT 1 FROM \
+         conversations FROM tokenkeep_events e WHERE e.id > (SELECT start_after FROM \
+         tokenkeep_webhook_leases WHERE webhook = $1) AND NOT EXISTS (SELECT 1 FROM \
          tokenkeep_deliveries d WHERE d.webhook = $1 AND d.event_id = e.id) ORDER BY id LIMIT 1";
     pub const MARK: &str = "INSERT INTO tokenkeep_deliveries (webhook, event_id, delivered_at) \
          SELECT webhook, CAST($3 AS BIGINT), {now} FROM tokenkeep_webhook_leases \
          WHERE webhook = $1 AND holder = $2 AND until >= {now} \
          ON CONFLICT (webhook, event_id) DO NOTHING";
-    pub const PENDING: &str = "SELECT count(*) FROM tokenkeep_events e WHERE NOT EXISTS \
+    pub const PENDING: &str = "SELECT count(*) FROM tokenkeep_events e WHERE e.id > (SELECT \
+         start_after FROM tokenkeep_webhook_leases WHERE webhook = $1) AND NOT EXISTS \
          (SELECT 1 FROM tokenkeep_deliveries d WHERE d.webhook = $1 AND d.event_id = e.id)";
+    /// Events written before `$1`, and then the deliveries of events no
+    /// longer kept.
+    pub const PRUNE_EVENTS: &str = "DELETE FROM tokenkeep_events WHERE at < $1";
+    pub const PRUNE_DELIVERIES: &str = "DELETE FROM tokenkeep_deliveries WHERE NOT EXISTS \
+         (SELECT 1 FROM tokenkeep_events e WHERE e.id = tokenkeep_deliveries.event_id)";
+    /// The states announced for the rows from `($1, $2)` to `($3, $4)`: a
+    /// page of the listing, in its order.
+    pub const ANNOUNCED: &str = "SELECT provider, user_id, generation, announced_state \
+         FROM tokenkeep_tokens WHERE (provider, user_id) >= ($1, $2) \
+         AND (provider, user_id) <= ($3, $4)";
 
     /// `sql` with the database's time expression.
     pub fn with_now(sql: &str, now: &str) -> String {
@@ -227,6 +264,17 @@ pub(crate) fn event(
         reason,
         generation: generation.max(0) as u64,
         conversations: serde_json::from_str(&conversations).unwrap_or_default(),
+    }
+}
+
+/// A row's announced state from [`outbox::ANNOUNCED`]'s columns.
+pub(crate) fn announced(
+    (provider, user_id, generation, state): (String, String, i64, Option<String>),
+) -> events::Announced {
+    events::Announced {
+        row: RowKey { provider, user_id },
+        generation: generation.max(0) as u64,
+        state,
     }
 }
 
@@ -518,6 +566,26 @@ impl Store {
 
     pub async fn pending_events(&self, webhook: &str) -> Result<u64, StorageError> {
         self.backend.pending_events(webhook).await
+    }
+
+    pub async fn register_webhook(&self, webhook: &str) -> Result<(), StorageError> {
+        self.backend.register_webhook(webhook).await
+    }
+
+    pub async fn prune_events(&self, before: i64) -> Result<u64, StorageError> {
+        self.backend.prune_events(before).await
+    }
+
+    pub async fn announced(
+        &self,
+        first: &RowKey,
+        last: &RowKey,
+    ) -> Result<Vec<events::Announced>, StorageError> {
+        self.backend.announced(first, last).await
+    }
+
+    pub async fn announce(&self, a: &events::Announcement) -> Result<bool, StorageError> {
+        self.backend.announce(a).await
     }
 
     /// The database connections this process holds.

@@ -357,6 +357,58 @@ const MIGRATIONS: &[(i64, &str)] = &[
     CREATE TRIGGER tokenkeep_token_event AFTER INSERT OR UPDATE ON tokenkeep_tokens
         FOR EACH ROW EXECUTE FUNCTION tokenkeep_token_event();",
     ),
+    (
+        15,
+        // The state last announced for each row (null: none yet, which
+        // stands for fresh), so that the states time decides are announced
+        // once (see `events`); the events a write decides, written before
+        // the row (under its lock) with the state they announce; a
+        // webhook's start; pruning by age.
+        "ALTER TABLE tokenkeep_tokens ADD COLUMN announced_state TEXT;
+    ALTER TABLE tokenkeep_webhook_leases ADD COLUMN start_after BIGINT NOT NULL DEFAULT 0;
+    CREATE INDEX tokenkeep_events_at ON tokenkeep_events (at);
+    DROP TRIGGER tokenkeep_token_event ON tokenkeep_tokens;
+    UPDATE tokenkeep_tokens SET announced_state = 'reauthorization-required'
+        WHERE last_failure = 'reauthorization-required';
+    CREATE FUNCTION tokenkeep_token_write_event() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        state TEXT;
+    BEGIN
+        IF NEW.last_failure = 'reauthorization-required'
+           AND OLD.last_failure IS DISTINCT FROM 'reauthorization-required' THEN
+            IF OLD.announced_state IS DISTINCT FROM 'reauthorization-required' THEN
+                state := 'reauthorization-required';
+            END IF;
+            NEW.announced_state := 'reauthorization-required';
+        ELSIF NEW.last_failure IS DISTINCT FROM 'reauthorization-required'
+           AND (OLD.last_failure = 'reauthorization-required'
+                OR (OLD.announced_state = 'reauthorization-required'
+                    AND NEW.generation <> OLD.generation)) THEN
+            state := 'recovered';
+            NEW.announced_state := NULL;
+        ELSIF NEW.generation <> OLD.generation
+           AND (OLD.announced_state = 'refresh-due'
+                OR (OLD.announced_state = 'refresh-token-expiring'
+                    AND NEW.refresh_token_expires_at
+                        IS DISTINCT FROM OLD.refresh_token_expires_at)) THEN
+            state := 'fresh';
+            NEW.announced_state := 'fresh';
+        END IF;
+        IF state IS NOT NULL THEN
+            INSERT INTO tokenkeep_events
+                (at, provider, user_id, state, reason, generation, conversations)
+            VALUES (extract(epoch FROM now())::BIGINT, NEW.provider, NEW.user_id, state,
+                CASE WHEN state = 'fresh' THEN NULL ELSE NEW.last_failure END, NEW.generation,
+                COALESCE((SELECT json_agg(conversation_id ORDER BY conversation_id)::TEXT
+                    FROM tokenkeep_conversations
+                    WHERE provider = NEW.provider AND user_id = NEW.user_id), '[]'));
+        END IF;
+        RETURN NEW;
+    END
+    $$;
+    CREATE TRIGGER tokenkeep_token_write_event BEFORE UPDATE ON tokenkeep_tokens
+        FOR EACH ROW EXECUTE FUNCTION tokenkeep_token_write_event();",
+    ),
 ];
 
 /// How long one statement may go unanswered (a read, a write of one row, a
@@ -986,6 +1038,21 @@ where
     ))
 }
 
+/// A state time decided: the row's announced state and the event in one
+/// statement, if the row is as the scan saw it; a row a refresh holds
+/// locked is skipped (the refresh decides its state).
+const ANNOUNCE_SQL: &str = "WITH target AS (SELECT provider, user_id FROM tokenkeep_tokens \
+     WHERE provider = $1 AND user_id = $2 AND generation = $3 \
+     AND announced_state IS NOT DISTINCT FROM $4::TEXT FOR UPDATE SKIP LOCKED), \
+     changed AS (UPDATE tokenkeep_tokens t SET announced_state = $5::TEXT FROM target \
+     WHERE t.provider = target.provider AND t.user_id = target.user_id \
+     RETURNING t.provider, t.user_id, t.generation) \
+     INSERT INTO tokenkeep_events (at, provider, user_id, state, reason, generation, conversations) \
+     SELECT extract(epoch FROM now())::BIGINT, provider, user_id, $5::TEXT, $6::TEXT, generation, \
+     COALESCE((SELECT json_agg(conversation_id ORDER BY conversation_id)::TEXT \
+     FROM tokenkeep_conversations x \
+     WHERE x.provider = changed.provider AND x.user_id = changed.user_id), '[]') FROM changed";
+
 /// The database's time in the outbox's SQL.
 const PG_NOW: &str = "extract(epoch FROM now())::BIGINT";
 
@@ -1040,6 +1107,83 @@ impl super::Backend for PgStore {
                 .map_err(error)?;
             let n: i64 = row.try_get(0).map_err(error)?;
             Ok(n.max(0) as u64)
+        }))
+    }
+    fn register_webhook<'a>(&'a self, webhook: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            c.execute(outbox::REGISTER, &[&webhook])
+                .await
+                .map_err(error)?;
+            Ok(())
+        }))
+    }
+    fn prune_events(&self, before: i64) -> BoxFuture<'_, Result<u64, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            let n = c
+                .execute(outbox::PRUNE_EVENTS, &[&before])
+                .await
+                .map_err(error)?;
+            // Idempotent: a cut between the two is made good next time.
+            c.execute(outbox::PRUNE_DELIVERIES, &[])
+                .await
+                .map_err(error)?;
+            Ok(n)
+        }))
+    }
+    fn announced<'a>(
+        &'a self,
+        first: &'a RowKey,
+        last: &'a RowKey,
+    ) -> BoxFuture<'a, Result<Vec<crate::events::Announced>, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            let statement = c.prepare_cached(outbox::ANNOUNCED).await.map_err(error)?;
+            let rows = c
+                .query(
+                    &statement,
+                    &[
+                        &first.provider,
+                        &first.user_id,
+                        &last.provider,
+                        &last.user_id,
+                    ],
+                )
+                .await
+                .map_err(error)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(super::announced((
+                        r.try_get(0).map_err(error)?,
+                        r.try_get(1).map_err(error)?,
+                        r.try_get(2).map_err(error)?,
+                        r.try_get(3).map_err(error)?,
+                    )))
+                })
+                .collect()
+        }))
+    }
+    fn announce<'a>(
+        &'a self,
+        a: &'a crate::events::Announcement,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            let generation = super::to_i64(a.generation)?;
+            let to: &str = a.to;
+            let statement = c.prepare_cached(ANNOUNCE_SQL).await.map_err(error)?;
+            let n = c
+                .execute(
+                    &statement,
+                    &[
+                        &a.row.provider,
+                        &a.row.user_id,
+                        &generation,
+                        &a.from,
+                        &to,
+                        &a.reason,
+                    ],
+                )
+                .await
+                .map_err(error)?;
+            Ok(n == 1)
         }))
     }
     fn pool_use(&self) -> crate::metrics::PoolUse {

@@ -19,6 +19,16 @@ use sqlx::sqlite::{
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The conversations that use a trigger's row `NEW`, as a JSON array in
+/// their order.
+macro_rules! sqlite_conversations {
+    () => {
+        "(SELECT json_group_array(conversation_id) FROM (SELECT conversation_id
+                FROM tokenkeep_conversations WHERE provider = NEW.provider
+                AND user_id = NEW.user_id ORDER BY conversation_id))"
+    };
+}
+
 const MIGRATIONS: &[(i64, &str)] = &[
     (
         1,
@@ -145,6 +155,93 @@ const MIGRATIONS: &[(i64, &str)] = &[
                 FROM tokenkeep_conversations WHERE provider = NEW.provider
                 AND user_id = NEW.user_id ORDER BY conversation_id)));
     END",
+    ),
+    (
+        12,
+        // The state last announced for the row (see `events`): null until
+        // one is, which stands for fresh.
+        "ALTER TABLE tokenkeep_tokens ADD COLUMN announced_state TEXT",
+    ),
+    (
+        13,
+        // Refusals announced before the column existed.
+        "UPDATE tokenkeep_tokens SET announced_state = 'reauthorization-required'
+    WHERE last_failure = 'reauthorization-required'",
+    ),
+    (
+        14,
+        // A webhook's deliveries start after the events written before it
+        // was first seen.
+        "ALTER TABLE tokenkeep_webhook_leases ADD COLUMN start_after INTEGER NOT NULL DEFAULT 0",
+    ),
+    (
+        15,
+        "CREATE INDEX tokenkeep_events_at ON tokenkeep_events (at)",
+    ),
+    (16, "DROP TRIGGER tokenkeep_event_reauthorization"),
+    (17, "DROP TRIGGER tokenkeep_event_recovered"),
+    (
+        18,
+        // The events a write decides, in its transaction, and the state
+        // they announce. (The nested updates change only the announced
+        // state, which none of these triggers watch.)
+        concat!(
+            "CREATE TRIGGER tokenkeep_event_reauthorization AFTER UPDATE ON tokenkeep_tokens
+    WHEN NEW.last_failure = 'reauthorization-required'
+        AND OLD.last_failure IS NOT 'reauthorization-required'
+    BEGIN
+        INSERT INTO tokenkeep_events
+            (at, provider, user_id, state, reason, generation, conversations)
+        SELECT unixepoch(), NEW.provider, NEW.user_id, 'reauthorization-required',
+            NEW.last_failure, NEW.generation, ",
+            sqlite_conversations!(),
+            "
+        WHERE OLD.announced_state IS NOT 'reauthorization-required';
+        UPDATE tokenkeep_tokens SET announced_state = 'reauthorization-required'
+        WHERE provider = NEW.provider AND user_id = NEW.user_id;
+    END"
+        ),
+    ),
+    (
+        19,
+        concat!(
+            "CREATE TRIGGER tokenkeep_event_recovered AFTER UPDATE ON tokenkeep_tokens
+    WHEN NEW.last_failure IS NOT 'reauthorization-required'
+        AND (OLD.last_failure = 'reauthorization-required'
+            OR (OLD.announced_state = 'reauthorization-required'
+                AND NEW.generation <> OLD.generation))
+    BEGIN
+        INSERT INTO tokenkeep_events
+            (at, provider, user_id, state, reason, generation, conversations)
+        VALUES (unixepoch(), NEW.provider, NEW.user_id, 'recovered', NEW.last_failure,
+            NEW.generation, ",
+            sqlite_conversations!(),
+            ");
+        UPDATE tokenkeep_tokens SET announced_state = NULL
+        WHERE provider = NEW.provider AND user_id = NEW.user_id;
+    END"
+        ),
+    ),
+    (
+        20,
+        concat!(
+            "CREATE TRIGGER tokenkeep_event_fresh AFTER UPDATE ON tokenkeep_tokens
+    WHEN NEW.generation <> OLD.generation
+        AND NEW.last_failure IS NOT 'reauthorization-required'
+        AND OLD.last_failure IS NOT 'reauthorization-required'
+        AND (OLD.announced_state = 'refresh-due'
+            OR (OLD.announced_state = 'refresh-token-expiring'
+                AND NEW.refresh_token_expires_at IS NOT OLD.refresh_token_expires_at))
+    BEGIN
+        INSERT INTO tokenkeep_events
+            (at, provider, user_id, state, reason, generation, conversations)
+        VALUES (unixepoch(), NEW.provider, NEW.user_id, 'fresh', NULL, NEW.generation, ",
+            sqlite_conversations!(),
+            ");
+        UPDATE tokenkeep_tokens SET announced_state = 'fresh'
+        WHERE provider = NEW.provider AND user_id = NEW.user_id;
+    END"
+        ),
     ),
 ];
 
@@ -388,6 +485,101 @@ impl super::Backend for SqliteStore {
                 .await
                 .map_err(error)?;
             Ok(n.max(0) as u64)
+        })
+    }
+    fn register_webhook<'a>(&'a self, webhook: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(async move {
+            sqlx::query(outbox::REGISTER)
+                .bind(webhook)
+                .execute(&self.pool)
+                .await
+                .map_err(error)?;
+            Ok(())
+        })
+    }
+    fn prune_events(&self, before: i64) -> BoxFuture<'_, Result<u64, StorageError>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await.map_err(error)?;
+            let n = sqlx::query(outbox::PRUNE_EVENTS)
+                .bind(before)
+                .execute(&mut *tx)
+                .await
+                .map_err(error)?
+                .rows_affected();
+            sqlx::query(outbox::PRUNE_DELIVERIES)
+                .execute(&mut *tx)
+                .await
+                .map_err(error)?;
+            tx.commit().await.map_err(error)?;
+            Ok(n)
+        })
+    }
+    fn announced<'a>(
+        &'a self,
+        first: &'a RowKey,
+        last: &'a RowKey,
+    ) -> BoxFuture<'a, Result<Vec<crate::events::Announced>, StorageError>> {
+        Box::pin(async move {
+            let rows: Vec<(String, String, i64, Option<String>)> =
+                sqlx::query_as(outbox::ANNOUNCED)
+                    .bind(&first.provider)
+                    .bind(&first.user_id)
+                    .bind(&last.provider)
+                    .bind(&last.user_id)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(error)?;
+            Ok(rows.into_iter().map(super::announced).collect())
+        })
+    }
+    fn announce<'a>(
+        &'a self,
+        a: &'a crate::events::Announcement,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(async move {
+            let generation = super::to_i64(a.generation)?;
+            // The write lock, waited for at most the lock wait: a refresh
+            // holding it decides the row's state itself.
+            let mut tx = self
+                .tx_pool
+                .begin_with("BEGIN IMMEDIATE")
+                .await
+                .map_err(error)?;
+            let changed = sqlx::query(
+                "UPDATE tokenkeep_tokens SET announced_state = $5 \
+                 WHERE provider = $1 AND user_id = $2 AND generation = $3 \
+                 AND announced_state IS $4",
+            )
+            .bind(&a.row.provider)
+            .bind(&a.row.user_id)
+            .bind(generation)
+            .bind(&a.from)
+            .bind(a.to)
+            .execute(&mut *tx)
+            .await
+            .map_err(error)?
+            .rows_affected();
+            if changed != 1 {
+                return Ok(false);
+            }
+            sqlx::query(
+                "INSERT INTO tokenkeep_events \
+                 (at, provider, user_id, state, reason, generation, conversations) \
+                 VALUES (unixepoch(), $1, $2, $3, $4, $5, \
+                 (SELECT json_group_array(conversation_id) FROM (SELECT conversation_id \
+                  FROM tokenkeep_conversations WHERE provider = $1 AND user_id = $2 \
+                  ORDER BY conversation_id)))",
+            )
+            .bind(&a.row.provider)
+            .bind(&a.row.user_id)
+            .bind(a.to)
+            .bind(&a.reason)
+            .bind(generation)
+            .execute(&mut *tx)
+            .await
+            .map_err(error)?;
+            tx.commit().await.map_err(error)?;
+            Ok(true)
         })
     }
     fn pool_use(&self) -> crate::metrics::PoolUse {
