@@ -442,6 +442,53 @@ async fn sigterm_finishes_the_refresh_in_flight_answers_it_and_exits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_cuts_off_a_request_whose_body_never_comes_after_the_drain_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut w = World::new(Backend::Sqlite, "serve-drain").await;
+    w.add_config(&service::serve_section_with(
+        "drain_seconds = 1",
+        service::NO_REFRESHER,
+    ))
+    .await;
+    let mut s = Service::start(&w, "api", "warn,tokenkeep_service=debug");
+    // A store whose declared body never comes.
+    let mut stalled = tokio::net::UnixStream::connect(&s.unix).await.unwrap();
+    stalled
+        .write_all(
+            format!(
+                "PUT /v1/tokens/acme/alice HTTP/1.1\r\nHost: tokenkeep\r\n\
+                 Authorization: Bearer {OPS_KEY}\r\nContent-Type: application/json\r\n\
+                 Content-Length: 200\r\n\r\n{{\"access_token\":"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    while !s.stderr().contains("request begun") {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s.signal(15);
+    let (code, stderr) = tokio::task::spawn_blocking(move || s.finish())
+        .await
+        .unwrap();
+    let warnings: Vec<&str> = stderr.lines().filter(|l| !l.contains("DEBUG")).collect();
+    assert_eq!(code, Some(0));
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("drain time ran out"), "{stderr}");
+    // The client is left with a closed connection, and nothing is stored.
+    let mut rest = Vec::new();
+    let _ = stalled.read_to_end(&mut rest).await;
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert!(
+        w.keeper
+            .load_tokens("acme", "alice", false)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_the_services_log_even_at_trace_level() {
     let w = served(Backend::Sqlite, "serve-log").await;
     w.store("alice", "at-SECRET-old", Some("rt-SECRET-0"), -10)

@@ -422,6 +422,7 @@ async fn api(
         refresher: None,
         webhooks: Vec::new(),
         event_retention_days: None,
+        drain: std::time::Duration::from_secs(30),
     };
     let server = Server::bind(k.clone(), settings).await.expect("bind");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -9,7 +9,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokenkeep_host::refresher::{Refresher, RefresherSettings};
 use tokenkeep_host::{Error, Keeper};
 use tokio::net::{TcpListener, UnixListener};
@@ -46,6 +46,7 @@ pub struct Server {
     refresher: Option<RefresherSettings>,
     webhooks: Vec<Webhook>,
     event_retention_days: Option<u32>,
+    drain: Duration,
 }
 
 enum Bound {
@@ -100,6 +101,7 @@ impl Server {
             refresher: settings.refresher,
             webhooks: settings.webhooks,
             event_retention_days: settings.event_retention_days,
+            drain: settings.drain,
             state: Arc::new(ApiState {
                 keeper,
                 keys: std::sync::RwLock::new(Arc::new(settings.keys)),
@@ -193,9 +195,34 @@ impl Server {
             let _ = stopping.send(true);
         });
         let mut failed = None;
-        while let Some(done) = serving.join_next().await {
-            if let Ok(Err(e)) = done {
-                failed.get_or_insert(e);
+        // Requests in flight at the stop get the drain time; one whose
+        // client never finishes it (a body that does not come) does not
+        // hold the stop for ever.
+        let mut drained = stopped.clone();
+        let drain = self.drain;
+        let deadline = async move {
+            let _ = drained.wait_for(|s| *s).await;
+            tokio::time::sleep(drain).await;
+        };
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                done = serving.join_next() => match done {
+                    None => break,
+                    Some(Ok(Err(e))) => {
+                        failed.get_or_insert(e);
+                    }
+                    Some(_) => {}
+                },
+                () = &mut deadline => {
+                    tracing::warn!(
+                        drain_seconds = drain.as_secs(),
+                        "requests still open when the drain time ran out were cut off"
+                    );
+                    serving.abort_all();
+                    while serving.join_next().await.is_some() {}
+                    break;
+                }
             }
         }
         while delivering.join_next().await.is_some() {}
@@ -264,6 +291,7 @@ async fn trace(req: Request, next: Next) -> Response {
         key = tracing::field::Empty,
     );
     let started = Instant::now();
+    span.in_scope(|| tracing::debug!("request begun"));
     let response = next.run(req).instrument(span.clone()).await;
     let took = started.elapsed();
     tokenkeep_host::metrics::http_request(&route, response.status().as_u16(), took);

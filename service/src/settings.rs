@@ -63,6 +63,10 @@ impl std::fmt::Display for Listen {
     }
 }
 
+/// How long requests in flight at a stop may take by default: well inside
+/// the 90 s a service manager gives a stop (deploy/tokenkeep.service).
+pub const DEFAULT_DRAIN_SECONDS: u64 = 30;
+
 /// How long token events (delivered or not) are kept by default.
 pub const DEFAULT_EVENT_RETENTION_DAYS: u32 = 30;
 
@@ -78,6 +82,8 @@ pub struct ServeSettings {
     pub webhooks: Vec<Webhook>,
     /// How long token events are kept; `None`: for ever.
     pub event_retention_days: Option<u32>,
+    /// How long requests in flight at a stop may take to finish.
+    pub drain: Duration,
 }
 
 #[derive(Deserialize, Default)]
@@ -94,6 +100,7 @@ struct RawServe {
     webhooks: BTreeMap<String, RawWebhook>,
     /// 0: keep events for ever.
     event_retention_days: Option<u32>,
+    drain_seconds: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -224,6 +231,7 @@ impl ServeSettings {
             keys: ApiKeys::new(keys),
             max_body_bytes,
             refresher: serve.refresher.settings()?,
+            drain: Duration::from_secs(serve.drain_seconds.unwrap_or(DEFAULT_DRAIN_SECONDS)),
             event_retention_days: match serve.event_retention_days {
                 Some(0) => None,
                 days => Some(days.unwrap_or(DEFAULT_EVENT_RETENTION_DAYS)),

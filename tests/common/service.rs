@@ -16,8 +16,13 @@ pub const TENANT_A_KEY: &str = "tenant-a-key-0123456789";
 /// The `[serve]` section the service tests append to a world's config,
 /// with `refresher` as the body of `[serve.refresher]`.
 pub fn serve_section(refresher: &str) -> String {
+    serve_section_with("", refresher)
+}
+
+/// [`serve_section`] with more `[serve]` settings (TOML lines).
+pub fn serve_section_with(serve: &str, refresher: &str) -> String {
     format!(
-        "\n[serve]\nmax_body_bytes = 4096\n\
+        "\n[serve]\nmax_body_bytes = 4096\n{serve}\n\
          [serve.keys.ops]\nsecret_env = \"TK_TEST_OPS_KEY\"\n\
          [serve.keys.tenant-a]\nsecret_sha256 = \"{}\"\nproviders = [\"acme\"]\nusers = [\"a:*\"]\n\
          [serve.refresher]\n{refresher}\n",
