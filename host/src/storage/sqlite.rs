@@ -19,230 +19,43 @@ use sqlx::sqlite::{
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The conversations that use a trigger's row `NEW`, as a JSON array in
-/// their order.
-macro_rules! sqlite_conversations {
-    () => {
-        "(SELECT json_group_array(conversation_id) FROM (SELECT conversation_id
-                FROM tokenkeep_conversations WHERE provider = NEW.provider
-                AND user_id = NEW.user_id ORDER BY conversation_id))"
+/// One schema migration, from the SQL files both hosts read (the Node
+/// host in `hosts/node` applies the same files to the same file).
+macro_rules! migration {
+    ($version:literal, $file:literal) => {
+        (
+            $version,
+            include_str!(concat!("../../schema/sqlite/", $file)),
+        )
     };
 }
 
+/// The refresh-start records' file (`<database>-refresh-starts`).
+const REFRESH_STARTS_SCHEMA: &str = include_str!("../../schema/sqlite/refresh-starts.sql");
+/// The audit log's file (`<database>-audit`).
+const AUDIT_SCHEMA: &str = include_str!("../../schema/sqlite/audit.sql");
+
 const MIGRATIONS: &[(i64, &str)] = &[
-    (
-        1,
-        "CREATE TABLE tokenkeep_tokens (
-        provider TEXT NOT NULL,
-        user_id TEXT NOT NULL,
-        key_id TEXT NOT NULL,
-        access_token BLOB NOT NULL,
-        refresh_token BLOB,
-        access_token_expires_at INTEGER,
-        refresh_token_expires_at INTEGER,
-        scopes TEXT NOT NULL,
-        obtained_at INTEGER NOT NULL,
-        generation INTEGER NOT NULL,
-        failed_attempts INTEGER NOT NULL DEFAULT 0,
-        last_failure_at INTEGER,
-        last_failure TEXT,
-        last_success_at INTEGER,
-        refresh_started_at INTEGER,
-        updated_at INTEGER NOT NULL,
-        PRIMARY KEY (provider, user_id)
-    ) WITHOUT ROWID",
-    ),
-    (
-        2,
-        "CREATE TABLE tokenkeep_conversations (
-        conversation_id TEXT NOT NULL,
-        provider TEXT NOT NULL,
-        user_id TEXT NOT NULL,
-        scopes TEXT NOT NULL,
-        generation INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL,
-        PRIMARY KEY (conversation_id, provider)
-    ) WITHOUT ROWID",
-    ),
-    (
-        3,
-        // The last generation of each deleted row: a new row for the same
-        // provider and user continues after it.
-        "CREATE TABLE tokenkeep_tombstones (
-        provider TEXT NOT NULL,
-        user_id TEXT NOT NULL,
-        generation INTEGER NOT NULL,
-        PRIMARY KEY (provider, user_id)
-    ) WITHOUT ROWID",
-    ),
-    (
-        4,
-        "CREATE TRIGGER tokenkeep_tombstone AFTER DELETE ON tokenkeep_tokens
-    BEGIN
-        INSERT INTO tokenkeep_tombstones VALUES (old.provider, old.user_id, old.generation)
-        ON CONFLICT (provider, user_id) DO UPDATE
-        SET generation = max(generation, excluded.generation);
-    END",
-    ),
-    (
-        5,
-        // The scopes the user authorised (null: those the row holds).
-        "ALTER TABLE tokenkeep_tokens ADD COLUMN baseline_scopes TEXT",
-    ),
-    (
-        6,
-        // When the provider may be asked again after a failure.
-        "ALTER TABLE tokenkeep_tokens ADD COLUMN retry_not_before INTEGER",
-    ),
-    (
-        7,
-        // Token events (see the Postgres migration 14): the outbox...
-        "CREATE TABLE tokenkeep_events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        at INTEGER NOT NULL,
-        provider TEXT NOT NULL,
-        user_id TEXT NOT NULL,
-        state TEXT NOT NULL,
-        reason TEXT,
-        generation INTEGER NOT NULL,
-        conversations TEXT NOT NULL
-    )",
-    ),
-    (
-        8,
-        // ...deliveries per webhook...
-        "CREATE TABLE tokenkeep_deliveries (
-        webhook TEXT NOT NULL,
-        event_id INTEGER NOT NULL,
-        delivered_at INTEGER NOT NULL,
-        PRIMARY KEY (webhook, event_id)
-    ) WITHOUT ROWID",
-    ),
-    (
-        9,
-        // ...one deliverer per webhook at a time...
-        "CREATE TABLE tokenkeep_webhook_leases (
-        webhook TEXT PRIMARY KEY,
-        holder TEXT NOT NULL,
-        until INTEGER NOT NULL
-    ) WITHOUT ROWID",
-    ),
-    (
-        10,
-        // ...and the triggers that write events with the change.
-        "CREATE TRIGGER tokenkeep_event_reauthorization AFTER UPDATE ON tokenkeep_tokens
-    WHEN NEW.last_failure = 'reauthorization-required'
-        AND OLD.last_failure IS NOT 'reauthorization-required'
-    BEGIN
-        INSERT INTO tokenkeep_events
-            (at, provider, user_id, state, reason, generation, conversations)
-        VALUES (unixepoch(), NEW.provider, NEW.user_id, 'reauthorization-required', NEW.last_failure, NEW.generation,
-            (SELECT json_group_array(conversation_id) FROM (SELECT conversation_id
-                FROM tokenkeep_conversations WHERE provider = NEW.provider
-                AND user_id = NEW.user_id ORDER BY conversation_id)));
-    END",
-    ),
-    (
-        11,
-        "CREATE TRIGGER tokenkeep_event_recovered AFTER UPDATE ON tokenkeep_tokens
-    WHEN OLD.last_failure = 'reauthorization-required'
-        AND NEW.last_failure IS NOT 'reauthorization-required'
-    BEGIN
-        INSERT INTO tokenkeep_events
-            (at, provider, user_id, state, reason, generation, conversations)
-        VALUES (unixepoch(), NEW.provider, NEW.user_id, 'recovered', NEW.last_failure, NEW.generation,
-            (SELECT json_group_array(conversation_id) FROM (SELECT conversation_id
-                FROM tokenkeep_conversations WHERE provider = NEW.provider
-                AND user_id = NEW.user_id ORDER BY conversation_id)));
-    END",
-    ),
-    (
-        12,
-        // The state last announced for the row (see `events`): null until
-        // one is, which stands for fresh.
-        "ALTER TABLE tokenkeep_tokens ADD COLUMN announced_state TEXT",
-    ),
-    (
-        13,
-        // Refusals announced before the column existed.
-        "UPDATE tokenkeep_tokens SET announced_state = 'reauthorization-required'
-    WHERE last_failure = 'reauthorization-required'",
-    ),
-    (
-        14,
-        // A webhook's deliveries start after the events written before it
-        // was first seen.
-        "ALTER TABLE tokenkeep_webhook_leases ADD COLUMN start_after INTEGER NOT NULL DEFAULT 0",
-    ),
-    (
-        15,
-        "CREATE INDEX tokenkeep_events_at ON tokenkeep_events (at)",
-    ),
-    (16, "DROP TRIGGER tokenkeep_event_reauthorization"),
-    (17, "DROP TRIGGER tokenkeep_event_recovered"),
-    (
-        18,
-        // The events a write decides, in its transaction, and the state
-        // they announce. (The nested updates change only the announced
-        // state, which none of these triggers watch.)
-        concat!(
-            "CREATE TRIGGER tokenkeep_event_reauthorization AFTER UPDATE ON tokenkeep_tokens
-    WHEN NEW.last_failure = 'reauthorization-required'
-        AND OLD.last_failure IS NOT 'reauthorization-required'
-    BEGIN
-        INSERT INTO tokenkeep_events
-            (at, provider, user_id, state, reason, generation, conversations)
-        SELECT unixepoch(), NEW.provider, NEW.user_id, 'reauthorization-required',
-            NEW.last_failure, NEW.generation, ",
-            sqlite_conversations!(),
-            "
-        WHERE OLD.announced_state IS NOT 'reauthorization-required';
-        UPDATE tokenkeep_tokens SET announced_state = 'reauthorization-required'
-        WHERE provider = NEW.provider AND user_id = NEW.user_id;
-    END"
-        ),
-    ),
-    (
-        19,
-        concat!(
-            "CREATE TRIGGER tokenkeep_event_recovered AFTER UPDATE ON tokenkeep_tokens
-    WHEN NEW.last_failure IS NOT 'reauthorization-required'
-        AND (OLD.last_failure = 'reauthorization-required'
-            OR (OLD.announced_state = 'reauthorization-required'
-                AND NEW.generation <> OLD.generation))
-    BEGIN
-        INSERT INTO tokenkeep_events
-            (at, provider, user_id, state, reason, generation, conversations)
-        VALUES (unixepoch(), NEW.provider, NEW.user_id, 'recovered', NEW.last_failure,
-            NEW.generation, ",
-            sqlite_conversations!(),
-            ");
-        UPDATE tokenkeep_tokens SET announced_state = NULL
-        WHERE provider = NEW.provider AND user_id = NEW.user_id;
-    END"
-        ),
-    ),
-    (
-        20,
-        concat!(
-            "CREATE TRIGGER tokenkeep_event_fresh AFTER UPDATE ON tokenkeep_tokens
-    WHEN NEW.generation <> OLD.generation
-        AND NEW.last_failure IS NOT 'reauthorization-required'
-        AND OLD.last_failure IS NOT 'reauthorization-required'
-        AND (OLD.announced_state = 'refresh-due'
-            OR (OLD.announced_state = 'refresh-token-expiring'
-                AND NEW.refresh_token_expires_at IS NOT OLD.refresh_token_expires_at))
-    BEGIN
-        INSERT INTO tokenkeep_events
-            (at, provider, user_id, state, reason, generation, conversations)
-        VALUES (unixepoch(), NEW.provider, NEW.user_id, 'fresh', NULL, NEW.generation, ",
-            sqlite_conversations!(),
-            ");
-        UPDATE tokenkeep_tokens SET announced_state = 'fresh'
-        WHERE provider = NEW.provider AND user_id = NEW.user_id;
-    END"
-        ),
-    ),
+    migration!(1, "0001.sql"),
+    migration!(2, "0002.sql"),
+    migration!(3, "0003.sql"),
+    migration!(4, "0004.sql"),
+    migration!(5, "0005.sql"),
+    migration!(6, "0006.sql"),
+    migration!(7, "0007.sql"),
+    migration!(8, "0008.sql"),
+    migration!(9, "0009.sql"),
+    migration!(10, "0010.sql"),
+    migration!(11, "0011.sql"),
+    migration!(12, "0012.sql"),
+    migration!(13, "0013.sql"),
+    migration!(14, "0014.sql"),
+    migration!(15, "0015.sql"),
+    migration!(16, "0016.sql"),
+    migration!(17, "0017.sql"),
+    migration!(18, "0018.sql"),
+    migration!(19, "0019.sql"),
+    migration!(20, "0020.sql"),
 ];
 
 /// A pool over one SQLite file.
@@ -306,35 +119,14 @@ impl SqliteStore {
             }),
         };
         store.migrate().await?;
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS tokenkeep_refresh_starts (
-                provider TEXT NOT NULL,
-                user_id TEXT NOT NULL,
-                generation INTEGER NOT NULL,
-                started_at INTEGER NOT NULL,
-                PRIMARY KEY (provider, user_id)
-            ) WITHOUT ROWID",
-        )
-        .execute(&store.markers)
-        .await
-        .map_err(error)?;
-        sqlx::raw_sql(
-            "CREATE TABLE IF NOT EXISTS tokenkeep_audit (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                at INTEGER NOT NULL,
-                caller TEXT NOT NULL,
-                action TEXT NOT NULL,
-                provider TEXT NOT NULL,
-                user_id TEXT NOT NULL,
-                generation INTEGER,
-                outcome TEXT NOT NULL
-            );
-            CREATE INDEX IF NOT EXISTS tokenkeep_audit_at ON tokenkeep_audit (at);
-            CREATE INDEX IF NOT EXISTS tokenkeep_audit_row ON tokenkeep_audit (provider, user_id, id);",
-        )
-        .execute(&store.audit)
-        .await
-        .map_err(error)?;
+        sqlx::query(REFRESH_STARTS_SCHEMA)
+            .execute(&store.markers)
+            .await
+            .map_err(error)?;
+        sqlx::raw_sql(AUDIT_SCHEMA)
+            .execute(&store.audit)
+            .await
+            .map_err(error)?;
         Ok(store)
     }
 

@@ -1,0 +1,12 @@
+-- ...and the triggers that write events with the change.
+CREATE TRIGGER tokenkeep_event_reauthorization AFTER UPDATE ON tokenkeep_tokens
+WHEN NEW.last_failure = 'reauthorization-required'
+    AND OLD.last_failure IS NOT 'reauthorization-required'
+BEGIN
+    INSERT INTO tokenkeep_events
+        (at, provider, user_id, state, reason, generation, conversations)
+    VALUES (unixepoch(), NEW.provider, NEW.user_id, 'reauthorization-required', NEW.last_failure, NEW.generation,
+        (SELECT json_group_array(conversation_id) FROM (SELECT conversation_id
+            FROM tokenkeep_conversations WHERE provider = NEW.provider
+            AND user_id = NEW.user_id ORDER BY conversation_id)));
+END

@@ -1,0 +1,1 @@
+CREATE INDEX tokenkeep_events_at ON tokenkeep_events (at)

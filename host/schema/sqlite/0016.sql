@@ -1,0 +1,1 @@
+DROP TRIGGER tokenkeep_event_reauthorization
