@@ -100,6 +100,20 @@ fn every_catalogued_provider_has_recorded_answers() {
 }
 
 #[test]
+fn the_catalogue_file_other_hosts_read_is_the_catalogue() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../host/schema/catalogue.json");
+    let current = tokenkeep_host::config::catalogue_json();
+    if std::env::var_os("TOKENKEEP_BLESS").is_some() {
+        std::fs::write(path, &current).unwrap();
+    }
+    let committed = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        committed == current,
+        "host/schema/catalogue.json is stale: rerun with TOKENKEEP_BLESS=1"
+    );
+}
+
+#[test]
 fn the_readme_lists_every_catalogued_provider_as_catalogued() {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
