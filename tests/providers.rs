@@ -1,5 +1,5 @@
 //! The provider catalogue against recorded answers: every built-in provider's
-//! success and error shapes (tests/fixtures/providers/*.json), replayed by the
+//! success and error shapes (tests/vectors/providers/*.json), replayed by the
 //! loopback endpoint, must map onto the contract, and every request must carry
 //! what that provider expects.
 
@@ -57,7 +57,7 @@ struct Granted {
 }
 
 fn fixtures() -> Vec<Fixture> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/providers");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/vectors/providers");
     let mut out: Vec<Fixture> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| {

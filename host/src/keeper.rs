@@ -1078,6 +1078,25 @@ impl Keeper {
             .await?;
         Ok(valid)
     }
+
+    /// Where `record` stands now on the shared clock, given its provider's
+    /// refresh threshold (WIT `classify`).
+    pub async fn classify(
+        &self,
+        record: &TokenRecord,
+        refresh_threshold_seconds: u32,
+    ) -> Result<TokenState, Error> {
+        let record = record_to_wit(record);
+        let (state, _) = self
+            .runtime
+            .call(Scope::Nothing, 1, async |k, s| {
+                k.tokenkeep_oauth_token_store()
+                    .call_classify(s, &record, refresh_threshold_seconds)
+                    .await
+            })
+            .await?;
+        Ok(state)
+    }
 }
 
 /// One `ensure-fresh-for` call into the component, its answer checked, and

@@ -21,6 +21,9 @@ pub struct Behaviour {
     pub delay: Duration,
     /// Answer this instead of refreshing: (status, content type, body).
     pub canned: Option<(u16, String, String)>,
+    /// Answers given in this order, one per request, before `canned` or a
+    /// refresh: a provider whose answers a test scripts.
+    pub script: std::collections::VecDeque<(u16, String, String)>,
     /// Client credentials the endpoint requires (body or HTTP Basic).
     pub client_id: String,
     pub client_secret: String,
@@ -47,6 +50,7 @@ impl Default for Behaviour {
             rotate: true,
             delay: Duration::ZERO,
             canned: None,
+            script: Default::default(),
             client_id: "dev-client".into(),
             client_secret: "dev-secret".into(),
             refresh_expires_in: None,
@@ -441,6 +445,9 @@ fn respond(
     s.calls += 1;
     s.bodies.push(body.to_string());
     s.authorizations.push(authorization.clone());
+    if let Some(next) = s.behaviour.script.pop_front() {
+        return next;
+    }
     if let Some(canned) = s.behaviour.canned.clone() {
         return canned;
     }

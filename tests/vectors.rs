@@ -1,0 +1,394 @@
+//! The shared test vectors (tests/vectors/*.json) through the component, in
+//! the Rust host and in the Node.js host (hosts/node, the same
+//! tokenkeep.wasm through jco): both must give every answer the files give.
+
+mod common;
+
+use common::{Backend, World, raw_sql, token_set};
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokenkeep_core::error::ErrorClass;
+use tokenkeep_host::{Clock, Health, TokenRecord, TokenSet, keeper::token_state_name};
+use tokenkeep_testkit::devprovider::Behaviour;
+
+fn vectors() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/vectors")
+}
+
+fn load<T: serde::de::DeserializeOwned>(name: &str) -> T {
+    let path = vectors().join(name);
+    serde_json::from_slice(&std::fs::read(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[derive(Deserialize)]
+struct Validity {
+    now: i64,
+    defaults: Defaults,
+    cases: Vec<ValidityCase>,
+}
+
+#[derive(Deserialize)]
+struct Defaults {
+    clock_skew_seconds: u32,
+    refresh_threshold_seconds: u32,
+}
+
+#[derive(Deserialize)]
+struct ValidityCase {
+    name: String,
+    record: VectorRecord,
+    clock_skew_seconds: Option<u32>,
+    refresh_threshold_seconds: Option<u32>,
+    expect: ValidityExpect,
+}
+
+#[derive(Deserialize)]
+struct VectorRecord {
+    access_token_expires_in: Option<i64>,
+    refresh_token: bool,
+    refresh_token_expires_in: Option<i64>,
+    obtained_ago: i64,
+    last_failure: Option<String>,
+}
+
+#[derive(Deserialize, Debug, PartialEq)]
+struct ValidityExpect {
+    access_token_valid: bool,
+    refresh_token_valid: bool,
+    state: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validity_vectors_hold_in_the_rust_host() {
+    let v: Validity = load("validity.json");
+    let w = World::build(
+        Backend::Sqlite,
+        "vectors-validity",
+        Behaviour::default(),
+        "",
+        Clock::manual(v.now),
+    )
+    .await;
+    assert!(v.cases.len() >= 20, "{} cases", v.cases.len());
+    for case in &v.cases {
+        let r = &case.record;
+        let record = TokenRecord {
+            provider: "acme".into(),
+            user_id: "u".into(),
+            tokens: TokenSet {
+                access_token: "at".to_string().into(),
+                refresh_token: r.refresh_token.then(|| "rt".to_string().into()),
+                access_token_expires_at: r.access_token_expires_in.map(|s| v.now + s),
+                refresh_token_expires_at: r.refresh_token_expires_in.map(|s| v.now + s),
+                scopes: vec![],
+            },
+            obtained_at: v.now - r.obtained_ago,
+            generation: 1,
+            health: Health {
+                last_failure: r.last_failure.as_deref().map(|c| {
+                    ErrorClass::from_name(c).unwrap_or_else(|| panic!("{}: class {c}", case.name))
+                }),
+                ..Default::default()
+            },
+        };
+        let skew = case
+            .clock_skew_seconds
+            .unwrap_or(v.defaults.clock_skew_seconds);
+        let threshold = case
+            .refresh_threshold_seconds
+            .unwrap_or(v.defaults.refresh_threshold_seconds);
+        let k = &w.keeper;
+        let got = ValidityExpect {
+            access_token_valid: k.is_access_token_valid(&record, skew).await.unwrap(),
+            refresh_token_valid: k.is_refresh_token_valid(&record).await.unwrap(),
+            state: token_state_name(k.classify(&record, threshold).await.unwrap()).into(),
+        };
+        assert_eq!(got, case.expect, "{}", case.name);
+    }
+}
+
+#[derive(Deserialize)]
+struct Flows {
+    scenarios: Vec<Scenario>,
+}
+
+#[derive(Deserialize)]
+struct Scenario {
+    name: String,
+    #[serde(default)]
+    provider: String,
+    stored: Option<Stored>,
+    answers: Vec<ScriptedAnswer>,
+    callers: usize,
+    #[serde(default)]
+    min_remaining_seconds: u32,
+    expect: FlowExpect,
+}
+
+#[derive(Deserialize)]
+struct Stored {
+    access_token: String,
+    refresh_token: Option<String>,
+    access_token_expires_in: i64,
+    obtained_ago: i64,
+}
+
+#[derive(Deserialize)]
+struct ScriptedAnswer {
+    status: u16,
+    content_type: String,
+    body: String,
+}
+
+#[derive(Deserialize)]
+struct FlowExpect {
+    result: Outcome,
+    provider_calls: u64,
+    refresh_tokens_sent: Option<Vec<String>>,
+    stored: Option<StoredAfter>,
+}
+
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Outcome {
+    Ok(String),
+    Error(String),
+    /// Expected only: any of these tokens (callers that did not wait for
+    /// the refresh get the still-valid token).
+    #[serde(rename = "one_of")]
+    OneOf(Vec<String>),
+}
+
+impl Outcome {
+    fn admits(&self, got: &Outcome) -> bool {
+        match (self, got) {
+            (Outcome::OneOf(tokens), Outcome::Ok(t)) => tokens.contains(t),
+            (want, got) => want == got,
+        }
+    }
+}
+
+/// The row after; only the fields a scenario names are checked.
+#[derive(Deserialize)]
+struct StoredAfter {
+    access_token: Option<String>,
+    #[serde(default, deserialize_with = "some")]
+    refresh_token: Option<Option<String>>,
+    generation: Option<u64>,
+    failed_attempts: Option<u32>,
+    #[serde(default, deserialize_with = "some")]
+    last_failure: Option<Option<String>>,
+    access_token_expires_in: Option<i64>,
+}
+
+/// A present field, null or not, as `Some`; an absent one stays `None`.
+fn some<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// Which host runs the callers of a scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(dead_code, reason = "the Node host's tests come with hosts/node")]
+enum Host {
+    /// A Rust runtime (its own keeper) per caller.
+    Rust,
+    /// A Node.js process (hosts/node/bin/tokenkeep-node.js) per caller.
+    Node,
+}
+
+/// Runs every flow scenario with its callers on `host`; the provider, the
+/// database file and the checks are the same for both hosts.
+async fn flows_hold(host: Host) {
+    let flows: Flows = load("flows.json");
+    assert!(flows.scenarios.len() >= 15);
+    for (i, s) in flows.scenarios.iter().enumerate() {
+        let behaviour = Behaviour {
+            script: s
+                .answers
+                .iter()
+                .map(|a| (a.status, a.content_type.clone(), a.body.clone()))
+                .collect(),
+            ..Default::default()
+        };
+        let extra = format!("{}\n", s.provider);
+        let w = World::with(Backend::Sqlite, &format!("flow-{i}"), behaviour, &extra).await;
+        if let Some(stored) = &s.stored {
+            let mut tokens = token_set(
+                &stored.access_token,
+                stored.refresh_token.as_deref(),
+                Some(w.now() + stored.access_token_expires_in),
+            );
+            tokens.scopes = vec!["repo".into(), "read:user".into()];
+            w.keeper.store_tokens("acme", "u", &tokens).await.unwrap();
+            raw_sql(
+                &w.database_url,
+                &format!(
+                    "UPDATE tokenkeep_tokens SET obtained_at = obtained_at - {}",
+                    stored.obtained_ago
+                ),
+            )
+            .await;
+        }
+        let outcomes = match host {
+            Host::Rust => rust_callers(&w, s).await,
+            Host::Node => node_callers(&w, s).await,
+        };
+        let case = format!("{host:?}: {}", s.name);
+        assert_eq!(outcomes.len(), s.callers, "{case}");
+        for got in &outcomes {
+            assert!(
+                s.expect.result.admits(got),
+                "{case}: got {got:?}, want {:?}",
+                s.expect.result
+            );
+        }
+        assert_eq!(
+            w.provider.calls(),
+            s.expect.provider_calls,
+            "{case}: provider calls"
+        );
+        if let Some(sent) = &s.expect.refresh_tokens_sent {
+            let carried: Vec<String> = w
+                .provider
+                .bodies()
+                .iter()
+                .map(|b| {
+                    url::form_urlencoded::parse(b.as_bytes())
+                        .find(|(k, _)| k == "refresh_token")
+                        .map(|(_, v)| v.into_owned())
+                        .unwrap_or_default()
+                })
+                .collect();
+            assert_eq!(&carried, sent, "{case}: refresh tokens sent");
+        }
+        if let Some(after) = &s.expect.stored {
+            let row = w
+                .keeper
+                .load_tokens("acme", "u", false)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("{case}: no row"));
+            check_stored(&case, &w, &row, after);
+        }
+    }
+}
+
+fn check_stored(case: &str, w: &World, row: &TokenRecord, after: &StoredAfter) {
+    if let Some(at) = &after.access_token {
+        assert_eq!(row.tokens.access_token.expose_secret(), at, "{case}");
+    }
+    if let Some(rt) = &after.refresh_token {
+        let got = row
+            .tokens
+            .refresh_token
+            .as_ref()
+            .map(|r| r.expose_secret().to_string());
+        assert_eq!(&got, rt, "{case}: refresh token");
+    }
+    if let Some(g) = after.generation {
+        assert_eq!(row.generation, g, "{case}: generation");
+    }
+    if let Some(n) = after.failed_attempts {
+        assert_eq!(row.health.failed_attempts, n, "{case}: failed attempts");
+    }
+    if let Some(f) = &after.last_failure {
+        let got = row.health.last_failure.map(|c| c.name().to_string());
+        assert_eq!(&got, f, "{case}: last failure");
+    }
+    if let Some(secs) = after.access_token_expires_in {
+        let at = row.tokens.access_token_expires_at.unwrap();
+        assert!(
+            (at - (w.now() + secs)).abs() <= 2,
+            "{case}: expires in {} not {secs}",
+            at - w.now()
+        );
+    }
+}
+
+async fn rust_callers(w: &World, s: &Scenario) -> Vec<Outcome> {
+    let mut keepers = Vec::new();
+    for _ in 0..s.callers {
+        keepers.push(w.another_keeper().await);
+    }
+    let calls = keepers.iter().map(|k| async move {
+        match k
+            .ensure_fresh_for("acme", "u", s.min_remaining_seconds)
+            .await
+        {
+            Ok(g) => Outcome::Ok(g.access_token.expose_secret().to_string()),
+            Err(e) => Outcome::Error(e.class().to_string()),
+        }
+    });
+    futures::future::join_all(calls).await
+}
+
+/// The Node.js host's command, built (`npm ci && npm run build` in
+/// hosts/node; .ci/run does both).
+fn node_host() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hosts/node");
+    for needed in ["node_modules", "dist"] {
+        assert!(
+            root.join(needed).exists(),
+            "hosts/node/{needed} is missing: run `npm ci && npm run build` in hosts/node"
+        );
+    }
+    root.join("bin/tokenkeep-node.js")
+}
+
+async fn node_callers(w: &World, s: &Scenario) -> Vec<Outcome> {
+    let bin = node_host();
+    let runs = (0..s.callers).map(|_| {
+        let mut c = tokio::process::Command::new("node");
+        c.arg(&bin)
+            .args(["get", "acme", "u"])
+            .arg("--database")
+            .arg(&w.database_url)
+            .arg("--config")
+            .arg(&w.config_path)
+            .arg("--keys")
+            .arg(&w.keys_path);
+        if s.min_remaining_seconds > 0 {
+            c.arg("--min-remaining")
+                .arg(s.min_remaining_seconds.to_string());
+        }
+        async move {
+            let out = tokio::time::timeout(Duration::from_secs(60), c.output())
+                .await
+                .expect("a node caller answers within a minute")
+                .unwrap();
+            node_outcome(&out)
+        }
+    });
+    futures::future::join_all(runs).await
+}
+
+/// A `tokens get`-style run: the token on stdout, or one line
+/// `tokenkeep: CLASS: message` on stderr.
+fn node_outcome(out: &std::process::Output) -> Outcome {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        assert_eq!(stderr, "", "quiet on success");
+        return Outcome::Ok(stdout.trim_end().to_string());
+    }
+    assert_eq!(stdout, "", "nothing on stdout on failure");
+    let line = stderr.trim_end();
+    assert_eq!(line.lines().count(), 1, "one line: {stderr}");
+    let class = line
+        .strip_prefix("tokenkeep: ")
+        .and_then(|l| l.split(':').next())
+        .unwrap_or_else(|| panic!("not a tokenkeep error line: {line}"));
+    Outcome::Error(class.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flow_vectors_hold_in_the_rust_host() {
+    flows_hold(Host::Rust).await;
+}
