@@ -392,3 +392,85 @@ fn node_outcome(out: &std::process::Output) -> Outcome {
 async fn flow_vectors_hold_in_the_rust_host() {
     flows_hold(Host::Rust).await;
 }
+
+#[derive(Deserialize)]
+struct Sealing {
+    key_hex: String,
+    cases: Vec<SealCase>,
+    refused: Vec<Refused>,
+    tampered: Vec<Tampered>,
+}
+
+#[derive(Deserialize)]
+struct SealCase {
+    name: String,
+    binding: VectorBinding,
+    nonce: String,
+    plaintext: String,
+    sealed: String,
+}
+
+#[derive(Deserialize)]
+struct VectorBinding {
+    provider: String,
+    user_id: String,
+    field: String,
+    key_id: String,
+}
+
+impl VectorBinding {
+    fn binding(&self) -> tokenkeep_core::seal::Binding<'_> {
+        use tokenkeep_core::seal::Field;
+        tokenkeep_core::seal::Binding {
+            provider: &self.provider,
+            user_id: &self.user_id,
+            field: match self.field.as_str() {
+                "access_token" => Field::AccessToken,
+                "refresh_token" => Field::RefreshToken,
+                other => panic!("field {other}"),
+            },
+            key_id: &self.key_id,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Refused {
+    name: String,
+    sealed_from: usize,
+    binding: VectorBinding,
+}
+
+#[derive(Deserialize)]
+struct Tampered {
+    name: String,
+    sealed: String,
+}
+
+#[test]
+fn sealing_vectors_hold_in_the_rust_host() {
+    use tokenkeep_core::seal::{open, seal};
+    let v: Sealing = load("sealing.json");
+    let key = hex::decode(&v.key_hex).unwrap();
+    for c in &v.cases {
+        let nonce: [u8; 12] = hex::decode(&c.nonce).unwrap().try_into().unwrap();
+        let plaintext = secrecy::SecretString::from(c.plaintext.clone());
+        let sealed = seal(&key, nonce, &c.binding.binding(), &plaintext).unwrap();
+        assert_eq!(hex::encode(&sealed), c.sealed, "{}", c.name);
+        let opened = open(&key, &c.binding.binding(), &sealed).unwrap();
+        assert_eq!(opened.expose_secret(), c.plaintext, "{}", c.name);
+    }
+    for r in &v.refused {
+        let sealed = hex::decode(&v.cases[r.sealed_from].sealed).unwrap();
+        assert!(
+            open(&key, &r.binding.binding(), &sealed).is_err(),
+            "{}",
+            r.name
+        );
+    }
+    let first = &v.cases[0].binding;
+    for t in &v.tampered {
+        let sealed = hex::decode(&t.sealed).unwrap();
+        assert!(open(&key, &first.binding(), &sealed).is_err(), "{}", t.name);
+    }
+}
