@@ -342,22 +342,27 @@ fn node_host() -> PathBuf {
     root.join("bin/tokenkeep-node.js")
 }
 
+/// The Node host's `get`, as a command to run.
+fn node_get(w: &World, provider: &str, user: &str, min_remaining: u32) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new("node");
+    c.arg(node_host())
+        .args(["get", provider, user])
+        .arg("--database")
+        .arg(&w.database_url)
+        .arg("--config")
+        .arg(&w.config_path)
+        .arg("--keys")
+        .arg(&w.keys_path)
+        .kill_on_drop(true);
+    if min_remaining > 0 {
+        c.arg("--min-remaining").arg(min_remaining.to_string());
+    }
+    c
+}
+
 async fn node_callers(w: &World, s: &Scenario) -> Vec<Outcome> {
-    let bin = node_host();
     let runs = (0..s.callers).map(|_| {
-        let mut c = tokio::process::Command::new("node");
-        c.arg(&bin)
-            .args(["get", "acme", "u"])
-            .arg("--database")
-            .arg(&w.database_url)
-            .arg("--config")
-            .arg(&w.config_path)
-            .arg("--keys")
-            .arg(&w.keys_path);
-        if s.min_remaining_seconds > 0 {
-            c.arg("--min-remaining")
-                .arg(s.min_remaining_seconds.to_string());
-        }
+        let mut c = node_get(w, "acme", "u", s.min_remaining_seconds);
         async move {
             let out = tokio::time::timeout(Duration::from_secs(60), c.output())
                 .await
@@ -473,4 +478,231 @@ fn sealing_vectors_hold_in_the_rust_host() {
         let sealed = hex::decode(&t.sealed).unwrap();
         assert!(open(&key, &first.binding(), &sealed).is_err(), "{}", t.name);
     }
+}
+
+/// A catalogued provider's recorded answers (tests/vectors/providers).
+#[derive(Deserialize)]
+struct Recorded {
+    kind: String,
+    /// TOML settings of the provider; `{loopback}` is the test endpoint.
+    config: std::collections::BTreeMap<String, String>,
+    request: RecordedRequest,
+    answers: Vec<RecordedAnswer>,
+}
+
+#[derive(Deserialize)]
+struct RecordedRequest {
+    client_auth: String,
+    params: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct RecordedAnswer {
+    name: String,
+    status: u16,
+    content_type: String,
+    body: String,
+    expect: RecordedExpect,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RecordedExpect {
+    Ok(Granted),
+    Error(String),
+}
+
+#[derive(Deserialize)]
+struct Granted {
+    access_token: String,
+    /// `kept`: the answer has none and the old one stays.
+    refresh_token: String,
+    expires_in: i64,
+    refresh_token_expires_in: Option<i64>,
+    /// Absent: the answer reports none and the old scopes stay.
+    scopes: Option<Vec<String>>,
+}
+
+fn recorded() -> Vec<Recorded> {
+    let dir = vectors().join("providers");
+    let mut out: Vec<Recorded> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            serde_json::from_slice(&std::fs::read(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        })
+        .collect();
+    out.sort_by(|a, b| a.kind.cmp(&b.kind));
+    out
+}
+
+#[test]
+fn every_catalogued_provider_has_recorded_answers() {
+    let recorded: Vec<String> = recorded().into_iter().map(|f| f.kind).collect();
+    let mut catalogued: Vec<String> = tokenkeep_core::catalogue::CATALOGUE
+        .iter()
+        .map(|s| s.kind.to_string())
+        .collect();
+    catalogued.sort();
+    assert_eq!(recorded, catalogued);
+}
+
+/// One `ensure-fresh` of (`provider`, `user`) by `host`, and what it said
+/// besides the token (an error's message, the command's standard error).
+async fn get_once(host: Host, w: &World, provider: &str, user: &str) -> (Outcome, String) {
+    match host {
+        Host::Rust => match w.keeper.ensure_fresh(provider, user).await {
+            Ok(g) => (
+                Outcome::Ok(g.access_token.expose_secret().to_string()),
+                String::new(),
+            ),
+            Err(e) => (Outcome::Error(e.class().to_string()), e.to_string()),
+        },
+        Host::Node => {
+            let out = node_get(w, provider, user, 0).output().await.unwrap();
+            (
+                node_outcome(&out),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    }
+}
+
+/// Every recorded answer of every catalogued provider, replayed by the
+/// loopback endpoint, maps onto the contract in `host`; every request
+/// carries what that provider expects; a failure loses and quotes nothing.
+async fn recorded_answers_hold(host: Host) {
+    let mut w = World::new(Backend::Sqlite, &format!("recorded-{host:?}")).await;
+    let mut checked = 0;
+    for fx in recorded() {
+        let mut lines = format!("kind = \"{}\"\nmax_attempts = 1\n", fx.kind);
+        for (k, v) in &fx.config {
+            lines.push_str(&format!("{k} = \"{v}\"\n"));
+        }
+        let endpoint = w
+            .add_provider_toml(&fx.kind, Behaviour::default(), &lines)
+            .await;
+        for (i, answer) in fx.answers.iter().enumerate() {
+            let case = format!("{host:?}: {} / {}", fx.kind, answer.name);
+            let user = format!("user-{i}");
+            endpoint.set(|b| {
+                b.canned = Some((
+                    answer.status,
+                    answer.content_type.clone(),
+                    answer.body.clone(),
+                ))
+            });
+            let stale = token_set("at-old", Some("rt-old"), Some(w.now() - 10));
+            let stale = TokenSet {
+                scopes: Vec::new(),
+                ..stale
+            };
+            w.keeper
+                .store_tokens(&fx.kind, &user, &stale)
+                .await
+                .unwrap();
+            let calls = endpoint.calls();
+            let (result, said) = get_once(host, &w, &fx.kind, &user).await;
+            assert!(!said.contains("rt-old"), "{case}: quoted a secret: {said}");
+            assert_eq!(endpoint.calls(), calls + 1, "{case}: one call");
+
+            // What was sent: the grant, the provider's parameters, and the
+            // client credentials where this provider wants them.
+            let body = endpoint.bodies().pop().unwrap();
+            let form: Vec<(String, String)> = url::form_urlencoded::parse(body.as_bytes())
+                .into_owned()
+                .collect();
+            let has = |k: &str, v: &str| form.iter().any(|(fk, fv)| fk == k && fv == v);
+            assert!(has("grant_type", "refresh_token"), "{case}");
+            assert!(has("refresh_token", "rt-old"), "{case}");
+            for (k, v) in &fx.request.params {
+                assert!(has(k, v), "{case}: parameter {k}");
+            }
+            let authorization = endpoint.authorizations().pop().unwrap();
+            if fx.request.client_auth == "basic" {
+                assert!(
+                    authorization
+                        .as_deref()
+                        .is_some_and(|a| a.starts_with("Basic ")),
+                    "{case}"
+                );
+                assert!(!form.iter().any(|(k, _)| k == "client_secret"), "{case}");
+            } else {
+                assert_eq!(authorization, None, "{case}");
+                assert!(has("client_id", "dev-client"), "{case}");
+                assert!(has("client_secret", "dev-secret"), "{case}");
+            }
+
+            let stored = w
+                .keeper
+                .load_tokens(&fx.kind, &user, false)
+                .await
+                .unwrap()
+                .unwrap();
+            let near = |got: Option<i64>, want: Option<i64>| match (got, want) {
+                (Some(g), Some(w)) => (g - w).abs() <= 2,
+                (g, w) => g == w,
+            };
+            match &answer.expect {
+                RecordedExpect::Ok(granted) => {
+                    assert_eq!(result, Outcome::Ok(granted.access_token.clone()), "{case}");
+                    let now = w.now();
+                    let want_refresh = match granted.refresh_token.as_str() {
+                        "kept" => "rt-old",
+                        other => other,
+                    };
+                    let t = &stored.tokens;
+                    assert_eq!(
+                        t.refresh_token.as_ref().unwrap().expose_secret(),
+                        want_refresh,
+                        "{case}"
+                    );
+                    assert!(
+                        near(t.access_token_expires_at, Some(now + granted.expires_in)),
+                        "{case}: expires_at"
+                    );
+                    assert!(
+                        near(
+                            t.refresh_token_expires_at,
+                            granted.refresh_token_expires_in.map(|s| now + s)
+                        ),
+                        "{case}: refresh_token_expires_at"
+                    );
+                    assert_eq!(
+                        t.scopes,
+                        granted.scopes.clone().unwrap_or_default(),
+                        "{case}"
+                    );
+                    assert_eq!(stored.generation, 2, "{case}: persisted");
+                    assert_eq!(
+                        t.access_token.expose_secret(),
+                        granted.access_token,
+                        "{case}"
+                    );
+                }
+                RecordedExpect::Error(want) => {
+                    assert_eq!(result, Outcome::Error(want.clone()), "{case}");
+                    // A failed refresh loses nothing.
+                    assert_eq!(stored.generation, 1, "{case}");
+                    assert_eq!(stored.tokens.access_token.expose_secret(), "at-old");
+                    assert_eq!(
+                        stored.tokens.refresh_token.unwrap().expose_secret(),
+                        "rt-old",
+                        "{case}"
+                    );
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 3 * tokenkeep_core::catalogue::CATALOGUE.len(),
+        "{checked} answers"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recorded_provider_answers_hold_in_the_rust_host() {
+    recorded_answers_hold(Host::Rust).await;
 }
