@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::node::{self, Outcome};
 use common::{Backend, World, raw_sql, token_set};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
@@ -151,26 +152,6 @@ struct FlowExpect {
     stored: Option<StoredAfter>,
 }
 
-#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-enum Outcome {
-    Ok(String),
-    Error(String),
-    /// Expected only: any of these tokens (callers that did not wait for
-    /// the refresh get the still-valid token).
-    #[serde(rename = "one_of")]
-    OneOf(Vec<String>),
-}
-
-impl Outcome {
-    fn admits(&self, got: &Outcome) -> bool {
-        match (self, got) {
-            (Outcome::OneOf(tokens), Outcome::Ok(t)) => tokens.contains(t),
-            (want, got) => want == got,
-        }
-    }
-}
-
 /// The row after; only the fields a scenario names are checked.
 #[derive(Deserialize)]
 struct StoredAfter {
@@ -195,7 +176,6 @@ where
 
 /// Which host runs the callers of a scenario.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[allow(dead_code, reason = "the Node host's tests come with hosts/node")]
 enum Host {
     /// A Rust runtime (its own keeper) per caller.
     Rust,
@@ -329,73 +309,28 @@ async fn rust_callers(w: &World, s: &Scenario) -> Vec<Outcome> {
     futures::future::join_all(calls).await
 }
 
-/// The Node.js host's command, built (`npm ci && npm run build` in
-/// hosts/node; .ci/run does both).
-fn node_host() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hosts/node");
-    for needed in ["node_modules", "dist"] {
-        assert!(
-            root.join(needed).exists(),
-            "hosts/node/{needed} is missing: run `npm ci && npm run build` in hosts/node"
-        );
-    }
-    root.join("bin/tokenkeep-node.js")
-}
-
-/// The Node host's `get`, as a command to run.
-fn node_get(w: &World, provider: &str, user: &str, min_remaining: u32) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new("node");
-    c.arg(node_host())
-        .args(["get", provider, user])
-        .arg("--database")
-        .arg(&w.database_url)
-        .arg("--config")
-        .arg(&w.config_path)
-        .arg("--keys")
-        .arg(&w.keys_path)
-        .kill_on_drop(true);
-    if min_remaining > 0 {
-        c.arg("--min-remaining").arg(min_remaining.to_string());
-    }
-    c
-}
-
 async fn node_callers(w: &World, s: &Scenario) -> Vec<Outcome> {
     let runs = (0..s.callers).map(|_| {
-        let mut c = node_get(w, "acme", "u", s.min_remaining_seconds);
+        let mut c = node::get(w, "acme", "u", s.min_remaining_seconds);
         async move {
             let out = tokio::time::timeout(Duration::from_secs(60), c.output())
                 .await
                 .expect("a node caller answers within a minute")
                 .unwrap();
-            node_outcome(&out)
+            node::outcome(&out)
         }
     });
     futures::future::join_all(runs).await
 }
 
-/// A `tokens get`-style run: the token on stdout, or one line
-/// `tokenkeep: CLASS: message` on stderr.
-fn node_outcome(out: &std::process::Output) -> Outcome {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() {
-        assert_eq!(stderr, "", "quiet on success");
-        return Outcome::Ok(stdout.trim_end().to_string());
-    }
-    assert_eq!(stdout, "", "nothing on stdout on failure");
-    let line = stderr.trim_end();
-    assert_eq!(line.lines().count(), 1, "one line: {stderr}");
-    let class = line
-        .strip_prefix("tokenkeep: ")
-        .and_then(|l| l.split(':').next())
-        .unwrap_or_else(|| panic!("not a tokenkeep error line: {line}"));
-    Outcome::Error(class.to_string())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn flow_vectors_hold_in_the_rust_host() {
     flows_hold(Host::Rust).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flow_vectors_hold_in_the_node_host() {
+    flows_hold(Host::Node).await;
 }
 
 #[derive(Deserialize)]
@@ -560,9 +495,9 @@ async fn get_once(host: Host, w: &World, provider: &str, user: &str) -> (Outcome
             Err(e) => (Outcome::Error(e.class().to_string()), e.to_string()),
         },
         Host::Node => {
-            let out = node_get(w, provider, user, 0).output().await.unwrap();
+            let out = node::get(w, provider, user, 0).output().await.unwrap();
             (
-                node_outcome(&out),
+                node::outcome(&out),
                 String::from_utf8_lossy(&out.stderr).into_owned(),
             )
         }
@@ -705,4 +640,9 @@ async fn recorded_answers_hold(host: Host) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn recorded_provider_answers_hold_in_the_rust_host() {
     recorded_answers_hold(Host::Rust).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recorded_provider_answers_hold_in_the_node_host() {
+    recorded_answers_hold(Host::Node).await;
 }

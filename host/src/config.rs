@@ -411,6 +411,45 @@ fn is_loopback(url: &url::Url) -> bool {
     }
 }
 
+/// The built-in catalogue as JSON, for hosts in other languages
+/// (`host/schema/catalogue.json`, checked against this by the tests): each
+/// entry's fields by their Rust names, `client_auth` as `body` or `basic`,
+/// error codes as `[code, class]`.
+pub fn catalogue_json() -> String {
+    let entries: Vec<serde_json::Value> = catalogue::CATALOGUE
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "kind": s.kind,
+                "display_name": s.display_name,
+                "token_url": s.token_url,
+                "settings": s.settings.iter().map(|t| serde_json::json!({
+                    "name": t.name,
+                    "default": t.default,
+                    "param": t.param,
+                    "doc": t.doc,
+                })).collect::<Vec<_>>(),
+                "client_auth": match s.client_auth {
+                    catalogue::ClientAuth::Body => "body",
+                    catalogue::ClientAuth::Basic => "basic",
+                },
+                "rotates_refresh_tokens": s.rotates_refresh_tokens,
+                "reuse_leeway_seconds": s.reuse_leeway_seconds,
+                "error_codes": s.error_codes.iter()
+                    .map(|(code, class)| serde_json::json!([code, class.name()]))
+                    .collect::<Vec<_>>(),
+                "default_expires_in": s.default_expires_in,
+                "default_refresh_token_expires_in": s.default_refresh_token_expires_in,
+                "refresh_token_idle_seconds": s.refresh_token_idle_seconds,
+                "docs": s.docs,
+            })
+        })
+        .collect();
+    let mut text = serde_json::to_string_pretty(&entries).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,43 +506,4 @@ mod tests {
             );
         }
     }
-}
-
-/// The built-in catalogue as JSON, for hosts in other languages
-/// (`host/schema/catalogue.json`, checked against this by the tests): each
-/// entry's fields by their Rust names, `client_auth` as `body` or `basic`,
-/// error codes as `[code, class]`.
-pub fn catalogue_json() -> String {
-    let entries: Vec<serde_json::Value> = catalogue::CATALOGUE
-        .iter()
-        .map(|s| {
-            serde_json::json!({
-                "kind": s.kind,
-                "display_name": s.display_name,
-                "token_url": s.token_url,
-                "settings": s.settings.iter().map(|t| serde_json::json!({
-                    "name": t.name,
-                    "default": t.default,
-                    "param": t.param,
-                    "doc": t.doc,
-                })).collect::<Vec<_>>(),
-                "client_auth": match s.client_auth {
-                    catalogue::ClientAuth::Body => "body",
-                    catalogue::ClientAuth::Basic => "basic",
-                },
-                "rotates_refresh_tokens": s.rotates_refresh_tokens,
-                "reuse_leeway_seconds": s.reuse_leeway_seconds,
-                "error_codes": s.error_codes.iter()
-                    .map(|(code, class)| serde_json::json!([code, class.name()]))
-                    .collect::<Vec<_>>(),
-                "default_expires_in": s.default_expires_in,
-                "default_refresh_token_expires_in": s.default_refresh_token_expires_in,
-                "refresh_token_idle_seconds": s.refresh_token_idle_seconds,
-                "docs": s.docs,
-            })
-        })
-        .collect();
-    let mut text = serde_json::to_string_pretty(&entries).unwrap_or_default();
-    text.push('\n');
-    text
 }

@@ -4,6 +4,7 @@
 
 pub use tokenkeep_testkit::pg;
 
+pub mod node;
 pub mod service;
 
 use secrecy::SecretString;
