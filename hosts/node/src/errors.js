@@ -38,7 +38,7 @@ export const ERROR_CLASSES = Object.freeze([
 ]);
 
 // How each class reads (the Rust host's `Display`), given its detail.
-const PREFIX = {
+export const PREFIX = Object.freeze({
   'reauthorization-required': 're-authorisation required: ',
   'provider-unavailable': 'provider unavailable: ',
   'provider-rejected-client': 'provider rejected the client: ',
@@ -50,7 +50,7 @@ const PREFIX = {
   'egress-denied': 'egress denied: ',
   configuration: 'configuration: ',
   sandbox: 'sandbox: ',
-};
+});
 
 function render(cls, detail, extra) {
   switch (cls) {

@@ -5,7 +5,7 @@
 // Calls are synchronous (the imports are): a call that waits for a row lock
 // or a provider blocks the calling thread, as better-sqlite3's calls do.
 
-import { TokenkeepError, sandbox, invalidInput } from './errors.js';
+import { PREFIX, TokenkeepError, sandbox, invalidInput } from './errors.js';
 import { Scope } from './linker.js';
 import { ProtocolError, parseTokenResponse } from './protocol.js';
 import { call } from './sandbox.js';
@@ -19,20 +19,6 @@ const MAX_GUEST_MESSAGE = 200;
 const PRUNE_EVERY_MS = 3600_000;
 
 const num = (v) => (v === undefined || v === null ? null : Number(v));
-
-/** The words of core's `RefreshError` Display, by class. */
-const REFRESH_PREFIX = {
-  'reauthorization-required': 're-authorisation required: ',
-  'provider-unavailable': 'provider unavailable: ',
-  'provider-rejected-client': 'provider rejected the client: ',
-  storage: 'storage: ',
-  decryption: 'decryption failed: ',
-  'invalid-provider-response': 'invalid provider response: ',
-  'unknown-provider': 'unknown provider: ',
-  'invalid-input': 'invalid input: ',
-  'egress-denied': 'egress denied: ',
-  configuration: 'configuration: ',
-};
 
 /** The component's words: one line of printable ASCII, bounded. */
 function tidy(m) {
@@ -66,7 +52,7 @@ function refreshError(ctx, e, provider, userId) {
       return new TokenkeepError('scope-mismatch', '', { missingScopes: e.val.slice(0, 64).map(tidy) });
     }
     default:
-      if (!(e.tag in REFRESH_PREFIX)) return sandbox('the component returned an unknown error');
+      if (e.tag === 'sandbox' || !(e.tag in PREFIX)) return sandbox('the component returned an unknown error');
       return new TokenkeepError(e.tag, tidy(e.val));
   }
 }
@@ -152,7 +138,7 @@ export function tokenSet(response, now) {
     r = parseTokenResponse(200, 'application/json', body, []);
   } catch (e) {
     if (!(e instanceof ProtocolError)) throw e;
-    throw invalidInput(`token response: ${REFRESH_PREFIX[e.cls] ?? ''}${e.message}`);
+    throw invalidInput(`token response: ${PREFIX[e.cls] ?? ''}${e.message}`);
   }
   return {
     accessToken: r.accessToken,

@@ -13,7 +13,7 @@
 import Database from 'better-sqlite3';
 import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { dirname } from 'node:path';
-import { TokenkeepError, configuration, storage as storageFailure } from './errors.js';
+import { ERROR_CLASSES as CLASSES, TokenkeepError, configuration, storage as storageFailure } from './errors.js';
 import { SCHEMA_DIR } from './paths.js';
 
 /** A storage failure: the WIT `storage-error` it maps to (`lock-timeout`, `unavailable`). */
@@ -99,21 +99,7 @@ const RECORD_START_SQL =
   'VALUES ($1, $2, $3, $4) ON CONFLICT (provider, user_id) DO UPDATE SET ' +
   'generation = excluded.generation, started_at = excluded.started_at';
 
-const ERROR_CLASSES = new Set([
-  'not-found',
-  'reauthorization-required',
-  'provider-unavailable',
-  'provider-rejected-client',
-  'scope-mismatch',
-  'lock-timeout',
-  'storage',
-  'decryption',
-  'invalid-provider-response',
-  'unknown-provider',
-  'invalid-input',
-  'egress-denied',
-  'configuration',
-]);
+const ERROR_CLASSES = new Set(CLASSES);
 
 /** `$1`, `$2`... bound from a list. */
 function args(...values) {
