@@ -488,10 +488,14 @@ async fn time_decided_states_are_announced_once(backend: Backend) {
     // Due now (inside the 60 s skew), and refused a refresh once: the
     // refresher leaves it be.
     w.store("due", "at-due", Some("rt-0"), 30).await;
+    w.provider.add_chain("rt-narrow");
+    w.store("narrow", "at-narrow", Some("rt-narrow"), 30).await;
     w.provider
         .set(|b| b.canned = Some((503, "text/plain".into(), String::new())));
-    let e = k.ensure_fresh("acme", "due").await.unwrap_err();
-    assert_eq!(e.class(), "provider-unavailable");
+    for user in ["due", "narrow"] {
+        let e = k.ensure_fresh("acme", user).await.unwrap_err();
+        assert_eq!(e.class(), "provider-unavailable");
+    }
     w.provider.set(|b| b.canned = None);
     // A refresh token that ends in three hours.
     let mut ending = token_set("at-ending", Some("rt-ending"), Some(now + 3600));
@@ -508,7 +512,7 @@ async fn time_decided_states_are_announced_once(backend: Backend) {
 
     // Two processes scan at once: each change is announced once.
     let (a, b) = tokio::join!(scanners[0].scan(), scanners[1].scan());
-    assert_eq!(a.unwrap().announced + b.unwrap().announced, 3);
+    assert_eq!(a.unwrap().announced + b.unwrap().announced, 4);
     let got = drain(k, "hook").await;
     assert_eq!(
         states(&got),
@@ -516,6 +520,7 @@ async fn time_decided_states_are_announced_once(backend: Backend) {
             "dead reauthorization-required Some(\"reauthorization-required\")",
             "due refresh-due Some(\"provider-unavailable\")",
             "ending refresh-token-expiring None",
+            "narrow refresh-due Some(\"provider-unavailable\")",
         ]
     );
     for s in &scanners {
@@ -530,6 +535,17 @@ async fn time_decided_states_are_announced_once(backend: Backend) {
     // The refresh that makes it fresh says so, in its own transaction; a
     // new token for the dead one is its recovery.
     w.backoff_over().await;
+    // A refresh that saves tokens missing a scope the user authorised
+    // writes a new generation, but the token is served to no one: not fresh.
+    w.provider.set(|b| b.scope = Some("repo".into()));
+    let e = k.ensure_fresh("acme", "narrow").await.unwrap_err();
+    assert_eq!(e.class(), "scope-mismatch");
+    w.provider.set(|b| b.scope = None);
+    assert_eq!(
+        drain(k, "hook").await,
+        vec![],
+        "a narrowed token is not fresh"
+    );
     k.ensure_fresh("acme", "due").await.unwrap();
     w.store("dead", "at-dead-2", None, 3600).await;
     let got = drain(k, "hook").await;

@@ -1,6 +1,6 @@
 CREATE TRIGGER tokenkeep_event_fresh AFTER UPDATE ON tokenkeep_tokens
 WHEN NEW.generation <> OLD.generation
-    AND NEW.last_failure IS NOT 'reauthorization-required'
+    AND NEW.last_failure IS NULL
     AND OLD.last_failure IS NOT 'reauthorization-required'
     AND (OLD.announced_state = 'refresh-due'
         OR (OLD.announced_state = 'refresh-token-expiring'

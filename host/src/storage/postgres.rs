@@ -387,6 +387,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
             state := 'recovered';
             NEW.announced_state := NULL;
         ELSIF NEW.generation <> OLD.generation
+           -- A write that saves tokens with a failure (a narrowed scope,
+           -- a salvaged refresh token) is no recovery.
+           AND NEW.last_failure IS NULL
            AND (OLD.announced_state = 'refresh-due'
                 OR (OLD.announced_state = 'refresh-token-expiring'
                     AND NEW.refresh_token_expires_at
