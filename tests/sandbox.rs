@@ -242,6 +242,24 @@ async fn a_compromised_component_is_refused_and_nothing_it_chose_reaches_a_log(b
         assert!(sent <= 1, "{trick}: {sent} token requests");
     }
 
+    // It asks for a refresh the host denies (the row holds no refresh
+    // token) and then writes tokens of its own as the next generation: a
+    // denied request brought nothing, so nothing may follow it.
+    w.store("leak:denied-forge", "at-own", None, -10).await;
+    let e = rogue
+        .ensure_fresh("acme", "leak:denied-forge")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Sandbox(m) if m.contains("does not follow the locked row's generation")),
+        "{e}"
+    );
+    let kept = w.stored("leak:denied-forge").await;
+    assert_eq!(
+        (kept.generation, kept.tokens.access_token.expose_secret()),
+        (1, "at-own")
+    );
+
     // It names, in a conversation's failure, a provider the call is not about.
     let settings = tokenkeep_host::ConversationSettings::from_json(
         br#"{"provider_tokens":{"acme":{"token":"at-conv","expires_at":1}}}"#,

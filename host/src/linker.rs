@@ -597,7 +597,13 @@ impl storage::HostTransaction for KeeperCtxView<'_> {
             ));
         };
         let row = convert::row_from_wit(row);
-        let requested = self.ctx.requests.iter().any(|(k, ..)| *k == row.key());
+        // Only a request that went out may have brought new tokens (one the
+        // host denied, or refused as misconfigured, did not).
+        let requested = self
+            .ctx
+            .requests
+            .iter()
+            .any(|(k, sent, _)| *k == row.key() && *sent > 0);
         let now = self.ctx.shared.store.now();
         if !honest_successor(locked, &row, expected_generation, requested)
             || row

@@ -301,7 +301,8 @@ export function keeperImports(ctx) {
       if (!locked || locked.provider !== row.provider || locked.userId !== row.userId) {
         throw ctx.refuse('a write to a row the transaction did not lock');
       }
-      const requested = ctx.requests.some((r) => sameKey(r.key, row));
+      // Only a request that went out may have brought new tokens.
+      const requested = ctx.requests.some((r) => sameKey(r.key, row) && r.sent > 0);
       const now = nowSeconds();
       if (
         !honestSuccessor(locked, row, expectedGeneration, requested) ||

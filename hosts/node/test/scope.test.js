@@ -36,6 +36,7 @@ describe('a call confined to its rows', () => {
     keeper.storeTokens('acme', 'alice', { access_token: 'at-a', refresh_token: 'rt-a', expires_in: 3600, scope: 's' });
     keeper.storeTokens('acme', 'bob', { access_token: 'at-b', refresh_token: 'rt-b', expires_in: 3600, scope: 's' });
     keeper.storeTokens('acme', 'carl', { access_token: 'at-c', refresh_token: 'rt-c', expires_in: 1 });
+    keeper.storeTokens('acme', 'dora', { access_token: 'at-d', expires_in: 1 });
     keeper.close();
     host = {
       store: SqliteStore.open(ws.db, { lockWaitMs: 2000 }),
@@ -97,7 +98,7 @@ describe('a call confined to its rows', () => {
   test('scans outside a listing, beyond the page, and opening in a listing are refused', () => {
     refusedWith(() => importsFor(Scope.row('acme', 'alice')).storage.listRows(undefined, 10));
     const page = importsFor(Scope.listing(undefined, 5));
-    assert.equal(page.storage.listRows(undefined, 5).length, 3);
+    assert.equal(page.storage.listRows(undefined, 5).length, 4);
     refusedWith(() => importsFor(Scope.listing(undefined, 5)).storage.listRows(undefined, 6));
     refusedWith(() => importsFor(Scope.listing(undefined, 5)).storage.listRows({ provider: 'acme', userId: 'alice' }, 5));
     const row = page.storage.listRows(undefined, 5)[0];
@@ -147,6 +148,16 @@ describe('a call confined to its rows', () => {
     assert.ok(lockIsFree());
     assert.equal(read.row.userId, 'alice');
     t2[Symbol.dispose]();
+  });
+
+  test('a token request the host denied brings nothing: the next generation after it is refused', () => {
+    const { storage, endpoint } = importsFor(Scope.row('acme', 'dora'));
+    const txn = storage.begin();
+    const locked = txn.loadForUpdate('acme', 'dora').row;
+    // No refresh token: denied, and nothing sent.
+    assert.throws(() => endpoint.requestRefresh(txn), (e) => e.tag === 'denied');
+    refusedWith(() => txn.compareAndSet({ ...locked, generation: locked.generation + 1n }, locked.generation));
+    assert.ok(lockIsFree());
   });
 
   test('a token request without a locked row is denied and ends the call', () => {

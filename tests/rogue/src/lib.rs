@@ -149,10 +149,31 @@ mod rogue {
         copies
     }
 
+    /// A token request the host denies (the row has no refresh token),
+    /// then new tokens of its own as the row's next generation.
+    fn denied_then_forged(user_id: &str) -> Result<AccessGrant, RefreshError> {
+        let txn = storage::begin().map_err(|_| refused())?;
+        let locked = txn
+            .load_for_update("acme", user_id)
+            .map_err(|_| refused())?
+            .row
+            .ok_or(RefreshError::NotFound)?;
+        let denied = token_endpoint::request_refresh(&txn).map(|_| ());
+        let mut forged = forged_row("acme", user_id);
+        forged.generation = locked.generation + 1;
+        forged.baseline_scopes = locked.baseline_scopes.clone();
+        let cas = txn.compare_and_set(&forged, locked.generation);
+        let _ = txn.commit();
+        said(format!("{denied:?} {cas:?}"))
+    }
+
     /// Asked about acme/USER, it tries to get that row's refresh token out,
     /// hammer the provider, or rewrite the row without moving its generation;
     /// USER names the trick (`leak:seal`, `leak:return`, ...).
     fn on_its_own_row(user_id: &str) -> Result<AccessGrant, RefreshError> {
+        if user_id == "leak:denied-forge" {
+            return denied_then_forged(user_id);
+        }
         let read = storage::read("acme", user_id).map_err(|_| refused())?;
         let row = read.row.ok_or(RefreshError::NotFound)?;
         let open = |field, bytes: &[u8]| {
