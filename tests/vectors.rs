@@ -539,7 +539,9 @@ async fn recorded_answers_hold(host: Host) {
                 .unwrap();
             let calls = endpoint.calls();
             let (result, said) = get_once(host, &w, &fx.kind, &user).await;
-            assert!(!said.contains("rt-old"), "{case}: quoted a secret: {said}");
+            for secret in ["rt-old", "at-old", "dev-secret"] {
+                assert!(!said.contains(secret), "{case}: quoted a secret: {said}");
+            }
             assert_eq!(endpoint.calls(), calls + 1, "{case}: one call");
 
             // What was sent: the grant, the provider's parameters, and the

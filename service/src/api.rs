@@ -36,6 +36,10 @@ pub struct ApiState {
     pub max_body_bytes: usize,
     /// Renders what the process's recorder holds, for `/metrics`.
     pub metrics: PrometheusHandle,
+    /// Set when the stop's drain time has run out: a request whose body
+    /// arrives after that is not served (the keeper no longer waits for
+    /// what it would start).
+    pub closed: std::sync::atomic::AtomicBool,
 }
 
 /// The process's metrics recorder (installed once, on first use).
@@ -180,6 +184,9 @@ impl<T: serde::de::DeserializeOwned> FromRequest<Arc<ApiState>> for Body<T> {
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
             .map_err(|_| ApiError::too_large(limit))?;
+        if state.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ApiError::stopping());
+        }
         serde_json::from_slice(&bytes).map(Body).map_err(|e| {
             ApiError::bad_request(format!(
                 "the body is not the JSON expected: {}",

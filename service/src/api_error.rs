@@ -47,6 +47,14 @@ impl ApiError {
         }
     }
 
+    pub fn stopping() -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            class: "stopping",
+            message: "the service is stopping; try another or try again".into(),
+        }
+    }
+
     pub fn no_route() -> Self {
         Self {
             status: StatusCode::NOT_FOUND,

@@ -107,6 +107,7 @@ impl Server {
                 keys: std::sync::RwLock::new(Arc::new(settings.keys)),
                 max_body_bytes: settings.max_body_bytes,
                 metrics: crate::api::metrics_recorder()?,
+                closed: Default::default(),
             }),
         })
     }
@@ -215,6 +216,11 @@ impl Server {
                     Some(_) => {}
                 },
                 () = &mut deadline => {
+                    // The connections still open run on (axum owns their
+                    // tasks) until the process exits; none of their requests
+                    // may start a refresh the keeper's shutdown would not
+                    // wait for.
+                    self.state.closed.store(true, std::sync::atomic::Ordering::SeqCst);
                     tracing::warn!(
                         drain_seconds = drain.as_secs(),
                         "requests still open when the drain time ran out were cut off"

@@ -750,3 +750,28 @@ impl BackendTransaction for SqliteTransaction {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::MIGRATIONS;
+
+    /// Every host applies the files it finds (the Node host reads the
+    /// directory): a file not in this list would make this host refuse the
+    /// schema as newer, one missing would leave the other behind.
+    #[test]
+    fn the_migrations_are_exactly_the_schema_files() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/schema/sqlite");
+        let mut files: Vec<i64> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                let stem = name.strip_suffix(".sql")?;
+                stem.parse().ok()
+            })
+            .collect();
+        files.sort();
+        let listed: Vec<i64> = MIGRATIONS.iter().map(|(v, _)| *v).collect();
+        assert_eq!(files, listed);
+        assert_eq!(listed, (1..=listed.len() as i64).collect::<Vec<_>>());
+    }
+}

@@ -6,8 +6,12 @@
 
 import { MessageChannel, Worker, receiveMessageOnPort } from 'node:worker_threads';
 
-/** How long past the provider's own deadline the worker may take to say so. */
-const MARGIN_MS = 5_000;
+/**
+ * How long past the provider's own deadline the worker may take to say so:
+ * short, as the caller holds the row's lock meanwhile and waiters give up
+ * at the lock wait.
+ */
+const MARGIN_MS = 1_000;
 
 let worker;
 let port;
@@ -18,7 +22,7 @@ function ensureWorker() {
   if (worker) return;
   const channel = new MessageChannel();
   signal = new Int32Array(new SharedArrayBuffer(4));
-  worker = new Worker(new URL('./http_worker.js', import.meta.url), {
+  const w = new Worker(new URL('./http_worker.js', import.meta.url), {
     workerData: { port: channel.port2, signal },
     transferList: [channel.port2],
     // The worker needs no environment of its own: the proxy settings come
@@ -27,11 +31,15 @@ function ensureWorker() {
     stdout: true,
     stderr: true,
   });
-  worker.unref();
-  worker.on('error', () => stopWorker());
-  worker.on('exit', () => {
-    if (worker) stopWorker();
+  w.unref();
+  // Only the worker that failed is stopped (a later one may be running).
+  w.on('error', () => {
+    if (worker === w) stopWorker();
   });
+  w.on('exit', () => {
+    if (worker === w) stopWorker();
+  });
+  worker = w;
   port = channel.port1;
   port.unref();
 }
@@ -62,20 +70,28 @@ export function postSync({ url, headers, body, timeoutMs, maxBytes, ca }) {
   const id = (sequence = (sequence % 0x7ffffffe) + 1);
   worker.postMessage({ id, url, headers, body, timeoutMs, maxBytes, ca, proxyEnv: proxyEnvironment() });
   const until = Date.now() + timeoutMs + MARGIN_MS;
+  // Whether the worker took the request: one it never took was never sent.
+  let taken = false;
   for (;;) {
     Atomics.store(signal, 0, 0);
     for (let m = receiveMessageOnPort(port); m; m = receiveMessageOnPort(port)) {
-      if (m.message.id === id) {
-        const { answer, error } = m.message;
-        if (answer) answer.body = Buffer.from(answer.body);
-        return answer ? { answer } : { error };
+      if (m.message.id !== id) continue;
+      if (m.message.taken) {
+        taken = true;
+        continue;
       }
+      const { answer, error } = m.message;
+      if (answer) answer.body = Buffer.from(answer.body);
+      return answer ? { answer } : { error };
     }
     const left = until - Date.now();
     if (left <= 0) {
-      // The worker is stuck: whatever it sent may have reached the provider.
       stopWorker();
-      return { error: { tag: 'no-answer', val: 'timed out' } };
+      // A stuck worker may have reached the provider; one that never took
+      // the request (it did not start, or died first) sent nothing.
+      return taken
+        ? { error: { tag: 'no-answer', val: 'timed out' } }
+        : { error: { tag: 'not-sent', val: 'the request was never sent: the HTTP worker did not take it' } };
     }
     Atomics.wait(signal, 0, 0, left);
   }

@@ -305,6 +305,8 @@ async function exchange(req) {
 }
 
 parentPort.on('message', async (req) => {
+  // Taken: from here on the request may leave.
+  port.postMessage({ id: req.id, taken: true });
   let result;
   try {
     result = await exchange(req);
