@@ -528,9 +528,15 @@ async fn recorded_answers_hold(host: Host) {
                     answer.body.clone(),
                 ))
             });
+            // An answer that reports no scopes keeps the old ones: old ones
+            // there are, so that keeping can be told from clearing.
+            let old_scopes: Vec<String> = match &answer.expect {
+                RecordedExpect::Ok(g) if g.scopes.is_none() => vec!["old-scope".into()],
+                _ => Vec::new(),
+            };
             let stale = token_set("at-old", Some("rt-old"), Some(w.now() - 10));
             let stale = TokenSet {
-                scopes: Vec::new(),
+                scopes: old_scopes.clone(),
                 ..stale
             };
             w.keeper
@@ -608,7 +614,7 @@ async fn recorded_answers_hold(host: Host) {
                     );
                     assert_eq!(
                         t.scopes,
-                        granted.scopes.clone().unwrap_or_default(),
+                        granted.scopes.clone().unwrap_or(old_scopes),
                         "{case}"
                     );
                     assert_eq!(stored.generation, 2, "{case}: persisted");

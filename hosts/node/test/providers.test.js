@@ -39,10 +39,14 @@ describe('recorded provider answers', { skip: fixtures.length === 0 && 'tests/ve
           const user = `user-${i}`;
           const keeper = openKeeper({ database: ws.db, config: ws.config, keys: ws.keys, auditAs: null });
           const now = keeper.now();
+          // An answer that reports no scopes keeps the old ones: old ones
+          // there are, so that keeping can be told from clearing.
+          const oldScopes = answer.expect.ok && answer.expect.ok.scopes === undefined ? ['old-scope'] : [];
           keeper.storeTokenSet(fx.kind, user, {
             accessToken: 'at-old',
             refreshToken: 'rt-old',
             accessTokenExpiresAt: now - 10,
+            scopes: oldScopes,
           });
           keeper.close();
           const r = nodeCli([...cliArgs(ws), 'get', fx.kind, user]);
@@ -76,7 +80,7 @@ describe('recorded provider answers', { skip: fixtures.length === 0 && 'tests/ve
               near(row.refresh_token_expires_at, g.refresh_token_expires_in == null ? null : now + g.refresh_token_expires_in),
               `${what}: refresh_token_expires_at`,
             );
-            assert.deepEqual(JSON.parse(row.scopes), g.scopes ?? [], what);
+            assert.deepEqual(JSON.parse(row.scopes), g.scopes ?? oldScopes, what);
             assert.equal(row.generation, 2, `${what}: persisted`);
           } else {
             assert.match(r.stderr, new RegExp(`^tokenkeep: ${answer.expect.error}: `), what);
