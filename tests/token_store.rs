@@ -23,6 +23,7 @@ on_both_backends!(
     two_processes_refresh_an_expired_token_once,
     the_cli_reports_each_failure_class_with_its_exit_code,
     tokens_never_reach_the_logs,
+    tokens_get_min_valid_refreshes_a_token_that_would_not_last,
 );
 
 async fn a_fresh_token_is_returned_without_calling_the_provider(b: Backend) {
@@ -292,6 +293,50 @@ async fn two_processes_refresh_an_expired_token_once(b: Backend) {
             && tokens[0].lines().count() == 1
     );
     assert_eq!(w.provider.calls(), 1, "four processes, one provider call");
+}
+
+async fn tokens_get_min_valid_refreshes_a_token_that_would_not_last(b: Backend) {
+    let w = World::new(b, "min-valid").await;
+    // An hour-long token with 1000 s left: not due (its window is 600 s).
+    w.store("alice", "at-old", Some("rt-0"), 1000).await;
+    raw_sql(
+        &w.database_url,
+        "UPDATE tokenkeep_tokens SET obtained_at = obtained_at - 2600",
+    )
+    .await;
+    let get = |args: &[&str]| {
+        let o = w
+            .cli()
+            .args(["tokens", "get", "acme", "alice"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap(),
+            String::from_utf8_lossy(&o.stdout).trim_end().to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    assert_eq!(
+        get(&["--min-valid", "10m"]).1,
+        "at-old",
+        "it lasts 10 minutes"
+    );
+    assert_eq!(w.provider.calls(), 0);
+    // A 30-minute step: refreshed first.
+    let (code, token, stderr) = get(&["--min-valid", "30m"]);
+    assert_eq!((code, stderr.as_str()), (0, ""));
+    assert!(token.starts_with("dev-at-"), "{token}");
+    assert_eq!(w.provider.calls(), 1);
+    // More than an hour-long token less its window can promise: refused,
+    // one line, no provider call.
+    let (code, token, stderr) = get(&["--min-valid", "1h"]);
+    assert_eq!((code, token.as_str()), (13, ""));
+    assert!(stderr.starts_with("tokenkeep: invalid-input: "), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1);
+    assert_eq!(w.provider.calls(), 1);
+    let (code, _, stderr) = get(&["--min-valid", "soon"]);
+    assert_eq!(code, 2, "{stderr}");
 }
 
 async fn the_cli_reports_each_failure_class_with_its_exit_code(b: Backend) {

@@ -138,7 +138,16 @@ enum TokensCommand {
     /// Store a provider's token response (RFC 6749 section 5.1 JSON) read from standard input.
     Put { provider: String, user: String },
     /// Print a valid access token, refreshing it first if needed.
-    Get { provider: String, user: String },
+    Get {
+        provider: String,
+        user: String,
+        /// Refresh first unless the token stays valid this long (seconds,
+        /// or with s, m, h or d): a long step never starts with a token
+        /// about to die. More than the provider's lifetime allows is
+        /// invalid-input.
+        #[arg(long, value_parser = parse_duration)]
+        min_valid: Option<u32>,
+    },
     /// List stored tokens without secrets.
     List {
         /// One JSON object per line instead of a table.
@@ -295,8 +304,14 @@ async fn tokens(keeper: &Keeper, cmd: &TokensCommand) -> Result<(), Error> {
                 record.generation
             );
         }
-        TokensCommand::Get { provider, user } => {
-            let record = keeper.ensure_fresh(provider, user).await?;
+        TokensCommand::Get {
+            provider,
+            user,
+            min_valid,
+        } => {
+            let record = keeper
+                .ensure_fresh_for(provider, user, min_valid.unwrap_or(0))
+                .await?;
             let mut out = std::io::stdout().lock();
             writeln!(out, "{}", record.access_token.expose_secret())
                 .and_then(|()| out.flush())
@@ -454,6 +469,26 @@ async fn audit(keeper: &Keeper, args: &AuditArgs) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// A duration: seconds, or a number with `s`, `m`, `h` or `d`.
+fn parse_duration(text: &str) -> Result<u32, String> {
+    let bad = || format!("{text:?} is not a duration such as 900, 90s, 30m, 2h or 1d");
+    let (digits, unit) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c),
+        _ => (text, 's'),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let scale = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale)
+        .and_then(|s| u32::try_from(s).ok())
+        .ok_or_else(bad)
 }
 
 /// Seconds since the epoch, `YYYY-MM-DD` or `YYYY-MM-DDTHH:MM:SSZ` (UTC).
@@ -858,6 +893,22 @@ mod tests {
             "",
         ] {
             assert!(parse_time(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations_take_seconds_or_a_unit() {
+        for (text, secs) in [
+            ("900", 900),
+            ("90s", 90),
+            ("30m", 1800),
+            ("2h", 7200),
+            ("1d", 86_400),
+        ] {
+            assert_eq!(parse_duration(text), Ok(secs), "{text}");
+        }
+        for bad in ["", "m", "1.5h", "-5", "10w", "99999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }
 }
