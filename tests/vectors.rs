@@ -292,19 +292,24 @@ fn check_stored(case: &str, w: &World, row: &TokenRecord, after: &StoredAfter) {
     }
 }
 
+/// What a Rust runtime's call gave, as the vectors name outcomes.
+fn rust_outcome(got: &Result<tokenkeep_host::AccessGrant, tokenkeep_host::Error>) -> Outcome {
+    match got {
+        Ok(g) => Outcome::Ok(g.access_token.expose_secret().to_string()),
+        Err(e) => Outcome::Error(e.class().to_string()),
+    }
+}
+
 async fn rust_callers(w: &World, s: &Scenario) -> Vec<Outcome> {
     let mut keepers = Vec::new();
     for _ in 0..s.callers {
         keepers.push(w.another_keeper().await);
     }
     let calls = keepers.iter().map(|k| async move {
-        match k
-            .ensure_fresh_for("acme", "u", s.min_remaining_seconds)
-            .await
-        {
-            Ok(g) => Outcome::Ok(g.access_token.expose_secret().to_string()),
-            Err(e) => Outcome::Error(e.class().to_string()),
-        }
+        rust_outcome(
+            &k.ensure_fresh_for("acme", "u", s.min_remaining_seconds)
+                .await,
+        )
     });
     futures::future::join_all(calls).await
 }
@@ -487,13 +492,11 @@ fn every_catalogued_provider_has_recorded_answers() {
 /// besides the token (an error's message, the command's standard error).
 async fn get_once(host: Host, w: &World, provider: &str, user: &str) -> (Outcome, String) {
     match host {
-        Host::Rust => match w.keeper.ensure_fresh(provider, user).await {
-            Ok(g) => (
-                Outcome::Ok(g.access_token.expose_secret().to_string()),
-                String::new(),
-            ),
-            Err(e) => (Outcome::Error(e.class().to_string()), e.to_string()),
-        },
+        Host::Rust => {
+            let got = w.keeper.ensure_fresh(provider, user).await;
+            let said = got.as_ref().err().map(ToString::to_string);
+            (rust_outcome(&got), said.unwrap_or_default())
+        }
         Host::Node => {
             let out = node::get(w, provider, user, 0).output().await.unwrap();
             (

@@ -9,10 +9,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use tokenkeep_host::audit;
 use tokenkeep_host::clock::utc;
-use tokenkeep_host::keeper::{error_class_name, summary_json, token_state_name};
+use tokenkeep_host::keeper::{error_class_name, summary_json, summary_key, token_state_name};
 use tokenkeep_host::storage::{Store, StoreOptions};
 use tokenkeep_host::{
-    Config, ConversationError, ConversationSettings, Error, Keeper, Keyring, Options, RowKey,
+    Config, ConversationError, ConversationSettings, Error, Keeper, Keyring, Options,
     SandboxLimits, TokenSummary,
 };
 use tokenkeep_service::{Listen, ServeSettings, Server};
@@ -328,10 +328,7 @@ async fn tokens(keeper: &Keeper, cmd: &TokensCommand) -> Result<(), Error> {
                 first = false;
                 match page.last() {
                     Some(last) if page.len() == LIST_PAGE as usize => {
-                        after = Some(RowKey {
-                            provider: last.provider.clone(),
-                            user_id: last.user_id.clone(),
-                        });
+                        after = Some(summary_key(last));
                     }
                     _ => break,
                 }

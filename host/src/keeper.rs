@@ -653,10 +653,7 @@ impl Keeper {
     pub async fn list_tokens(&self) -> Result<Vec<TokenSummary>, Error> {
         let mut all: Vec<TokenSummary> = Vec::new();
         loop {
-            let after = all.last().map(|s| RowKey {
-                provider: s.provider.clone(),
-                user_id: s.user_id.clone(),
-            });
+            let after = all.last().map(summary_key);
             let page = self.list_tokens_page(after, LIST_PAGE).await?;
             let last = page.len() < LIST_PAGE as usize;
             all.extend(page);
@@ -1226,6 +1223,14 @@ pub fn token_state_name(s: TokenState) -> &'static str {
         TokenState::RefreshTokenExpiring => "refresh-token-expiring",
         TokenState::ReauthorizationRequired => "reauthorization-required",
         TokenState::ScopeNarrowed => "scope-narrowed",
+    }
+}
+
+/// The row a summary describes: the cursor of the next page after it.
+pub fn summary_key(s: &TokenSummary) -> RowKey {
+    RowKey {
+        provider: s.provider.clone(),
+        user_id: s.user_id.clone(),
     }
 }
 

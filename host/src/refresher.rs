@@ -15,7 +15,7 @@ use crate::config::Provider;
 use crate::error::Error;
 use crate::events::{self, Announced, Announcement};
 use crate::keeper::RowKey;
-use crate::keeper::{TokenState, TokenSummary, error_class_name, token_state_name};
+use crate::keeper::{TokenState, TokenSummary, error_class_name, summary_key, token_state_name};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -138,10 +138,7 @@ pub fn plan(
         at = at.max(not_before);
     }
     Some(Planned {
-        row: RowKey {
-            provider: s.provider.clone(),
-            user_id: s.user_id.clone(),
-        },
+        row: summary_key(s),
         generation: s.generation,
         at,
         min_remaining: u32::try_from(min_remaining.max(0)).unwrap_or(u32::MAX),
@@ -158,7 +155,7 @@ fn announcement(
     refreshing: bool,
     announced: &HashMap<RowKey, Announced>,
 ) -> Option<Announcement> {
-    let row = key(s);
+    let row = summary_key(s);
     let seen = announced
         .get(&row)
         .filter(|a| a.generation == s.generation)?;
@@ -186,13 +183,6 @@ fn announcement(
         to,
         reason: reason.map(str::to_string),
     })
-}
-
-fn key(s: &TokenSummary) -> RowKey {
-    RowKey {
-        provider: s.provider.clone(),
-        user_id: s.user_id.clone(),
-    }
 }
 
 /// FNV-1a over the row and its generation: the same jitter in every
@@ -281,7 +271,7 @@ impl Refresher {
             let announced = match (page.first(), page.last()) {
                 (Some(first), Some(last)) => self
                     .keeper
-                    .announced(&key(first), &key(last))
+                    .announced(&summary_key(first), &summary_key(last))
                     .await
                     .unwrap_or_else(|e| {
                         tracing::debug!(class = e.class(), "announced states unread: {e}");
@@ -302,11 +292,7 @@ impl Refresher {
                     && s.health.failed_attempts >= self.settings.max_failures
                     && s.state != TokenState::ReauthorizationRequired
                 {
-                    let row = RowKey {
-                        provider: s.provider.clone(),
-                        user_id: s.user_id.clone(),
-                    };
-                    scan.given_up.push((row, s.generation));
+                    scan.given_up.push((summary_key(s), s.generation));
                 }
                 let planned = plan(s, provider, &self.settings).filter(|p| p.at <= horizon);
                 if let Some(a) = announcement(s, planned.is_some(), &announced) {
@@ -325,10 +311,7 @@ impl Refresher {
             }
             match page.last() {
                 Some(last) if page.len() == self.settings.page as usize => {
-                    after = Some(RowKey {
-                        provider: last.provider.clone(),
-                        user_id: last.user_id.clone(),
-                    });
+                    after = Some(summary_key(last));
                 }
                 _ => {
                     scan.states = states.into_iter().collect();

@@ -17,7 +17,7 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use tokenkeep_host::keeper::summary_json;
+use tokenkeep_host::keeper::{summary_json, summary_key};
 use tokenkeep_host::{ConversationError, ConversationSettings, Error, Keeper, RowKey};
 
 /// The OpenAPI document the service serves at `/v1/openapi.json`.
@@ -389,10 +389,7 @@ async fn list_tokens(
         if next.is_some() || !full {
             break;
         }
-        after = page.last().map(|s| RowKey {
-            provider: s.provider.clone(),
-            user_id: s.user_id.clone(),
-        });
+        after = page.last().map(summary_key);
     }
     // A full last page: the next one may be empty, which says the end.
     Ok(no_store(
