@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use tokenkeep_host::audit;
 use tokenkeep_host::clock::utc;
+use tokenkeep_host::grants::Revocation;
 use tokenkeep_host::keeper::{error_class_name, summary_json, summary_key, token_state_name};
 use tokenkeep_host::storage::{Store, StoreOptions};
 use tokenkeep_host::{
@@ -51,6 +52,11 @@ enum Command {
     /// Conversation settings: refresh, resume, show.
     #[command(subcommand)]
     Conversations(ConversationsCommand),
+    /// Connect a user's account: authorise in a browser (PKCE with a
+    /// loopback redirect) or, with --device, on any device with a code; the
+    /// tokens are stored for USER. For a machine client (grant =
+    /// "client-credentials") this gets its token.
+    Connect(ConnectArgs),
     /// Encryption keys: status and rotation.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -76,6 +82,28 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         runtimes: usize,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct ConnectArgs {
+    provider: String,
+    user: String,
+    /// The device authorisation grant (RFC 8628), for a machine without a
+    /// browser: prints a URL and a code to confirm elsewhere.
+    #[arg(long)]
+    device: bool,
+    /// A scope to ask for, repeatable (default: the provider's `scopes`).
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    /// The loopback port of the redirect URI (default: any free port).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Print the URL without opening a browser ($BROWSER, else the desktop's).
+    #[arg(long)]
+    no_browser: bool,
+    /// Give up when the user has not authorised within this long.
+    #[arg(long, value_parser = parse_duration, default_value = "10m")]
+    timeout: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -154,7 +182,9 @@ enum TokensCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Delete a user's tokens for a provider.
+    /// Delete a user's tokens for a provider, and revoke them at the
+    /// provider where it has a revocation endpoint (refresh token first).
+    /// Exit 17: deleted, but a token could not be revoked (one line each).
     Delete { provider: String, user: String },
 }
 
@@ -174,6 +204,7 @@ pub fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(Finished::Done) => ExitCode::SUCCESS,
+        Ok(Finished::NotRevoked) => ExitCode::from(NOT_REVOKED),
         Ok(Finished::Interrupted(signal)) => {
             eprintln!("tokenkeep: interrupted: refreshes in flight were saved first");
             ExitCode::from(128 + signal)
@@ -212,9 +243,15 @@ fn init_logging() {
     };
 }
 
+/// The exit code of `tokens delete` when a token may still be valid at the
+/// provider.
+const NOT_REVOKED: u8 = 17;
+
 /// How a command ended, when it did not fail.
 enum Finished {
     Done,
+    /// Deleted, but a token could not be revoked at the provider.
+    NotRevoked,
     /// By this signal, after the refreshes in flight were saved.
     Interrupted(u8),
 }
@@ -239,18 +276,21 @@ async fn run(cli: Cli) -> Result<Finished, Error> {
         let keeper = open(&cli).await?;
         let keeper = opened.get_or_init(|| keeper);
         let done = match &cli.command {
-            Command::Demo { .. } | Command::Migrate | Command::Serve { .. } => Ok(()),
+            Command::Demo { .. } | Command::Migrate | Command::Serve { .. } => Ok(Finished::Done),
             Command::Tokens(cmd) => tokens(keeper, cmd).await,
-            Command::Keys(cmd) => keys(keeper, cmd).await,
-            Command::Conversations(cmd) => conversations(keeper, cmd).await,
-            Command::Audit(cmd) => audit(keeper, cmd).await,
+            Command::Connect(args) => connect(keeper, args).await.map(|()| Finished::Done),
+            Command::Keys(cmd) => keys(keeper, cmd).await.map(|()| Finished::Done),
+            Command::Conversations(cmd) => {
+                conversations(keeper, cmd).await.map(|()| Finished::Done)
+            }
+            Command::Audit(cmd) => audit(keeper, cmd).await.map(|()| Finished::Done),
         };
         // The audit entries of this command are written before it exits.
         keeper.shutdown().await;
         done
     };
     tokio::select! {
-        done = work => done.map(|()| Finished::Done),
+        done = work => done,
         signal = signals.next() => {
             if let Some(keeper) = opened.get() {
                 tokio::select! {
@@ -290,7 +330,7 @@ impl Signals {
     }
 }
 
-async fn tokens(keeper: &Keeper, cmd: &TokensCommand) -> Result<(), Error> {
+async fn tokens(keeper: &Keeper, cmd: &TokensCommand) -> Result<Finished, Error> {
     match cmd {
         TokensCommand::Put { provider, user } => {
             // Lifetimes count on the keeper's clock (the database's).
@@ -335,16 +375,103 @@ async fn tokens(keeper: &Keeper, cmd: &TokensCommand) -> Result<(), Error> {
             }
         }
         TokensCommand::Delete { provider, user } => {
-            if !keeper.delete_tokens(provider, user).await? {
+            let deletion = keeper.delete_and_revoke(provider, user).await?;
+            if !deletion.deleted {
                 return Err(Error::NotFound {
                     provider: provider.clone(),
                     user_id: user.clone(),
                 });
             }
             eprintln!("deleted {provider}/{user}");
+            let mut finished = Finished::Done;
+            for (token, why) in deletion.not_revoked() {
+                if let Revocation::Failed(why) = why {
+                    eprintln!("tokenkeep: not-revoked: {provider}/{user}: {token}: {why}");
+                    finished = Finished::NotRevoked;
+                }
+            }
+            return Ok(finished);
         }
     }
+    Ok(Finished::Done)
+}
+
+/// `connect`: the browser flow, the device flow, or a machine client's grant.
+async fn connect(keeper: &Keeper, args: &ConnectArgs) -> Result<(), Error> {
+    let scopes = (!args.scopes.is_empty()).then_some(args.scopes.as_slice());
+    let (provider, user) = (&args.provider, &args.user);
+    let machine = keeper
+        .config()
+        .providers
+        .get(provider)
+        .is_some_and(|p| p.grant == tokenkeep_host::config::Grant::ClientCredentials);
+    let waiting = std::time::Duration::from_secs(u64::from(args.timeout));
+    let timed_out = || {
+        Error::ReauthorizationRequired(format!(
+            "not authorised within {} s; run connect again",
+            args.timeout
+        ))
+    };
+    let record = if machine {
+        keeper.client_credentials(provider, user).await?
+    } else if args.device {
+        let device = keeper.device_authorization(provider, scopes).await?;
+        let url = device
+            .verification_uri_complete
+            .clone()
+            .unwrap_or_else(|| device.verification_uri.clone());
+        eprintln!(
+            "tokenkeep: open {url} and confirm the code {} (expires in {} s)",
+            device.user_code, device.expires_in
+        );
+        tokio::time::timeout(waiting, keeper.await_device_authorization(device, user))
+            .await
+            .map_err(|_| timed_out())??
+    } else {
+        let loopback = tokenkeep_host::loopback::Loopback::bind(args.port).await?;
+        let pending = keeper.authorization_request(provider, loopback.redirect_uri(), scopes)?;
+        eprintln!("tokenkeep: open {} to authorise {provider} for {user}", pending.url);
+        if !args.no_browser {
+            open_browser(&pending.url);
+        }
+        let callback = tokio::time::timeout(waiting, loopback.receive())
+            .await
+            .map_err(|_| timed_out())??;
+        keeper.complete_authorization(pending, user, callback).await?
+    };
+    eprintln!(
+        "connected {provider}/{user} (generation {}, scopes: {})",
+        record.generation,
+        record.tokens.scopes.join(" ")
+    );
     Ok(())
+}
+
+/// Opens `url` in the user's browser: `$BROWSER` (a command, the URL
+/// appended), else the desktop's opener. Best effort: the URL is printed
+/// either way.
+fn open_browser(url: &str) {
+    let mut command = match std::env::var("BROWSER") {
+        Ok(browser) if !browser.trim().is_empty() => {
+            let mut words = browser.split_whitespace();
+            let Some(program) = words.next() else { return };
+            let mut c = std::process::Command::new(program);
+            c.args(words);
+            c
+        }
+        _ if cfg!(target_os = "macos") => std::process::Command::new("open"),
+        _ if std::env::var_os("DISPLAY").is_some()
+            || std::env::var_os("WAYLAND_DISPLAY").is_some() =>
+        {
+            std::process::Command::new("xdg-open")
+        }
+        _ => return,
+    };
+    let _ = command
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn();
 }
 
 async fn conversations(keeper: &Keeper, cmd: &ConversationsCommand) -> Result<(), Error> {

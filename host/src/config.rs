@@ -17,15 +17,36 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: u32 = 64 * 1024;
 /// outlast the runtime that refreshes instead of giving up on a healthy token.
 pub const DEFAULT_LOCK_WAIT_MS: u32 = 45_000;
 
-/// How the client authenticates at the token endpoint (RFC 6749 section 2.3.1).
+/// How the client authenticates at the authorisation server's endpoints
+/// (RFC 6749 section 2.3.1, RFC 7523): always attached by the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum ClientAuth {
-    /// `client_id` and `client_secret` in the form body.
+    /// `client_id` and `client_secret` in the form body
+    /// (`client_secret_post`).
     #[default]
+    #[serde(alias = "client-secret-post")]
     Body,
-    /// HTTP Basic with the client id and secret.
+    /// HTTP Basic with the client id and secret (`client_secret_basic`).
+    #[serde(alias = "client-secret-basic")]
     Basic,
+    /// A public client: only `client_id` in the form body.
+    None,
+    /// A JWT signed with the host's private key (`private_key_jwt`).
+    PrivateKeyJwt,
+}
+
+/// How the keeper gets and renews a provider's tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Grant {
+    /// A user authorises (`connect`, or tokens put from outside); the
+    /// refresh token renews them.
+    #[default]
+    AuthorizationCode,
+    /// A machine client: the client-credentials grant gets and renews the
+    /// token, and no refresh token is kept.
+    ClientCredentials,
 }
 
 /// Default number of provider calls per refresh (the first included).
@@ -46,6 +67,20 @@ pub struct Provider {
     /// refreshes are refused until it is.
     pub client_secret_missing: Option<String>,
     pub client_auth: ClientAuth,
+    /// For `private_key_jwt`: the key the host signs client assertions with.
+    pub signing_key: Option<std::sync::Arc<crate::client_assertion::SigningKey>>,
+    pub grant: Grant,
+    /// Where a user authorises (RFC 6749 section 3.1), for `connect`.
+    pub authorization_url: Option<String>,
+    /// The device authorisation endpoint (RFC 8628), for `connect --device`.
+    pub device_authorization_url: Option<String>,
+    /// The revocation endpoint (RFC 7009): deleted tokens are revoked there.
+    pub revocation_url: Option<String>,
+    /// The scopes `connect` and the client-credentials grant ask for.
+    pub scopes: Vec<String>,
+    /// The RFC 8707 resource indicator sent with every authorisation and
+    /// token request (an MCP server's URL).
+    pub resource: Option<String>,
     /// TLS for the token URL: the web roots, or only `ca_bundle`'s CAs.
     pub tls: std::sync::Arc<rustls::ClientConfig>,
     pub extra_params: Vec<(String, String)>,
@@ -142,6 +177,17 @@ struct RawProvider {
     client_secret: Option<String>,
     client_secret_env: Option<String>,
     client_auth: Option<ClientAuth>,
+    /// PKCS#8 PEM file of the P-256 key for `client_auth = "private-key-jwt"`.
+    private_key_file: Option<std::path::PathBuf>,
+    /// The `kid` of that key at the provider, when it holds several.
+    key_id: Option<String>,
+    grant: Option<Grant>,
+    authorization_url: Option<String>,
+    device_authorization_url: Option<String>,
+    revocation_url: Option<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    resource: Option<String>,
     /// PEM certificates to trust instead of the web roots (a private CA).
     ca_bundle: Option<std::path::PathBuf>,
     #[serde(default)]
@@ -321,14 +367,17 @@ impl Provider {
             }
             r
         };
-        let url = url::Url::parse(&resolved.token_url)
-            .map_err(|e| Error::Config(format!("provider {name}: token_url: {e}")))?;
-        if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
-            return bad("token_url must be an absolute http(s) URL".into());
-        }
-        if url.scheme() == "http" && !is_loopback(&url) {
-            return bad("token_url must use https (plain http is allowed on loopback only)".into());
-        }
+        let token_url = endpoint_url(&name, "token_url", &resolved.token_url)?;
+        let endpoint = |what: &str, url: &Option<String>| {
+            url.as_deref()
+                .map(|u| endpoint_url(&name, what, u))
+                .transpose()
+        };
+        let authorization_url = endpoint("authorization_url", &p.authorization_url)?;
+        let device_authorization_url =
+            endpoint("device_authorization_url", &p.device_authorization_url)?;
+        let revocation_url = endpoint("revocation_url", &p.revocation_url)?;
+        let resource = endpoint("resource", &p.resource)?;
         // A variable that is not set fails only the refreshes of this
         // provider: commands that use other providers, or none (listings,
         // key status), need not hold every provider's secret.
@@ -357,6 +406,33 @@ impl Provider {
         {
             return bad("client_auth = \"basic\" needs a client secret".into());
         }
+        let signing_key = match (client_auth, &p.private_key_file) {
+            (ClientAuth::PrivateKeyJwt, Some(path)) => Some(std::sync::Arc::new(
+                crate::client_assertion::SigningKey::load(path, p.key_id.clone())
+                    .map_err(|e| Error::Config(format!("provider {name}: {e}")))?,
+            )),
+            (ClientAuth::PrivateKeyJwt, None) => {
+                return bad("client_auth = \"private-key-jwt\" needs private_key_file".into());
+            }
+            (_, Some(_)) => {
+                return bad(
+                    "private_key_file is for client_auth = \"private-key-jwt\"".into(),
+                );
+            }
+            (_, None) => None,
+        };
+        if matches!(client_auth, ClientAuth::None | ClientAuth::PrivateKeyJwt)
+            && (client_secret.is_some() || client_secret_missing.is_some())
+        {
+            return bad(format!(
+                "a client secret is not sent with client_auth = \"{}\"",
+                if client_auth == ClientAuth::None { "none" } else { "private-key-jwt" }
+            ));
+        }
+        let grant = p.grant.unwrap_or_default();
+        if grant == Grant::ClientCredentials && client_auth == ClientAuth::None {
+            return bad("grant = \"client-credentials\" needs a client that authenticates".into());
+        }
         // The configuration's own parameters win over the catalogue's, and
         // no parameter is sent twice (RFC 6749 §3.1).
         let mut extra_params = resolved.extra_params;
@@ -366,11 +442,18 @@ impl Provider {
         }
         Ok(Provider {
             kind,
-            token_url: url.to_string(),
+            token_url,
             client_id: p.client_id,
             client_secret,
             client_secret_missing,
             client_auth,
+            signing_key,
+            grant,
+            authorization_url,
+            device_authorization_url,
+            revocation_url,
+            scopes: p.scopes,
+            resource,
             tls: crate::outbound::client_tls(p.ca_bundle.as_deref())
                 .map_err(|e| Error::Config(format!("provider {name}: {e}")))?,
             extra_params,
@@ -400,6 +483,21 @@ impl Provider {
             name,
         })
     }
+}
+
+/// An endpoint of the provider: absolute, and https unless on loopback.
+fn endpoint_url(provider: &str, what: &str, url: &str) -> Result<String, Error> {
+    let bad = |why: String| Error::Config(format!("provider {provider}: {what} {why}"));
+    let url = url::Url::parse(url).map_err(|e| bad(format!("is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
+        return Err(bad("must be an absolute http(s) URL".into()));
+    }
+    if url.scheme() == "http" && !is_loopback(&url) {
+        return Err(bad(
+            "must use https (plain http is allowed on loopback only)".into(),
+        ));
+    }
+    Ok(url.to_string())
 }
 
 fn is_loopback(url: &url::Url) -> bool {

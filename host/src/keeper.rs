@@ -368,6 +368,11 @@ impl Keeper {
         self.runtime.shared().store.now()
     }
 
+    /// The kept-alive connections to providers, for the host's own requests.
+    pub(crate) fn connections(&self) -> &crate::provider_connections::ProviderConnections {
+        &self.runtime.shared().connections
+    }
+
     /// Runs one export about one row.
     async fn on_row<T, F>(
         &self,

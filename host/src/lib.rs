@@ -9,6 +9,7 @@
 
 pub mod audit;
 pub mod bindings;
+pub mod client_assertion;
 pub mod clock;
 pub mod config;
 pub mod conversation;
@@ -16,9 +17,11 @@ mod convert;
 pub mod error;
 pub mod events;
 pub mod grant_cache;
+pub mod grants;
 pub mod keeper;
 pub mod keyring;
 pub mod linker;
+pub mod loopback;
 pub mod metrics;
 pub mod outbound;
 pub mod provider_connections;

@@ -14,7 +14,8 @@ use crate::bindings::tokenkeep::oauth::{
 use crate::convert;
 use crate::sandbox::Shared;
 use crate::storage::Transaction;
-use crate::token_endpoint::fingerprint;
+use crate::config::Grant;
+use crate::token_endpoint::{Renewal, fingerprint};
 use secrecy::{ExposeSecret, SecretString};
 use std::sync::Arc;
 use tokenkeep_core::model::{RequestError, RowKey, SealedRow, SealingError};
@@ -803,23 +804,31 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
                 &(&key.provider, &key.user_id),
             ));
         }
-        let Some(sealed) = row.refresh_token.as_deref() else {
-            return Ok(Err(E::Denied(
-                "the locked row holds no refresh token".into(),
-            )));
+        let refresh_token = match provider.grant {
+            // A machine client renews with its own credentials: nothing
+            // of the row is spent.
+            Grant::ClientCredentials => None,
+            Grant::AuthorizationCode => {
+                let Some(sealed) = row.refresh_token.as_deref() else {
+                    return Ok(Err(E::Denied(
+                        "the locked row holds no refresh token".into(),
+                    )));
+                };
+                let Ok(refresh_token) = self.ctx.shared.keyring.open(
+                    &row.provider,
+                    &row.user_id,
+                    Field::RefreshToken,
+                    &row.key_id,
+                    sealed,
+                ) else {
+                    return Ok(Err(E::Denied(
+                        "the locked row's refresh token does not open".into(),
+                    )));
+                };
+                self.ctx.keep(refresh_token.clone())?;
+                Some(refresh_token)
+            }
         };
-        let Ok(refresh_token) = self.ctx.shared.keyring.open(
-            &row.provider,
-            &row.user_id,
-            Field::RefreshToken,
-            &row.key_id,
-            sealed,
-        ) else {
-            return Ok(Err(E::Denied(
-                "the locked row's refresh token does not open".into(),
-            )));
-        };
-        self.ctx.keep(refresh_token.clone())?;
         let shared = self.ctx.shared.clone();
         let Some(txn) = self.table.get_mut(&locked)?.txn.as_mut() else {
             return Err(self.ctx.refuse("a refresh without a locked row", &()));
@@ -830,7 +839,10 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
             &provider,
             &row,
             txn,
-            &refresh_token,
+            match &refresh_token {
+                Some(token) => Renewal::RefreshToken(token),
+                None => Renewal::ClientCredentials,
+            },
         )
         .await;
         crate::metrics::provider_request(

@@ -57,14 +57,20 @@ impl WasiHttpHooks for DenyAllHttp {
     }
 }
 
-/// Sends the refresh of `locked`, the row `txn` holds locked, whose refresh
-/// token the caller opened.
+/// What renews a row's tokens: its refresh token, or (for a machine
+/// client) the client's own credentials.
+pub enum Renewal<'a> {
+    RefreshToken(&'a SecretString),
+    ClientCredentials,
+}
+
+/// Sends the renewal of `locked`, the row `txn` holds locked.
 pub async fn request_refresh(
     connections: &ProviderConnections,
     provider: &Provider,
     locked: &SealedRow,
     txn: &mut crate::storage::Transaction,
-    refresh_token: &SecretString,
+    renewal: Renewal<'_>,
 ) -> Result<HttpAnswer, RequestError> {
     // Durably, before the request leaves: if this runtime dies before its
     // commit, the next one can tell a lost rotation from a revocation. And
@@ -74,32 +80,105 @@ pub async fn request_refresh(
     txn.start_refresh(&locked.provider, &locked.user_id, locked.generation)
         .await
         .map_err(|e| RequestError::NotSent(format!("the refresh could not be started: {e}")))?;
-    post(connections, provider, refresh_token).await
+    let form = match renewal {
+        Renewal::RefreshToken(token) => {
+            let mut form = Form::from(refresh_request_body(token, &[]));
+            form.grant_params(provider);
+            form
+        }
+        Renewal::ClientCredentials => client_credentials_form(provider),
+    };
+    send_form(connections, provider, &provider.token_url, form).await
 }
 
-/// POSTs the refresh form, bounded by the provider's total time (connect to
-/// last byte) and response size.
-async fn post(
+/// The client-credentials grant's request: the configured scopes and
+/// parameters.
+pub(crate) fn client_credentials_form(provider: &Provider) -> Form {
+    let mut form = Form::new("client_credentials");
+    if !provider.scopes.is_empty() {
+        form.push("scope", &provider.scopes.join(" "));
+    }
+    form.grant_params(provider);
+    form
+}
+
+/// A form body for the authorisation server. It may carry a token or a
+/// code, so it is kept as a secret.
+pub struct Form(SecretString);
+
+impl From<SecretString> for Form {
+    fn from(body: SecretString) -> Self {
+        Self(body)
+    }
+}
+
+impl Form {
+    /// A token request for `grant_type`.
+    pub fn new(grant_type: &str) -> Self {
+        let mut form = Self(SecretString::from(String::new()));
+        form.push("grant_type", grant_type);
+        form
+    }
+
+    /// An empty form (revocation, device authorisation).
+    pub fn empty() -> Self {
+        Self(SecretString::from(String::new()))
+    }
+
+    pub fn push(&mut self, name: &str, value: &str) {
+        let mut body = self.0.expose_secret().to_string();
+        if !body.is_empty() {
+            body.push('&');
+        }
+        form_encode_into(&mut body, name);
+        body.push('=');
+        form_encode_into(&mut body, value);
+        self.0 = body.into();
+    }
+
+    /// What every token request of the provider carries: its configured
+    /// parameters (never one the grant sets itself) and its resource
+    /// indicator (RFC 8707).
+    pub fn grant_params(&mut self, provider: &Provider) {
+        const OWN: [&str; 6] = [
+            "grant_type",
+            "refresh_token",
+            "code",
+            "code_verifier",
+            "device_code",
+            "client_assertion",
+        ];
+        for (k, v) in &provider.extra_params {
+            if !OWN.contains(&k.as_str()) {
+                self.push(k, v);
+            }
+        }
+        if let Some(resource) = &provider.resource {
+            self.push("resource", resource);
+        }
+    }
+}
+
+/// POSTs a form to one of the provider's endpoints with the client's
+/// authentication, bounded by the provider's total time (connect to last
+/// byte) and response size.
+pub async fn send_form(
     connections: &ProviderConnections,
     provider: &Provider,
-    refresh_token: &SecretString,
+    url: &str,
+    form: Form,
 ) -> Result<HttpAnswer, RequestError> {
-    let mut form = refresh_request_body(refresh_token, &provider.extra_params)
-        .expose_secret()
-        .as_bytes()
-        .to_vec();
+    let mut form = form;
     let mut headers = http::HeaderMap::new();
-    attach_client_credentials(provider, &mut headers, &mut form);
-    let uri: http::Uri = provider
-        .token_url
+    attach_client_credentials(provider, &mut headers, &mut form)?;
+    let form = form.0.expose_secret().as_bytes().to_vec();
+    let uri: http::Uri = url
         .parse()
-        .map_err(|_| RequestError::Denied("the configured token URL is not a valid URI".into()))?;
+        .map_err(|_| RequestError::Denied("the configured URL is not a valid URI".into()))?;
     // HTTP/1.1 requires Host (host and port, never user info); hyper's
     // client connection does not add it.
     let (Some(host_name), Some(scheme)) = (uri.host(), uri.scheme_str()) else {
-        return Err(RequestError::Denied(
-            "the configured token URL has no host".into(),
-        ));
+        return Err(RequestError::Denied("the configured URL has no host".into()));
     };
     let host = match uri.port_u16() {
         Some(port) => format!("{host_name}:{port}"),
@@ -125,7 +204,7 @@ async fn post(
         .header(http::header::ACCEPT, "application/json")
         .header(http::header::CONTENT_LENGTH, form.len())
         .body(Full::new(Bytes::from(form)))
-        .map_err(|_| RequestError::Denied("the configured token URL is not a valid URI".into()))?;
+        .map_err(|_| RequestError::Denied("the configured URL is not a valid URI".into()))?;
     request.headers_mut().extend(headers);
 
     let total = Duration::from_millis(u64::from(provider.timeout_ms));
@@ -263,23 +342,14 @@ fn short(e: &hyper::Error) -> String {
     name
 }
 
-/// RFC 6749 section 2.3.1: in the body, or as HTTP Basic over the
-/// form-encoded id and secret.
+/// RFC 6749 section 2.3.1 (in the body, or as HTTP Basic over the
+/// form-encoded id and secret), RFC 7523 (a signed assertion), or the
+/// client id alone for a public client.
 fn attach_client_credentials(
     provider: &Provider,
     headers: &mut http::HeaderMap,
-    form: &mut Vec<u8>,
-) {
-    let mut push = |k: &str, v: &str| {
-        let mut s = String::new();
-        if !form.is_empty() {
-            s.push('&');
-        }
-        s.push_str(k);
-        s.push('=');
-        s.push_str(&form_encode(v));
-        form.extend_from_slice(s.as_bytes());
-    };
+    form: &mut Form,
+) -> Result<(), RequestError> {
     match (provider.client_auth, &provider.client_secret) {
         (ClientAuth::Basic, Some(secret)) => {
             let pair = format!(
@@ -296,13 +366,28 @@ fn attach_client_credentials(
                 headers.insert(http::header::AUTHORIZATION, v);
             }
         }
+        (ClientAuth::PrivateKeyJwt, _) => {
+            let key = provider.signing_key.as_ref().ok_or_else(|| {
+                RequestError::Misconfigured("private_key_jwt without a signing key".into())
+            })?;
+            let assertion = key
+                .assertion(&provider.client_id, &provider.token_url)
+                .map_err(RequestError::Misconfigured)?;
+            form.push("client_id", &provider.client_id);
+            form.push(
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            );
+            form.push("client_assertion", assertion.expose_secret());
+        }
         (_, secret) => {
-            push("client_id", &provider.client_id);
+            form.push("client_id", &provider.client_id);
             if let Some(secret) = secret {
-                push("client_secret", secret.expose_secret());
+                form.push("client_secret", secret.expose_secret());
             }
         }
     }
+    Ok(())
 }
 
 fn form_encode(s: &str) -> String {
@@ -352,17 +437,17 @@ mod tests {
     fn client_credentials_are_attached_by_the_host() {
         let config = config();
         let mut headers = http::HeaderMap::new();
-        let mut form = b"grant_type=refresh_token".to_vec();
-        attach_client_credentials(&config.providers["acme"], &mut headers, &mut form);
+        let mut form = Form::new("refresh_token");
+        attach_client_credentials(&config.providers["acme"], &mut headers, &mut form).unwrap();
         assert_eq!(
-            String::from_utf8(form).unwrap(),
+            form.0.expose_secret(),
             "grant_type=refresh_token&client_id=the+client&client_secret=s3cret%26%3D"
         );
         assert!(headers.get(http::header::AUTHORIZATION).is_none());
 
-        let mut form = b"grant_type=refresh_token".to_vec();
-        attach_client_credentials(&config.providers["basic"], &mut headers, &mut form);
-        assert_eq!(form, b"grant_type=refresh_token");
+        let mut form = Form::new("refresh_token");
+        attach_client_credentials(&config.providers["basic"], &mut headers, &mut form).unwrap();
+        assert_eq!(form.0.expose_secret(), "grant_type=refresh_token");
         let auth = headers.get(http::header::AUTHORIZATION).unwrap();
         assert!(auth.is_sensitive());
         assert_eq!(auth.to_str().unwrap(), "Basic aWQ6cHc=");

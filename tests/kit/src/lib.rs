@@ -5,6 +5,7 @@
 
 pub mod devprovider;
 pub mod oauth_server;
+pub mod oidc_server;
 pub mod pg;
 pub mod proxy;
 pub mod tls;
