@@ -81,7 +81,11 @@ async fn connect_with_pkce_stores_tokens_that_the_keeper_then_refreshes() {
         .unwrap()
         .unwrap();
     assert!(stored.tokens.refresh_token.is_some(), "a refresh token");
-    assert!(stored.tokens.scopes.iter().any(|s| s == "read"), "{:?}", stored.tokens.scopes);
+    assert!(
+        stored.tokens.scopes.iter().any(|s| s == "read"),
+        "{:?}",
+        stored.tokens.scopes
+    );
     assert!(!stderr.contains(stored.tokens.access_token.expose_secret()));
 
     // An hour later the keeper refreshes it at the server, once.
@@ -125,7 +129,10 @@ async fn a_redirect_that_is_not_the_answer_to_our_request_is_refused() {
         .unwrap()
         .1
         .into_owned();
-    assert!(url.query_pairs().any(|(k, v)| k == "code_challenge_method" && v == "S256"));
+    assert!(
+        url.query_pairs()
+            .any(|(k, v)| k == "code_challenge_method" && v == "S256")
+    );
     let denied = Callback::from_query(&format!("error=access_denied&state={state}"));
     let e = w
         .keeper
@@ -134,8 +141,18 @@ async fn a_redirect_that_is_not_the_answer_to_our_request_is_refused() {
         .unwrap_err();
     assert!(matches!(e, Error::ReauthorizationRequired(_)), "{e}");
 
-    assert_eq!(server.grants("authorization_code"), 0, "nothing was exchanged");
-    assert!(w.keeper.load_tokens("oidc", "alice", false).await.unwrap().is_none());
+    assert_eq!(
+        server.grants("authorization_code"),
+        0,
+        "nothing was exchanged"
+    );
+    assert!(
+        w.keeper
+            .load_tokens("oidc", "alice", false)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -163,12 +180,20 @@ async fn connect_device_polls_until_the_user_approves_elsewhere() {
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{rest:?}\n{:?}", server.log());
-    assert!(rest.iter().any(|l| l.contains("connected oidc/bob")), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("connected oidc/bob")),
+        "{rest:?}"
+    );
     assert_eq!(
         server.grants("urn:ietf:params:oauth:grant-type:device_code"),
         1
     );
-    let stored = w.keeper.load_tokens("oidc", "bob", false).await.unwrap().unwrap();
+    let stored = w
+        .keeper
+        .load_tokens("oidc", "bob", false)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(stored.tokens.refresh_token.is_some());
 }
 
@@ -193,38 +218,86 @@ async fn deleting_tokens_revokes_them_at_the_provider_refresh_token_first() {
             .args(["connect", "oidc", user])
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    let carol = w.keeper.load_tokens("oidc", "carol", false).await.unwrap().unwrap();
+    let carol = w
+        .keeper
+        .load_tokens("oidc", "carol", false)
+        .await
+        .unwrap()
+        .unwrap();
     let refresh = carol.tokens.refresh_token.clone().unwrap();
     assert!(active_at(&server, refresh.expose_secret()));
-    assert!(active_at(&server, carol.tokens.access_token.expose_secret()));
+    assert!(active_at(
+        &server,
+        carol.tokens.access_token.expose_secret()
+    ));
 
-    let out = w.cli().args(["tokens", "delete", "oidc", "carol"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!active_at(&server, refresh.expose_secret()), "refresh token revoked");
+    let out = w
+        .cli()
+        .args(["tokens", "delete", "oidc", "carol"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !active_at(&server, refresh.expose_secret()),
+        "refresh token revoked"
+    );
     assert!(
         !active_at(&server, carol.tokens.access_token.expose_secret()),
         "access token revoked"
     );
-    assert!(w.keeper.load_tokens("oidc", "carol", false).await.unwrap().is_none());
+    assert!(
+        w.keeper
+            .load_tokens("oidc", "carol", false)
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     // A revocation endpoint that does not answer: deleted all the same,
     // and each token that may still be valid is named, exit 17.
-    w.add_config(&user_provider(
-        &server,
-        "oidc-down",
-        &post.client_id,
-        &format!(
-            "client_auth = \"client-secret-post\"\nclient_secret = \"{}\"\ntimeout_ms = 2000",
-            post.client_secret.as_deref().unwrap()
+    w.add_config(
+        &user_provider(
+            &server,
+            "oidc-down",
+            &post.client_id,
+            &format!(
+                "client_auth = \"client-secret-post\"\nclient_secret = \"{}\"\ntimeout_ms = 2000",
+                post.client_secret.as_deref().unwrap()
+            ),
+        )
+        .replace(
+            &server.url("/token/revocation"),
+            "http://127.0.0.1:9/revoke",
         ),
     )
-    .replace(&server.url("/token/revocation"), "http://127.0.0.1:9/revoke"))
     .await;
-    let dave = w.keeper.load_tokens("oidc", "dave", false).await.unwrap().unwrap();
-    w.keeper.store_tokens("oidc-down", "dave", &dave.tokens).await.unwrap();
-    let out = w.cli().args(["tokens", "delete", "oidc-down", "dave"]).output().unwrap();
+    let dave = w
+        .keeper
+        .load_tokens("oidc", "dave", false)
+        .await
+        .unwrap()
+        .unwrap();
+    w.keeper
+        .store_tokens("oidc-down", "dave", &dave.tokens)
+        .await
+        .unwrap();
+    let out = w
+        .cli()
+        .args(["tokens", "delete", "oidc-down", "dave"])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(17), "{stderr}");
     let lines: Vec<&str> = stderr
@@ -232,13 +305,192 @@ async fn deleting_tokens_revokes_them_at_the_provider_refresh_token_first() {
         .filter(|l| l.starts_with("tokenkeep: "))
         .collect();
     assert_eq!(lines.len(), 2, "one line per token not revoked: {stderr}");
-    assert!(lines[0].starts_with("tokenkeep: not-revoked: oidc-down/dave: refresh token: "), "{stderr}");
-    assert!(lines[1].starts_with("tokenkeep: not-revoked: oidc-down/dave: access token: "), "{stderr}");
-    assert!(w.keeper.load_tokens("oidc-down", "dave", false).await.unwrap().is_none());
-    assert!(active_at(&server, dave.tokens.refresh_token.as_ref().unwrap().expose_secret()));
+    assert!(
+        lines[0].starts_with("tokenkeep: not-revoked: oidc-down/dave: refresh token: "),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].starts_with("tokenkeep: not-revoked: oidc-down/dave: access token: "),
+        "{stderr}"
+    );
+    assert!(
+        w.keeper
+            .load_tokens("oidc-down", "dave", false)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(active_at(
+        &server,
+        dave.tokens.refresh_token.as_ref().unwrap().expose_secret()
+    ));
 
     // A provider without a revocation endpoint: nothing to report.
     let d = w.keeper.delete_and_revoke("oidc", "nobody").await.unwrap();
     assert!(!d.deleted);
     assert_eq!(d.refresh_token, None::<Revocation>);
+}
+
+fn machine_provider(server: &OidcServer, name: &str, extra: &str) -> String {
+    format!(
+        "\n[providers.{name}]\ntoken_url = \"{}\"\nrevocation_url = \"{}\"\ngrant = \"client-credentials\"\n\
+         scopes = [\"read\"]\n{extra}\n",
+        server.url("/token"),
+        server.url("/token/revocation"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_machine_token_is_got_on_demand_and_renewed_once_for_many_callers() {
+    let server = OidcServer::start(3600, None);
+    let machine = &server.clients.machine;
+    let toml = machine_provider(
+        &server,
+        "ci",
+        &format!(
+            "client_id = \"{}\"\nclient_secret = \"{}\"\nclient_auth = \"client-secret-basic\"",
+            machine.client_id,
+            machine.client_secret.as_deref().unwrap()
+        ),
+    );
+    let w = world_with("machine", &toml).await;
+    let runtimes = [
+        w.keeper.clone(),
+        w.another_keeper().await,
+        w.another_keeper().await,
+        w.another_keeper().await,
+    ];
+
+    // Nothing stored: the first read gets the client's token.
+    let first = runtimes[0].ensure_fresh("ci", "builds").await.unwrap();
+    assert_eq!(first.scopes, ["read"]);
+    assert_eq!(server.grants("client_credentials"), 1);
+    let stored = w
+        .keeper
+        .load_tokens("ci", "builds", false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        stored.tokens.refresh_token.is_none(),
+        "a machine client keeps no refresh token"
+    );
+
+    for round in 1..=2 {
+        w.clock.advance(3600);
+        let mut calls = Vec::new();
+        for k in &runtimes {
+            for _ in 0..8 {
+                let k = k.clone();
+                calls.push(tokio::spawn(
+                    async move { k.ensure_fresh("ci", "builds").await },
+                ));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in calls {
+            let g = c
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            seen.insert(g.access_token.expose_secret().to_string());
+        }
+        assert_eq!(
+            seen.len(),
+            1,
+            "round {round}: 32 callers in 4 runtimes, one token"
+        );
+        assert!(!seen.contains(first.access_token.expose_secret()));
+        assert_eq!(
+            server.grants("client_credentials"),
+            1 + round,
+            "round {round}: one renewal at the server"
+        );
+    }
+    let listed = w.keeper.list_tokens().await.unwrap();
+    assert_eq!(
+        tokenkeep_host::keeper::token_state_name(listed[0].state),
+        "fresh"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_machine_client_authenticates_with_a_key_only_the_host_holds() {
+    use base64::Engine as _;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+    let scratch = tokenkeep_testkit::Scratch::new("jwt-key");
+    let der = EcdsaKeyPair::generate_pkcs8(
+        &ECDSA_P256_SHA256_FIXED_SIGNING,
+        &ring::rand::SystemRandom::new(),
+    )
+    .unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    let pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        b64.as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let key_path = scratch.0.join("client.pem");
+    std::fs::write(&key_path, pem).unwrap();
+    let key =
+        tokenkeep_host::client_assertion::SigningKey::load(&key_path, Some("k1".into())).unwrap();
+    let jwks_path = scratch.0.join("jwks.json");
+    std::fs::write(
+        &jwks_path,
+        serde_json::json!({ "keys": [key.public_jwk()] }).to_string(),
+    )
+    .unwrap();
+
+    let server = OidcServer::start(3600, Some(&jwks_path));
+    let toml = machine_provider(
+        &server,
+        "signed",
+        &format!(
+            "client_id = \"{}\"\nclient_auth = \"private-key-jwt\"\nprivate_key_file = \"{}\"\nkey_id = \"k1\"",
+            server.clients.jwt.client_id,
+            key_path.display()
+        ),
+    );
+    let w = world_with("machine-jwt", &toml).await;
+    let out = w
+        .cli()
+        .args(["connect", "signed", "deploys"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}\n{:?}", server.log());
+    assert!(stderr.contains("connected signed/deploys"), "{stderr}");
+    assert_eq!(server.grants("client_credentials"), 1);
+
+    // Renewed through the component, the assertion attached by the host.
+    w.clock.advance(3600);
+    w.keeper.ensure_fresh("signed", "deploys").await.unwrap();
+    assert_eq!(server.grants("client_credentials"), 2);
+
+    // Another key is not ours: the server refuses the client.
+    let other = EcdsaKeyPair::generate_pkcs8(
+        &ECDSA_P256_SHA256_FIXED_SIGNING,
+        &ring::rand::SystemRandom::new(),
+    )
+    .unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(other.as_ref());
+    std::fs::write(
+        &key_path,
+        format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n"),
+    )
+    .unwrap();
+    let out = w
+        .cli()
+        .args(["connect", "signed", "other"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "provider-rejected-client: {stderr}"
+    );
 }

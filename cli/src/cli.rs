@@ -430,14 +430,19 @@ async fn connect(keeper: &Keeper, args: &ConnectArgs) -> Result<(), Error> {
     } else {
         let loopback = tokenkeep_host::loopback::Loopback::bind(args.port).await?;
         let pending = keeper.authorization_request(provider, loopback.redirect_uri(), scopes)?;
-        eprintln!("tokenkeep: open {} to authorise {provider} for {user}", pending.url);
+        eprintln!(
+            "tokenkeep: open {} to authorise {provider} for {user}",
+            pending.url
+        );
         if !args.no_browser {
             open_browser(&pending.url);
         }
         let callback = tokio::time::timeout(waiting, loopback.receive())
             .await
             .map_err(|_| timed_out())??;
-        keeper.complete_authorization(pending, user, callback).await?
+        keeper
+            .complete_authorization(pending, user, callback)
+            .await?
     };
     eprintln!(
         "connected {provider}/{user} (generation {}, scopes: {})",

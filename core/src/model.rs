@@ -158,6 +158,8 @@ pub struct ProviderConfig {
     /// How long a rotating provider still accepts a spent refresh token:
     /// within it, a request of unknown fate may be repeated.
     pub reuse_leeway_seconds: u32,
+    /// Renewed with the client's own credentials: no refresh token needed.
+    pub machine_client: bool,
 }
 
 /// Why the host's token endpoint sent nothing or got no usable answer

@@ -278,7 +278,7 @@ impl<H: Host> Keeper<H> {
             }
         }
         let current = self.open_row(&row)?;
-        if current.tokens.refresh_token.is_none() {
+        if current.tokens.refresh_token.is_none() && !config.machine_client {
             // Nothing to spend: say so, and record nothing (no provider said it).
             txn.commit()?;
             return self.still_valid_or(
@@ -580,11 +580,10 @@ impl<H: Host> Keeper<H> {
         Ok(page
             .into_iter()
             .map(|row| {
-                let threshold = self
-                    .host
-                    .provider(&row.provider)
-                    .map_or(0, |c| c.refresh_threshold_seconds);
-                let state = validity::token_state(&timing(&row), now, threshold);
+                let config = self.host.provider(&row.provider);
+                let threshold = config.as_ref().map_or(0, |c| c.refresh_threshold_seconds);
+                let machine = config.is_some_and(|c| c.machine_client);
+                let state = validity::token_state(&timing(&row, machine), now, threshold);
                 TokenSummary { row, state }
             })
             .collect())
@@ -836,12 +835,14 @@ impl Want {
     }
 }
 
-fn timing(row: &SealedRow) -> Timing {
+/// A row's timing; a machine client's row is renewable without a refresh
+/// token.
+fn timing(row: &SealedRow, machine_client: bool) -> Timing {
     Timing {
         obtained_at: row.obtained_at,
         access_expires_at: row.access_token_expires_at,
         refresh_expires_at: row.refresh_token_expires_at,
-        has_refresh_token: row.refresh_token.is_some(),
+        has_refresh_token: row.refresh_token.is_some() || machine_client,
         reauthorization_recorded: row.health.last_failure
             == Some(ErrorClass::ReauthorizationRequired),
         narrowed: !row.missing_scopes().is_empty(),

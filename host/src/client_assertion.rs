@@ -36,9 +36,8 @@ impl SigningKey {
                 path.display()
             )
         })?;
-        Self::from_pkcs8(der.secret_pkcs8_der(), key_id).map_err(|why| {
-            format!("private_key_file {}: {why}", path.display())
-        })
+        Self::from_pkcs8(der.secret_pkcs8_der(), key_id)
+            .map_err(|why| format!("private_key_file {}: {why}", path.display()))
     }
 
     /// A key from PKCS#8 DER.
@@ -129,10 +128,17 @@ mod tests {
             .unwrap();
         let parts: Vec<&str> = jwt.expose_secret().split('.').collect();
         assert_eq!(parts.len(), 3);
-        let decode = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).unwrap();
+        let decode = |s: &str| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(s)
+                .unwrap()
+        };
         let header: serde_json::Value = serde_json::from_slice(&decode(parts[0])).unwrap();
         let claims: serde_json::Value = serde_json::from_slice(&decode(parts[1])).unwrap();
-        assert_eq!((header["alg"].as_str(), header["kid"].as_str()), (Some("ES256"), Some("k1")));
+        assert_eq!(
+            (header["alg"].as_str(), header["kid"].as_str()),
+            (Some("ES256"), Some("k1"))
+        );
         assert_eq!(claims["iss"], "client-1");
         assert_eq!(claims["sub"], "client-1");
         assert_eq!(claims["aud"], "https://as.example/token");

@@ -121,6 +121,7 @@ impl Provider {
             retry_budget_ms: self.retry_budget_ms,
             bare_4xx_is_refusal: self.bare_4xx_is_refusal,
             reuse_leeway_seconds: self.reuse_leeway_seconds,
+            machine_client: self.grant == Grant::ClientCredentials,
         }
     }
 }
@@ -415,9 +416,7 @@ impl Provider {
                 return bad("client_auth = \"private-key-jwt\" needs private_key_file".into());
             }
             (_, Some(_)) => {
-                return bad(
-                    "private_key_file is for client_auth = \"private-key-jwt\"".into(),
-                );
+                return bad("private_key_file is for client_auth = \"private-key-jwt\"".into());
             }
             (_, None) => None,
         };
@@ -426,7 +425,11 @@ impl Provider {
         {
             return bad(format!(
                 "a client secret is not sent with client_auth = \"{}\"",
-                if client_auth == ClientAuth::None { "none" } else { "private-key-jwt" }
+                if client_auth == ClientAuth::None {
+                    "none"
+                } else {
+                    "private-key-jwt"
+                }
             ));
         }
         let grant = p.grant.unwrap_or_default();
@@ -439,6 +442,10 @@ impl Provider {
         for (k, v) in p.extra_params {
             extra_params.retain(|(existing, _)| *existing != k);
             extra_params.push((k, v));
+        }
+        // The resource indicator is sent once, as `resource`.
+        if resource.is_some() {
+            extra_params.retain(|(k, _)| k != "resource");
         }
         Ok(Provider {
             kind,

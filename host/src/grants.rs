@@ -382,10 +382,8 @@ impl Keeper {
                 Some(t) => Some(self.revoke(&p, t, "refresh_token").await),
                 None => None,
             };
-            outcome.access_token = Some(
-                self.revoke(&p, &tokens.access_token, "access_token")
-                    .await,
-            );
+            outcome.access_token =
+                Some(self.revoke(&p, &tokens.access_token, "access_token").await);
             revoked_generation = Some(record.generation);
         }
         outcome.deleted = self.delete_tokens(provider, user_id).await?;
@@ -424,7 +422,7 @@ impl Keeper {
                 "environment variable {var} (client_secret_env) is not set"
             )));
         }
-        send_form(&self.connections(), p, url, form)
+        send_form(self.connections(), p, url, form)
             .await
             .map_err(|e| match e {
                 RequestError::Denied(m) => Error::EgressDenied(m),
@@ -464,10 +462,10 @@ impl Keeper {
         )
         .map_err(|e| Error::from_refresh(e, &p.name, ""))?;
         let now = self.now();
-        let refresh_token_expires_in = r
-            .refresh_token
-            .as_ref()
-            .and(r.refresh_token_expires_in.or(p.default_refresh_token_expires_in.map(i64::from)));
+        let refresh_token_expires_in = r.refresh_token.as_ref().and(
+            r.refresh_token_expires_in
+                .or(p.default_refresh_token_expires_in.map(i64::from)),
+        );
         Ok(TokenSet {
             access_token: r.access_token,
             refresh_token: r.refresh_token,

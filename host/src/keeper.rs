@@ -476,14 +476,26 @@ impl Keeper {
     ) -> Result<AccessGrant, Error> {
         // The configuration once per read: its threshold for the cache, its
         // names for the metrics label.
-        let threshold = self
-            .config()
-            .providers
-            .get(provider)
-            .map(|p| p.refresh_threshold_seconds);
-        let got = self
+        let config = self.config();
+        let configured = config.providers.get(provider);
+        let threshold = configured.map(|p| p.refresh_threshold_seconds);
+        let mut got = self
             .fresh_for(provider, user_id, min_remaining, threshold)
             .await;
+        // A machine client's first token is got on first demand. Callers
+        // that race for it may each get one (harmless: nothing is spent);
+        // renewals from then on are single-flight.
+        if matches!(got, Err(Error::NotFound { .. }))
+            && configured.is_some_and(|p| p.grant == crate::config::Grant::ClientCredentials)
+        {
+            got = match self.client_credentials(provider, user_id).await {
+                Ok(_) => {
+                    self.fresh_for(provider, user_id, min_remaining, threshold)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+        }
         let label = if threshold.is_some() {
             provider
         } else {

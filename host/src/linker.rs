@@ -11,10 +11,10 @@
 use crate::bindings::tokenkeep::oauth::{
     clock, providers, sealing, storage, token_endpoint, types,
 };
+use crate::config::Grant;
 use crate::convert;
 use crate::sandbox::Shared;
 use crate::storage::Transaction;
-use crate::config::Grant;
 use crate::token_endpoint::{Renewal, fingerprint};
 use secrecy::{ExposeSecret, SecretString};
 use std::sync::Arc;

@@ -58,7 +58,9 @@ impl Loopback {
             let (path, query) = target.split_once('?').unwrap_or((&target, ""));
             if path != CALLBACK_PATH {
                 let _ = stream
-                    .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .write_all(
+                        b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    )
                     .await;
                 continue;
             }

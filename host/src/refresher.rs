@@ -11,7 +11,7 @@
 //! meanwhile is younger, meets it, and is left alone.
 
 use crate::Keeper;
-use crate::config::Provider;
+use crate::config::{Grant, Provider};
 use crate::error::Error;
 use crate::events::{self, Announced, Announcement};
 use crate::keeper::RowKey;
@@ -84,7 +84,8 @@ pub fn plan(
     provider: &Provider,
     settings: &RefresherSettings,
 ) -> Option<Planned> {
-    if !s.has_refresh_token
+    let renewable = s.has_refresh_token || provider.grant == Grant::ClientCredentials;
+    if !renewable
         || matches!(
             s.state,
             TokenState::ReauthorizationRequired | TokenState::ScopeNarrowed
@@ -288,7 +289,7 @@ impl Refresher {
                 let Some(provider) = config.providers.get(&s.provider) else {
                     continue;
                 };
-                if s.has_refresh_token
+                if (s.has_refresh_token || provider.grant == Grant::ClientCredentials)
                     && s.health.failed_attempts >= self.settings.max_failures
                     && s.state != TokenState::ReauthorizationRequired
                 {

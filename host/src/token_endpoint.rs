@@ -178,7 +178,9 @@ pub async fn send_form(
     // HTTP/1.1 requires Host (host and port, never user info); hyper's
     // client connection does not add it.
     let (Some(host_name), Some(scheme)) = (uri.host(), uri.scheme_str()) else {
-        return Err(RequestError::Denied("the configured URL has no host".into()));
+        return Err(RequestError::Denied(
+            "the configured URL has no host".into(),
+        ));
     };
     let host = match uri.port_u16() {
         Some(port) => format!("{host_name}:{port}"),

@@ -47,6 +47,14 @@ const PROVIDER_FIELDS = {
   client_secret: 'string',
   client_secret_env: 'string',
   client_auth: 'client_auth',
+  private_key_file: 'string',
+  key_id: 'string',
+  grant: 'grant',
+  authorization_url: 'string',
+  device_authorization_url: 'string',
+  revocation_url: 'string',
+  scopes: 'string_list',
+  resource: 'string',
   ca_bundle: 'string',
   extra_params: 'string_table',
   refresh_threshold_seconds: 'u32',
@@ -63,6 +71,16 @@ const PROVIDER_FIELDS = {
   tenant: 'string',
   scope: 'string',
   redirect_uri: 'string',
+};
+
+// The names `client_auth` takes, RFC 7591's among them.
+const CLIENT_AUTH = {
+  body: 'body',
+  'client-secret-post': 'body',
+  basic: 'basic',
+  'client-secret-basic': 'basic',
+  none: 'none',
+  'private-key-jwt': 'private-key-jwt',
 };
 
 // A shape error names the key, never the value (which may be a secret).
@@ -93,11 +111,23 @@ function checkField(kind, v, where) {
       return v;
     case 'u32':
       return u32(v, where);
-    case 'client_auth':
-      if (v !== 'body' && v !== 'basic') {
-        throw notValid(`${where}: expected "body" or "basic"`);
+    case 'client_auth': {
+      const auth = CLIENT_AUTH[v];
+      if (typeof v !== 'string' || auth === undefined) {
+        throw notValid(`${where}: expected one of ${Object.keys(CLIENT_AUTH).join(', ')}`);
+      }
+      return auth;
+    }
+    case 'grant':
+      if (v !== 'authorization-code' && v !== 'client-credentials') {
+        throw notValid(`${where}: expected "authorization-code" or "client-credentials"`);
       }
       return v;
+    case 'string_list':
+      if (!Array.isArray(v) || v.some((s) => typeof s !== 'string')) {
+        throw notValid(`${where}: expected a list of strings`);
+      }
+      return [...v];
     case 'string_table': {
       if (!isTable(v)) throw notValid(`${where}: expected a table`);
       const out = new Map();
@@ -110,6 +140,23 @@ function checkField(kind, v, where) {
     default:
       throw new Error(kind);
   }
+}
+
+/** An endpoint of the provider: absolute, and https unless on loopback. */
+function checkEndpoint(what, text, bad) {
+  let url;
+  try {
+    url = new URL(text);
+  } catch {
+    throw bad(`${what} is not a URL`);
+  }
+  if (!['https:', 'http:'].includes(url.protocol) || url.hostname === '') {
+    throw bad(`${what} must be an absolute http(s) URL`);
+  }
+  if (url.protocol === 'http:' && !isLoopback(url)) {
+    throw bad(`${what} must use https (plain http is allowed on loopback only)`);
+  }
+  return url;
 }
 
 /** Rust's `str` ordering (bytes of UTF-8), as a BTreeMap iterates. */
@@ -315,18 +362,7 @@ function resolveProvider(name, p, env) {
       resolved.tokenUrl = p.token_url;
     }
   }
-  let url;
-  try {
-    url = new URL(resolved.tokenUrl);
-  } catch {
-    throw bad('token_url: not an absolute URL');
-  }
-  if (!['https:', 'http:'].includes(url.protocol) || url.hostname === '') {
-    throw bad('token_url must be an absolute http(s) URL');
-  }
-  if (url.protocol === 'http:' && !isLoopback(url)) {
-    throw bad('token_url must use https (plain http is allowed on loopback only)');
-  }
+  const url = checkEndpoint('token_url', resolved.tokenUrl, bad);
   // A variable that is not set fails only this provider's refreshes.
   let clientSecret;
   let clientSecretMissing;
@@ -343,11 +379,43 @@ function resolveProvider(name, p, env) {
   if (clientAuth === 'basic' && clientSecret === undefined && clientSecretMissing === undefined) {
     throw bad('client_auth = "basic" needs a client secret');
   }
+  if (clientAuth === 'private-key-jwt' && p.private_key_file === undefined) {
+    throw bad('client_auth = "private-key-jwt" needs private_key_file');
+  }
+  if (clientAuth !== 'private-key-jwt' && p.private_key_file !== undefined) {
+    throw bad('private_key_file is for client_auth = "private-key-jwt"');
+  }
+  if (
+    (clientAuth === 'none' || clientAuth === 'private-key-jwt') &&
+    (clientSecret !== undefined || clientSecretMissing !== undefined)
+  ) {
+    throw bad(`a client secret is not sent with client_auth = "${clientAuth}"`);
+  }
+  const grant = p.grant ?? 'authorization-code';
+  if (grant === 'client-credentials' && clientAuth === 'none') {
+    throw bad('grant = "client-credentials" needs a client that authenticates');
+  }
+  for (const what of ['authorization_url', 'device_authorization_url', 'revocation_url', 'resource']) {
+    if (p[what] !== undefined) checkEndpoint(what, p[what], bad);
+  }
+  // What this host cannot do fails only this provider's refreshes, like a
+  // missing secret: the same file serves the Rust host, which can.
+  let unsupported;
+  if (clientAuth === 'private-key-jwt') {
+    unsupported = 'client_auth = "private-key-jwt" is not supported by the Node host';
+  } else if (grant === 'client-credentials') {
+    unsupported = 'grant = "client-credentials" is not supported by the Node host';
+  }
   // The configuration's own parameters win, and none is sent twice.
   let extraParams = resolved.extraParams;
   for (const k of [...p.extra_params.keys()].sort(byBytes)) {
     extraParams = extraParams.filter(([existing]) => existing !== k);
     extraParams.push([k, p.extra_params.get(k)]);
+  }
+  // RFC 8707: the resource indicator goes with every token request.
+  if (p.resource !== undefined) {
+    extraParams = extraParams.filter(([existing]) => existing !== 'resource');
+    extraParams.push(['resource', new URL(p.resource).href]);
   }
   let ca;
   if (p.ca_bundle !== undefined) {
@@ -364,7 +432,9 @@ function resolveProvider(name, p, env) {
     tokenUrl: url.href,
     clientId: p.client_id,
     clientSecretMissing,
+    unsupported,
     clientAuth,
+    grant,
     ca,
     extraParams,
     rotatesRefreshTokens: resolved.rotatesRefreshTokens,
@@ -403,5 +473,6 @@ export function providerContract(p) {
     retryBudgetMs: p.retryBudgetMs,
     bare4xxIsRefusal: p.bare4xxIsRefusal,
     reuseLeewaySeconds: p.reuseLeewaySeconds,
+    machineClient: p.grant === 'client-credentials',
   };
 }

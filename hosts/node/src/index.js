@@ -1,4 +1,4 @@
-// tokenkeep-node: the tokenkeep component (tokenkeep:oauth@0.5.0) hosted
+// tokenkeep-node: the tokenkeep component (tokenkeep:oauth@0.6.0) hosted
 // in Node.js over SQLite, sharing files, schema, sealing, keys and locks
 // with the Rust host.
 

@@ -536,6 +536,9 @@ export function keeperImports(ctx) {
         val: `environment variable ${provider.clientSecretMissing} (client_secret_env) is not set`,
       };
     }
+    if (provider.unsupported !== undefined) {
+      throw { tag: 'misconfigured', val: provider.unsupported };
+    }
     // The provider's retry rules, held by the host.
     let entry = ctx.requests.find((r) => sameKey(r.key, key));
     if (!entry) {

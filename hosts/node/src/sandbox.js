@@ -65,7 +65,7 @@ function withVersions(imports) {
   const out = {};
   for (const [name, value] of Object.entries(imports)) {
     out[name] = value;
-    out[`${name}@${name.startsWith('wasi:') ? '0.2.12' : '0.5.0'}`] = value;
+    out[`${name}@${name.startsWith('wasi:') ? '0.2.12' : '0.6.0'}`] = value;
   }
   return out;
 }

@@ -167,7 +167,7 @@ impl OidcServer {
         let wanted = format!("mark {mark}");
         let log = changed
             .wait_timeout_while(log.lock().unwrap(), Duration::from_secs(30), |l| {
-                !l.lines.iter().any(|line| *line == wanted)
+                !l.lines.contains(&wanted)
             })
             .unwrap()
             .0;
