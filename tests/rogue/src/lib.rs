@@ -15,7 +15,7 @@ mod rogue {
         inline: "
             package tokenkeep:rogue;
             world rogue {
-                include tokenkeep:oauth/keeper-core@0.5.0;
+                include tokenkeep:oauth/keeper-core@0.6.0;
                 import wasi:http/outgoing-handler@0.2.12;
             }
         ",
