@@ -41,9 +41,42 @@ describe('the configuration', () => {
       retryBudgetMs: 33750,
       bare4xxIsRefusal: true,
       reuseLeewaySeconds: 0,
+      machineClient: false,
     });
     assert.equal(p.clientAuth, 'body');
     assert.equal(p.clientSecret, 's3cret');
+  });
+
+  test('the keys of connect, machine clients and resource indicators are read', () => {
+    const c = parseConfig(`
+[providers.mcp]
+token_url = "https://as.example/token"
+authorization_url = "https://as.example/auth"
+device_authorization_url = "https://as.example/device"
+revocation_url = "https://as.example/revoke"
+client_id = "public"
+client_auth = "none"
+scopes = ["offline_access", "read"]
+resource = "https://mcp.example/mcp"
+
+[providers.ci]
+token_url = "https://as.example/token"
+client_id = "machine"
+client_secret = "s"
+client_auth = "client-secret-basic"
+grant = "client-credentials"
+`);
+    const mcp = c.providers.get('mcp');
+    assert.equal(mcp.clientAuth, 'none');
+    assert.deepEqual(mcp.extraParams, [['resource', 'https://mcp.example/mcp']]);
+    assert.equal(mcp.unsupported, undefined);
+    const ci = c.providers.get('ci');
+    assert.equal(ci.clientAuth, 'basic');
+    assert.equal(providerContract(ci).machineClient, true);
+    // The Rust host renews these; this one says so when asked to.
+    assert.match(ci.unsupported, /not supported by the Node host/);
+    refused('[providers.x]\ntoken_url = "https://a.example/t"\nclient_id = "a"\nclient_auth = "none"\nclient_secret = "s"\n', /not sent with client_auth = "none"/);
+    refused('[providers.x]\ntoken_url = "https://a.example/t"\nclient_id = "a"\nrevocation_url = "http://example.com/r"\n', /revocation_url must use https/);
   });
 
   test('built-in providers resolve from the catalogue', () => {
