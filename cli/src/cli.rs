@@ -400,11 +400,9 @@ async fn tokens(keeper: &Keeper, cmd: &TokensCommand) -> Result<Finished, Error>
 async fn connect(keeper: &Keeper, args: &ConnectArgs) -> Result<(), Error> {
     let scopes = (!args.scopes.is_empty()).then_some(args.scopes.as_slice());
     let (provider, user) = (&args.provider, &args.user);
-    let machine = keeper
-        .config()
-        .providers
-        .get(provider)
-        .is_some_and(|p| p.grant == tokenkeep_host::config::Grant::ClientCredentials);
+    // An MCP server's provider is discovered and registered first.
+    let machine =
+        keeper.prepare(provider).await?.grant == tokenkeep_host::config::Grant::ClientCredentials;
     let waiting = std::time::Duration::from_secs(u64::from(args.timeout));
     let timed_out = || {
         Error::ReauthorizationRequired(format!(

@@ -59,8 +59,14 @@ pub struct Provider {
     pub name: String,
     /// The catalogue entry, or `custom`.
     pub kind: String,
+    /// Empty for an MCP server's provider until it is registered.
     pub token_url: String,
+    /// Empty until registered, for an MCP server's provider without one.
     pub client_id: String,
+    /// An MCP server whose authorisation server is discovered (RFC 9728).
+    pub mcp_url: Option<String>,
+    /// The client registered with the discovered server, once there is one.
+    pub registration: Option<crate::storage::Registration>,
     /// Attached by the host to the outgoing request; never enters the sandbox.
     pub client_secret: Option<SecretString>,
     /// The `client_secret_env` variable that was not set: this provider's
@@ -174,7 +180,11 @@ struct RawProvider {
     /// Required for custom providers; overrides a catalogued one's URL
     /// (a proxy, a test endpoint).
     token_url: Option<String>,
-    client_id: String,
+    /// Required unless `mcp_url` registers a client.
+    client_id: Option<String>,
+    /// An MCP server: its authorisation server is discovered, and a public
+    /// client registered with it when `client_id` is not set.
+    mcp_url: Option<String>,
     client_secret: Option<String>,
     client_secret_env: Option<String>,
     client_auth: Option<ClientAuth>,
@@ -301,7 +311,7 @@ impl Provider {
         let kind = match &p.kind {
             Some(kind) => kind.clone(),
             None if catalogue::spec(&name).is_some() => name.clone(),
-            None if p.token_url.is_some() => catalogue::CUSTOM.to_string(),
+            None if p.token_url.is_some() || p.mcp_url.is_some() => catalogue::CUSTOM.to_string(),
             None => {
                 return bad(format!(
                     "not a built-in provider: set kind (one of {}) or token_url for a custom one",
@@ -319,12 +329,18 @@ impl Provider {
                     "{setting} is a setting of built-in providers; a custom one takes token_url and extra_params"
                 ));
             }
-            let Some(token_url) = &p.token_url else {
-                return bad("a custom provider needs token_url".into());
+            let token_url = match (&p.token_url, &p.mcp_url) {
+                (Some(_), Some(_)) => {
+                    return bad("set mcp_url (its endpoints are discovered) or token_url".into());
+                }
+                (Some(url), None) => url.clone(),
+                // Discovered when the provider is first connected.
+                (None, Some(_)) => String::new(),
+                (None, None) => return bad("a custom provider needs token_url".into()),
             };
             catalogue::Resolved {
                 kind: kind.clone(),
-                token_url: token_url.clone(),
+                token_url,
                 client_auth: catalogue::ClientAuth::Body,
                 extra_params: Vec::new(),
                 rotates_refresh_tokens: p.rotates_refresh_tokens.unwrap_or(true),
@@ -368,7 +384,32 @@ impl Provider {
             }
             r
         };
-        let token_url = endpoint_url(&name, "token_url", &resolved.token_url)?;
+        let mcp_url = p
+            .mcp_url
+            .as_deref()
+            .map(|u| endpoint_url(&name, "mcp_url", u))
+            .transpose()?;
+        if mcp_url.is_some()
+            && (p.authorization_url.is_some()
+                || p.device_authorization_url.is_some()
+                || p.revocation_url.is_some()
+                || p.resource.is_some())
+        {
+            return bad(
+                "an MCP server's endpoints and resource are discovered from mcp_url".into(),
+            );
+        }
+        let token_url = match &mcp_url {
+            Some(_) => String::new(),
+            None => endpoint_url(&name, "token_url", &resolved.token_url)?,
+        };
+        let Some(client_id) = p
+            .client_id
+            .clone()
+            .or(mcp_url.as_ref().map(|_| String::new()))
+        else {
+            return bad("client_id is required (unless mcp_url registers one)".into());
+        };
         let endpoint = |what: &str, url: &Option<String>| {
             url.as_deref()
                 .map(|u| endpoint_url(&name, what, u))
@@ -378,7 +419,7 @@ impl Provider {
         let device_authorization_url =
             endpoint("device_authorization_url", &p.device_authorization_url)?;
         let revocation_url = endpoint("revocation_url", &p.revocation_url)?;
-        let resource = endpoint("resource", &p.resource)?;
+        let resource = endpoint("resource", &p.resource)?.or(mcp_url.clone());
         // A variable that is not set fails only the refreshes of this
         // provider: commands that use other providers, or none (listings,
         // key status), need not hold every provider's secret.
@@ -398,6 +439,8 @@ impl Provider {
             (None, None) => None,
         };
         let client_auth = p.client_auth.unwrap_or(match resolved.client_auth {
+            // A registered MCP client is public.
+            _ if mcp_url.is_some() && p.client_id.is_none() => ClientAuth::None,
             catalogue::ClientAuth::Body => ClientAuth::Body,
             catalogue::ClientAuth::Basic => ClientAuth::Basic,
         });
@@ -450,7 +493,9 @@ impl Provider {
         Ok(Provider {
             kind,
             token_url,
-            client_id: p.client_id,
+            client_id,
+            mcp_url,
+            registration: None,
             client_secret,
             client_secret_missing,
             client_auth,
@@ -492,8 +537,34 @@ impl Provider {
     }
 }
 
+impl Provider {
+    /// Fills in what discovery found and the client registered for this
+    /// MCP server's provider; configured values stand.
+    pub fn apply_registration(&mut self, r: &crate::storage::Registration) -> Result<(), Error> {
+        let d: crate::discovery::Discovered = serde_json::from_str(&r.metadata).map_err(|_| {
+            Error::Config(format!(
+                "provider {}: the stored registration does not read",
+                self.name
+            ))
+        })?;
+        self.token_url = d.token_endpoint;
+        self.authorization_url = d.authorization_endpoint;
+        self.device_authorization_url = d.device_authorization_endpoint;
+        self.revocation_url = d.revocation_endpoint;
+        if self.client_id.is_empty() {
+            self.client_id = r.client_id.clone();
+        }
+        if self.scopes.is_empty() {
+            self.scopes = d.scopes;
+        }
+        self.resource = Some(d.resource);
+        self.registration = Some(r.clone());
+        Ok(())
+    }
+}
+
 /// An endpoint of the provider: absolute, and https unless on loopback.
-fn endpoint_url(provider: &str, what: &str, url: &str) -> Result<String, Error> {
+pub(crate) fn endpoint_url(provider: &str, what: &str, url: &str) -> Result<String, Error> {
     let bad = |why: String| Error::Config(format!("provider {provider}: {what} {why}"));
     let url = url::Url::parse(url).map_err(|e| bad(format!("is not a URL: {e}")))?;
     if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {

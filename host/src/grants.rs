@@ -408,7 +408,7 @@ impl Keeper {
         }
     }
 
-    fn provider(&self, name: &str) -> Result<Provider, Error> {
+    pub(crate) fn provider(&self, name: &str) -> Result<Provider, Error> {
         self.config()
             .providers
             .get(name)

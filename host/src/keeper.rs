@@ -163,9 +163,19 @@ impl Keeper {
         if options.grant_cache {
             store.cache_grants()?;
         }
+        // MCP servers' providers that some process registered already.
+        let mut config = options.config;
+        for (name, p) in &mut config.providers {
+            if let Some(url) = p.mcp_url.clone()
+                && let Some(r) = store.registration(name).await?
+                && r.resource == url
+            {
+                p.apply_registration(&r)?;
+            }
+        }
         let shared = Shared {
             store,
-            config: std::sync::RwLock::new(Arc::new(options.config)),
+            config: std::sync::RwLock::new(Arc::new(config)),
             keyring: options.keyring,
             connections: Default::default(),
         };
@@ -212,12 +222,35 @@ impl Keeper {
                     .into(),
             ));
         }
-        *shared.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        // Registrations with discovered servers carry over.
+        let mut config = config;
+        for (name, p) in &mut config.providers {
+            if let Some(r) = running
+                .providers
+                .get(name)
+                .and_then(|p| p.registration.as_ref())
+                && p.mcp_url.as_deref() == Some(r.resource.as_str())
+            {
+                p.apply_registration(r)?;
+            }
+        }
+        self.replace_config(config);
         if let Some(cache) = shared.store.grant_cache() {
             // Thresholds may have changed: the cache starts over.
             cache.invalidate_all();
         }
         Ok(())
+    }
+
+    /// Swaps the configuration in: calls from now on see `config`.
+    pub(crate) fn replace_config(&self, config: Config) {
+        let shared = self.runtime.shared();
+        *shared.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+    }
+
+    /// The database.
+    pub(crate) fn store(&self) -> &Store {
+        &self.runtime.shared().store
     }
 
     /// Waits until every refresh in flight has committed or failed: call it
@@ -476,7 +509,17 @@ impl Keeper {
     ) -> Result<AccessGrant, Error> {
         // The configuration once per read: its threshold for the cache, its
         // names for the metrics label.
-        let config = self.config();
+        let mut config = self.config();
+        // An MCP server's provider that another process registered since
+        // this one started.
+        if config
+            .providers
+            .get(provider)
+            .is_some_and(|p| p.mcp_url.is_some() && p.registration.is_none())
+            && let Ok(Some(_)) = self.load_registration(provider).await
+        {
+            config = self.config();
+        }
         let configured = config.providers.get(provider);
         let threshold = configured.map(|p| p.refresh_threshold_seconds);
         let mut got = self

@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod conversation;
 mod convert;
+pub mod discovery;
 pub mod error;
 pub mod events;
 pub mod grant_cache;

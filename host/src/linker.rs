@@ -782,6 +782,12 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
                 "the locked row's provider is not configured".into(),
             )));
         };
+        if provider.token_url.is_empty() {
+            return Ok(Err(E::Misconfigured(
+                "the MCP server's authorisation server is not discovered yet: run tokenkeep connect"
+                    .into(),
+            )));
+        }
         if let Some(var) = &provider.client_secret_missing {
             return Ok(Err(E::Misconfigured(format!(
                 "environment variable {var} (client_secret_env) is not set"

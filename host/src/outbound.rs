@@ -249,6 +249,91 @@ pub async fn post(
     body: Vec<u8>,
     timeout: std::time::Duration,
 ) -> Result<u16, String> {
+    let mut headers = headers.to_vec();
+    headers.push(("content-type", "application/json".into()));
+    static WEB: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>> =
+        std::sync::OnceLock::new();
+    let tls = WEB.get_or_init(|| client_tls(None)).clone()?;
+    // The status is the answer; its body is not read (a receiver may send
+    // any amount): the connection is dropped with it.
+    let exchange = async {
+        let (response, driving) = send(http::Method::POST, url, &headers, body, &tls).await?;
+        let status = response.status().as_u16();
+        driving.abort();
+        Ok(status)
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
+}
+
+/// An answer read whole: for metadata and registration, never a token.
+pub struct Fetched {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// Sends a request to `url` with `tls` and reads the answer, at most
+/// `max_bytes` of it, all within `timeout`: for discovery documents and
+/// client registration.
+pub async fn fetch(
+    method: http::Method,
+    url: &str,
+    headers: &[(&'static str, String)],
+    body: Vec<u8>,
+    tls: &Arc<rustls::ClientConfig>,
+    timeout: std::time::Duration,
+    max_bytes: usize,
+) -> Result<Fetched, String> {
+    use http_body_util::BodyExt;
+    let exchange = async {
+        let (response, driving) = send(method, url, headers, body, tls).await?;
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let mut incoming = response.into_body();
+        let mut body = Vec::new();
+        while let Some(frame) = incoming.frame().await {
+            let frame = frame.map_err(|e| format!("answer cut off: {e}"))?;
+            if let Ok(data) = frame.into_data() {
+                if body.len() + data.len() > max_bytes {
+                    driving.abort();
+                    return Err(format!("answer larger than {max_bytes} bytes"));
+                }
+                body.extend_from_slice(&data);
+            }
+        }
+        driving.abort();
+        Ok(Fetched {
+            status,
+            content_type,
+            body,
+        })
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
+}
+
+/// Opens a connection to `url`'s host and sends one request on it: the
+/// answer's head, and the task that moves its bytes.
+async fn send(
+    method: http::Method,
+    url: &str,
+    headers: &[(&'static str, String)],
+    body: Vec<u8>,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<
+    (
+        http::Response<hyper::body::Incoming>,
+        tokio::task::JoinHandle<()>,
+    ),
+    String,
+> {
     use http_body_util::Full;
     let uri: http::Uri = url.parse().map_err(|_| "not a URI".to_string())?;
     let (Some(host), Some(scheme)) = (uri.host(), uri.scheme_str()) else {
@@ -263,10 +348,9 @@ pub async fn post(
         .trim_end_matches(']')
         .to_string();
     let mut request = http::Request::builder()
-        .method(http::Method::POST)
+        .method(method)
         .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
         .header(http::header::HOST, authority)
-        .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::CONTENT_LENGTH, body.len());
     for (name, value) in headers {
         request = request.header(*name, value);
@@ -274,35 +358,26 @@ pub async fn post(
     let request = request
         .body(Full::new(bytes::Bytes::from(body)))
         .map_err(|e| format!("request: {e}"))?;
-    static WEB: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>> =
-        std::sync::OnceLock::new();
-    let tls = WEB.get_or_init(|| client_tls(None)).clone()?;
-    let exchange = async {
-        let stream = connect(scheme, &target, port, &tls)
-            .await
-            .map_err(|e| match e {
-                ConnectError::Unreachable(m) | ConnectError::Misconfigured(m) => m,
-            })?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake::<_, Full<bytes::Bytes>>(
-                wasmtime_wasi_http::io::TokioIo::new(stream),
-            )
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        let driving = tokio::spawn(connection);
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("request: {e}"))?;
-        // The status is the answer; its body is not read (a receiver may
-        // send any amount): the connection is dropped with it.
-        let status = response.status().as_u16();
-        driving.abort();
-        Ok(status)
-    };
-    tokio::time::timeout(timeout, exchange)
+    let stream = connect(scheme, &target, port, tls)
         .await
-        .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
+        .map_err(|e| match e {
+            ConnectError::Unreachable(m) | ConnectError::Misconfigured(m) => m,
+        })?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake::<_, Full<bytes::Bytes>>(
+        wasmtime_wasi_http::io::TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| format!("handshake: {e}"))?;
+    let driving = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    match sender.send_request(request).await {
+        Ok(response) => Ok((response, driving)),
+        Err(e) => {
+            driving.abort();
+            Err(format!("request: {e}"))
+        }
+    }
 }
 
 #[cfg(test)]

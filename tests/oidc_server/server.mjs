@@ -96,7 +96,7 @@ const provider = new Provider(issuer, {
       // The MCP server is the one resource; a request that names none gets
       // an opaque token for the user's own data.
       defaultResource: () => undefined,
-      useGrantedResource: () => true,
+      useGrantedResource: () => false,
       getResourceServerInfo: (ctx, indicator) => {
         if (indicator !== mcp) throw new errors.InvalidTarget();
         return { scope: 'read write', audience: mcp, accessTokenFormat: 'opaque', accessTokenTTL: accessTokenSeconds };
@@ -122,9 +122,12 @@ const provider = new Provider(issuer, {
   findAccount: (ctx, sub) => ({ accountId: sub, claims: () => ({ sub }) }),
 });
 provider.proxy = false;
-// The log the tests count: one line per grant issued, by grant type.
+// The log the tests count: one line per grant issued, by grant type,
+// and one more for those that named the MCP server as their resource.
 provider.on('grant.success', (ctx) => {
-  process.stderr.write(`grant ${ctx.oidc.params.grant_type}\n`);
+  const { grant_type: grant, resource } = ctx.oidc.params;
+  process.stderr.write(`grant ${grant}\n`);
+  if (resource === mcp) process.stderr.write(`grant ${grant} for the MCP server\n`);
 });
 
 // The user: signs in as `alice` and allows whatever the client asked for.

@@ -179,6 +179,17 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn pending_events<'a>(&'a self, webhook: &'a str) -> BoxFuture<'a, Result<u64, StorageError>>;
     /// The first time `webhook` is seen, starts its deliveries after the
     /// events written so far.
+    /// The client registered for a discovered provider, if any.
+    fn registration<'a>(
+        &'a self,
+        provider: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Registration>, StorageError>>;
+    /// Records a registration unless one for the same resource is there
+    /// (the first registrant wins; the others read and use its client).
+    fn register_client<'a>(
+        &'a self,
+        r: &'a Registration,
+    ) -> BoxFuture<'a, Result<(), StorageError>>;
     fn register_webhook<'a>(&'a self, webhook: &'a str) -> BoxFuture<'a, Result<(), StorageError>>;
     /// Deletes the events written before `before`, and their deliveries:
     /// how many events.
@@ -200,6 +211,33 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
 /// The outbox's SQL, the same on both backends but for the database's
 /// time (`{now}`: seconds since the epoch) and its casts.
+/// A client registered (RFC 7591) with the authorisation server a
+/// provider was discovered to use, shared by every host of the database:
+/// the tokens are bound to the client that got them. A public client, so
+/// nothing here is secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub provider: String,
+    /// The protected resource (an MCP server's URL) it was registered for.
+    pub resource: String,
+    /// The discovered endpoints and scopes (JSON).
+    pub metadata: String,
+    pub client_id: String,
+    pub registered_at: i64,
+}
+
+/// The registrations' SQL, the same for both databases.
+pub(crate) mod clients {
+    pub const GET: &str = "SELECT provider, resource, metadata, client_id, registered_at \
+         FROM tokenkeep_clients WHERE provider = $1";
+    pub const PUT: &str = "INSERT INTO tokenkeep_clients \
+         (provider, resource, metadata, client_id, registered_at) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (provider) DO UPDATE SET resource = excluded.resource, \
+         metadata = excluded.metadata, client_id = excluded.client_id, \
+         registered_at = excluded.registered_at \
+         WHERE tokenkeep_clients.resource <> excluded.resource";
+}
+
 pub(crate) mod outbox {
     pub const LEASE: &str = "INSERT INTO tokenkeep_webhook_leases (webhook, holder, until) \
          VALUES ($1, $2, {now} + $3) ON CONFLICT (webhook) DO UPDATE \
@@ -566,6 +604,20 @@ impl Store {
 
     pub async fn pending_events(&self, webhook: &str) -> Result<u64, StorageError> {
         self.backend.pending_events(webhook).await
+    }
+
+    pub async fn registration(&self, provider: &str) -> Result<Option<Registration>, StorageError> {
+        self.backend.registration(provider).await
+    }
+
+    /// Records `r` unless a registration for the same resource exists, and
+    /// returns the one that stands.
+    pub async fn register_client(&self, r: &Registration) -> Result<Registration, StorageError> {
+        self.backend.register_client(r).await?;
+        self.backend
+            .registration(&r.provider)
+            .await?
+            .ok_or_else(|| StorageError::Unavailable("the registration was not kept".into()))
     }
 
     pub async fn register_webhook(&self, webhook: &str) -> Result<(), StorageError> {

@@ -17,6 +17,7 @@ use super::{
     BackendRead, BackendTransaction, BoxFuture, COLUMNS, ConversationEntry, RowKey, SealedRow,
     StorageError, StoreOptions, StoredColumns, scopes_text, to_i64,
 };
+use super::{Registration, clients};
 use crate::audit;
 use crate::events::Event;
 use crate::grant_cache::GrantCache;
@@ -411,6 +412,18 @@ const MIGRATIONS: &[(i64, &str)] = &[
     $$;
     CREATE TRIGGER tokenkeep_token_write_event BEFORE UPDATE ON tokenkeep_tokens
         FOR EACH ROW EXECUTE FUNCTION tokenkeep_token_write_event();",
+    ),
+    (
+        16,
+        // Clients registered with a discovered authorisation server, as
+        // host/schema/sqlite/0021.sql.
+        "CREATE TABLE tokenkeep_clients (
+        provider TEXT PRIMARY KEY,
+        resource TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        client_id TEXT NOT NULL,
+        registered_at BIGINT NOT NULL
+    );",
     ),
 ];
 
@@ -1110,6 +1123,47 @@ impl super::Backend for PgStore {
                 .map_err(error)?;
             let n: i64 = row.try_get(0).map_err(error)?;
             Ok(n.max(0) as u64)
+        }))
+    }
+    fn registration<'a>(
+        &'a self,
+        provider: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Registration>, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            let row = c
+                .query_opt(clients::GET, &[&provider])
+                .await
+                .map_err(error)?;
+            row.map(|r| {
+                Ok(Registration {
+                    provider: r.try_get(0).map_err(error)?,
+                    resource: r.try_get(1).map_err(error)?,
+                    metadata: r.try_get(2).map_err(error)?,
+                    client_id: r.try_get(3).map_err(error)?,
+                    registered_at: r.try_get(4).map_err(error)?,
+                })
+            })
+            .transpose()
+        }))
+    }
+    fn register_client<'a>(
+        &'a self,
+        r: &'a Registration,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            c.execute(
+                clients::PUT,
+                &[
+                    &r.provider,
+                    &r.resource,
+                    &r.metadata,
+                    &r.client_id,
+                    &r.registered_at,
+                ],
+            )
+            .await
+            .map_err(error)?;
+            Ok(())
         }))
     }
     fn register_webhook<'a>(&'a self, webhook: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {

@@ -9,6 +9,7 @@ use super::{
     BackendRead, BackendTransaction, BoxFuture, ConversationEntry, RowKey, SealedRow, StorageError,
     StoreOptions, StoredColumns, refuse_newer,
 };
+use super::{Registration, clients};
 use crate::audit;
 use crate::clock::SharedClock;
 use crate::events::Event;
@@ -56,6 +57,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     migration!(18, "0018.sql"),
     migration!(19, "0019.sql"),
     migration!(20, "0020.sql"),
+    migration!(21, "0021.sql"),
 ];
 
 /// A pool over one SQLite file.
@@ -277,6 +279,44 @@ impl super::Backend for SqliteStore {
                 .await
                 .map_err(error)?;
             Ok(n.max(0) as u64)
+        })
+    }
+    fn registration<'a>(
+        &'a self,
+        provider: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Registration>, StorageError>> {
+        Box::pin(async move {
+            let row: Option<(String, String, String, String, i64)> = sqlx::query_as(clients::GET)
+                .bind(provider)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(error)?;
+            Ok(row.map(
+                |(provider, resource, metadata, client_id, registered_at)| Registration {
+                    provider,
+                    resource,
+                    metadata,
+                    client_id,
+                    registered_at,
+                },
+            ))
+        })
+    }
+    fn register_client<'a>(
+        &'a self,
+        r: &'a Registration,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(async move {
+            sqlx::query(clients::PUT)
+                .bind(&r.provider)
+                .bind(&r.resource)
+                .bind(&r.metadata)
+                .bind(&r.client_id)
+                .bind(r.registered_at)
+                .execute(&self.pool)
+                .await
+                .map_err(error)?;
+            Ok(())
         })
     }
     fn register_webhook<'a>(&'a self, webhook: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {

@@ -150,6 +150,17 @@ impl OidcServer {
     /// The grants the server has issued so far, by `grant_type`, read after
     /// a marker request: every grant answered before this call is counted.
     pub fn grants(&self, grant_type: &str) -> usize {
+        self.logged(&format!("grant {grant_type}"))
+    }
+
+    /// Those of [`OidcServer::grants`] whose request named the MCP server
+    /// as its `resource` (RFC 8707).
+    pub fn grants_for_mcp(&self, grant_type: &str) -> usize {
+        self.logged(&format!("grant {grant_type} for the MCP server"))
+    }
+
+    /// How many times the server logged `line`, read after a marker request.
+    fn logged(&self, line: &str) -> usize {
         static MARK: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let mark = format!(
             "mark-{}-{}",
@@ -171,8 +182,7 @@ impl OidcServer {
             })
             .unwrap()
             .0;
-        let issued = format!("grant {grant_type}");
-        log.lines.iter().filter(|l| **l == issued).count()
+        log.lines.iter().filter(|l| *l == line).count()
     }
 
     /// The server's log, for failure messages.

@@ -1,0 +1,127 @@
+//! MCP servers as providers, against a real authorisation server nobody
+//! here wrote (oidc-provider from npm) behind an MCP-style protected
+//! resource: discovery (RFC 9728, RFC 8414), dynamic registration of a
+//! public client (RFC 7591), the resource indicator (RFC 8707) on every
+//! request, and several processes of one agent sharing the tokens with one
+//! refresh per expiry.
+
+mod common;
+
+use common::{Backend, World};
+use secrecy::ExposeSecret;
+use tokenkeep_host::Clock;
+use tokenkeep_testkit::devprovider::Behaviour;
+use tokenkeep_testkit::oidc_server::OidcServer;
+
+/// The MCP server's answer to a request with `token`: its status.
+fn mcp_status(server: &OidcServer, token: &str) -> u16 {
+    let out = std::process::Command::new("node")
+        .args([
+            "-e",
+            "fetch(process.argv[1], { headers: { authorization: `Bearer ${process.argv[2]}` } })
+               .then((r) => console.log(r.status));",
+        ])
+        .arg(&server.mcp)
+        .arg(token)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+async fn four_processes_share_a_discovered_mcp_servers_tokens(b: Backend) {
+    let server = OidcServer::start(3600, None);
+    let mut w = World::build(b, "mcp", Behaviour::default(), "", Clock::System).await;
+    w.add_config(&format!(
+        "\n[providers.mcp]\nmcp_url = \"{}\"\n",
+        server.mcp
+    ))
+    .await;
+    // A runtime that started before anything was registered.
+    let early = w.keeper.clone();
+
+    let out = w
+        .cli()
+        .env("BROWSER", OidcServer::browser())
+        .args(["connect", "mcp", "alice"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}\n{:?}", server.log());
+    let registrations = server
+        .log()
+        .iter()
+        .filter(|l| l.starts_with("POST /reg 201"))
+        .count();
+    assert_eq!(registrations, 1, "one public client registered");
+
+    // The token is for the MCP server: `resource` went with the request.
+    assert_eq!(server.grants_for_mcp("authorization_code"), 1);
+    let first = early.ensure_fresh("mcp", "alice").await.unwrap();
+    assert_eq!(mcp_status(&server, first.access_token.expose_secret()), 200);
+    let stored = early
+        .load_tokens("mcp", "alice", false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        stored.tokens.refresh_token.is_some(),
+        "offline_access was asked for"
+    );
+
+    let mut previous = first.access_token.expose_secret().to_string();
+    for round in 1..=3 {
+        // The token expires under all four.
+        common::raw_sql(
+            &w.database_url,
+            &format!(
+                "UPDATE tokenkeep_tokens SET access_token_expires_at = {} WHERE provider = 'mcp'",
+                common::now() - 10
+            ),
+        )
+        .await;
+        let agents: Vec<_> = (0..4)
+            .map(|_| {
+                w.cli()
+                    .args(["tokens", "get", "mcp", "alice"])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let mut tokens = std::collections::HashSet::new();
+        for agent in agents {
+            let out = agent.wait_with_output().unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            tokens.insert(String::from_utf8(out.stdout).unwrap().trim().to_string());
+        }
+        assert_eq!(tokens.len(), 1, "round {round}: four processes, one token");
+        let token = tokens.into_iter().next().unwrap();
+        assert_ne!(token, previous, "round {round}: refreshed");
+        assert_eq!(
+            server.grants("refresh_token"),
+            round,
+            "round {round}: one refresh at the server"
+        );
+        // Refreshed with `resource`: still a token for the MCP server.
+        assert_eq!(server.grants_for_mcp("refresh_token"), round);
+        assert_eq!(mcp_status(&server, &token), 200, "round {round}");
+        previous = token;
+    }
+    assert_eq!(
+        server
+            .log()
+            .iter()
+            .filter(|l| l.starts_with("POST /reg"))
+            .count(),
+        1,
+        "the registration is shared, never repeated"
+    );
+}
+
+on_both_backends!(four_processes_share_a_discovered_mcp_servers_tokens);
