@@ -55,6 +55,7 @@ const PROVIDER_FIELDS = {
   revocation_url: 'string',
   scopes: 'string_list',
   resource: 'string',
+  mcp_url: 'string',
   ca_bundle: 'string',
   extra_params: 'string_table',
   refresh_threshold_seconds: 'u32',
@@ -214,7 +215,7 @@ export function parseConfig(text, env = process.env) {
       if (!(k in PROVIDER_FIELDS)) throw notValid(`providers.${name}: unknown field ${k}`);
       fields[k] = checkField(PROVIDER_FIELDS[k], v, `providers.${name}.${k}`);
     }
-    if (fields.client_id === undefined) {
+    if (fields.client_id === undefined && fields.mcp_url === undefined) {
       throw notValid(`providers.${name}: missing field client_id`);
     }
     fields.extra_params ??= new Map();
@@ -308,7 +309,7 @@ function resolveProvider(name, p, env) {
   let kind;
   if (p.kind !== undefined) kind = p.kind;
   else if (spec(name)) kind = name;
-  else if (p.token_url !== undefined) kind = CUSTOM;
+  else if (p.token_url !== undefined || p.mcp_url !== undefined) kind = CUSTOM;
   else {
     const kinds = loadCatalogue().map((s) => s.kind).join(', ');
     throw bad(`not a built-in provider: set kind (one of ${kinds}) or token_url for a custom one`);
@@ -320,7 +321,12 @@ function resolveProvider(name, p, env) {
         `${settings[0][0]} is a setting of built-in providers; a custom one takes token_url and extra_params`,
       );
     }
-    if (p.token_url === undefined) throw bad('a custom provider needs token_url');
+    if (p.token_url !== undefined && p.mcp_url !== undefined) {
+      throw bad('set mcp_url (its endpoints are discovered) or token_url');
+    }
+    if (p.token_url === undefined && p.mcp_url === undefined) {
+      throw bad('a custom provider needs token_url');
+    }
     resolved = {
       kind,
       tokenUrl: p.token_url,
@@ -362,7 +368,18 @@ function resolveProvider(name, p, env) {
       resolved.tokenUrl = p.token_url;
     }
   }
-  const url = checkEndpoint('token_url', resolved.tokenUrl, bad);
+  const mcpUrl = p.mcp_url === undefined ? undefined : checkEndpoint('mcp_url', p.mcp_url, bad).href;
+  if (
+    mcpUrl !== undefined &&
+    ['authorization_url', 'device_authorization_url', 'revocation_url', 'resource'].some(
+      (k) => p[k] !== undefined,
+    )
+  ) {
+    throw bad("an MCP server's endpoints and resource are discovered from mcp_url");
+  }
+  // An MCP server's token URL is discovered: its registration is applied
+  // when the keeper opens the database (`applyRegistration`).
+  const url = mcpUrl === undefined ? checkEndpoint('token_url', resolved.tokenUrl, bad) : { href: '' };
   // A variable that is not set fails only this provider's refreshes.
   let clientSecret;
   let clientSecretMissing;
@@ -375,7 +392,8 @@ function resolveProvider(name, p, env) {
     if (typeof value === 'string' && value !== '') clientSecret = value;
     else clientSecretMissing = p.client_secret_env;
   }
-  const clientAuth = p.client_auth ?? resolved.clientAuth;
+  const clientAuth =
+    p.client_auth ?? (mcpUrl !== undefined && p.client_id === undefined ? 'none' : resolved.clientAuth);
   if (clientAuth === 'basic' && clientSecret === undefined && clientSecretMissing === undefined) {
     throw bad('client_auth = "basic" needs a client secret');
   }
@@ -413,9 +431,10 @@ function resolveProvider(name, p, env) {
     extraParams.push([k, p.extra_params.get(k)]);
   }
   // RFC 8707: the resource indicator goes with every token request.
-  if (p.resource !== undefined) {
+  const resource = p.resource ?? mcpUrl;
+  if (resource !== undefined) {
     extraParams = extraParams.filter(([existing]) => existing !== 'resource');
-    extraParams.push(['resource', new URL(p.resource).href]);
+    extraParams.push(['resource', new URL(resource).href]);
   }
   let ca;
   if (p.ca_bundle !== undefined) {
@@ -430,7 +449,8 @@ function resolveProvider(name, p, env) {
     name,
     kind,
     tokenUrl: url.href,
-    clientId: p.client_id,
+    clientId: p.client_id ?? '',
+    mcpUrl,
     clientSecretMissing,
     unsupported,
     clientAuth,
@@ -455,6 +475,22 @@ function resolveProvider(name, p, env) {
   // no JSON.stringify, console.log or util.inspect of the provider shows it.
   Object.defineProperty(provider, 'clientSecret', { get: () => secret, enumerable: false });
   return provider;
+}
+
+/**
+ * Applies a registration another host made for an MCP server's provider
+ * (the `tokenkeep_clients` row): its discovered token URL and client.
+ */
+export function applyRegistration(provider, registration) {
+  if (provider.mcpUrl === undefined || registration.resource !== provider.mcpUrl) return;
+  let metadata;
+  try {
+    metadata = JSON.parse(registration.metadata);
+  } catch {
+    throw configuration(`provider ${provider.name}: the stored registration does not read`);
+  }
+  provider.tokenUrl = metadata.token_endpoint;
+  if (provider.clientId === '') provider.clientId = registration.client_id;
 }
 
 /** What the component knows of a provider: the WIT `provider-config`. */

@@ -3,7 +3,7 @@
 // with the Rust host.
 
 import { existsSync } from 'node:fs';
-import { defaultConfig, loadConfig } from './config.js';
+import { applyRegistration, defaultConfig, loadConfig } from './config.js';
 import { configuration } from './errors.js';
 import { Keeper } from './keeper.js';
 import { Keyring } from './keyring.js';
@@ -65,6 +65,12 @@ export function openKeeper({
   const settings = config === undefined || config === null ? defaultConfig() : loadConfig(String(config), env);
   const keyring = resolveKeyring({ keys, database: String(database), env, onCreate: onKeyCreated });
   const store = SqliteStore.open(sqlitePath(String(database)), { lockWaitMs: settings.lockWaitMs });
+  // MCP servers' providers: the client the Rust host registered, if any.
+  for (const provider of settings.providers.values()) {
+    if (provider.mcpUrl === undefined) continue;
+    const registration = store.registration(provider.name);
+    if (registration) applyRegistration(provider, registration);
+  }
   return new Keeper({ store, keyring, config: settings, auditAs: auditAs ?? undefined, clock });
 }
 

@@ -536,6 +536,12 @@ export function keeperImports(ctx) {
         val: `environment variable ${provider.clientSecretMissing} (client_secret_env) is not set`,
       };
     }
+    if (provider.tokenUrl === '') {
+      throw {
+        tag: 'misconfigured',
+        val: "the MCP server's authorisation server is not discovered yet: run tokenkeep connect",
+      };
+    }
     if (provider.unsupported !== undefined) {
       throw { tag: 'misconfigured', val: provider.unsupported };
     }

@@ -350,6 +350,16 @@ export class SqliteStore {
     });
   }
 
+  /** The client registered for a discovered provider (an MCP server's), if any. */
+  registration(provider) {
+    return this.#guard(() =>
+      this.#prepare(
+        this.#main,
+        'SELECT resource, metadata, client_id FROM tokenkeep_clients WHERE provider = $1',
+      ).get(args(provider)),
+    );
+  }
+
   /** Up to `limit` rows after `after`, ordered by provider then user. */
   list(after, limit) {
     return this.#guard(() => {
