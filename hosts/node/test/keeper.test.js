@@ -7,7 +7,15 @@ import Database from 'better-sqlite3';
 import { existsSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { TokenkeepError, openKeeper } from '../src/index.js';
-import { cliArgs, nodeCli, providerToml, startProvider, startProxy, workspace } from './support/harness.js';
+import {
+  LATEST_SCHEMA,
+  cliArgs,
+  nodeCli,
+  providerToml,
+  startProvider,
+  startProxy,
+  workspace,
+} from './support/harness.js';
 
 const classOf = (fn) => {
   try {
@@ -322,7 +330,7 @@ describe('the schema', () => {
         e = caught;
       }
       assert.equal(e.class, 'configuration');
-      assert.match(e.message, /version 999, newer than this tokenkeep knows \(20\)/);
+      assert.match(e.message, new RegExp(`version 999, newer than this tokenkeep knows \\(${LATEST_SCHEMA}\\)`));
     } finally {
       ws.cleanup();
     }
@@ -335,7 +343,7 @@ describe('the schema', () => {
       const db = new Database(ws.db, { readonly: true });
       assert.equal(db.pragma('journal_mode', { simple: true }), 'wal');
       const versions = db.prepare('SELECT version FROM tokenkeep_schema ORDER BY version').all();
-      assert.deepEqual(versions.map((v) => v.version), Array.from({ length: 20 }, (_, i) => i + 1));
+      assert.deepEqual(versions.map((v) => v.version), Array.from({ length: LATEST_SCHEMA }, (_, i) => i + 1));
       db.close();
       assert.ok(existsSync(`${ws.db}-refresh-starts`));
       assert.ok(existsSync(`${ws.db}-audit`));

@@ -4,7 +4,7 @@
 
 import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -16,6 +16,12 @@ export const REPO = resolve(HOST_DIR, '..', '..');
 export const NODE_CLI = join(HOST_DIR, 'bin', 'tokenkeep-node.js');
 export const RUST_CLI = process.env.TOKENKEEP_RUST_CLI || join(REPO, 'target', 'debug', 'tokenkeep');
 export const HAVE_RUST = existsSync(RUST_CLI);
+/** The newest schema version both hosts know: host/schema/sqlite/NNNN.sql. */
+export const LATEST_SCHEMA = Math.max(
+  ...readdirSync(join(REPO, 'host', 'schema', 'sqlite'))
+    .filter((f) => /^\d{4}\.sql$/.test(f))
+    .map((f) => Number(f.slice(0, 4))),
+);
 
 /** A fresh directory with a key file; removed by `cleanup()`. */
 export function workspace() {
