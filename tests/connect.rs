@@ -494,3 +494,82 @@ async fn a_machine_client_authenticates_with_a_key_only_the_host_holds() {
         "provider-rejected-client: {stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_service_connects_an_account_whichever_instance_the_browser_comes_back_to() {
+    use common::service::{OPS_KEY, Service, TENANT_A_KEY, request, segment, serve_section_with};
+    let server = OidcServer::start(3600, None);
+    let post = server.clients.post.clone();
+    // The instance the browser comes back to listens where public_url says.
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let toml = user_provider(
+        &server,
+        "oidc",
+        &post.client_id,
+        &format!(
+            "client_auth = \"client-secret-post\"\nclient_secret = \"{}\"",
+            post.client_secret.as_deref().unwrap()
+        ),
+    ) + &serve_section_with(
+        &format!("public_url = \"http://127.0.0.1:{port}\""),
+        "enabled = false",
+    );
+    let w = world_with("serve-connect", &toml).await;
+    let started_at = Service::start(&w, "a", "warn");
+    let back_at = Service::start_on(&w, "b", "warn", &[], port);
+
+    let user = "team/ann";
+    let path = format!(
+        "/v1/connect/oidc/{}?scope=offline_access%20read",
+        segment(user)
+    );
+    let tenant = request(&started_at.unix(), "POST", &path, Some(TENANT_A_KEY), None).await;
+    assert_eq!(tenant.status, 403, "a key that does not reach oidc/{user}");
+    let started = request(&started_at.unix(), "POST", &path, Some(OPS_KEY), None).await;
+    assert_eq!(started.status, 200, "{:?}", started.json());
+    let body = started.json();
+    let url = body["authorization_url"].as_str().unwrap().to_string();
+    assert_eq!(
+        body["redirect_uri"],
+        format!("http://127.0.0.1:{port}/v1/connect/callback")
+    );
+    assert!(!url.contains("code_verifier"));
+
+    OidcServer::user_approves(&url);
+    let stored = w
+        .keeper
+        .load_tokens("oidc", user, false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(stored.tokens.refresh_token.is_some());
+    assert_eq!(server.grants("authorization_code"), 1);
+
+    // A callback with a state that is not ours is refused, and nothing is
+    // exchanged; the page names the class, nothing the caller sent.
+    let forged = request(
+        &back_at.tcp(),
+        "GET",
+        "/v1/connect/callback?code=stolen&state=k1~AAAA%3Cscript%3E",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(forged.status, 400);
+    let page = String::from_utf8_lossy(&forged.body);
+    assert!(
+        page.contains("invalid-input") && !page.contains("script"),
+        "{page}"
+    );
+    assert_eq!(server.grants("authorization_code"), 1);
+
+    // Deleting through the API revokes at the provider.
+    let refresh = stored.tokens.refresh_token.clone().unwrap();
+    let state_path = format!("/v1/tokens/oidc/{}", segment(user));
+    let deleted = request(&back_at.unix(), "DELETE", &state_path, Some(OPS_KEY), None).await;
+    assert_eq!(deleted.status, 204);
+    assert!(!active_at(&server, refresh.expose_secret()));
+}

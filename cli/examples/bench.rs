@@ -423,6 +423,7 @@ async fn api(
         webhooks: Vec::new(),
         event_retention_days: None,
         drain: std::time::Duration::from_secs(30),
+        public_url: None,
     };
     let server = Server::bind(k.clone(), settings).await.expect("bind");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -162,36 +162,12 @@ impl Keeper {
         scopes: Option<&[String]>,
     ) -> Result<PendingAuthorization, Error> {
         let p = self.provider(provider)?;
-        let Some(endpoint) = &p.authorization_url else {
-            return Err(Error::Config(format!(
-                "provider {provider} has no authorization_url: it cannot be connected here"
-            )));
-        };
         let scopes = scopes.map_or_else(|| p.scopes.clone(), <[String]>::to_vec);
         let state = random_token()?;
         let verifier = random_token()?;
-        let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
-            ring::digest::digest(&ring::digest::SHA256, verifier.expose_secret().as_bytes()),
-        );
-        let mut url = url::Url::parse(endpoint)
-            .map_err(|_| Error::Config(format!("provider {provider}: authorization_url")))?;
-        {
-            let mut q = url.query_pairs_mut();
-            q.append_pair("response_type", "code")
-                .append_pair("client_id", &p.client_id)
-                .append_pair("redirect_uri", redirect_uri)
-                .append_pair("state", state.expose_secret())
-                .append_pair("code_challenge", &challenge)
-                .append_pair("code_challenge_method", "S256");
-            if !scopes.is_empty() {
-                q.append_pair("scope", &scopes.join(" "));
-            }
-            if let Some(resource) = &p.resource {
-                q.append_pair("resource", resource);
-            }
-        }
+        let url = authorization_url(&p, redirect_uri, &scopes, state.expose_secret(), &verifier)?;
         Ok(PendingAuthorization {
-            url: url.to_string(),
+            url,
             provider: provider.into(),
             redirect_uri: redirect_uri.into(),
             scopes,
@@ -216,22 +192,135 @@ impl Keeper {
                 "the redirect's state is not this authorisation's: it is not the answer to our request".into(),
             ));
         }
-        if let Some(error) = callback.error {
-            return Err(refused_by_user(&error));
-        }
-        let Some(code) = callback.code else {
-            return Err(Error::InvalidInput(
-                "the redirect carries neither a code nor an error".into(),
-            ));
+        let code = code_of(callback)?;
+        self.exchange_code(
+            &pending.provider,
+            user_id,
+            &pending.redirect_uri,
+            &pending.verifier,
+            &pending.scopes,
+            &code,
+        )
+        .await
+    }
+
+    /// [`Keeper::authorization_request`] for a service, whose redirect may
+    /// reach another of its processes: the request's verifier, provider,
+    /// user and expiry travel in the `state`, sealed with the active key,
+    /// so any process with the keyring completes it
+    /// ([`Keeper::complete_sealed_authorization`]) and nothing is kept in
+    /// between. Returns the URL to send the user to.
+    pub fn sealed_authorization_request(
+        &self,
+        provider: &str,
+        user_id: &str,
+        redirect_uri: &str,
+        scopes: Option<&[String]>,
+        valid_for_seconds: u32,
+    ) -> Result<String, Error> {
+        tokenkeep_core::refresh::check_user_id(user_id)
+            .map_err(|e| Error::from_refresh(e, provider, user_id))?;
+        let p = self.provider(provider)?;
+        let scopes = scopes.map_or_else(|| p.scopes.clone(), <[String]>::to_vec);
+        let verifier = random_token()?;
+        let state = SealedState {
+            provider: provider.into(),
+            user_id: user_id.into(),
+            redirect_uri: redirect_uri.into(),
+            scopes: scopes.clone(),
+            verifier: verifier.expose_secret().to_string(),
+            expires_at: self.now() + i64::from(valid_for_seconds),
         };
-        let p = self.provider(&pending.provider)?;
+        let state = self.seal_state(&state)?;
+        authorization_url(&p, redirect_uri, &scopes, &state, &verifier)
+    }
+
+    /// Completes a [`Keeper::sealed_authorization_request`] from its
+    /// redirect: a state that does not open, or has expired, is refused
+    /// before anything is sent. Returns the stored record.
+    pub async fn complete_sealed_authorization(
+        &self,
+        callback: Callback,
+    ) -> Result<TokenRecord, Error> {
+        let state = callback
+            .state
+            .as_deref()
+            .and_then(|s| self.open_state(s))
+            .ok_or_else(|| {
+                Error::InvalidInput(
+                    "the redirect's state is not one of ours: it is not the answer to our request"
+                        .into(),
+                )
+            })?;
+        if state.expires_at < self.now() {
+            return Err(Error::ReauthorizationRequired(
+                "the authorisation was not completed in time; start it again".into(),
+            ));
+        }
+        let code = code_of(callback)?;
+        self.exchange_code(
+            &state.provider,
+            &state.user_id,
+            &state.redirect_uri,
+            &SecretString::from(state.verifier),
+            &state.scopes,
+            &code,
+        )
+        .await
+    }
+
+    fn seal_state(&self, state: &SealedState) -> Result<String, Error> {
+        let keyring = self.keyring();
+        let key_id = keyring.active_id();
+        let key = keyring
+            .key(key_id)
+            .ok_or_else(|| Error::Config("the active key is not in the keyring".into()))?;
+        let plain = SecretString::from(
+            serde_json::to_string(state).map_err(|e| Error::Config(e.to_string()))?,
+        );
+        let mut nonce = [0u8; tokenkeep_core::seal::NONCE_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| Error::Config("no system randomness".into()))?;
+        let sealed =
+            tokenkeep_core::seal::seal(key.expose_secret(), nonce, &state_binding(key_id), &plain)
+                .map_err(|e| Error::Config(e.to_string()))?;
+        Ok(format!(
+            "{key_id}~{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed)
+        ))
+    }
+
+    fn open_state(&self, state: &str) -> Option<SealedState> {
+        let (key_id, sealed) = state.split_once('~')?;
+        let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(sealed)
+            .ok()?;
+        let key = self.keyring().key(key_id)?;
+        let plain =
+            tokenkeep_core::seal::open(key.expose_secret(), &state_binding(key_id), &sealed)
+                .ok()?;
+        serde_json::from_str(plain.expose_secret()).ok()
+    }
+
+    /// The code for tokens (RFC 6749 section 4.1.3, RFC 7636 section 4.5),
+    /// stored for `user_id`.
+    async fn exchange_code(
+        &self,
+        provider: &str,
+        user_id: &str,
+        redirect_uri: &str,
+        verifier: &SecretString,
+        scopes: &[String],
+        code: &SecretString,
+    ) -> Result<TokenRecord, Error> {
+        let p = self.provider(provider)?;
         let mut form = Form::new("authorization_code");
         form.push("code", code.expose_secret());
-        form.push("redirect_uri", &pending.redirect_uri);
-        form.push("code_verifier", pending.verifier.expose_secret());
+        form.push("redirect_uri", redirect_uri);
+        form.push("code_verifier", verifier.expose_secret());
         form.grant_params(&p);
-        let tokens = self.token_request(&p, form, &pending.scopes).await?;
-        self.store_tokens(&pending.provider, user_id, &tokens).await
+        let tokens = self.token_request(&p, form, scopes).await?;
+        self.store_tokens(provider, user_id, &tokens).await
     }
 
     /// Starts a device authorisation (RFC 8628) for `provider`: the code and
@@ -477,6 +566,79 @@ impl Keeper {
             scopes: r.scopes.unwrap_or_else(|| asked.to_vec()),
         })
     }
+}
+
+/// What a sealed `state` carries: everything needed to finish the
+/// authorisation, wherever the redirect lands. Sealed, so secret.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SealedState {
+    provider: String,
+    user_id: String,
+    redirect_uri: String,
+    scopes: Vec<String>,
+    verifier: String,
+    expires_at: i64,
+}
+
+/// The associated data of a sealed state: its provider part is not a plain
+/// name, so no token row's ciphertext opens as a state, nor a state as a
+/// token.
+fn state_binding(key_id: &str) -> tokenkeep_core::seal::Binding<'_> {
+    tokenkeep_core::seal::Binding {
+        provider: "tokenkeep/authorization-state",
+        user_id: "",
+        field: tokenkeep_core::seal::Field::AccessToken,
+        key_id,
+    }
+}
+
+/// The authorisation URL (RFC 6749 section 4.1.1) with PKCE (S256) and the
+/// resource indicator.
+fn authorization_url(
+    p: &Provider,
+    redirect_uri: &str,
+    scopes: &[String],
+    state: &str,
+    verifier: &SecretString,
+) -> Result<String, Error> {
+    let Some(endpoint) = &p.authorization_url else {
+        return Err(Error::Config(format!(
+            "provider {} has no authorization_url: it cannot be connected here",
+            p.name
+        )));
+    };
+    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        verifier.expose_secret().as_bytes(),
+    ));
+    let mut url = url::Url::parse(endpoint)
+        .map_err(|_| Error::Config(format!("provider {}: authorization_url", p.name)))?;
+    {
+        let mut q = url.query_pairs_mut();
+        q.append_pair("response_type", "code")
+            .append_pair("client_id", &p.client_id)
+            .append_pair("redirect_uri", redirect_uri)
+            .append_pair("state", state)
+            .append_pair("code_challenge", &challenge)
+            .append_pair("code_challenge_method", "S256");
+        if !scopes.is_empty() {
+            q.append_pair("scope", &scopes.join(" "));
+        }
+        if let Some(resource) = &p.resource {
+            q.append_pair("resource", resource);
+        }
+    }
+    Ok(url.to_string())
+}
+
+/// The code a redirect brought, or why there is none.
+fn code_of(callback: Callback) -> Result<SecretString, Error> {
+    if let Some(error) = callback.error {
+        return Err(refused_by_user(&error));
+    }
+    callback.code.ok_or_else(|| {
+        Error::InvalidInput("the redirect carries neither a code nor an error".into())
+    })
 }
 
 /// 32 random bytes, base64url: a PKCE verifier (RFC 7636 section 4.1) or a

@@ -248,6 +248,11 @@ impl Keeper {
         *shared.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
     }
 
+    /// The keys, for what the host seals itself.
+    pub(crate) fn keyring(&self) -> &crate::Keyring {
+        &self.runtime.shared().keyring
+    }
+
     /// The database.
     pub(crate) fn store(&self) -> &Store {
         &self.runtime.shared().store

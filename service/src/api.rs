@@ -17,6 +17,7 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
+use tokenkeep_host::grants::Revocation;
 use tokenkeep_host::keeper::{summary_json, summary_key};
 use tokenkeep_host::{ConversationError, ConversationSettings, Error, Keeper, RowKey};
 
@@ -28,12 +29,20 @@ const DEFAULT_PAGE: u32 = 100;
 /// Most rows per page of `GET /v1/tokens`.
 const MAX_PAGE: u32 = 1000;
 
+/// Where a user's browser comes back after authorising (`POST /v1/connect`).
+pub const CONNECT_CALLBACK: &str = "/v1/connect/callback";
+
+/// How long a user has to authorise after `POST /v1/connect`.
+const CONNECT_SECONDS: u32 = 15 * 60;
+
 /// What every request handler shares.
 pub struct ApiState {
     pub keeper: Arc<Keeper>,
     /// Replaced whole on a reload; a request uses the keys it found.
     pub keys: std::sync::RwLock<Arc<ApiKeys>>,
     pub max_body_bytes: usize,
+    /// The redirect URI of `POST /v1/connect`; none without `public_url`.
+    pub connect_redirect: Option<String>,
     /// Renders what the process's recorder holds, for `/metrics`.
     pub metrics: PrometheusHandle,
     /// Set when the stop's drain time has run out: a request whose body
@@ -74,6 +83,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/tokens/{provider}/{user}/access-token",
             get(access_token),
         )
+        .route("/v1/connect/{provider}/{user}", post(connect))
         .route("/v1/conversations/{conversation}", get(conversation))
         .route(
             "/v1/conversations/{conversation}/refresh",
@@ -87,6 +97,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
+        // The user's browser, with no key: the sealed state is the proof.
+        .route(CONNECT_CALLBACK, get(connect_callback))
         .merge(keyed)
         .fallback(|| async { ApiError::no_route() })
         .method_not_allowed_fallback(|| async { ApiError::wrong_method() })
@@ -325,15 +337,123 @@ async fn store_tokens(
     Ok(no_store(StatusCode::OK, body))
 }
 
+/// Deletes, and revokes at the provider: 204 when nothing may still be
+/// valid there, 200 with what was not revoked otherwise.
 async fn delete_tokens(
     State(state): Shared,
     TokenRow { provider, user }: TokenRow,
 ) -> Result<Response, ApiError> {
-    if state.keeper.delete_tokens(&provider, &user).await? {
+    let deletion = state.keeper.delete_and_revoke(&provider, &user).await?;
+    if !deletion.deleted {
+        return Err(not_found(provider, user));
+    }
+    let failed: Vec<Value> = deletion
+        .not_revoked()
+        .into_iter()
+        .filter_map(|(token, r)| match r {
+            Revocation::Failed(why) => Some(json!({ "token": token, "error": why })),
+            _ => None,
+        })
+        .collect();
+    if failed.is_empty() {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
-        Err(not_found(provider, user))
+        Ok(no_store(
+            StatusCode::OK,
+            json!({ "deleted": true, "not_revoked": failed }),
+        ))
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnectQuery {
+    /// Space-separated scopes (default: the provider's).
+    scope: Option<String>,
+}
+
+/// Starts connecting a user's account: the URL to send the user to. The
+/// provider's answer comes back to `GET /v1/connect/callback`, on any
+/// instance of the service. A machine client gets its token at once.
+async fn connect(
+    State(state): Shared,
+    TokenRow { provider, user }: TokenRow,
+    q: Result<Query<ConnectQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let p = state.keeper.prepare(&provider).await?;
+    if p.grant == tokenkeep_host::config::Grant::ClientCredentials {
+        state.keeper.client_credentials(&provider, &user).await?;
+        let summary = state.keeper.token_summary(&provider, &user).await?;
+        return Ok(no_store(
+            StatusCode::OK,
+            json!({ "connected": summary.as_ref().map(summary_json) }),
+        ));
+    }
+    let Some(redirect) = &state.connect_redirect else {
+        return Err(Error::Config(
+            "set [serve] public_url: the provider sends the user back there".into(),
+        )
+        .into());
+    };
+    let scopes: Option<Vec<String>> = q
+        .scope
+        .map(|s| s.split_whitespace().map(str::to_owned).collect());
+    let url = state.keeper.sealed_authorization_request(
+        &provider,
+        &user,
+        redirect,
+        scopes.as_deref(),
+        CONNECT_SECONDS,
+    )?;
+    Ok(no_store(
+        StatusCode::OK,
+        json!({
+            "authorization_url": url,
+            "redirect_uri": redirect,
+            "expires_at": state.keeper.now() + i64::from(CONNECT_SECONDS),
+        }),
+    ))
+}
+
+/// The user's browser, back from the provider: completes the
+/// authorisation and says so in a page (no names: the query is anyone's).
+async fn connect_callback(State(state): Shared, uri: axum::http::Uri) -> Response {
+    let callback = tokenkeep_host::grants::Callback::from_query(uri.query().unwrap_or(""));
+    let done = tokenkeep_host::audit::as_caller(
+        "connect-callback",
+        state.keeper.complete_sealed_authorization(callback),
+    )
+    .await;
+    let (status, text) = match &done {
+        Ok(_) => (
+            StatusCode::OK,
+            "Connected. You can close this window.".to_string(),
+        ),
+        Err(e) => {
+            tracing::info!(class = e.class(), "connect callback failed");
+            (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "The account was not connected ({}). You can close this window.",
+                    e.class()
+                ),
+            )
+        }
+    };
+    let mut response = (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        )],
+        format!("<!doctype html><title>tokenkeep</title><p>{text}"),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 #[derive(Deserialize)]

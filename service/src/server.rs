@@ -106,6 +106,10 @@ impl Server {
                 keeper,
                 keys: std::sync::RwLock::new(Arc::new(settings.keys)),
                 max_body_bytes: settings.max_body_bytes,
+                connect_redirect: settings
+                    .public_url
+                    .as_ref()
+                    .map(|u| format!("{u}{}", crate::api::CONNECT_CALLBACK)),
                 metrics: crate::api::metrics_recorder()?,
                 closed: Default::default(),
             }),

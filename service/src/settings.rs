@@ -84,6 +84,9 @@ pub struct ServeSettings {
     pub event_retention_days: Option<u32>,
     /// How long requests in flight at a stop may take to finish.
     pub drain: Duration,
+    /// Where browsers reach this service: the base of the redirect URI
+    /// (`PUBLIC_URL/v1/connect/callback`) of `POST /v1/connect`.
+    pub public_url: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -101,6 +104,7 @@ struct RawServe {
     /// 0: keep events for ever.
     event_retention_days: Option<u32>,
     drain_seconds: Option<u64>,
+    public_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -226,7 +230,20 @@ impl ServeSettings {
                 "serve.max_body_bytes must be at least 1024".into(),
             ));
         }
+        let public_url = serve
+            .public_url
+            .map(|u| {
+                url::Url::parse(&u)
+                    .ok()
+                    .filter(|u| matches!(u.scheme(), "https" | "http") && u.host().is_some())
+                    .map(|u| u.as_str().trim_end_matches('/').to_string())
+                    .ok_or_else(|| {
+                        Error::Config("serve.public_url must be an absolute http(s) URL".into())
+                    })
+            })
+            .transpose()?;
         Ok(Self {
+            public_url,
             listen: listeners,
             keys: ApiKeys::new(keys),
             max_body_bytes,

@@ -64,6 +64,17 @@ impl Service {
 
     /// [`Service::start`] with more environment.
     pub fn start_with(world: &super::World, name: &str, log: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_on(world, name, log, env, 0)
+    }
+
+    /// [`Service::start_with`] on loopback port `port` (0: any).
+    pub fn start_on(
+        world: &super::World,
+        name: &str,
+        log: &str,
+        env: &[(&str, &str)],
+        port: u16,
+    ) -> Self {
         let unix = world.scratch.0.join(format!("{name}.sock"));
         let mut child = world
             .cli()
@@ -71,7 +82,7 @@ impl Service {
             .env("TOKENKEEP_LOG", log)
             .envs(env.iter().copied())
             .args(["serve", "--listen"])
-            .arg(format!("unix:{},tcp:127.0.0.1:0", unix.display()))
+            .arg(format!("unix:{},tcp:127.0.0.1:{port}", unix.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -37,6 +37,9 @@ const clients = {
   post: { client_id: 'tk-post', client_secret: secret() },
   jwt: { client_id: 'tk-jwt' },
 };
+// Loopback redirects of native clients match on any port (RFC 8252): the
+// CLI's listener, and a tokenkeep service's callback.
+const redirects = ['http://127.0.0.1/callback', 'http://127.0.0.1/v1/connect/callback'];
 const userGrants = ['authorization_code', 'refresh_token', 'urn:ietf:params:oauth:grant-type:device_code'];
 
 const provider = new Provider(issuer, {
@@ -45,7 +48,7 @@ const provider = new Provider(issuer, {
       ...clients.public,
       application_type: 'native',
       token_endpoint_auth_method: 'none',
-      redirect_uris: ['http://127.0.0.1/callback'],
+      redirect_uris: redirects,
       grant_types: userGrants,
       response_types: ['code'],
       scope: 'openid offline_access read write',
@@ -62,7 +65,7 @@ const provider = new Provider(issuer, {
       ...clients.post,
       application_type: 'native',
       token_endpoint_auth_method: 'client_secret_post',
-      redirect_uris: ['http://127.0.0.1/callback'],
+      redirect_uris: redirects,
       grant_types: [...userGrants, 'client_credentials'],
       response_types: ['code'],
       scope: 'openid offline_access read write',
