@@ -573,3 +573,81 @@ async fn the_service_connects_an_account_whichever_instance_the_browser_comes_ba
     assert_eq!(deleted.status, 204);
     assert!(!active_at(&server, refresh.expose_secret()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_exchange_renews_with_the_users_fresh_upstream_token_once_for_many_callers() {
+    const EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+    let server = OidcServer::start(3600, None);
+    let exchange = &server.clients.exchange;
+    let toml = user_provider(&server, "oidc", "tk-public", "client_auth = \"none\"")
+        + &format!(
+            "\n[providers.downstream]\ntoken_url = \"{}\"\ngrant = \"token-exchange\"\n\
+             subject_provider = \"oidc\"\nscopes = [\"read\"]\nclient_id = \"{}\"\n\
+             client_secret = \"{}\"\nclient_auth = \"basic\"\n",
+            server.url("/token"),
+            exchange.client_id,
+            exchange.client_secret.as_deref().unwrap()
+        );
+    let w = world_with("token-exchange", &toml).await;
+    let out = w
+        .cli()
+        .env("BROWSER", OidcServer::browser())
+        .args(["connect", "oidc", "alice"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The first read exchanges alice's token.
+    let first = w.keeper.ensure_fresh("downstream", "alice").await.unwrap();
+    assert_eq!(first.scopes, ["read"]);
+    assert_eq!(server.grants(EXCHANGE), 1);
+    assert_eq!(server.logged("exchanged a token of alice"), 1);
+    // A user with no token to exchange gets none.
+    let e = w
+        .keeper
+        .ensure_fresh("downstream", "bob")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::NotFound { .. }), "{e}");
+
+    // An hour later both have expired: many callers in two runtimes make
+    // one refresh of alice's own token and one exchange.
+    w.clock.advance(3600);
+    let runtimes = [w.keeper.clone(), w.another_keeper().await];
+    let mut calls = Vec::new();
+    for k in &runtimes {
+        for _ in 0..8 {
+            let k = k.clone();
+            calls.push(tokio::spawn(async move {
+                k.ensure_fresh("downstream", "alice").await
+            }));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in calls {
+        seen.insert(
+            c.await
+                .unwrap()
+                .unwrap()
+                .access_token
+                .expose_secret()
+                .to_string(),
+        );
+    }
+    assert_eq!(seen.len(), 1);
+    assert!(!seen.contains(first.access_token.expose_secret()));
+    assert_eq!(server.grants("refresh_token"), 1, "alice's own token, once");
+    assert_eq!(server.grants(EXCHANGE), 2, "one renewal by exchange");
+    let kept = w
+        .keeper
+        .load_tokens("downstream", "alice", false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(kept.tokens.refresh_token.is_none());
+}

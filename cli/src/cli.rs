@@ -55,7 +55,8 @@ enum Command {
     /// Connect a user's account: authorise in a browser (PKCE with a
     /// loopback redirect) or, with --device, on any device with a code; the
     /// tokens are stored for USER. For a machine client (grant =
-    /// "client-credentials") this gets its token.
+    /// "client-credentials") or a token exchange (grant = "token-exchange")
+    /// this gets its token.
     Connect(ConnectArgs),
     /// Encryption keys: status and rotation.
     #[command(subcommand)]
@@ -396,13 +397,13 @@ async fn tokens(keeper: &Keeper, cmd: &TokensCommand) -> Result<Finished, Error>
     Ok(Finished::Done)
 }
 
-/// `connect`: the browser flow, the device flow, or a machine client's grant.
+/// `connect`: the browser flow, the device flow, or the provider's host
+/// grant (client credentials, token exchange).
 async fn connect(keeper: &Keeper, args: &ConnectArgs) -> Result<(), Error> {
     let scopes = (!args.scopes.is_empty()).then_some(args.scopes.as_slice());
     let (provider, user) = (&args.provider, &args.user);
     // An MCP server's provider is discovered and registered first.
-    let machine =
-        keeper.prepare(provider).await?.grant == tokenkeep_host::config::Grant::ClientCredentials;
+    let host_grant = keeper.prepare(provider).await?.grant.is_host_grant();
     let waiting = std::time::Duration::from_secs(u64::from(args.timeout));
     let timed_out = || {
         Error::ReauthorizationRequired(format!(
@@ -410,8 +411,8 @@ async fn connect(keeper: &Keeper, args: &ConnectArgs) -> Result<(), Error> {
             args.timeout
         ))
     };
-    let record = if machine {
-        keeper.client_credentials(provider, user).await?
+    let record = if host_grant {
+        keeper.obtain_host_grant(provider, user).await?
     } else if args.device {
         let device = keeper.device_authorization(provider, scopes).await?;
         let url = device

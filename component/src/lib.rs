@@ -111,7 +111,7 @@ impl Host for Imports {
             retry_budget_ms: c.retry_budget_ms,
             bare_4xx_is_refusal: c.bare_4xx_is_refusal,
             reuse_leeway_seconds: c.reuse_leeway_seconds,
-            machine_client: c.machine_client,
+            host_grant: c.host_grant,
         })
     }
 

@@ -158,8 +158,9 @@ pub struct ProviderConfig {
     /// How long a rotating provider still accepts a spent refresh token:
     /// within it, a request of unknown fate may be repeated.
     pub reuse_leeway_seconds: u32,
-    /// Renewed with the client's own credentials: no refresh token needed.
-    pub machine_client: bool,
+    /// Renewed by a grant of the host's (client credentials, token
+    /// exchange): no refresh token needed.
+    pub host_grant: bool,
 }
 
 /// Why the host's token endpoint sent nothing or got no usable answer

@@ -560,7 +560,7 @@ mod tests {
             retry_budget_ms: 30_000,
             bare_4xx_is_refusal: true,
             reuse_leeway_seconds,
-            machine_client: false,
+            host_grant: false,
         }
     }
 

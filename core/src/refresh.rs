@@ -278,7 +278,7 @@ impl<H: Host> Keeper<H> {
             }
         }
         let current = self.open_row(&row)?;
-        if current.tokens.refresh_token.is_none() && !config.machine_client {
+        if current.tokens.refresh_token.is_none() && !config.host_grant {
             // Nothing to spend: say so, and record nothing (no provider said it).
             txn.commit()?;
             return self.still_valid_or(
@@ -582,7 +582,7 @@ impl<H: Host> Keeper<H> {
             .map(|row| {
                 let config = self.host.provider(&row.provider);
                 let threshold = config.as_ref().map_or(0, |c| c.refresh_threshold_seconds);
-                let machine = config.is_some_and(|c| c.machine_client);
+                let machine = config.is_some_and(|c| c.host_grant);
                 let state = validity::token_state(&timing(&row, machine), now, threshold);
                 TokenSummary { row, state }
             })
@@ -837,12 +837,12 @@ impl Want {
 
 /// A row's timing; a machine client's row is renewable without a refresh
 /// token.
-fn timing(row: &SealedRow, machine_client: bool) -> Timing {
+fn timing(row: &SealedRow, host_grant: bool) -> Timing {
     Timing {
         obtained_at: row.obtained_at,
         access_expires_at: row.access_token_expires_at,
         refresh_expires_at: row.refresh_token_expires_at,
-        has_refresh_token: row.refresh_token.is_some() || machine_client,
+        has_refresh_token: row.refresh_token.is_some() || host_grant,
         reauthorization_recorded: row.health.last_failure
             == Some(ErrorClass::ReauthorizationRequired),
         narrowed: !row.missing_scopes().is_empty(),

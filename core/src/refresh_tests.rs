@@ -66,7 +66,7 @@ fn config() -> ProviderConfig {
         retry_budget_ms: 30_000,
         bare_4xx_is_refusal: true,
         reuse_leeway_seconds: 0,
-        machine_client: false,
+        host_grant: false,
     }
 }
 

@@ -47,6 +47,16 @@ pub enum Grant {
     /// A machine client: the client-credentials grant gets and renews the
     /// token, and no refresh token is kept.
     ClientCredentials,
+    /// RFC 8693: the token is got and renewed by exchanging the same
+    /// user's access token at `subject_provider`; no refresh token is kept.
+    TokenExchange,
+}
+
+impl Grant {
+    /// Whether the host renews with a grant of its own (WIT `host-grant`).
+    pub fn is_host_grant(self) -> bool {
+        self != Grant::AuthorizationCode
+    }
 }
 
 /// Default number of provider calls per refresh (the first included).
@@ -87,6 +97,11 @@ pub struct Provider {
     /// The RFC 8707 resource indicator sent with every authorisation and
     /// token request (an MCP server's URL).
     pub resource: Option<String>,
+    /// For a token exchange: the provider whose access token (for the same
+    /// user) is the subject token.
+    pub subject_provider: Option<String>,
+    /// For a token exchange: the `audience` asked for (RFC 8693 §2.1).
+    pub audience: Option<String>,
     /// TLS for the token URL: the web roots, or only `ca_bundle`'s CAs.
     pub tls: std::sync::Arc<rustls::ClientConfig>,
     pub extra_params: Vec<(String, String)>,
@@ -127,7 +142,7 @@ impl Provider {
             retry_budget_ms: self.retry_budget_ms,
             bare_4xx_is_refusal: self.bare_4xx_is_refusal,
             reuse_leeway_seconds: self.reuse_leeway_seconds,
-            machine_client: self.grant == Grant::ClientCredentials,
+            host_grant: self.grant.is_host_grant(),
         }
     }
 }
@@ -199,6 +214,8 @@ struct RawProvider {
     #[serde(default)]
     scopes: Vec<String>,
     resource: Option<String>,
+    subject_provider: Option<String>,
+    audience: Option<String>,
     /// PEM certificates to trust instead of the web roots (a private CA).
     ca_bundle: Option<std::path::PathBuf>,
     #[serde(default)]
@@ -264,6 +281,26 @@ impl Config {
         let mut providers: BTreeMap<String, Provider> = BTreeMap::new();
         for (name, p) in raw.providers {
             providers.insert(name.clone(), Provider::resolve(name, p)?);
+        }
+        for p in providers.values() {
+            if let Some(subject) = &p.subject_provider {
+                match providers.get(subject) {
+                    Some(s) if s.grant == Grant::AuthorizationCode => {}
+                    Some(_) => {
+                        return Err(Error::Config(format!(
+                            "provider {}: subject_provider {subject} must hold users' own tokens \
+                             (grant = \"authorization-code\")",
+                            p.name
+                        )));
+                    }
+                    None => {
+                        return Err(Error::Config(format!(
+                            "provider {}: subject_provider {subject} is not configured",
+                            p.name
+                        )));
+                    }
+                }
+            }
         }
         let lock_wait_ms = raw.lock_wait_ms.unwrap_or(DEFAULT_LOCK_WAIT_MS);
         if let Some(slow) = providers.values().find(|p| p.timeout_ms >= lock_wait_ms) {
@@ -479,6 +516,15 @@ impl Provider {
         if grant == Grant::ClientCredentials && client_auth == ClientAuth::None {
             return bad("grant = \"client-credentials\" needs a client that authenticates".into());
         }
+        match (grant, &p.subject_provider) {
+            (Grant::TokenExchange, None) => {
+                return bad("grant = \"token-exchange\" needs subject_provider".into());
+            }
+            (Grant::TokenExchange, Some(_)) | (_, None) => {}
+            (_, Some(_)) => {
+                return bad("subject_provider is for grant = \"token-exchange\"".into());
+            }
+        }
         // The configuration's own parameters win over the catalogue's, and
         // no parameter is sent twice (RFC 6749 §3.1).
         let mut extra_params = resolved.extra_params;
@@ -506,6 +552,8 @@ impl Provider {
             revocation_url,
             scopes: p.scopes,
             resource,
+            subject_provider: p.subject_provider,
+            audience: p.audience,
             tls: crate::outbound::client_tls(p.ca_bundle.as_deref())
                 .map_err(|e| Error::Config(format!("provider {name}: {e}")))?,
             extra_params,

@@ -46,7 +46,7 @@ pub fn provider_to_wit(
         retry_budget_ms: p.retry_budget_ms,
         bare_4xx_is_refusal: p.bare_4xx_is_refusal,
         reuse_leeway_seconds: p.reuse_leeway_seconds,
-        machine_client: p.machine_client,
+        host_grant: p.host_grant,
     }
 }
 

@@ -419,23 +419,35 @@ impl Keeper {
         }
     }
 
-    /// Gets a token with the client-credentials grant for a machine client
-    /// and stores it under `user_id` (the name the runtimes ask for it by).
-    pub async fn client_credentials(
+    /// Gets a token with the provider's host grant and stores it under
+    /// `user_id`: the client-credentials grant of a machine client (the
+    /// user id is the name runtimes ask for it by), or a token exchange of
+    /// the user's access token at the subject provider, made fresh first.
+    pub async fn obtain_host_grant(
         &self,
         provider: &str,
         user_id: &str,
     ) -> Result<TokenRecord, Error> {
         let p = self.provider(provider)?;
-        if p.grant != Grant::ClientCredentials {
-            return Err(Error::Config(format!(
-                "provider {provider} is not a machine client (grant = \"client-credentials\")"
-            )));
-        }
         tokenkeep_core::refresh::check_user_id(user_id)
             .map_err(|e| Error::from_refresh(e, provider, user_id))?;
-        let form = crate::token_endpoint::client_credentials_form(&p);
-        let tokens = self.token_request(&p, form, &p.scopes).await?;
+        let form = match (p.grant, &p.subject_provider) {
+            (Grant::ClientCredentials, _) => crate::token_endpoint::client_credentials_form(&p),
+            (Grant::TokenExchange, Some(subject)) => {
+                let grant = Box::pin(self.ensure_fresh(subject, user_id)).await?;
+                crate::token_endpoint::token_exchange_form(&p, &grant.access_token)
+            }
+            _ => {
+                return Err(Error::Config(format!(
+                    "provider {provider} has no host grant (grant = \"client-credentials\" \
+                     or \"token-exchange\")"
+                )));
+            }
+        };
+        let mut tokens = self.token_request(&p, form, &p.scopes).await?;
+        // Renewed by the same grant, never by a refresh token.
+        tokens.refresh_token = None;
+        tokens.refresh_token_expires_at = None;
         self.store_tokens(provider, user_id, &tokens).await
     }
 

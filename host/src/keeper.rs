@@ -527,16 +527,23 @@ impl Keeper {
         }
         let configured = config.providers.get(provider);
         let threshold = configured.map(|p| p.refresh_threshold_seconds);
+        // A token exchange needs the user's token at the subject provider
+        // fresh first: the exchange (the host's) reads it.
+        if let Some(subject) = configured.and_then(|p| p.subject_provider.as_deref())
+            && let Err(e) = Box::pin(self.ensure_fresh(subject, user_id)).await
+        {
+            return Err(e);
+        }
         let mut got = self
             .fresh_for(provider, user_id, min_remaining, threshold)
             .await;
-        // A machine client's first token is got on first demand. Callers
-        // that race for it may each get one (harmless: nothing is spent);
+        // A host grant's first token is got on first demand. Callers that
+        // race for it may each get one (harmless: nothing is spent);
         // renewals from then on are single-flight.
         if matches!(got, Err(Error::NotFound { .. }))
-            && configured.is_some_and(|p| p.grant == crate::config::Grant::ClientCredentials)
+            && configured.is_some_and(|p| p.grant.is_host_grant())
         {
-            got = match self.client_credentials(provider, user_id).await {
+            got = match self.obtain_host_grant(provider, user_id).await {
                 Ok(_) => {
                     self.fresh_for(provider, user_id, min_remaining, threshold)
                         .await

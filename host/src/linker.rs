@@ -22,6 +22,7 @@ use tokenkeep_core::model::{RequestError, RowKey, SealedRow, SealingError};
 use tokenkeep_core::provider::{may_repeat, salvage_refresh_token};
 use tokenkeep_core::refresh::MAX_TOKEN_LEN;
 use tokenkeep_core::seal::Field;
+use tokenkeep_core::validity;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 /// What one export call may touch.
@@ -814,6 +815,35 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
             // A machine client renews with its own credentials: nothing
             // of the row is spent.
             Grant::ClientCredentials => None,
+            // The subject is the same user's access token at the subject
+            // provider, which the keeper made fresh before this call: the
+            // component names no token and no other user.
+            Grant::TokenExchange => {
+                let subject = provider.subject_provider.as_deref().unwrap_or_default();
+                let read = self.ctx.shared.store.read(subject, &row.user_id).await;
+                let Some(token) = read.ok().and_then(|r| {
+                    let s = r.row?;
+                    validity::is_access_token_valid(s.access_token_expires_at, r.now, 0)
+                        .then_some(s)
+                }) else {
+                    return Ok(Err(E::Denied(format!(
+                        "no valid {subject} token of this user to exchange"
+                    ))));
+                };
+                let Ok(subject_token) = self.ctx.shared.keyring.open(
+                    subject,
+                    &row.user_id,
+                    Field::AccessToken,
+                    &token.key_id,
+                    &token.access_token,
+                ) else {
+                    return Ok(Err(E::Denied(format!(
+                        "the {subject} token of this user does not open"
+                    ))));
+                };
+                self.ctx.keep(subject_token.clone())?;
+                Some(subject_token)
+            }
             Grant::AuthorizationCode => {
                 let Some(sealed) = row.refresh_token.as_deref() else {
                     return Ok(Err(E::Denied(
@@ -845,9 +875,10 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
             &provider,
             &row,
             txn,
-            match &refresh_token {
-                Some(token) => Renewal::RefreshToken(token),
-                None => Renewal::ClientCredentials,
+            match (&refresh_token, provider.grant) {
+                (Some(token), Grant::TokenExchange) => Renewal::TokenExchange(token),
+                (Some(token), _) => Renewal::RefreshToken(token),
+                (None, _) => Renewal::ClientCredentials,
             },
         )
         .await;

@@ -11,7 +11,7 @@
 //! meanwhile is younger, meets it, and is left alone.
 
 use crate::Keeper;
-use crate::config::{Grant, Provider};
+use crate::config::Provider;
 use crate::error::Error;
 use crate::events::{self, Announced, Announcement};
 use crate::keeper::RowKey;
@@ -84,7 +84,7 @@ pub fn plan(
     provider: &Provider,
     settings: &RefresherSettings,
 ) -> Option<Planned> {
-    let renewable = s.has_refresh_token || provider.grant == Grant::ClientCredentials;
+    let renewable = s.has_refresh_token || provider.grant.is_host_grant();
     if !renewable
         || matches!(
             s.state,
@@ -289,7 +289,7 @@ impl Refresher {
                 let Some(provider) = config.providers.get(&s.provider) else {
                     continue;
                 };
-                if (s.has_refresh_token || provider.grant == Grant::ClientCredentials)
+                if (s.has_refresh_token || provider.grant.is_host_grant())
                     && s.health.failed_attempts >= self.settings.max_failures
                     && s.state != TokenState::ReauthorizationRequired
                 {

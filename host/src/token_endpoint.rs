@@ -62,6 +62,8 @@ impl WasiHttpHooks for DenyAllHttp {
 pub enum Renewal<'a> {
     RefreshToken(&'a SecretString),
     ClientCredentials,
+    /// RFC 8693, with the same user's access token at the subject provider.
+    TokenExchange(&'a SecretString),
 }
 
 /// Sends the renewal of `locked`, the row `txn` holds locked.
@@ -87,6 +89,7 @@ pub async fn request_refresh(
             form
         }
         Renewal::ClientCredentials => client_credentials_form(provider),
+        Renewal::TokenExchange(subject) => token_exchange_form(provider, subject),
     };
     send_form(connections, provider, &provider.token_url, form).await
 }
@@ -101,6 +104,27 @@ pub(crate) fn client_credentials_form(provider: &Provider) -> Form {
     form.grant_params(provider);
     form
 }
+
+/// The token exchange's request (RFC 8693 section 2.1): the subject's
+/// access token, and the configured audience, scopes and parameters.
+pub(crate) fn token_exchange_form(provider: &Provider, subject: &SecretString) -> Form {
+    let mut form = Form::new(TOKEN_EXCHANGE_GRANT);
+    form.push("subject_token", subject.expose_secret());
+    form.push("subject_token_type", ACCESS_TOKEN_TYPE);
+    form.push("requested_token_type", ACCESS_TOKEN_TYPE);
+    if let Some(audience) = &provider.audience {
+        form.push("audience", audience);
+    }
+    if !provider.scopes.is_empty() {
+        form.push("scope", &provider.scopes.join(" "));
+    }
+    form.grant_params(provider);
+    form
+}
+
+/// RFC 8693's grant type and the token type of access tokens.
+const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
 /// A form body for the authorisation server. It may carry a token or a
 /// code, so it is kept as a secret.
@@ -140,13 +164,14 @@ impl Form {
     /// parameters (never one the grant sets itself) and its resource
     /// indicator (RFC 8707).
     pub fn grant_params(&mut self, provider: &Provider) {
-        const OWN: [&str; 6] = [
+        const OWN: [&str; 7] = [
             "grant_type",
             "refresh_token",
             "code",
             "code_verifier",
             "device_code",
             "client_assertion",
+            "subject_token",
         ];
         for (k, v) in &provider.extra_params {
             if !OWN.contains(&k.as_str()) {

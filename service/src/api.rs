@@ -382,8 +382,8 @@ async fn connect(
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
     let p = state.keeper.prepare(&provider).await?;
-    if p.grant == tokenkeep_host::config::Grant::ClientCredentials {
-        state.keeper.client_credentials(&provider, &user).await?;
+    if p.grant.is_host_grant() {
+        state.keeper.obtain_host_grant(&provider, &user).await?;
         let summary = state.keeper.token_summary(&provider, &user).await?;
         return Ok(no_store(
             StatusCode::OK,

@@ -36,7 +36,9 @@ const clients = {
   machine: { client_id: 'tk-machine', client_secret: secret() },
   post: { client_id: 'tk-post', client_secret: secret() },
   jwt: { client_id: 'tk-jwt' },
+  exchange: { client_id: 'tk-exchange', client_secret: secret() },
 };
+const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
 // Loopback redirects of native clients match on any port (RFC 8252): the
 // CLI's listener, and a tokenkeep service's callback.
 const redirects = ['http://127.0.0.1/callback', 'http://127.0.0.1/v1/connect/callback'];
@@ -69,6 +71,14 @@ const provider = new Provider(issuer, {
       grant_types: [...userGrants, 'client_credentials'],
       response_types: ['code'],
       scope: 'openid offline_access read write',
+    },
+    {
+      ...clients.exchange,
+      token_endpoint_auth_method: 'client_secret_basic',
+      grant_types: [TOKEN_EXCHANGE],
+      redirect_uris: [],
+      response_types: [],
+      scope: 'read write',
     },
     ...(jwks
       ? [{
@@ -132,6 +142,32 @@ provider.on('grant.success', (ctx) => {
   process.stderr.write(`grant ${grant}\n`);
   if (resource === mcp) process.stderr.write(`grant ${grant} for the MCP server\n`);
 });
+
+// Token exchange (RFC 8693), which oidc-provider leaves to its embedder:
+// an active access token of this server's, for a token of the exchanging
+// client's. The log says whose token was exchanged.
+provider.registerGrantType(
+  TOKEN_EXCHANGE,
+  async (ctx) => {
+    const { subject_token: subjectToken, subject_token_type: type, scope } = ctx.oidc.params;
+    if (type !== 'urn:ietf:params:oauth:token-type:access_token') {
+      throw new errors.InvalidRequest('unsupported subject_token_type');
+    }
+    const subject = await provider.AccessToken.find(subjectToken);
+    if (!subject) throw new errors.InvalidGrant('the subject token is not active');
+    const token = new provider.ClientCredentials({ client: ctx.oidc.client, scope: scope || undefined });
+    const value = await token.save();
+    process.stderr.write(`exchanged a token of ${subject.accountId}\n`);
+    ctx.body = {
+      access_token: value,
+      issued_token_type: 'urn:ietf:params:oauth:token-type:access_token',
+      token_type: 'Bearer',
+      expires_in: token.expiration,
+      scope: token.scope,
+    };
+  },
+  ['subject_token', 'subject_token_type', 'requested_token_type', 'audience', 'scope', 'resource'],
+);
 
 // The user: signs in as `alice` and allows whatever the client asked for.
 async function interaction(req, res) {

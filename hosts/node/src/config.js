@@ -56,6 +56,8 @@ const PROVIDER_FIELDS = {
   scopes: 'string_list',
   resource: 'string',
   mcp_url: 'string',
+  subject_provider: 'string',
+  audience: 'string',
   ca_bundle: 'string',
   extra_params: 'string_table',
   refresh_threshold_seconds: 'u32',
@@ -120,8 +122,10 @@ function checkField(kind, v, where) {
       return auth;
     }
     case 'grant':
-      if (v !== 'authorization-code' && v !== 'client-credentials') {
-        throw notValid(`${where}: expected "authorization-code" or "client-credentials"`);
+      if (!['authorization-code', 'client-credentials', 'token-exchange'].includes(v)) {
+        throw notValid(
+          `${where}: expected "authorization-code", "client-credentials" or "token-exchange"`,
+        );
       }
       return v;
     case 'string_list':
@@ -421,8 +425,14 @@ function resolveProvider(name, p, env) {
   let unsupported;
   if (clientAuth === 'private-key-jwt') {
     unsupported = 'client_auth = "private-key-jwt" is not supported by the Node host';
-  } else if (grant === 'client-credentials') {
-    unsupported = 'grant = "client-credentials" is not supported by the Node host';
+  } else if (grant !== 'authorization-code') {
+    unsupported = `grant = "${grant}" is not supported by the Node host`;
+  }
+  if (grant === 'token-exchange' && p.subject_provider === undefined) {
+    throw bad('grant = "token-exchange" needs subject_provider');
+  }
+  if (grant !== 'token-exchange' && p.subject_provider !== undefined) {
+    throw bad('subject_provider is for grant = "token-exchange"');
   }
   // The configuration's own parameters win, and none is sent twice.
   let extraParams = resolved.extraParams;
@@ -509,6 +519,6 @@ export function providerContract(p) {
     retryBudgetMs: p.retryBudgetMs,
     bare4xxIsRefusal: p.bare4xxIsRefusal,
     reuseLeewaySeconds: p.reuseLeewaySeconds,
-    machineClient: p.grant === 'client-credentials',
+    hostGrant: p.grant !== 'authorization-code',
   };
 }

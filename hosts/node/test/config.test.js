@@ -41,7 +41,7 @@ describe('the configuration', () => {
       retryBudgetMs: 33750,
       bare4xxIsRefusal: true,
       reuseLeewaySeconds: 0,
-      machineClient: false,
+      hostGrant: false,
     });
     assert.equal(p.clientAuth, 'body');
     assert.equal(p.clientSecret, 's3cret');
@@ -72,7 +72,7 @@ grant = "client-credentials"
     assert.equal(mcp.unsupported, undefined);
     const ci = c.providers.get('ci');
     assert.equal(ci.clientAuth, 'basic');
-    assert.equal(providerContract(ci).machineClient, true);
+    assert.equal(providerContract(ci).hostGrant, true);
     // The Rust host renews these; this one says so when asked to.
     assert.match(ci.unsupported, /not supported by the Node host/);
     refused('[providers.x]\ntoken_url = "https://a.example/t"\nclient_id = "a"\nclient_auth = "none"\nclient_secret = "s"\n', /not sent with client_auth = "none"/);

@@ -28,6 +28,8 @@ pub struct Clients {
     pub post: Client,
     /// `private_key_jwt`, client credentials (when started with a JWKS).
     pub jwt: Client,
+    /// Confidential, `client_secret_basic`, token exchange (RFC 8693) only.
+    pub exchange: Client,
 }
 
 #[derive(Deserialize)]
@@ -160,7 +162,7 @@ impl OidcServer {
     }
 
     /// How many times the server logged `line`, read after a marker request.
-    fn logged(&self, line: &str) -> usize {
+    pub fn logged(&self, line: &str) -> usize {
         static MARK: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let mark = format!(
             "mark-{}-{}",
