@@ -62,12 +62,7 @@ async fn connect_with_pkce_stores_tokens_that_the_keeper_then_refreshes() {
     let toml = user_provider(&server, "oidc", "tk-public", "client_auth = \"none\"");
     let w = world_with("connect-pkce", &toml).await;
 
-    let out = w
-        .cli()
-        .env("BROWSER", OidcServer::browser())
-        .args(["connect", "oidc", "alice"])
-        .output()
-        .unwrap();
+    let out = w.connect_in_browser("oidc", "alice");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}\n{:?}", server.log());
     assert!(stderr.contains("connected oidc/alice"), "{stderr}");
@@ -212,12 +207,7 @@ async fn deleting_tokens_revokes_them_at_the_provider_refresh_token_first() {
     );
     let mut w = world_with("revoke", &toml).await;
     for user in ["carol", "dave"] {
-        let out = w
-            .cli()
-            .env("BROWSER", OidcServer::browser())
-            .args(["connect", "oidc", user])
-            .output()
-            .unwrap();
+        let out = w.connect_in_browser("oidc", user);
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -325,10 +315,26 @@ async fn deleting_tokens_revokes_them_at_the_provider_refresh_token_first() {
         dave.tokens.refresh_token.as_ref().unwrap().expose_secret()
     ));
 
-    // A provider without a revocation endpoint: nothing to report.
+    // No such row: nothing deleted, nothing to revoke.
     let d = w.keeper.delete_and_revoke("oidc", "nobody").await.unwrap();
     assert!(!d.deleted);
     assert_eq!(d.refresh_token, None::<Revocation>);
+    assert!(d.not_revoked().is_empty());
+
+    // A row that does not open (its ciphertext tampered with) is deleted
+    // all the same, and says what could not be revoked.
+    w.keeper
+        .store_tokens("oidc", "erin", &carol.tokens)
+        .await
+        .unwrap();
+    common::raw_sql(
+        &w.database_url,
+        "UPDATE tokenkeep_tokens SET access_token = X'00' WHERE user_id = 'erin'",
+    )
+    .await;
+    let d = w.keeper.delete_and_revoke("oidc", "erin").await.unwrap();
+    assert!(d.deleted);
+    assert_eq!(d.not_revoked().len(), 1, "{d:?}");
 }
 
 fn machine_provider(server: &OidcServer, name: &str, extra: &str) -> String {
@@ -589,12 +595,7 @@ async fn a_token_exchange_renews_with_the_users_fresh_upstream_token_once_for_ma
             exchange.client_secret.as_deref().unwrap()
         );
     let w = world_with("token-exchange", &toml).await;
-    let out = w
-        .cli()
-        .env("BROWSER", OidcServer::browser())
-        .args(["connect", "oidc", "alice"])
-        .output()
-        .unwrap();
+    let out = w.connect_in_browser("oidc", "alice");
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -39,12 +39,7 @@ async fn four_processes_share_a_discovered_mcp_servers_tokens(b: Backend) {
     // A runtime that started before anything was registered.
     let early = w.keeper.clone();
 
-    let out = w
-        .cli()
-        .env("BROWSER", OidcServer::browser())
-        .args(["connect", "mcp", "alice"])
-        .output()
-        .unwrap();
+    let out = w.connect_in_browser("mcp", "alice");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}\n{:?}", server.log());
     let registrations = server

@@ -9,7 +9,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use tokenkeep_host::audit;
 use tokenkeep_host::clock::utc;
-use tokenkeep_host::grants::Revocation;
 use tokenkeep_host::keeper::{error_class_name, summary_json, summary_key, token_state_name};
 use tokenkeep_host::storage::{Store, StoreOptions};
 use tokenkeep_host::{
@@ -386,10 +385,8 @@ async fn tokens(keeper: &Keeper, cmd: &TokensCommand) -> Result<Finished, Error>
             eprintln!("deleted {provider}/{user}");
             let mut finished = Finished::Done;
             for (token, why) in deletion.not_revoked() {
-                if let Revocation::Failed(why) = why {
-                    eprintln!("tokenkeep: not-revoked: {provider}/{user}: {token}: {why}");
-                    finished = Finished::NotRevoked;
-                }
+                eprintln!("tokenkeep: not-revoked: {provider}/{user}: {token}: {why}");
+                finished = Finished::NotRevoked;
             }
             return Ok(finished);
         }

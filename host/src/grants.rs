@@ -120,15 +120,15 @@ impl std::fmt::Debug for DeviceAuthorization {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Revocation {
     Revoked,
-    /// The provider has no revocation endpoint configured: the token stays
-    /// valid there until it expires.
-    NotSupported,
-    /// Sent, and not confirmed: why.
+    /// Not confirmed (not sent, refused, or the stored token could not be
+    /// read): why. The token may stay valid at the provider until it expires.
     Failed(String),
 }
 
 /// The outcome of deleting a user's tokens: what was revoked at the
-/// provider, refresh token first.
+/// provider, refresh token first. `None`: no revocation was tried (the
+/// provider has no revocation endpoint or is not configured, or there was
+/// no such token), and a token stays valid there until it expires.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deletion {
     pub deleted: bool,
@@ -137,15 +137,18 @@ pub struct Deletion {
 }
 
 impl Deletion {
-    /// The tokens that may still be valid at the provider, with why.
-    pub fn not_revoked(&self) -> Vec<(&'static str, &Revocation)> {
+    /// The tokens whose revocation failed, with why: they may still be
+    /// valid at the provider.
+    pub fn not_revoked(&self) -> Vec<(&'static str, &str)> {
         [
             ("refresh token", &self.refresh_token),
             ("access token", &self.access_token),
         ]
         .into_iter()
-        .filter_map(|(name, r)| r.as_ref().map(|r| (name, r)))
-        .filter(|(_, r)| **r != Revocation::Revoked)
+        .filter_map(|(name, r)| match r {
+            Some(Revocation::Failed(why)) => Some((name, why.as_str())),
+            _ => None,
+        })
         .collect()
     }
 }
@@ -460,40 +463,61 @@ impl Keeper {
         provider: &str,
         user_id: &str,
     ) -> Result<Deletion, Error> {
-        let p = self.provider(provider)?;
         let mut outcome = Deletion {
             deleted: false,
             refresh_token: None,
             access_token: None,
         };
-        // Revoke what the row holds once any refresh in flight is done. A
-        // refresh that slips in before the revocation rotates the tokens:
-        // revoke the newer ones too. Once the latest refresh token is
-        // revoked, no refresh can write newer ones.
-        let mut revoked_generation = None;
-        for _ in 0..3 {
-            let Some(record) = self.load_tokens(provider, user_id, true).await? else {
-                break;
-            };
-            if revoked_generation == Some(record.generation) {
-                break;
-            }
-            let tokens = &record.tokens;
-            outcome.refresh_token = match &tokens.refresh_token {
-                Some(t) => Some(self.revoke(&p, t, "refresh_token").await),
-                None => None,
-            };
-            outcome.access_token =
-                Some(self.revoke(&p, &tokens.access_token, "access_token").await);
-            revoked_generation = Some(record.generation);
+        // A provider no longer configured, or one without the endpoint:
+        // deleted all the same.
+        let revoking = self
+            .config()
+            .providers
+            .get(provider)
+            .filter(|p| p.revocation_url.is_some())
+            .cloned();
+        if let Some(p) = revoking {
+            self.revoke_row(&p, user_id, &mut outcome).await;
         }
         outcome.deleted = self.delete_tokens(provider, user_id).await?;
         Ok(outcome)
     }
 
+    /// Revokes what the row holds once any refresh in flight is done. A
+    /// refresh that slips in before the revocation rotates the tokens:
+    /// the newer ones are revoked too. Once the latest refresh token is
+    /// revoked, no refresh can write newer ones.
+    async fn revoke_row(&self, p: &Provider, user_id: &str, outcome: &mut Deletion) {
+        let mut revoked_generation = None;
+        for _ in 0..3 {
+            let record = match self.load_tokens(&p.name, user_id, true).await {
+                Ok(Some(record)) => record,
+                Ok(None) => return,
+                // A row that does not open (tampered, its key gone) is
+                // still deleted; what it held cannot be revoked.
+                Err(e) => {
+                    outcome.access_token = Some(Revocation::Failed(format!(
+                        "the stored tokens could not be read: {e}"
+                    )));
+                    return;
+                }
+            };
+            if revoked_generation == Some(record.generation) {
+                return;
+            }
+            let tokens = &record.tokens;
+            outcome.refresh_token = match &tokens.refresh_token {
+                Some(t) => Some(self.revoke(p, t, "refresh_token").await),
+                None => None,
+            };
+            outcome.access_token = Some(self.revoke(p, &tokens.access_token, "access_token").await);
+            revoked_generation = Some(record.generation);
+        }
+    }
+
     async fn revoke(&self, p: &Provider, token: &SecretString, hint: &str) -> Revocation {
         let Some(endpoint) = &p.revocation_url else {
-            return Revocation::NotSupported;
+            return Revocation::Failed("the provider has no revocation endpoint".into());
         };
         let mut form = Form::empty();
         form.push("token", token.expose_secret());

@@ -17,7 +17,6 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use tokenkeep_host::grants::Revocation;
 use tokenkeep_host::keeper::{summary_json, summary_key};
 use tokenkeep_host::{ConversationError, ConversationSettings, Error, Keeper, RowKey};
 
@@ -350,10 +349,7 @@ async fn delete_tokens(
     let failed: Vec<Value> = deletion
         .not_revoked()
         .into_iter()
-        .filter_map(|(token, r)| match r {
-            Revocation::Failed(why) => Some(json!({ "token": token, "error": why })),
-            _ => None,
-        })
+        .map(|(token, why)| json!({ "token": token, "error": why }))
         .collect();
     if failed.is_empty() {
         Ok(StatusCode::NO_CONTENT.into_response())

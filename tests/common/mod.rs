@@ -270,6 +270,19 @@ impl World {
         )
     }
 
+    /// Runs `tokenkeep connect PROVIDER USER` with the oidc-provider test
+    /// server's user at the browser, who approves, and waits for it.
+    pub fn connect_in_browser(&self, provider: &str, user: &str) -> std::process::Output {
+        self.cli()
+            .env(
+                "BROWSER",
+                tokenkeep_testkit::oidc_server::OidcServer::browser(),
+            )
+            .args(["connect", provider, user])
+            .output()
+            .unwrap()
+    }
+
     /// Runs the `tokenkeep` binary against this world.
     pub fn cli(&self) -> std::process::Command {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tokenkeep"));
