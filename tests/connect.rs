@@ -652,3 +652,51 @@ async fn a_token_exchange_renews_with_the_users_fresh_upstream_token_once_for_ma
         .unwrap();
     assert!(kept.tokens.refresh_token.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sealed_state_completes_once_before_it_expires_and_only_with_our_keys() {
+    let server = OidcServer::start(3600, None);
+    let toml = user_provider(&server, "oidc", "tk-public", "client_auth = \"none\"");
+    let w = world_with("sealed-state", &toml).await;
+
+    // The user approves; the redirect comes to a listener of the test's.
+    let approve = async |valid_for: u32| {
+        let loopback = tokenkeep_host::loopback::Loopback::bind(0).await.unwrap();
+        let url = w
+            .keeper
+            .sealed_authorization_request("oidc", "alice", loopback.redirect_uri(), None, valid_for)
+            .unwrap();
+        let user = std::thread::spawn(move || OidcServer::user_approves(&url));
+        let callback = loopback.receive().await.unwrap();
+        user.join().unwrap();
+        callback
+    };
+    let callback = approve(600).await;
+    w.keeper
+        .complete_sealed_authorization(callback.clone())
+        .await
+        .unwrap();
+    assert_eq!(server.grants("authorization_code"), 1);
+    // The same redirect again (a copy of the URL, a replay): refused.
+    let e = w
+        .keeper
+        .complete_sealed_authorization(callback)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidInput(_)), "{e}");
+
+    // Too late: refused before the code is exchanged.
+    let late = approve(60).await;
+    w.clock.advance(61);
+    let e = w.keeper.complete_sealed_authorization(late).await.unwrap_err();
+    assert!(matches!(e, Error::ReauthorizationRequired(_)), "{e}");
+
+    // Sealed under a key this keeper does not hold: not ours.
+    let foreign = approve(600).await;
+    let other = w
+        .keeper_with_keys("k9=CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=\n")
+        .await;
+    let e = other.complete_sealed_authorization(foreign).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidInput(_)), "{e}");
+    assert_eq!(server.grants("authorization_code"), 1, "nothing else was exchanged");
+}

@@ -59,7 +59,7 @@ impl PendingAuthorization {
 }
 
 /// What the redirect brought back (its query parameters).
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Callback {
     pub code: Option<SecretString>,
     pub state: Option<String>,
@@ -227,6 +227,7 @@ impl Keeper {
         let scopes = scopes.map_or_else(|| p.scopes.clone(), <[String]>::to_vec);
         let verifier = random_token()?;
         let state = SealedState {
+            id: random_token()?.expose_secret().to_string(),
             provider: provider.into(),
             user_id: user_id.into(),
             redirect_uri: redirect_uri.into(),
@@ -258,6 +259,18 @@ impl Keeper {
         if state.expires_at < self.now() {
             return Err(Error::ReauthorizationRequired(
                 "the authorisation was not completed in time; start it again".into(),
+            ));
+        }
+        // Once: a copy of the URL completed with another account cannot
+        // replace the user's tokens afterwards (or before: then the user's
+        // own attempt fails, visibly).
+        if !self
+            .store()
+            .consume_authorization(&state.id, state.expires_at)
+            .await?
+        {
+            return Err(Error::InvalidInput(
+                "this authorisation was already completed; start it again".into(),
             ));
         }
         let code = code_of(callback)?;
@@ -608,6 +621,9 @@ impl Keeper {
 /// authorisation, wherever the redirect lands. Sealed, so secret.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SealedState {
+    /// Random: recorded when the state is completed, so that it completes
+    /// once.
+    id: String,
     provider: String,
     user_id: String,
     redirect_uri: String,

@@ -190,6 +190,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         &'a self,
         r: &'a Registration,
     ) -> BoxFuture<'a, Result<(), StorageError>>;
+    /// Records a sealed authorisation state as completed: false when it
+    /// already was. Drops the records of states expired by `now`.
+    fn consume_authorization<'a>(
+        &'a self,
+        id: &'a str,
+        expires_at: i64,
+        now: i64,
+    ) -> BoxFuture<'a, Result<bool, StorageError>>;
     fn register_webhook<'a>(&'a self, webhook: &'a str) -> BoxFuture<'a, Result<(), StorageError>>;
     /// Deletes the events written before `before`, and their deliveries:
     /// how many events.
@@ -236,6 +244,13 @@ pub(crate) mod clients {
          metadata = excluded.metadata, client_id = excluded.client_id, \
          registered_at = excluded.registered_at \
          WHERE tokenkeep_clients.resource <> excluded.resource";
+}
+
+/// The completed sealed states' SQL, the same for both databases.
+pub(crate) mod authorizations {
+    pub const PRUNE: &str = "DELETE FROM tokenkeep_authorizations WHERE expires_at < $1";
+    pub const CONSUME: &str = "INSERT INTO tokenkeep_authorizations (id, expires_at) \
+         VALUES ($1, $2) ON CONFLICT (id) DO NOTHING";
 }
 
 pub(crate) mod outbox {
@@ -618,6 +633,18 @@ impl Store {
             .registration(&r.provider)
             .await?
             .ok_or_else(|| StorageError::Unavailable("the registration was not kept".into()))
+    }
+
+    /// Records a sealed authorisation state as completed: false when it
+    /// already was (a replay).
+    pub async fn consume_authorization(
+        &self,
+        id: &str,
+        expires_at: i64,
+    ) -> Result<bool, StorageError> {
+        self.backend
+            .consume_authorization(id, expires_at, self.now())
+            .await
     }
 
     pub async fn register_webhook(&self, webhook: &str) -> Result<(), StorageError> {

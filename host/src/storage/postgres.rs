@@ -17,7 +17,7 @@ use super::{
     BackendRead, BackendTransaction, BoxFuture, COLUMNS, ConversationEntry, RowKey, SealedRow,
     StorageError, StoreOptions, StoredColumns, scopes_text, to_i64,
 };
-use super::{Registration, clients};
+use super::{Registration, authorizations, clients};
 use crate::audit;
 use crate::events::Event;
 use crate::grant_cache::GrantCache;
@@ -423,6 +423,15 @@ const MIGRATIONS: &[(i64, &str)] = &[
         metadata TEXT NOT NULL,
         client_id TEXT NOT NULL,
         registered_at BIGINT NOT NULL
+    );",
+    ),
+    (
+        17,
+        // Completed sealed authorisation states, as
+        // host/schema/sqlite/0022.sql.
+        "CREATE TABLE tokenkeep_authorizations (
+        id TEXT PRIMARY KEY,
+        expires_at BIGINT NOT NULL
     );",
     ),
 ];
@@ -1164,6 +1173,23 @@ impl super::Backend for PgStore {
             .await
             .map_err(error)?;
             Ok(())
+        }))
+    }
+    fn consume_authorization<'a>(
+        &'a self,
+        id: &'a str,
+        expires_at: i64,
+        now: i64,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            c.execute(authorizations::PRUNE, &[&now])
+                .await
+                .map_err(error)?;
+            let n = c
+                .execute(authorizations::CONSUME, &[&id, &expires_at])
+                .await
+                .map_err(error)?;
+            Ok(n == 1)
         }))
     }
     fn register_webhook<'a>(&'a self, webhook: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {

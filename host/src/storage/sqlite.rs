@@ -9,7 +9,7 @@ use super::{
     BackendRead, BackendTransaction, BoxFuture, ConversationEntry, RowKey, SealedRow, StorageError,
     StoreOptions, StoredColumns, refuse_newer,
 };
-use super::{Registration, clients};
+use super::{Registration, authorizations, clients};
 use crate::audit;
 use crate::clock::SharedClock;
 use crate::events::Event;
@@ -58,6 +58,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     migration!(19, "0019.sql"),
     migration!(20, "0020.sql"),
     migration!(21, "0021.sql"),
+    migration!(22, "0022.sql"),
 ];
 
 /// A pool over one SQLite file.
@@ -317,6 +318,28 @@ impl super::Backend for SqliteStore {
                 .await
                 .map_err(error)?;
             Ok(())
+        })
+    }
+    fn consume_authorization<'a>(
+        &'a self,
+        id: &'a str,
+        expires_at: i64,
+        now: i64,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(async move {
+            sqlx::query(authorizations::PRUNE)
+                .bind(now)
+                .execute(&self.pool)
+                .await
+                .map_err(error)?;
+            let n = sqlx::query(authorizations::CONSUME)
+                .bind(id)
+                .bind(expires_at)
+                .execute(&self.pool)
+                .await
+                .map_err(error)?
+                .rows_affected();
+            Ok(n == 1)
         })
     }
     fn register_webhook<'a>(&'a self, webhook: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {
