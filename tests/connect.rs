@@ -700,3 +700,34 @@ async fn a_sealed_state_completes_once_before_it_expires_and_only_with_our_keys(
     assert!(matches!(e, Error::InvalidInput(_)), "{e}");
     assert_eq!(server.grants("authorization_code"), 1, "nothing else was exchanged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_key_limited_to_users_never_reaches_a_machine_token() {
+    use common::service::{OPS_KEY, Service, request, serve_section_with};
+    use sha2::Digest;
+    let server = OidcServer::start(3600, None);
+    let machine = &server.clients.machine;
+    const LIMITED: &str = "builds-only-key-0123456789";
+    let toml = machine_provider(
+        &server,
+        "ci",
+        &format!(
+            "client_id = \"{}\"\nclient_secret = \"{}\"\nclient_auth = \"basic\"",
+            machine.client_id,
+            machine.client_secret.as_deref().unwrap()
+        ),
+    ) + &serve_section_with("", "enabled = false")
+        + &format!(
+            "\n[serve.keys.builds]\nsecret_sha256 = \"{}\"\nproviders = [\"ci\"]\nusers = [\"builds\"]\n",
+            hex::encode(sha2::Sha256::digest(LIMITED.as_bytes()))
+        );
+    let w = world_with("machine-keys", &toml).await;
+    let s = Service::start(&w, "api", "warn");
+    let path = "/v1/tokens/ci/builds/access-token";
+    let limited = request(&s.unix(), "GET", path, Some(LIMITED), None).await;
+    assert_eq!(limited.status, 403, "user patterns cannot partition a machine token");
+    assert_eq!(server.grants("client_credentials"), 0, "nothing minted for it");
+    let ops = request(&s.unix(), "GET", path, Some(OPS_KEY), None).await;
+    assert_eq!(ops.status, 200, "{:?}", ops.json());
+    assert_eq!(server.grants("client_credentials"), 1);
+}

@@ -169,9 +169,16 @@ impl FromRequestParts<Arc<ApiState>> for TokenRow {
     ) -> Result<Self, ApiError> {
         let p = Path::<(String, String)>::from_request_parts(parts, state).await;
         let (provider, user) = path(p)?;
-        Caller::from_request_parts(parts, state)
-            .await?
-            .may(&provider, &user)?;
+        let caller = Caller::from_request_parts(parts, state).await?;
+        caller.may(&provider, &user)?;
+        // A machine client's token belongs to no user: user patterns
+        // cannot partition it, so a key limited to users never reaches it.
+        let machine = state.keeper.config().providers.get(&provider).is_some_and(|p| {
+            p.grant == tokenkeep_host::config::Grant::ClientCredentials
+        });
+        if machine && caller.0.limited_to_users() {
+            return Err(ApiError::forbidden(&format!("{provider}/{user}")));
+        }
         Ok(TokenRow { provider, user })
     }
 }

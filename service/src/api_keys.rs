@@ -62,6 +62,11 @@ impl ApiKey {
             .is_none_or(|names| names.iter().any(|n| n == provider))
     }
 
+    /// Whether this key is limited to some users' tokens.
+    pub fn limited_to_users(&self) -> bool {
+        self.users.is_some()
+    }
+
     /// Whether this key reaches every token (no limits).
     pub fn unlimited(&self) -> bool {
         self.providers.is_none() && self.users.is_none()
