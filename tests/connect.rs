@@ -651,6 +651,52 @@ async fn a_token_exchange_renews_with_the_users_fresh_upstream_token_once_for_ma
         .unwrap()
         .unwrap();
     assert!(kept.tokens.refresh_token.is_none());
+
+    // Alice's token is revoked at the server while the row still holds it
+    // valid: the exchange is refused...
+    let upstream = w
+        .keeper
+        .load_tokens("oidc", "alice", false)
+        .await
+        .unwrap()
+        .unwrap();
+    let out = std::process::Command::new("node")
+        .args([
+            "-e",
+            "const [url, token] = process.argv.slice(1);
+             fetch(url, { method: 'POST', body: new URLSearchParams({ client_id: 'tk-public', token }) })
+               .then((r) => process.exit(r.ok ? 0 : 1));",
+        ])
+        .arg(server.url("/token/revocation"))
+        .arg(upstream.tokens.access_token.expose_secret())
+        .status()
+        .unwrap();
+    assert!(out.success());
+    common::raw_sql(
+        &w.database_url,
+        &format!(
+            "UPDATE tokenkeep_tokens SET access_token_expires_at = {} WHERE provider = 'downstream'",
+            w.now() - 10
+        ),
+    )
+    .await;
+    let e = w
+        .keeper
+        .ensure_fresh("downstream", "alice")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::ReauthorizationRequired(_)), "{e}");
+    // ... and once alice has authorised again, it is tried again (after the
+    // backoff) and recovers: a host grant's refusal does not stand for ever.
+    let out = w.connect_in_browser("oidc", "alice");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.backoff_over().await;
+    w.keeper.ensure_fresh("downstream", "alice").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -688,7 +734,11 @@ async fn a_sealed_state_completes_once_before_it_expires_and_only_with_our_keys(
     // Too late: refused before the code is exchanged.
     let late = approve(60).await;
     w.clock.advance(61);
-    let e = w.keeper.complete_sealed_authorization(late).await.unwrap_err();
+    let e = w
+        .keeper
+        .complete_sealed_authorization(late)
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::ReauthorizationRequired(_)), "{e}");
 
     // Sealed under a key this keeper does not hold: not ours.
@@ -696,9 +746,16 @@ async fn a_sealed_state_completes_once_before_it_expires_and_only_with_our_keys(
     let other = w
         .keeper_with_keys("k9=CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=\n")
         .await;
-    let e = other.complete_sealed_authorization(foreign).await.unwrap_err();
+    let e = other
+        .complete_sealed_authorization(foreign)
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::InvalidInput(_)), "{e}");
-    assert_eq!(server.grants("authorization_code"), 1, "nothing else was exchanged");
+    assert_eq!(
+        server.grants("authorization_code"),
+        1,
+        "nothing else was exchanged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -725,8 +782,15 @@ async fn a_service_key_limited_to_users_never_reaches_a_machine_token() {
     let s = Service::start(&w, "api", "warn");
     let path = "/v1/tokens/ci/builds/access-token";
     let limited = request(&s.unix(), "GET", path, Some(LIMITED), None).await;
-    assert_eq!(limited.status, 403, "user patterns cannot partition a machine token");
-    assert_eq!(server.grants("client_credentials"), 0, "nothing minted for it");
+    assert_eq!(
+        limited.status, 403,
+        "user patterns cannot partition a machine token"
+    );
+    assert_eq!(
+        server.grants("client_credentials"),
+        0,
+        "nothing minted for it"
+    );
     let ops = request(&s.unix(), "GET", path, Some(OPS_KEY), None).await;
     assert_eq!(ops.status, 200, "{:?}", ops.json());
     assert_eq!(server.grants("client_credentials"), 1);

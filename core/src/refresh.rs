@@ -209,8 +209,12 @@ impl<H: Host> Keeper<H> {
         if !want.due(&row, now) {
             return self.grant(&row);
         }
-        // A refusal stands until a new authorisation: no lock needed to say so.
-        if row.health.last_failure == Some(ErrorClass::ReauthorizationRequired) {
+        // A refusal stands until a new authorisation: no lock needed to say
+        // so. A host grant needs no user: it is tried again after a backoff
+        // (its subject token may be new, its client fixed).
+        if row.health.last_failure == Some(ErrorClass::ReauthorizationRequired)
+            && !config.host_grant
+        {
             return self.still_valid_or(
                 &row,
                 now,
@@ -269,7 +273,7 @@ impl<H: Host> Keeper<H> {
         // new authorisation is stored, and a failure another runtime recorded
         // while we waited for the lock is its answer for us as well.
         if let Some(class) = row.health.last_failure {
-            let definitive = class == ErrorClass::ReauthorizationRequired;
+            let definitive = class == ErrorClass::ReauthorizationRequired && !config.host_grant;
             let while_we_waited = row.health.failed_attempts != seen.failed_attempts
                 || row.health.last_failure_at != seen.last_failure_at;
             if definitive || while_we_waited {
@@ -397,9 +401,9 @@ impl<H: Host> Keeper<H> {
                 failed.health.last_failure = Some(err.class());
                 // A refusal stands on its own; anything else waits out the
                 // provider's Retry-After or a backoff before the next try.
-                failed.health.retry_not_before =
-                    (!matches!(err, RefreshError::ReauthorizationRequired(_)))
-                        .then(|| now + backoff_seconds(failed.health.failed_attempts, retry_after));
+                failed.health.retry_not_before = (config.host_grant
+                    || !matches!(err, RefreshError::ReauthorizationRequired(_)))
+                .then(|| now + backoff_seconds(failed.health.failed_attempts, retry_after));
                 // Bookkeeping only (unless a rotated token was salvaged): the
                 // tokens and the generation stay as they were.
                 let salvaging = failed.generation != row.generation;

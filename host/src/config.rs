@@ -75,6 +75,9 @@ pub struct Provider {
     pub client_id: String,
     /// An MCP server whose authorisation server is discovered (RFC 9728).
     pub mcp_url: Option<String>,
+    /// The authorisation server an MCP server must name: required when the
+    /// client has credentials, which go to whatever server it names.
+    pub issuer: Option<String>,
     /// The client registered with the discovered server, once there is one.
     pub registration: Option<crate::storage::Registration>,
     /// Attached by the host to the outgoing request; never enters the sandbox.
@@ -200,6 +203,7 @@ struct RawProvider {
     /// An MCP server: its authorisation server is discovered, and a public
     /// client registered with it when `client_id` is not set.
     mcp_url: Option<String>,
+    issuer: Option<String>,
     client_secret: Option<String>,
     client_secret_env: Option<String>,
     client_auth: Option<ClientAuth>,
@@ -500,6 +504,19 @@ impl Provider {
             }
             (_, None) => None,
         };
+        if mcp_url.is_none() && p.issuer.is_some() {
+            return bad("issuer pins an MCP server's authorisation server: set mcp_url".into());
+        }
+        if mcp_url.is_some()
+            && p.issuer.is_none()
+            && (client_secret.is_some() || client_secret_missing.is_some() || signing_key.is_some())
+        {
+            return bad(
+                "a client with credentials for an MCP server needs issuer: its secret goes to \
+                 the authorisation server the server names"
+                    .into(),
+            );
+        }
         if matches!(client_auth, ClientAuth::None | ClientAuth::PrivateKeyJwt)
             && (client_secret.is_some() || client_secret_missing.is_some())
         {
@@ -541,6 +558,11 @@ impl Provider {
             token_url,
             client_id,
             mcp_url,
+            issuer: p
+                .issuer
+                .as_deref()
+                .map(|u| endpoint_url(&name, "issuer", u))
+                .transpose()?,
             registration: None,
             client_secret,
             client_secret_missing,

@@ -187,6 +187,19 @@ impl Keeper {
     async fn discover(&self, p: &Provider, mcp_url: &str) -> Result<Discovered, Error> {
         let url = url::Url::parse(mcp_url)
             .map_err(|_| Error::Config(format!("provider {}: mcp_url", p.name)))?;
+        // What a server names is checked like configuration, and more: an
+        // https MCP server cannot send the keeper to plain http (loopback
+        // included), and a client with credentials only talks to the
+        // authorisation server its configuration pins.
+        let endpoint = |what: &str, u: &str| -> Result<String, Error> {
+            let checked = crate::config::endpoint_url(&p.name, what, u)?;
+            if url.scheme() == "https" && !checked.starts_with("https:") {
+                return Err(Error::InvalidProviderResponse(format!(
+                    "the MCP server's metadata names a {what} that is not https"
+                )));
+            }
+            Ok(checked)
+        };
         let mut resource = None;
         for candidate in well_known(&url, "oauth-protected-resource") {
             if let Some(m) = self.get_json::<ResourceMetadata>(p, &candidate).await? {
@@ -215,7 +228,14 @@ impl Keeper {
                     "the protected-resource metadata names no authorisation server".into(),
                 )
             })?;
-        let issuer_url = crate::config::endpoint_url(&p.name, "authorization server", &issuer)?;
+        if let Some(pinned) = &p.issuer
+            && !same_url(pinned, &issuer)
+        {
+            return Err(Error::InvalidProviderResponse(format!(
+                "the MCP server names another authorisation server than the configured issuer {pinned}"
+            )));
+        }
+        let issuer_url = endpoint("authorization server", &issuer)?;
         let issuer_url = url::Url::parse(&issuer_url)
             .map_err(|_| Error::Config(format!("provider {}: authorization server", p.name)))?;
         let mut candidates = well_known(&issuer_url, "oauth-authorization-server");
@@ -254,10 +274,7 @@ impl Keeper {
         let token_endpoint = server.token_endpoint.ok_or_else(|| {
             Error::InvalidProviderResponse("the authorisation server has no token endpoint".into())
         })?;
-        let check = |what: &str, u: Option<String>| {
-            u.map(|u| crate::config::endpoint_url(&p.name, what, &u))
-                .transpose()
-        };
+        let check = |what: &str, u: Option<String>| u.map(|u| endpoint(what, &u)).transpose();
         let mut scopes = resource.scopes_supported;
         if server
             .scopes_supported

@@ -527,16 +527,24 @@ impl Keeper {
         }
         let configured = config.providers.get(provider);
         let threshold = configured.map(|p| p.refresh_threshold_seconds);
-        // A token exchange needs the user's token at the subject provider
-        // fresh first: the exchange (the host's) reads it.
-        if let Some(subject) = configured.and_then(|p| p.subject_provider.as_deref())
-            && let Err(e) = Box::pin(self.ensure_fresh(subject, user_id)).await
-        {
-            return Err(e);
-        }
         let mut got = self
             .fresh_for(provider, user_id, min_remaining, threshold)
             .await;
+        // A token exchange whose subject token (the user's at the subject
+        // provider) is not valid right now: that token made fresh first,
+        // then once more. Only then, so that a valid exchanged token is
+        // served whatever becomes of the subject's refresh.
+        if let Some(subject) = configured.and_then(|p| p.subject_provider.as_deref())
+            && matches!(got, Err(Error::EgressDenied(_) | Error::NotFound { .. }))
+        {
+            got = match Box::pin(self.ensure_fresh(subject, user_id)).await {
+                Ok(_) => {
+                    self.fresh_for(provider, user_id, min_remaining, threshold)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+        }
         // A host grant's first token is got on first demand. Callers that
         // race for it may each get one (harmless: nothing is spent);
         // renewals from then on are single-flight.

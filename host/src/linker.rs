@@ -823,8 +823,12 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
                 let read = self.ctx.shared.store.read(subject, &row.user_id).await;
                 let Some(token) = read.ok().and_then(|r| {
                     let s = r.row?;
-                    validity::is_access_token_valid(s.access_token_expires_at, r.now, 0)
-                        .then_some(s)
+                    validity::is_access_token_valid(
+                        s.access_token_expires_at,
+                        r.now,
+                        validity::DEFAULT_CLOCK_SKEW_SECONDS,
+                    )
+                    .then_some(s)
                 }) else {
                     return Ok(Err(E::Denied(format!(
                         "no valid {subject} token of this user to exchange"

@@ -173,9 +173,12 @@ impl FromRequestParts<Arc<ApiState>> for TokenRow {
         caller.may(&provider, &user)?;
         // A machine client's token belongs to no user: user patterns
         // cannot partition it, so a key limited to users never reaches it.
-        let machine = state.keeper.config().providers.get(&provider).is_some_and(|p| {
-            p.grant == tokenkeep_host::config::Grant::ClientCredentials
-        });
+        let machine = state
+            .keeper
+            .config()
+            .providers
+            .get(&provider)
+            .is_some_and(|p| p.grant == tokenkeep_host::config::Grant::ClientCredentials);
         if machine && caller.0.limited_to_users() {
             return Err(ApiError::forbidden(&format!("{provider}/{user}")));
         }
