@@ -713,7 +713,10 @@ async fn a_sealed_state_completes_once_before_it_expires_and_only_with_our_keys(
             .sealed_authorization_request("oidc", "alice", loopback.redirect_uri(), None, valid_for)
             .unwrap();
         let user = std::thread::spawn(move || OidcServer::user_approves(&url));
-        let callback = loopback.receive().await.unwrap();
+        let callback = loopback
+            .receive(|s| w.keeper.is_sealed_state(s))
+            .await
+            .unwrap();
         user.join().unwrap();
         callback
     };

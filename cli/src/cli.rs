@@ -433,7 +433,7 @@ async fn connect(keeper: &Keeper, args: &ConnectArgs) -> Result<(), Error> {
         if !args.no_browser {
             open_browser(&pending.url);
         }
-        let callback = tokio::time::timeout(waiting, loopback.receive())
+        let callback = tokio::time::timeout(waiting, loopback.receive(|s| pending.is_for(s)))
             .await
             .map_err(|_| timed_out())??;
         keeper

@@ -77,6 +77,18 @@ impl Keeper {
     /// registration from the database, or discovery and registration now.
     /// Other providers are ready as they are.
     pub async fn prepare(&self, provider: &str) -> Result<Provider, Error> {
+        self.prepare_with_redirect(provider, None).await
+    }
+
+    /// [`Keeper::prepare`] for a service, whose callback (`redirect_uri`)
+    /// is registered too when this call registers the client. A client
+    /// registered earlier by a command line keeps its redirects: connect
+    /// such a provider where it was registered.
+    pub async fn prepare_with_redirect(
+        &self,
+        provider: &str,
+        redirect_uri: Option<&str>,
+    ) -> Result<Provider, Error> {
         let p = self.provider(provider)?;
         let Some(mcp_url) = p.mcp_url.clone() else {
             return Ok(p);
@@ -89,7 +101,7 @@ impl Keeper {
         }
         let discovered = self.discover(&p, &mcp_url).await?;
         let client_id = if p.client_id.is_empty() {
-            self.register(&p, &discovered).await?
+            self.register(&p, &discovered, redirect_uri).await?
         } else {
             p.client_id.clone()
         };
@@ -137,16 +149,23 @@ impl Keeper {
         self.apply_registration(provider, &r).map(Some)
     }
 
+    /// Applies `r` to the configuration running now (not a copy taken
+    /// earlier, which a reload may have replaced meanwhile), if the
+    /// provider still names the same MCP server.
     fn apply_registration(&self, provider: &str, r: &Registration) -> Result<Provider, Error> {
-        let mut config = (*self.config()).clone();
-        let p = config
-            .providers
-            .get_mut(provider)
-            .ok_or_else(|| Error::UnknownProvider(provider.into()))?;
-        p.apply_registration(r)?;
-        let applied = p.clone();
-        self.replace_config(config);
-        Ok(applied)
+        self.update_config(|config| {
+            let p = config
+                .providers
+                .get_mut(provider)
+                .ok_or_else(|| Error::UnknownProvider(provider.into()))?;
+            if p.mcp_url.as_deref() != Some(r.resource.as_str()) {
+                return Err(Error::Config(format!(
+                    "provider {provider} names another MCP server now"
+                )));
+            }
+            p.apply_registration(r)?;
+            Ok(p.clone())
+        })
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(
@@ -306,7 +325,12 @@ impl Keeper {
     /// Registers a public native client (RFC 7591, RFC 8252): loopback
     /// redirects on any port, PKCE, refresh tokens, the device flow where
     /// the server has one.
-    async fn register(&self, p: &Provider, d: &Discovered) -> Result<String, Error> {
+    async fn register(
+        &self,
+        p: &Provider,
+        d: &Discovered,
+        redirect_uri: Option<&str>,
+    ) -> Result<String, Error> {
         let Some(endpoint) = &d.registration_endpoint else {
             return Err(Error::Config(format!(
                 "provider {}: the authorisation server takes no dynamic registration; \
@@ -318,10 +342,12 @@ impl Keeper {
         if d.device_authorization_endpoint.is_some() {
             grant_types.push("urn:ietf:params:oauth:grant-type:device_code");
         }
+        let mut redirect_uris = vec!["http://127.0.0.1/callback"];
+        redirect_uris.extend(redirect_uri);
         let mut request = serde_json::json!({
             "client_name": "tokenkeep",
             "application_type": "native",
-            "redirect_uris": ["http://127.0.0.1/callback"],
+            "redirect_uris": redirect_uris,
             "grant_types": grant_types,
             "response_types": ["code"],
             "token_endpoint_auth_method": "none",

@@ -23,6 +23,9 @@ const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 /// RFC 8628 section 3.5: the wait between polls when the server names none,
 /// and what `slow_down` adds to it.
 const DEVICE_POLL_SECONDS: u64 = 5;
+/// The longest a device code is waited for, and between two polls.
+const DEVICE_MAX_SECONDS: u64 = 3600;
+const DEVICE_MAX_INTERVAL: u64 = 60;
 
 /// An authorisation-code request waiting for the user's redirect. Holds the
 /// PKCE verifier and the `state`, which never leave this value.
@@ -306,6 +309,12 @@ impl Keeper {
         ))
     }
 
+    /// Whether `state` is a sealed state of this keeper's (for a
+    /// [`crate::loopback::Loopback`] waiting for a sealed request).
+    pub fn is_sealed_state(&self, state: &str) -> bool {
+        self.open_state(state).is_some()
+    }
+
     fn open_state(&self, state: &str) -> Option<SealedState> {
         let (key_id, sealed) = state.split_once('~')?;
         let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -384,8 +393,13 @@ impl Keeper {
             user_code: a.user_code,
             verification_uri: a.verification_uri,
             verification_uri_complete: a.verification_uri_complete,
-            expires_in: a.expires_in,
-            interval: a.interval.unwrap_or(DEVICE_POLL_SECONDS).max(1),
+            // A server's numbers, bounded: an hour at most to authorise, a
+            // minute at most between polls.
+            expires_in: a.expires_in.min(DEVICE_MAX_SECONDS),
+            interval: a
+                .interval
+                .unwrap_or(DEVICE_POLL_SECONDS)
+                .clamp(1, DEVICE_MAX_INTERVAL),
             scopes,
             device_code: SecretString::from(a.device_code),
         })
@@ -419,7 +433,7 @@ impl Keeper {
             match oauth_error(&answer).as_deref() {
                 Some("authorization_pending") => continue,
                 Some("slow_down") => {
-                    interval += DEVICE_POLL_SECONDS;
+                    interval = (interval + DEVICE_POLL_SECONDS).min(DEVICE_MAX_INTERVAL);
                     continue;
                 }
                 Some("expired_token") => {
@@ -519,11 +533,23 @@ impl Keeper {
                 return;
             }
             let tokens = &record.tokens;
-            outcome.refresh_token = match &tokens.refresh_token {
-                Some(t) => Some(self.revoke(p, t, "refresh_token").await),
-                None => None,
+            // A failure of an earlier generation's token stands: that
+            // token may still be valid.
+            let worst = |earlier: &mut Option<Revocation>, now: Revocation| {
+                if !matches!(earlier, Some(Revocation::Failed(_))) {
+                    *earlier = Some(now);
+                }
             };
-            outcome.access_token = Some(self.revoke(p, &tokens.access_token, "access_token").await);
+            if let Some(t) = &tokens.refresh_token {
+                worst(
+                    &mut outcome.refresh_token,
+                    self.revoke(p, t, "refresh_token").await,
+                );
+            }
+            worst(
+                &mut outcome.access_token,
+                self.revoke(p, &tokens.access_token, "access_token").await,
+            );
             revoked_generation = Some(record.generation);
         }
     }

@@ -207,45 +207,54 @@ impl Keeper {
     /// with. The lock wait and the database settings are read at open and
     /// need a restart.
     pub fn reload_config(&self, config: Config) -> Result<(), Error> {
-        let shared = self.runtime.shared();
-        let running = shared.config();
-        // The call budget and the database's patience with a silent lock
-        // holder were sized at open for the slowest provider then: a slower
-        // one could be cut off between its answer and the commit.
-        if config.lock_wait_ms != running.lock_wait_ms
-            || config.slowest_provider_call() > running.slowest_provider_call()
-            || config.audit_retention_days != running.audit_retention_days
-        {
-            return Err(Error::Config(
-                "lock_wait_ms, audit_retention_days, or a provider slower than the slowest at \
-                 start (timeout_ms and retries) need a restart"
-                    .into(),
-            ));
-        }
-        // Registrations with discovered servers carry over.
-        let mut config = config;
-        for (name, p) in &mut config.providers {
-            if let Some(r) = running
-                .providers
-                .get(name)
-                .and_then(|p| p.registration.as_ref())
-                && p.mcp_url.as_deref() == Some(r.resource.as_str())
+        self.update_config(|running| {
+            // The call budget and the database's patience with a silent
+            // lock holder were sized at open for the slowest provider then:
+            // a slower one could be cut off between its answer and the commit.
+            if config.lock_wait_ms != running.lock_wait_ms
+                || config.slowest_provider_call() > running.slowest_provider_call()
+                || config.audit_retention_days != running.audit_retention_days
             {
-                p.apply_registration(r)?;
+                return Err(Error::Config(
+                    "lock_wait_ms, audit_retention_days, or a provider slower than the slowest \
+                     at start (timeout_ms and retries) need a restart"
+                        .into(),
+                ));
             }
-        }
-        self.replace_config(config);
-        if let Some(cache) = shared.store.grant_cache() {
+            // Registrations with discovered servers carry over.
+            let mut config = config;
+            for (name, p) in &mut config.providers {
+                if let Some(r) = running
+                    .providers
+                    .get(name)
+                    .and_then(|p| p.registration.as_ref())
+                    && p.mcp_url.as_deref() == Some(r.resource.as_str())
+                {
+                    p.apply_registration(r)?;
+                }
+            }
+            *running = config;
+            Ok(())
+        })?;
+        if let Some(cache) = self.runtime.shared().store.grant_cache() {
             // Thresholds may have changed: the cache starts over.
             cache.invalidate_all();
         }
         Ok(())
     }
 
-    /// Swaps the configuration in: calls from now on see `config`.
-    pub(crate) fn replace_config(&self, config: Config) {
+    /// Changes the configuration running now, under its lock, so that no
+    /// reload in between is lost; nothing changes when `change` fails.
+    pub(crate) fn update_config<T>(
+        &self,
+        change: impl FnOnce(&mut Config) -> Result<T, Error>,
+    ) -> Result<T, Error> {
         let shared = self.runtime.shared();
-        *shared.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        let mut running = shared.config.write().unwrap_or_else(|p| p.into_inner());
+        let mut config = (**running).clone();
+        let got = change(&mut config)?;
+        *running = Arc::new(config);
+        Ok(got)
     }
 
     /// The keys, for what the host seals itself.

@@ -41,43 +41,51 @@ impl Loopback {
         &self.redirect_uri
     }
 
-    /// Waits for the redirect and reads it. Requests for other paths (a
-    /// browser's favicon) get a 404 and the wait goes on.
-    pub async fn receive(self) -> Result<Callback, Error> {
+    /// Waits for the redirect whose `state` `is_ours` accepts, and reads
+    /// it. Anything else (a browser's favicon, a local process guessing
+    /// the port, a redirect of another attempt) gets a 404 and the wait
+    /// goes on; connections are served side by side, so one that sends
+    /// nothing holds up no other.
+    pub async fn receive(self, is_ours: impl Fn(&str) -> bool) -> Result<Callback, Error> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let mut reading = tokio::task::JoinSet::new();
         loop {
-            let (mut stream, _) = self
-                .listener
-                .accept()
-                .await
-                .map_err(|e| Error::Config(format!("loopback listener: {e}")))?;
-            // A connection that sends nothing does not hold up the browser's.
-            let read = tokio::time::timeout(REQUEST_WAIT, read_request_target(&mut stream));
-            let Ok(Some(target)) = read.await else {
-                continue;
-            };
-            let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-            if path != CALLBACK_PATH {
-                let _ = stream
-                    .write_all(
-                        b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-                    )
-                    .await;
-                continue;
+            tokio::select! {
+                accepted = self.listener.accept() => {
+                    let (mut stream, _) = accepted
+                        .map_err(|e| Error::Config(format!("loopback listener: {e}")))?;
+                    let tx = tx.clone();
+                    reading.spawn(async move {
+                        let read = tokio::time::timeout(REQUEST_WAIT, read_request_target(&mut stream));
+                        if let Ok(Some(target)) = read.await {
+                            let _ = tx.send((stream, target)).await;
+                        }
+                    });
+                }
+                Some((mut stream, target)) = rx.recv() => {
+                    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+                    let callback = Callback::from_query(query);
+                    if path != CALLBACK_PATH || !callback.state.as_deref().is_some_and(&is_ours) {
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                            .await;
+                        continue;
+                    }
+                    let page: &[u8] = if callback.error.is_some() {
+                        b"<!doctype html><title>tokenkeep</title><p>The authorisation was not granted. You can close this window."
+                    } else {
+                        b"<!doctype html><title>tokenkeep</title><p>Authorised. You can close this window."
+                    };
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n\r\n",
+                        page.len()
+                    );
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    let _ = stream.write_all(page).await;
+                    let _ = stream.shutdown().await;
+                    return Ok(callback);
+                }
             }
-            let callback = Callback::from_query(query);
-            let page: &[u8] = if callback.error.is_some() {
-                b"<!doctype html><title>tokenkeep</title><p>The authorisation was not granted. You can close this window."
-            } else {
-                b"<!doctype html><title>tokenkeep</title><p>Authorised. You can close this window."
-            };
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n\r\n",
-                page.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(page).await;
-            let _ = stream.shutdown().await;
-            return Ok(callback);
         }
     }
 }
@@ -103,5 +111,52 @@ async fn read_request_target(stream: &mut tokio::net::TcpStream) -> Option<Strin
     match (parts.next(), parts.next()) {
         (Some("GET"), Some(target)) => Some(target.to_string()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    async fn get(port: u16, target: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(format!("GET {target} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+
+    #[tokio::test]
+    async fn only_the_redirect_with_our_state_is_taken_and_a_silent_connection_holds_up_nothing() {
+        let loopback = Loopback::bind(0).await.unwrap();
+        let port: u16 = loopback
+            .redirect_uri()
+            .trim_start_matches("http://127.0.0.1:")
+            .trim_end_matches("/callback")
+            .parse()
+            .unwrap();
+        let waiting = tokio::spawn(loopback.receive(|s| s == "ours"));
+        // A connection that never sends anything.
+        let _silent = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        assert!(get(port, "/favicon.ico").await.starts_with("HTTP/1.1 404"));
+        assert!(
+            get(port, "/callback?code=theirs&state=guess")
+                .await
+                .starts_with("HTTP/1.1 404")
+        );
+        assert!(
+            get(port, "/callback?code=good&state=ours")
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
+        let callback = waiting.await.unwrap().unwrap();
+        assert_eq!(callback.code.unwrap().expose_secret(), "good");
     }
 }

@@ -289,6 +289,9 @@ pub async fn fetch(
     use http_body_util::BodyExt;
     let exchange = async {
         let (response, driving) = send(method, url, headers, body, tls).await?;
+        // The connection's task ends with this read, however it ends
+        // (an error, the timeout dropping it).
+        let driving = AbortOnDrop(driving);
         let status = response.status().as_u16();
         let content_type = response
             .headers()
@@ -301,13 +304,12 @@ pub async fn fetch(
             let frame = frame.map_err(|e| format!("answer cut off: {e}"))?;
             if let Ok(data) = frame.into_data() {
                 if body.len() + data.len() > max_bytes {
-                    driving.abort();
                     return Err(format!("answer larger than {max_bytes} bytes"));
                 }
                 body.extend_from_slice(&data);
             }
         }
-        driving.abort();
+        drop(driving);
         Ok(Fetched {
             status,
             content_type,
@@ -317,6 +319,15 @@ pub async fn fetch(
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Opens a connection to `url`'s host and sends one request on it: the

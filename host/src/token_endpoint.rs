@@ -161,26 +161,29 @@ impl Form {
     }
 
     /// What every token request of the provider carries: its configured
-    /// parameters (never one the grant sets itself) and its resource
-    /// indicator (RFC 8707).
+    /// parameters and its resource indicator (RFC 8707), except a name the
+    /// request already has (RFC 6749 §3.2: no parameter twice).
     pub fn grant_params(&mut self, provider: &Provider) {
-        const OWN: [&str; 7] = [
-            "grant_type",
-            "refresh_token",
-            "code",
-            "code_verifier",
-            "device_code",
-            "client_assertion",
-            "subject_token",
-        ];
-        for (k, v) in &provider.extra_params {
-            if !OWN.contains(&k.as_str()) {
+        let resource = provider.resource.iter().map(|r| ("resource", r.as_str()));
+        let extra = provider
+            .extra_params
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()));
+        for (k, v) in extra.chain(resource) {
+            if !self.has(k) {
                 self.push(k, v);
             }
         }
-        if let Some(resource) = &provider.resource {
-            self.push("resource", resource);
-        }
+    }
+
+    /// Whether the form has a parameter of this name.
+    fn has(&self, name: &str) -> bool {
+        let mut encoded = String::new();
+        form_encode_into(&mut encoded, name);
+        self.0
+            .expose_secret()
+            .split('&')
+            .any(|pair| pair.split('=').next() == Some(encoded.as_str()))
     }
 }
 

@@ -387,7 +387,10 @@ async fn connect(
     q: Result<Query<ConnectQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
-    let p = state.keeper.prepare(&provider).await?;
+    let p = state
+        .keeper
+        .prepare_with_redirect(&provider, state.connect_redirect.as_deref())
+        .await?;
     if p.grant.is_host_grant() {
         state.keeper.obtain_host_grant(&provider, &user).await?;
         let summary = state.keeper.token_summary(&provider, &user).await?;

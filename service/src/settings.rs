@@ -233,12 +233,24 @@ impl ServeSettings {
         let public_url = serve
             .public_url
             .map(|u| {
+                // Where browsers bring authorisation codes: https, unless
+                // on loopback; a base URL, without query or fragment.
                 url::Url::parse(&u)
                     .ok()
-                    .filter(|u| matches!(u.scheme(), "https" | "http") && u.host().is_some())
+                    .filter(|u| {
+                        let loopback =
+                            matches!(u.host_str(), Some("127.0.0.1" | "[::1]" | "localhost"));
+                        (u.scheme() == "https" || (u.scheme() == "http" && loopback))
+                            && u.query().is_none()
+                            && u.fragment().is_none()
+                    })
                     .map(|u| u.as_str().trim_end_matches('/').to_string())
                     .ok_or_else(|| {
-                        Error::Config("serve.public_url must be an absolute http(s) URL".into())
+                        Error::Config(
+                            "serve.public_url must be an https URL (http on loopback only) \
+                             without query or fragment"
+                                .into(),
+                        )
                     })
             })
             .transpose()?;

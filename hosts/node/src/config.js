@@ -56,6 +56,7 @@ const PROVIDER_FIELDS = {
   scopes: 'string_list',
   resource: 'string',
   mcp_url: 'string',
+  issuer: 'string',
   subject_provider: 'string',
   audience: 'string',
   ca_bundle: 'string',
@@ -226,6 +227,18 @@ export function parseConfig(text, env = process.env) {
     providers.set(name, resolveProvider(name, fields, env));
   }
   for (const p of providers.values()) {
+    if (p.subjectProvider !== undefined) {
+      const subject = providers.get(p.subjectProvider);
+      if (subject === undefined) {
+        throw configuration(`provider ${p.name}: subject_provider ${p.subjectProvider} is not configured`);
+      }
+      if (subject.grant !== 'authorization-code') {
+        throw configuration(
+          `provider ${p.name}: subject_provider ${p.subjectProvider} must hold users' own tokens ` +
+            '(grant = "authorization-code")',
+        );
+      }
+    }
     if (p.timeoutMs >= lockWaitMs) {
       throw configuration(
         `lock_wait_ms (${lockWaitMs}) must exceed provider ${p.name}'s timeout_ms (${p.timeoutMs}): ` +
@@ -428,6 +441,19 @@ function resolveProvider(name, p, env) {
   } else if (grant !== 'authorization-code') {
     unsupported = `grant = "${grant}" is not supported by the Node host`;
   }
+  if (mcpUrl === undefined && p.issuer !== undefined) {
+    throw bad("issuer pins an MCP server's authorisation server: set mcp_url");
+  }
+  if (
+    mcpUrl !== undefined &&
+    p.issuer === undefined &&
+    (clientSecret !== undefined || clientSecretMissing !== undefined || p.private_key_file !== undefined)
+  ) {
+    throw bad(
+      'a client with credentials for an MCP server needs issuer: its secret goes to ' +
+        'the authorisation server the server names',
+    );
+  }
   if (grant === 'token-exchange' && p.subject_provider === undefined) {
     throw bad('grant = "token-exchange" needs subject_provider');
   }
@@ -465,6 +491,7 @@ function resolveProvider(name, p, env) {
     unsupported,
     clientAuth,
     grant,
+    subjectProvider: p.subject_provider,
     ca,
     extraParams,
     rotatesRefreshTokens: resolved.rotatesRefreshTokens,

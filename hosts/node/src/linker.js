@@ -10,7 +10,7 @@
 // the component returns. What the component returns is checked against
 // what the call opened or sealed (`vouchesFor`, `leaks`).
 
-import { providerContract } from './config.js';
+import { applyRegistration, providerContract } from './config.js';
 import { mayRepeat, salvageRefreshToken } from './protocol.js';
 import { SealingError, open as openSealed, sealTokens } from './sealing.js';
 import { StorageError } from './storage.js';
@@ -535,6 +535,11 @@ export function keeperImports(ctx) {
         tag: 'misconfigured',
         val: `environment variable ${provider.clientSecretMissing} (client_secret_env) is not set`,
       };
+    }
+    if (provider.tokenUrl === '') {
+      // Registered by another process since this one opened.
+      const registration = store.registration(provider.name);
+      if (registration) applyRegistration(provider, registration);
     }
     if (provider.tokenUrl === '') {
       throw {
