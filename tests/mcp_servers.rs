@@ -129,3 +129,72 @@ async fn four_processes_share_a_discovered_mcp_servers_tokens(b: Backend) {
 }
 
 on_both_backends!(four_processes_share_a_discovered_mcp_servers_tokens);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn discovery_refuses_metadata_naming_another_resource_or_an_unpinned_issuer() {
+    let server = OidcServer::start(3600, None);
+    let post = &server.clients.post;
+    let mut w = World::build(
+        Backend::Sqlite,
+        "mcp-refusals",
+        Behaviour::default(),
+        "",
+        Clock::System,
+    )
+    .await;
+    w.add_config(&format!(
+        "\n[providers.elsewhere]\nmcp_url = \"{}/other\"\n\
+         \n[providers.pinned]\nmcp_url = \"{}\"\nissuer = \"http://127.0.0.1:1\"\n\
+         client_id = \"{}\"\nclient_secret = \"{}\"\nclient_auth = \"client-secret-post\"\n",
+        server.issuer,
+        server.mcp,
+        post.client_id,
+        post.client_secret.as_deref().unwrap()
+    ))
+    .await;
+    // The metadata found for /other names /mcp: not this resource.
+    let out = w
+        .cli()
+        .args(["connect", "elsewhere", "alice", "--no-browser"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(11), "{stderr}");
+    assert!(stderr.contains("another resource"), "{stderr}");
+    // The server names an authorisation server other than the pinned one:
+    // the client's secret goes nowhere.
+    let out = w
+        .cli()
+        .args(["connect", "pinned", "alice", "--no-browser"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(11), "{stderr}");
+    assert!(stderr.contains("configured issuer"), "{stderr}");
+    assert_eq!(
+        server
+            .log()
+            .iter()
+            .filter(|l| l.starts_with("POST /reg") || l.starts_with("POST /token"))
+            .count(),
+        0,
+        "nothing registered, no token requested"
+    );
+
+    // A client with a secret for an MCP server must pin its issuer.
+    std::fs::write(
+        &w.config_path,
+        format!(
+            "[providers.unpinned]\nmcp_url = \"{}\"\nclient_id = \"x\"\nclient_secret = \"s3cret\"\n",
+            server.mcp
+        ),
+    )
+    .unwrap();
+    let out = w.cli().args(["tokens", "list"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(14), "{stderr}");
+    assert!(
+        stderr.contains("needs issuer") && !stderr.contains("s3cret"),
+        "{stderr}"
+    );
+}

@@ -195,7 +195,8 @@ async function interaction(req, res) {
 // that names it for a request without a valid token.
 async function protectedResource(req, res) {
   const url = new URL(req.url, base);
-  if (url.pathname === '/.well-known/oauth-protected-resource/mcp') {
+  // At the path-inserted location and at the root, as servers differ.
+  if (['/.well-known/oauth-protected-resource/mcp', '/.well-known/oauth-protected-resource'].includes(url.pathname)) {
     res.setHeader('content-type', 'application/json');
     res.end(JSON.stringify({ resource: mcp, authorization_servers: [issuer], scopes_supported: ['read', 'write'] }));
     return;
