@@ -143,13 +143,25 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
 }
 
 impl Caller {
-    /// 403 unless this key reaches (provider, user id).
-    fn may(&self, provider: &str, user_id: &str) -> Result<(), ApiError> {
-        if self.0.allows(provider, user_id) {
+    /// 403 unless this key reaches (provider, user id). A machine client's
+    /// token belongs to no user: user patterns cannot partition it, so a
+    /// key limited to users never reaches it.
+    fn may(&self, state: &ApiState, provider: &str, user_id: &str) -> Result<(), ApiError> {
+        if self.reaches(state, provider, user_id) {
             Ok(())
         } else {
             Err(ApiError::forbidden(&format!("{provider}/{user_id}")))
         }
+    }
+
+    fn reaches(&self, state: &ApiState, provider: &str, user_id: &str) -> bool {
+        let machine = state
+            .keeper
+            .config()
+            .providers
+            .get(provider)
+            .is_some_and(|p| p.grant == tokenkeep_host::config::Grant::ClientCredentials);
+        self.0.allows(provider, user_id) && !(machine && self.0.limited_to_users())
     }
 }
 
@@ -169,19 +181,9 @@ impl FromRequestParts<Arc<ApiState>> for TokenRow {
     ) -> Result<Self, ApiError> {
         let p = Path::<(String, String)>::from_request_parts(parts, state).await;
         let (provider, user) = path(p)?;
-        let caller = Caller::from_request_parts(parts, state).await?;
-        caller.may(&provider, &user)?;
-        // A machine client's token belongs to no user: user patterns
-        // cannot partition it, so a key limited to users never reaches it.
-        let machine = state
-            .keeper
-            .config()
-            .providers
-            .get(&provider)
-            .is_some_and(|p| p.grant == tokenkeep_host::config::Grant::ClientCredentials);
-        if machine && caller.0.limited_to_users() {
-            return Err(ApiError::forbidden(&format!("{provider}/{user}")));
-        }
+        Caller::from_request_parts(parts, state)
+            .await?
+            .may(state, &provider, &user)?;
         Ok(TokenRow { provider, user })
     }
 }
@@ -507,7 +509,7 @@ async fn list_tokens(
         let page = state.keeper.list_tokens_page(after, read).await?;
         let full = page.len() == read as usize;
         for s in &page {
-            if caller.0.allows(&s.provider, &s.user_id) {
+            if caller.reaches(&state, &s.provider, &s.user_id) {
                 tokens.push(summary_json(s));
                 if tokens.len() == limit as usize {
                     next = Some(json!({ "after_provider": s.provider, "after_user": s.user_id }));
@@ -575,7 +577,7 @@ async fn refresh_conversation(
         .map_err(|_| ApiError::bad_request("unreadable settings"))?;
     let settings = ConversationSettings::from_json(&text)?;
     for t in &settings.provider_tokens {
-        caller.may(&t.provider, &body.user_id)?;
+        caller.may(&state, &t.provider, &body.user_id)?;
     }
     // Nor may it take over a conversation whose tokens it may not reach.
     may_reach_conversation(&state, &caller, &conversation).await?;
@@ -640,7 +642,7 @@ async fn may_reach_conversation(
     let entries = state.keeper.conversation_entries(conversation).await?;
     if entries
         .iter()
-        .all(|e| caller.0.allows(&e.provider, &e.user_id))
+        .all(|e| caller.reaches(state, &e.provider, &e.user_id))
     {
         Ok(entries)
     } else {
