@@ -13,7 +13,7 @@ use std::process::Stdio;
 use tokenkeep_host::grants::{Callback, Revocation};
 use tokenkeep_host::{Clock, Error};
 use tokenkeep_testkit::devprovider::Behaviour;
-use tokenkeep_testkit::oidc_server::OidcServer;
+use tokenkeep_testkit::oidc_server::{OidcServer, http};
 
 /// A user's provider at the server: the public client (PKCE, device flow).
 fn user_provider(server: &OidcServer, name: &str, client: &str, extra: &str) -> String {
@@ -39,21 +39,15 @@ async fn world_with(name: &str, toml: &str) -> World {
 /// `client_secret_post` client).
 fn active_at(server: &OidcServer, token: &str) -> bool {
     let post = &server.clients.post;
-    let out = std::process::Command::new("node")
-        .args([
-            "-e",
-            "const [url, id, secret, token] = process.argv.slice(1);
-             fetch(url, { method: 'POST', body: new URLSearchParams({ client_id: id, client_secret: secret, token }) })
-               .then((r) => r.json()).then((j) => console.log(j.active === true));",
-        ])
-        .arg(server.url("/token/introspection"))
-        .arg(&post.client_id)
-        .arg(post.client_secret.as_deref().unwrap())
-        .arg(token)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "introspection failed");
-    String::from_utf8_lossy(&out.stdout).trim() == "true"
+    let secret = post.client_secret.as_deref().unwrap();
+    let form = [
+        ("client_id", post.client_id.as_str()),
+        ("client_secret", secret),
+        ("token", token),
+    ];
+    let (status, body) = http(&server.url("/token/introspection"), Some(&form), None);
+    assert_eq!(status, 200, "introspection failed: {body}");
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()["active"] == true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -660,18 +654,10 @@ async fn a_token_exchange_renews_with_the_users_fresh_upstream_token_once_for_ma
         .await
         .unwrap()
         .unwrap();
-    let out = std::process::Command::new("node")
-        .args([
-            "-e",
-            "const [url, token] = process.argv.slice(1);
-             fetch(url, { method: 'POST', body: new URLSearchParams({ client_id: 'tk-public', token }) })
-               .then((r) => process.exit(r.ok ? 0 : 1));",
-        ])
-        .arg(server.url("/token/revocation"))
-        .arg(upstream.tokens.access_token.expose_secret())
-        .status()
-        .unwrap();
-    assert!(out.success());
+    let token = upstream.tokens.access_token.expose_secret();
+    let form = [("client_id", "tk-public"), ("token", token)];
+    let (status, _) = http(&server.url("/token/revocation"), Some(&form), None);
+    assert_eq!(status, 200);
     common::raw_sql(
         &w.database_url,
         &format!(

@@ -11,21 +11,11 @@ use common::{Backend, World};
 use secrecy::ExposeSecret;
 use tokenkeep_host::Clock;
 use tokenkeep_testkit::devprovider::Behaviour;
-use tokenkeep_testkit::oidc_server::OidcServer;
+use tokenkeep_testkit::oidc_server::{OidcServer, http};
 
 /// The MCP server's answer to a request with `token`: its status.
 fn mcp_status(server: &OidcServer, token: &str) -> u16 {
-    let out = std::process::Command::new("node")
-        .args([
-            "-e",
-            "fetch(process.argv[1], { headers: { authorization: `Bearer ${process.argv[2]}` } })
-               .then((r) => console.log(r.status));",
-        ])
-        .arg(&server.mcp)
-        .arg(token)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    http(&server.mcp, None, Some(token)).0
 }
 
 async fn four_processes_share_a_discovered_mcp_servers_tokens(b: Backend) {

@@ -180,6 +180,21 @@ pub enum RequestError {
     AnswerUnusable(String),
 }
 
+/// The class of a token request that failed, for the caller's error.
+impl From<RequestError> for RefreshError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::Denied(m) => RefreshError::EgressDenied(m),
+            RequestError::Misconfigured(m) => RefreshError::Configuration(m),
+            RequestError::NotSent(m) | RequestError::NoAnswer(m) => {
+                RefreshError::ProviderUnavailable(m)
+            }
+            // The provider answered, so it has likely acted.
+            RequestError::AnswerUnusable(m) => RefreshError::InvalidProviderResponse(m),
+        }
+    }
+}
+
 /// A token endpoint's raw answer.
 #[derive(Debug)]
 pub struct HttpAnswer {

@@ -506,15 +506,7 @@ impl<H: Host> Keeper<H> {
         let sent_at = self.host.now();
         let answer = self.host.request_refresh(locked).map_err(|e| Failed {
             repeatable: may_repeat(Err(&e), config),
-            error: match e {
-                RequestError::Denied(m) => RefreshError::EgressDenied(m),
-                RequestError::Misconfigured(m) => RefreshError::Configuration(m),
-                RequestError::NotSent(m) | RequestError::NoAnswer(m) => {
-                    RefreshError::ProviderUnavailable(m)
-                }
-                // The provider answered, so it has likely acted.
-                RequestError::AnswerUnusable(m) => RefreshError::InvalidProviderResponse(m),
-            },
+            error: e.into(),
             salvaged: None,
             retry_after: None,
         })?;

@@ -16,7 +16,7 @@ use crate::token_endpoint::{Form, send_form};
 use base64::Engine as _;
 use secrecy::{ExposeSecret, SecretString};
 use std::time::Duration;
-use tokenkeep_core::model::{HttpAnswer, RequestError};
+use tokenkeep_core::model::HttpAnswer;
 
 /// The device grant's `grant_type` (RFC 8628 section 3.4).
 const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
@@ -588,14 +588,7 @@ impl Keeper {
         }
         send_form(self.connections(), p, url, form)
             .await
-            .map_err(|e| match e {
-                RequestError::Denied(m) => Error::EgressDenied(m),
-                RequestError::Misconfigured(m) => Error::Config(m),
-                RequestError::NotSent(m) | RequestError::NoAnswer(m) => {
-                    Error::ProviderUnavailable(m)
-                }
-                RequestError::AnswerUnusable(m) => Error::InvalidProviderResponse(m),
-            })
+            .map_err(|e| Error::from_refresh(e.into(), &p.name, ""))
     }
 
     /// One token request, judged like a refresh's answer.

@@ -169,13 +169,8 @@ impl OidcServer {
             std::process::id(),
             MARK.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
         );
-        let url = format!("{}/mark/{mark}", self.issuer.trim_end_matches('/'));
-        let status = Command::new("node")
-            .args(["-e", "fetch(process.argv[1]).then(r => process.exit(r.ok ? 0 : 1), () => process.exit(1))"])
-            .arg(&url)
-            .status()
-            .expect("node");
-        assert!(status.success(), "the marker request failed");
+        let (status, _) = http(&self.url(&format!("/mark/{mark}")), None, None);
+        assert_eq!(status, 200, "the marker request failed");
         let (log, changed) = &*self.log;
         let wanted = format!("mark {mark}");
         let log = changed
@@ -212,6 +207,40 @@ impl OidcServer {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.issuer.trim_end_matches('/'))
     }
+}
+
+/// One request with Node's `fetch` (so that the tests use no HTTP client
+/// of tokenkeep's): a form POST when `form` is given, else a GET, with a
+/// bearer token if any. The status and the body.
+pub fn http(url: &str, form: Option<&[(&str, &str)]>, bearer: Option<&str>) -> (u16, String) {
+    let form: Vec<String> = form
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|(k, v)| [k.to_string(), v.to_string()])
+        .collect();
+    let out = Command::new("node")
+        .args([
+            "-e",
+            "const [url, bearer, ...pairs] = process.argv.slice(1);
+             const init = { headers: bearer ? { authorization: `Bearer ${bearer}` } : {} };
+             if (pairs.length) {
+               const body = new URLSearchParams();
+               for (let i = 0; i < pairs.length; i += 2) body.set(pairs[i], pairs[i + 1]);
+               Object.assign(init, { method: 'POST', body });
+             }
+             fetch(url, init).then(async (r) => console.log(JSON.stringify([r.status, await r.text()])));",
+        ])
+        .arg(url)
+        .arg(bearer.unwrap_or(""))
+        .args(&form)
+        .output()
+        .expect("node");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "no answer from {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 impl Drop for OidcServer {
