@@ -190,13 +190,11 @@ impl Keeper {
                 .map_err(|_| {
                     Error::InvalidProviderResponse(format!("discovery: {url} is not metadata JSON"))
                 }),
-            404 | 405 | 410 => Ok(None),
             s if s >= 500 => Err(Error::ProviderUnavailable(format!(
                 "discovery: {url} answered {s}"
             ))),
-            s => Ok(None).inspect(|_: &Option<T>| {
-                tracing::debug!(status = s, "discovery: no metadata here");
-            }),
+            // Not here (404, 401, …): the next place is tried.
+            _ => Ok(None),
         }
     }
 

@@ -811,7 +811,9 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
                 &(&key.provider, &key.user_id),
             ));
         }
-        let refresh_token = match provider.grant {
+        // What the request presents: the row's refresh token, the subject
+        // of a token exchange, or nothing (client credentials).
+        let presented = match provider.grant {
             // A machine client renews with its own credentials: nothing
             // of the row is spent.
             Grant::ClientCredentials => None,
@@ -879,7 +881,7 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
             &provider,
             &row,
             txn,
-            match (&refresh_token, provider.grant) {
+            match (&presented, provider.grant) {
                 (Some(token), Grant::TokenExchange) => Renewal::TokenExchange(token),
                 (Some(token), _) => Renewal::RefreshToken(token),
                 (None, _) => Renewal::ClientCredentials,
