@@ -175,6 +175,11 @@ enum TokensCommand {
         /// invalid-input.
         #[arg(long, value_parser = parse_duration)]
         min_valid: Option<u32>,
+        /// For a provider with dpop = true: print one JSON object with the
+        /// token, its type (DPoP) and the row's private proof key (a JWK),
+        /// to sign a proof for each request (RFC 9449).
+        #[arg(long)]
+        dpop: bool,
     },
     /// List stored tokens without secrets.
     List {
@@ -348,12 +353,18 @@ async fn tokens(keeper: &Keeper, cmd: &TokensCommand) -> Result<Finished, Error>
             provider,
             user,
             min_valid,
+            dpop,
         } => {
-            let record = keeper
-                .ensure_fresh_for(provider, user, min_valid.unwrap_or(0))
-                .await?;
+            let min_valid = min_valid.unwrap_or(0);
+            let line = if *dpop {
+                let bound = keeper.ensure_fresh_bound(provider, user, min_valid).await?;
+                SecretString::from(bound.json()?.to_string())
+            } else {
+                let record = keeper.ensure_fresh_for(provider, user, min_valid).await?;
+                SecretString::from(record.access_token.expose_secret().to_string())
+            };
             let mut out = std::io::stdout().lock();
-            writeln!(out, "{}", record.access_token.expose_secret())
+            writeln!(out, "{}", line.expose_secret())
                 .and_then(|()| out.flush())
                 .map_err(|e| Error::Config(format!("cannot write to standard output: {e}")))?;
         }

@@ -63,6 +63,11 @@ impl SigningKey {
         jwk
     }
 
+    /// The public key as an uncompressed point: 0x04, x, y.
+    pub(crate) fn public_point(&self) -> &[u8] {
+        self.pair.public_key().as_ref()
+    }
+
     /// Signs a JWS over `claims` with this key (ES256, compact form).
     pub(crate) fn sign(
         &self,

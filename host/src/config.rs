@@ -105,6 +105,9 @@ pub struct Provider {
     pub subject_provider: Option<String>,
     /// For a token exchange: the `audience` asked for (RFC 8693 §2.1).
     pub audience: Option<String>,
+    /// Tokens bound to a per-row proof key (DPoP, RFC 9449): every token
+    /// request carries a proof, and runtimes present the key with the token.
+    pub dpop: bool,
     /// TLS for the token URL: the web roots, or only `ca_bundle`'s CAs.
     pub tls: std::sync::Arc<rustls::ClientConfig>,
     pub extra_params: Vec<(String, String)>,
@@ -220,6 +223,8 @@ struct RawProvider {
     resource: Option<String>,
     subject_provider: Option<String>,
     audience: Option<String>,
+    #[serde(default)]
+    dpop: bool,
     /// PEM certificates to trust instead of the web roots (a private CA).
     ca_bundle: Option<std::path::PathBuf>,
     #[serde(default)]
@@ -576,6 +581,7 @@ impl Provider {
             resource,
             subject_provider: p.subject_provider,
             audience: p.audience,
+            dpop: p.dpop,
             tls: crate::outbound::client_tls(p.ca_bundle.as_deref())
                 .map_err(|e| Error::Config(format!("provider {name}: {e}")))?,
             extra_params,

@@ -15,6 +15,16 @@ pub struct ConversationSettings {
     pub provider_tokens: Vec<ProviderToken>,
 }
 
+impl ConversationSettings {
+    /// The rows the settings name for `user_id`: (provider, user id).
+    pub(crate) fn rows<'a>(&'a self, user_id: &'a str) -> Vec<(&'a str, &'a str)> {
+        self.provider_tokens
+            .iter()
+            .map(|t| (t.provider.as_str(), user_id))
+            .collect()
+    }
+}
+
 /// A conversation-level failure, naming the provider it came from.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}{error}", if provider.is_empty() { String::new() } else { format!("provider {provider}: ") })]

@@ -10,9 +10,10 @@
 //! it from then on.
 
 use crate::config::{Grant, Provider};
+use crate::dpop::ProofKey;
 use crate::error::Error;
 use crate::keeper::{Keeper, TokenRecord, TokenSet};
-use crate::token_endpoint::{Form, send_form};
+use crate::token_endpoint::{Dpop, Form, oauth_error, send_form};
 use base64::Engine as _;
 use secrecy::{ExposeSecret, SecretString};
 use std::time::Duration;
@@ -289,20 +290,13 @@ impl Keeper {
     }
 
     fn seal_state(&self, state: &SealedState) -> Result<String, Error> {
-        let keyring = self.keyring();
-        let key_id = keyring.active_id();
-        let key = keyring
-            .key(key_id)
-            .ok_or_else(|| Error::Config("the active key is not in the keyring".into()))?;
         let plain = SecretString::from(
             serde_json::to_string(state).map_err(|e| Error::Config(e.to_string()))?,
         );
-        let mut nonce = [0u8; tokenkeep_core::seal::NONCE_LEN];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
-            .map_err(|_| Error::Config("no system randomness".into()))?;
-        let sealed =
-            tokenkeep_core::seal::seal(key.expose_secret(), nonce, &state_binding(key_id), &plain)
-                .map_err(|e| Error::Config(e.to_string()))?;
+        let (key_id, sealed) = self
+            .keyring()
+            .seal_host_secret(STATE_LABEL, "", &plain)
+            .map_err(|e| Error::Config(format!("the state could not be sealed: {e:?}")))?;
         Ok(format!(
             "{key_id}~{}",
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed)
@@ -320,10 +314,10 @@ impl Keeper {
         let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(sealed)
             .ok()?;
-        let key = self.keyring().key(key_id)?;
-        let plain =
-            tokenkeep_core::seal::open(key.expose_secret(), &state_binding(key_id), &sealed)
-                .ok()?;
+        let plain = self
+            .keyring()
+            .open_host_secret(STATE_LABEL, "", key_id, &sealed)
+            .ok()?;
         serde_json::from_str(plain.expose_secret()).ok()
     }
 
@@ -344,7 +338,7 @@ impl Keeper {
         form.push("redirect_uri", redirect_uri);
         form.push("code_verifier", verifier.expose_secret());
         form.grant_params(&p);
-        let tokens = self.token_request(&p, form, scopes).await?;
+        let tokens = self.token_request(&p, user_id, form, scopes).await?;
         self.store_tokens(provider, user_id, &tokens).await
     }
 
@@ -369,7 +363,7 @@ impl Keeper {
         if let Some(resource) = &p.resource {
             form.push("resource", resource);
         }
-        let answer = self.send(&p, endpoint, form).await?;
+        let answer = self.send(&p, endpoint, form, None).await?;
         if !(200..300).contains(&answer.status) {
             return Err(answer_error(&p, &answer));
         }
@@ -418,6 +412,7 @@ impl Keeper {
         let p = self.provider(&device.provider)?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(device.expires_in);
         let mut interval = device.interval;
+        let proof_key = self.proof_key_for(&p, user_id).await?;
         loop {
             let next = tokio::time::Instant::now() + Duration::from_secs(interval);
             if next > deadline {
@@ -429,7 +424,9 @@ impl Keeper {
             let mut form = Form::new(DEVICE_CODE_GRANT);
             form.push("device_code", device.device_code.expose_secret());
             form.grant_params(&p);
-            let answer = self.send(&p, &p.token_url, form).await?;
+            let answer = self
+                .send(&p, &p.token_url, form, proof_key.as_deref())
+                .await?;
             match oauth_error(&answer).as_deref() {
                 Some("authorization_pending") => continue,
                 Some("slow_down") => {
@@ -474,7 +471,7 @@ impl Keeper {
                 )));
             }
         };
-        let mut tokens = self.token_request(&p, form, &p.scopes).await?;
+        let mut tokens = self.token_request(&p, user_id, form, &p.scopes).await?;
         // Renewed by the same grant, never by a refresh token.
         tokens.refresh_token = None;
         tokens.refresh_token_expires_at = None;
@@ -561,7 +558,7 @@ impl Keeper {
         let mut form = Form::empty();
         form.push("token", token.expose_secret());
         form.push("token_type_hint", hint);
-        match self.send(p, endpoint, form).await {
+        match self.send(p, endpoint, form, None).await {
             // RFC 7009 section 2.2: 200 whether or not the token was valid.
             Ok(a) if a.status == 200 => Revocation::Revoked,
             Ok(a) => Revocation::Failed(match oauth_error(&a) {
@@ -580,13 +577,23 @@ impl Keeper {
             .ok_or_else(|| Error::UnknownProvider(name.into()))
     }
 
-    async fn send(&self, p: &Provider, url: &str, form: Form) -> Result<HttpAnswer, Error> {
+    async fn send(
+        &self,
+        p: &Provider,
+        url: &str,
+        form: Form,
+        proof_key: Option<&ProofKey>,
+    ) -> Result<HttpAnswer, Error> {
         if let Some(var) = &p.client_secret_missing {
             return Err(Error::Config(format!(
                 "environment variable {var} (client_secret_env) is not set"
             )));
         }
-        send_form(self.connections(), p, url, form)
+        let dpop = proof_key.map(|key| Dpop {
+            key,
+            nonces: self.proof_keys(),
+        });
+        send_form(self.connections(), p, url, form, dpop)
             .await
             .map_err(|e| Error::from_refresh(e.into(), &p.name, ""))
     }
@@ -595,10 +602,14 @@ impl Keeper {
     async fn token_request(
         &self,
         p: &Provider,
+        user_id: &str,
         form: Form,
         asked: &[String],
     ) -> Result<TokenSet, Error> {
-        let answer = self.send(p, &p.token_url, form).await?;
+        let proof_key = self.proof_key_for(p, user_id).await?;
+        let answer = self
+            .send(p, &p.token_url, form, proof_key.as_deref())
+            .await?;
         self.tokens_from(p, &answer, asked)
     }
 
@@ -618,6 +629,9 @@ impl Keeper {
             answer.body.expose_secret(),
         )
         .map_err(|e| Error::from_refresh(e, &p.name, ""))?;
+        if p.dpop {
+            bound_token_type(p, answer)?;
+        }
         let now = self.now();
         let refresh_token_expires_in = r.refresh_token.as_ref().and(
             r.refresh_token_expires_in
@@ -651,17 +665,9 @@ struct SealedState {
     expires_at: i64,
 }
 
-/// The associated data of a sealed state: its provider part is not a plain
-/// name, so no token row's ciphertext opens as a state, nor a state as a
-/// token.
-fn state_binding(key_id: &str) -> tokenkeep_core::seal::Binding<'_> {
-    tokenkeep_core::seal::Binding {
-        provider: "tokenkeep/authorization-state",
-        user_id: "",
-        field: tokenkeep_core::seal::Field::AccessToken,
-        key_id,
-    }
-}
+/// What a sealed state is sealed as: no token row's ciphertext opens as
+/// a state, nor a state as a token.
+const STATE_LABEL: &str = "tokenkeep/authorization-state";
 
 /// The authorisation URL (RFC 6749 section 4.1.1) with PKCE (S256) and the
 /// resource indicator.
@@ -723,16 +729,23 @@ fn random_token() -> Result<SecretString, Error> {
     ))
 }
 
-/// The OAuth `error` code of an answer, if it is one.
-fn oauth_error(answer: &HttpAnswer) -> Option<String> {
-    if (200..300).contains(&answer.status) {
-        return None;
+/// A DPoP provider's token must say it is bound: a server that ignored the
+/// proof issued a bearer token, which the runtimes would present wrongly.
+fn bound_token_type(p: &Provider, answer: &HttpAnswer) -> Result<(), Error> {
+    let v: serde_json::Value =
+        serde_json::from_slice(answer.body.expose_secret()).unwrap_or_default();
+    match v.get("token_type").and_then(|t| t.as_str()) {
+        Some(t) if t.eq_ignore_ascii_case(crate::dpop::TOKEN_TYPE) => Ok(()),
+        other => Err(Error::Config(format!(
+            "provider {}: a request with a DPoP proof got a {} token: the server does not \
+             bind tokens to proof keys (set dpop = false)",
+            p.name,
+            match other {
+                Some(t) if t.len() <= 16 && t.bytes().all(|b| b.is_ascii_alphanumeric()) => t,
+                _ => "non-DPoP",
+            }
+        ))),
     }
-    let v: serde_json::Value = serde_json::from_slice(answer.body.expose_secret()).ok()?;
-    let code = v.get("error")?.as_str()?;
-    // A code is a short token of printable ASCII (RFC 6749 section 5.2);
-    // anything else is not repeated into messages.
-    (code.len() <= 64 && code.bytes().all(|b| b.is_ascii_graphic())).then(|| code.to_string())
 }
 
 /// An answer that is not the expected one, as an error of its class.

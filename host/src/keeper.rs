@@ -178,6 +178,7 @@ impl Keeper {
             config: std::sync::RwLock::new(Arc::new(config)),
             keyring: options.keyring,
             connections: Default::default(),
+            proof_keys: Default::default(),
         };
         let retention = shared
             .config()
@@ -415,6 +416,11 @@ impl Keeper {
         self.runtime.shared().store.now()
     }
 
+    /// The proof keys this process opened, and providers' DPoP nonces.
+    pub(crate) fn proof_keys(&self) -> &crate::dpop::ProofKeys {
+        &self.runtime.shared().proof_keys
+    }
+
     /// The kept-alive connections to providers, for the host's own requests.
     pub(crate) fn connections(&self) -> &crate::provider_connections::ProviderConnections {
         &self.runtime.shared().connections
@@ -618,6 +624,7 @@ impl Keeper {
         user_id: &str,
         min_remaining: u32,
     ) -> Result<AccessGrant, Error> {
+        self.prepare_proof_keys(&[(provider, user_id)]).await?;
         let row = RowKey {
             provider: provider.to_string(),
             user_id: user_id.to_string(),
@@ -845,9 +852,15 @@ impl Keeper {
             );
             match next {
                 Some(next) => after = Some(next),
-                None => return Ok(total),
+                None => break,
             }
         }
+        // The rows' proof keys (DPoP), sealed with the same keys.
+        let keys = self.reseal_proof_keys(batch).await?;
+        total.examined += keys.examined;
+        total.resealed += keys.resealed;
+        total.undecryptable.extend(keys.undecryptable);
+        Ok(total)
     }
 
     /// One batch of [`Keeper::rotate_keys`]: rows after `after`, at most `limit`.
@@ -923,6 +936,9 @@ impl Keeper {
         conversation_id: &str,
         user_id: &str,
     ) -> Result<ConversationSettings, ConversationError> {
+        self.prepare_proof_keys(&settings.rows(user_id))
+            .await
+            .map_err(ConversationError::whole)?;
         let input = settings.to_wit();
         let scope = conversation_scope(conversation_id, settings, user_id);
         let (runtime, conversation, user) = self.owned(conversation_id, user_id);
@@ -996,6 +1012,7 @@ impl Keeper {
         conversation_id: &str,
         user_id: &str,
     ) -> Result<PartialRefresh, Error> {
+        self.prepare_proof_keys(&settings.rows(user_id)).await?;
         let input = settings.to_wit();
         let scope = conversation_scope(conversation_id, settings, user_id);
         let (runtime, conversation, user) = self.owned(conversation_id, user_id);
@@ -1045,6 +1062,13 @@ impl Keeper {
             .iter()
             .map(|e| (e.provider.clone(), e.user_id.clone()))
             .collect();
+        let rows: Vec<(&str, &str)> = resumed
+            .iter()
+            .map(|(p, u)| (p.as_str(), u.as_str()))
+            .collect();
+        self.prepare_proof_keys(&rows)
+            .await
+            .map_err(ConversationError::whole)?;
         let scope = Scope::Rows {
             rows: entries
                 .iter()
@@ -1321,6 +1345,20 @@ pub fn summary_key(s: &TokenSummary) -> RowKey {
         provider: s.provider.clone(),
         user_id: s.user_id.clone(),
     }
+}
+
+/// An access token as the API and `tokens get --dpop` hand it out: the
+/// access token, so the value is a secret to its holder.
+pub fn grant_json(g: &AccessGrant) -> serde_json::Value {
+    serde_json::json!({
+        "provider": g.provider,
+        "user_id": g.user_id,
+        "access_token": g.access_token.expose_secret(),
+        "expires_at": g.expires_at,
+        "scopes": g.scopes,
+        "obtained_at": g.obtained_at,
+        "generation": g.generation,
+    })
 }
 
 /// A token's summary as JSON listings (`tokens list --json`, the API) carry

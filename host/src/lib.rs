@@ -15,6 +15,7 @@ pub mod config;
 pub mod conversation;
 mod convert;
 pub mod discovery;
+pub mod dpop;
 pub mod error;
 pub mod events;
 pub mod grant_cache;

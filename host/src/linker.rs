@@ -13,6 +13,7 @@ use crate::bindings::tokenkeep::oauth::{
 };
 use crate::config::Grant;
 use crate::convert;
+use crate::error::Error;
 use crate::sandbox::Shared;
 use crate::storage::Transaction;
 use crate::token_endpoint::{Renewal, fingerprint};
@@ -872,6 +873,34 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
             }
         };
         let shared = self.ctx.shared.clone();
+        // A provider that binds tokens: the proof goes with the row's key,
+        // which the keeper made before the call (a store write here would
+        // wait for this very lock on SQLite).
+        let proof_key = if provider.dpop {
+            let found = shared
+                .proof_keys
+                .find(&shared.store, &shared.keyring, &row.provider, &row.user_id)
+                .await;
+            match found {
+                Ok(Some(key)) => Some(key),
+                Ok(None) => {
+                    return Ok(Err(E::Denied(
+                        "the row has no DPoP proof key: the keeper makes it when it is asked for the token"
+                            .into(),
+                    )));
+                }
+                Err(e @ (Error::Decryption(_) | Error::Config(_))) => {
+                    return Ok(Err(E::Misconfigured(format!(
+                        "the row's DPoP proof key: {e}"
+                    ))));
+                }
+                Err(e) => {
+                    return Ok(Err(E::NotSent(format!("the row's DPoP proof key: {e}"))));
+                }
+            }
+        } else {
+            None
+        };
         let Some(txn) = self.table.get_mut(&locked)?.txn.as_mut() else {
             return Err(self.ctx.refuse("a refresh without a locked row", &()));
         };
@@ -886,6 +915,10 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
                 (Some(token), _) => Renewal::RefreshToken(token),
                 (None, _) => Renewal::ClientCredentials,
             },
+            proof_key.as_deref().map(|key| crate::token_endpoint::Dpop {
+                key,
+                nonces: &shared.proof_keys,
+            }),
         )
         .await;
         crate::metrics::provider_request(

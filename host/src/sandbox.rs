@@ -108,6 +108,8 @@ pub struct Shared {
     pub keyring: Keyring,
     /// Connections to token endpoints kept between refreshes.
     pub connections: ProviderConnections,
+    /// DPoP proof keys opened, and providers' nonces.
+    pub proof_keys: crate::dpop::ProofKeys,
 }
 
 impl Shared {

@@ -65,6 +65,48 @@ impl Keyring {
         seal::open_sealed_row(row, self.key(&row.key_id))
     }
 
+    /// Seals a secret of the host's own (never a token row's field) under
+    /// the active key: `label` names what it is and takes the provider's
+    /// place in the associated data. Labels contain '/', which no provider
+    /// name does, so no token opens as one of these, nor one as a token.
+    pub(crate) fn seal_host_secret(
+        &self,
+        label: &str,
+        user_id: &str,
+        plain: &SecretString,
+    ) -> Result<(String, Vec<u8>), SealingError> {
+        let key_id = self.active_id();
+        let key = self.key(key_id).ok_or_else(|| {
+            SealingError::UnknownKey(format!("active key {key_id} is not in the keyring"))
+        })?;
+        let mut nonce = [0; NONCE_LEN];
+        rand::rng().fill_bytes(&mut nonce);
+        use secrecy::ExposeSecret;
+        let sealed = seal::seal(
+            key.expose_secret(),
+            nonce,
+            &host_binding(label, user_id, key_id),
+            plain,
+        )
+        .map_err(|e| SealingError::Undecryptable(e.to_string()))?;
+        Ok((key_id.to_string(), sealed))
+    }
+
+    /// Opens what [`Keyring::seal_host_secret`] sealed.
+    pub(crate) fn open_host_secret(
+        &self,
+        label: &str,
+        user_id: &str,
+        key_id: &str,
+        sealed: &[u8],
+    ) -> Result<SecretString, SealingError> {
+        seal::open_field(
+            self.key(key_id),
+            &host_binding(label, user_id, key_id),
+            sealed,
+        )
+    }
+
     /// `row` with its tokens sealed again under the active key.
     pub fn reseal_row(&self, row: &SealedRow) -> Result<SealedRow, SealingError> {
         let TokenRecord {
@@ -88,6 +130,17 @@ impl Keyring {
             refresh_token: sealed.refresh_token,
             ..row.clone()
         })
+    }
+}
+
+/// The associated data of a host secret: `label` in the provider's place.
+fn host_binding<'a>(label: &'a str, user_id: &'a str, key_id: &'a str) -> Binding<'a> {
+    debug_assert!(label.contains('/'));
+    Binding {
+        provider: label,
+        user_id,
+        field: Field::AccessToken,
+        key_id,
     }
 }
 

@@ -73,6 +73,7 @@ pub async fn request_refresh(
     locked: &SealedRow,
     txn: &mut crate::storage::Transaction,
     renewal: Renewal<'_>,
+    dpop: Option<Dpop<'_>>,
 ) -> Result<HttpAnswer, RequestError> {
     // Durably, before the request leaves: if this runtime dies before its
     // commit, the next one can tell a lost rotation from a revocation. And
@@ -91,7 +92,7 @@ pub async fn request_refresh(
         Renewal::ClientCredentials => client_credentials_form(provider),
         Renewal::TokenExchange(subject) => token_exchange_form(provider, subject),
     };
-    send_form(connections, provider, &provider.token_url, form).await
+    send_form(connections, provider, &provider.token_url, form, dpop).await
 }
 
 /// The client-credentials grant's request: the configured scopes and
@@ -128,6 +129,7 @@ const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
 /// A form body for the authorisation server. It may carry a token or a
 /// code, so it is kept as a secret.
+#[derive(Clone)]
 pub struct Form(SecretString);
 
 impl From<SecretString> for Form {
@@ -189,16 +191,80 @@ impl Form {
 
 /// POSTs a form to one of the provider's endpoints with the client's
 /// authentication, bounded by the provider's total time (connect to last
-/// byte) and response size.
+/// byte) and response size. With `dpop`, the request carries a proof made
+/// with the row's key, and the server's nonce: a server that asks for a
+/// (new) nonce gets the request once more with it, which is safe because
+/// it refused the first before acting on it (RFC 9449 section 8).
 pub async fn send_form(
     connections: &ProviderConnections,
     provider: &Provider,
     url: &str,
     form: Form,
+    dpop: Option<Dpop<'_>>,
 ) -> Result<HttpAnswer, RequestError> {
+    let Some(dpop) = dpop else {
+        return post_form(connections, provider, url, form, None)
+            .await
+            .map(|(answer, _)| answer);
+    };
+    let mut nonce = dpop.nonces.nonce(&provider.name);
+    let mut asked_once = false;
+    loop {
+        let proof = dpop
+            .key
+            .proof("POST", url, None, nonce.as_deref())
+            .map_err(RequestError::Misconfigured)?;
+        let (answer, given) =
+            post_form(connections, provider, url, form.clone(), Some(proof)).await?;
+        if let Some(given) = &given {
+            dpop.nonces.set_nonce(&provider.name, given);
+        }
+        let asks_nonce = oauth_error(&answer).as_deref() == Some("use_dpop_nonce");
+        if asks_nonce && !asked_once && given.is_some() && given != nonce {
+            asked_once = true;
+            nonce = given;
+            continue;
+        }
+        return Ok(answer);
+    }
+}
+
+/// A row's proof key and the nonces its provider gave, for [`send_form`].
+#[derive(Clone, Copy)]
+pub struct Dpop<'a> {
+    pub key: &'a crate::dpop::ProofKey,
+    pub nonces: &'a crate::dpop::ProofKeys,
+}
+
+/// An OAuth error answer's `error` code (RFC 6749 section 5.2), when it
+/// is one that may be repeated into messages.
+pub(crate) fn oauth_error(answer: &HttpAnswer) -> Option<String> {
+    if (200..300).contains(&answer.status) {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(answer.body.expose_secret()).ok()?;
+    let code = v.get("error")?.as_str()?;
+    // A code is a short token of printable ASCII; anything else is not
+    // repeated into messages.
+    (code.len() <= 64 && code.bytes().all(|b| b.is_ascii_graphic())).then(|| code.to_string())
+}
+
+/// One POST of [`send_form`]: the answer, and the `DPoP-Nonce` it gave.
+async fn post_form(
+    connections: &ProviderConnections,
+    provider: &Provider,
+    url: &str,
+    form: Form,
+    proof: Option<String>,
+) -> Result<(HttpAnswer, Option<String>), RequestError> {
     let mut form = form;
     let mut headers = http::HeaderMap::new();
     attach_client_credentials(provider, &mut headers, &mut form)?;
+    if let Some(proof) = proof {
+        let value = http::HeaderValue::from_str(&proof)
+            .map_err(|_| RequestError::Misconfigured("the DPoP proof is not a header".into()))?;
+        headers.insert(DPOP, value);
+    }
     let form = form.0.expose_secret().as_bytes().to_vec();
     let uri: http::Uri = url
         .parse()
@@ -279,11 +345,15 @@ pub async fn send_form(
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u32>().ok());
-    let content_type = response
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let header = |name| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let content_type = header(http::header::CONTENT_TYPE);
+    let nonce = header(DPOP_NONCE).filter(|n| is_nonce(n));
     let cap = provider.max_response_bytes as usize;
     let mut body = response.into_body();
     let mut buf = Vec::new();
@@ -314,12 +384,28 @@ pub async fn send_form(
     tracing::debug!(provider = %provider.name, status, elapsed_ms = started.elapsed().as_millis() as u64, "token request answered");
     // Read to the end: the connection can carry the next refresh.
     connections.put(origin, open);
-    Ok(HttpAnswer {
-        status,
-        content_type,
-        retry_after,
-        body: buf.into(),
-    })
+    Ok((
+        HttpAnswer {
+            status,
+            content_type,
+            retry_after,
+            body: buf.into(),
+        },
+        nonce,
+    ))
+}
+
+/// RFC 9449's headers: the proof, and the server's nonce.
+const DPOP: http::HeaderName = http::HeaderName::from_static("dpop");
+const DPOP_NONCE: http::HeaderName = http::HeaderName::from_static("dpop-nonce");
+
+/// A nonce as RFC 9449 section 8.1 allows it (NQCHAR), of a bounded length:
+/// it goes into the next proof.
+fn is_nonce(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 512
+        && n.bytes()
+            .all(|b| matches!(b, 0x21 | 0x23..=0x5b | 0x5d..=0x7e))
 }
 
 /// Opens a connection to the token endpoint. Connecting gets half the

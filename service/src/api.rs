@@ -13,11 +13,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use tokenkeep_host::keeper::{summary_json, summary_key};
+use tokenkeep_host::keeper::{grant_json, summary_json, summary_key};
 use tokenkeep_host::{ConversationError, ConversationSettings, Error, Keeper, RowKey};
 
 /// The OpenAPI document the service serves at `/v1/openapi.json`.
@@ -294,6 +293,9 @@ async fn metrics(State(state): Shared, _: Caller) -> Response {
 struct AccessQuery {
     /// Seconds the token must stay valid.
     min_remaining: Option<u32>,
+    /// With the row's DPoP proof key (a provider with `dpop = true`).
+    #[serde(default)]
+    dpop: bool,
 }
 
 async fn access_token(
@@ -302,22 +304,22 @@ async fn access_token(
     q: Result<Query<AccessQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
-    let grant = state
-        .keeper
-        .ensure_fresh_for(&provider, &user, q.min_remaining.unwrap_or(0))
-        .await?;
-    Ok(no_store(
-        StatusCode::OK,
-        json!({
-            "provider": grant.provider,
-            "user_id": grant.user_id,
-            "access_token": grant.access_token.expose_secret(),
-            "expires_at": grant.expires_at,
-            "scopes": grant.scopes,
-            "obtained_at": grant.obtained_at,
-            "generation": grant.generation,
-        }),
-    ))
+    let min_remaining = q.min_remaining.unwrap_or(0);
+    let body = if q.dpop {
+        state
+            .keeper
+            .ensure_fresh_bound(&provider, &user, min_remaining)
+            .await?
+            .json()?
+    } else {
+        grant_json(
+            &state
+                .keeper
+                .ensure_fresh_for(&provider, &user, min_remaining)
+                .await?,
+        )
+    };
+    Ok(no_store(StatusCode::OK, body))
 }
 
 async fn token_state(

@@ -5,6 +5,9 @@
 // who clicks "Allow" would), and a protected resource (an MCP server's
 // RFC 9728 metadata and a 401 that points at it).
 //
+// DPoP: a client whose tokens must be bound, and nonces at the token
+// endpoint.
+//
 // Usage: node server.mjs [--access-token-seconds 3600] [--jwks FILE]
 // Prints ONE JSON line on stdout ({issuer, clients, mcp}), then serves on
 // 127.0.0.1 until SIGTERM or until stdin reaches EOF, so that a test that
@@ -37,6 +40,7 @@ const clients = {
   post: { client_id: 'tk-post', client_secret: secret() },
   jwt: { client_id: 'tk-jwt' },
   exchange: { client_id: 'tk-exchange', client_secret: secret() },
+  dpop: { client_id: 'tk-dpop' },
 };
 const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
 // Loopback redirects of native clients match on any port (RFC 8252): the
@@ -50,6 +54,17 @@ const provider = new Provider(issuer, {
       ...clients.public,
       application_type: 'native',
       token_endpoint_auth_method: 'none',
+      redirect_uris: redirects,
+      grant_types: userGrants,
+      response_types: ['code'],
+      scope: 'openid offline_access read write',
+    },
+    {
+      // A public client whose tokens must be DPoP-bound (RFC 9449).
+      ...clients.dpop,
+      application_type: 'native',
+      token_endpoint_auth_method: 'none',
+      dpop_bound_access_tokens: true,
       redirect_uris: redirects,
       grant_types: userGrants,
       response_types: ['code'],
@@ -103,7 +118,9 @@ const provider = new Provider(issuer, {
     revocation: { enabled: true },
     introspection: { enabled: true },
     registration: { enabled: true },
-    dPoP: { enabled: true },
+    // Proofs at the token endpoint must carry the server's nonce (RFC 9449
+    // section 8): a client learns it from a use_dpop_nonce answer.
+    dPoP: { enabled: true, nonceSecret: randomBytes(32), requireNonce: (ctx) => ctx.oidc.route === 'token' },
     resourceIndicators: {
       enabled: true,
       // The MCP server is the one resource; a request that names none gets

@@ -11,6 +11,7 @@ pub mod sqlite;
 
 use crate::audit;
 use crate::clock::{Clock, SharedClock};
+pub use crate::dpop::SealedProofKey;
 use crate::events;
 use crate::grant_cache::GrantCache;
 use std::future::Future;
@@ -199,6 +200,33 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         now: i64,
     ) -> BoxFuture<'a, Result<bool, StorageError>>;
     fn register_webhook<'a>(&'a self, webhook: &'a str) -> BoxFuture<'a, Result<(), StorageError>>;
+    /// The row's sealed DPoP proof key, if it has one.
+    fn proof_key<'a>(
+        &'a self,
+        provider: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<SealedProofKey>, StorageError>>;
+    /// Stores a proof key unless the row has one (the first wins).
+    fn put_proof_key<'a>(
+        &'a self,
+        key: &'a SealedProofKey,
+        now: i64,
+    ) -> BoxFuture<'a, Result<(), StorageError>>;
+    /// Up to `limit` proof keys after `after`, sealed with a key other
+    /// than `active`.
+    fn proof_keys_to_reseal<'a>(
+        &'a self,
+        active: &'a str,
+        after: &'a RowKey,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<SealedProofKey>, StorageError>>;
+    /// Replaces a proof key's ciphertext if it is still sealed with
+    /// `old_key_id`: false when another host resealed it first.
+    fn reseal_proof_key<'a>(
+        &'a self,
+        old_key_id: &'a str,
+        key: &'a SealedProofKey,
+    ) -> BoxFuture<'a, Result<bool, StorageError>>;
     /// Deletes the events written before `before`, and their deliveries:
     /// how many events.
     fn prune_events(&self, before: i64) -> BoxFuture<'_, Result<u64, StorageError>>;
@@ -245,6 +273,28 @@ pub(crate) mod clients {
          registered_at = excluded.registered_at \
          WHERE tokenkeep_clients.resource <> excluded.resource";
 }
+
+/// The DPoP proof keys' SQL, the same for both databases. A key is
+/// never replaced (tokens are bound to it), only sealed again.
+pub(crate) mod proof_keys {
+    pub const GET: &str = "SELECT provider, user_id, key_id, sealed FROM tokenkeep_proof_keys \
+         WHERE provider = $1 AND user_id = $2";
+    pub const PUT: &str = "INSERT INTO tokenkeep_proof_keys \
+         (provider, user_id, key_id, sealed, created_at) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (provider, user_id) DO NOTHING";
+    /// Keys sealed with another key than `$1`, after `($2, $3)`.
+    pub const TO_RESEAL: &str = "SELECT provider, user_id, key_id, sealed \
+         FROM tokenkeep_proof_keys WHERE key_id <> $1 AND (provider, user_id) > ($2, $3) \
+         ORDER BY provider, user_id LIMIT $4";
+    pub const RESEAL: &str = "UPDATE tokenkeep_proof_keys SET key_id = $4, sealed = $5 \
+         WHERE provider = $1 AND user_id = $2 AND key_id = $3";
+}
+
+/// Rows and proof keys per key id: a key that still seals either cannot
+/// be retired.
+pub(crate) const ROWS_PER_KEY: &str = "SELECT key_id, count(*) FROM \
+     (SELECT key_id FROM tokenkeep_tokens UNION ALL SELECT key_id FROM tokenkeep_proof_keys) k \
+     GROUP BY key_id ORDER BY key_id";
 
 /// The completed sealed states' SQL, the same for both databases.
 pub(crate) mod authorizations {
@@ -645,6 +695,46 @@ impl Store {
         self.backend
             .consume_authorization(id, expires_at, self.now())
             .await
+    }
+
+    pub async fn proof_key(
+        &self,
+        provider: &str,
+        user_id: &str,
+    ) -> Result<Option<SealedProofKey>, StorageError> {
+        self.backend.proof_key(provider, user_id).await
+    }
+
+    /// Stores `key` unless the row has a proof key, and returns the one
+    /// that stands.
+    pub async fn put_proof_key(
+        &self,
+        key: &SealedProofKey,
+    ) -> Result<SealedProofKey, StorageError> {
+        self.backend.put_proof_key(key, self.now()).await?;
+        self.backend
+            .proof_key(&key.provider, &key.user_id)
+            .await?
+            .ok_or_else(|| StorageError::Unavailable("the proof key was not kept".into()))
+    }
+
+    pub async fn proof_keys_to_reseal(
+        &self,
+        active: &str,
+        after: &RowKey,
+        limit: u32,
+    ) -> Result<Vec<SealedProofKey>, StorageError> {
+        self.backend
+            .proof_keys_to_reseal(active, after, limit)
+            .await
+    }
+
+    pub async fn reseal_proof_key(
+        &self,
+        old_key_id: &str,
+        key: &SealedProofKey,
+    ) -> Result<bool, StorageError> {
+        self.backend.reseal_proof_key(old_key_id, key).await
     }
 
     pub async fn register_webhook(&self, webhook: &str) -> Result<(), StorageError> {
@@ -1064,9 +1154,7 @@ macro_rules! rows {
         }
 
         pub async fn rows_per_key(pool: &sqlx::Pool<Db>) -> Result<Vec<(String, u64)>, StorageError> {
-            let counts: Vec<(String, i64)> = sqlx::query_as(
-                "SELECT key_id, count(*) FROM tokenkeep_tokens GROUP BY key_id ORDER BY key_id",
-            )
+            let counts: Vec<(String, i64)> = sqlx::query_as(crate::storage::ROWS_PER_KEY)
             .fetch_all(pool)
             .await
             .map_err($error)?;

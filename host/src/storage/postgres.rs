@@ -17,7 +17,7 @@ use super::{
     BackendRead, BackendTransaction, BoxFuture, COLUMNS, ConversationEntry, RowKey, SealedRow,
     StorageError, StoreOptions, StoredColumns, scopes_text, to_i64,
 };
-use super::{Registration, authorizations, clients};
+use super::{Registration, SealedProofKey, authorizations, clients, proof_keys};
 use crate::audit;
 use crate::events::Event;
 use crate::grant_cache::GrantCache;
@@ -432,6 +432,18 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "CREATE TABLE tokenkeep_authorizations (
         id TEXT PRIMARY KEY,
         expires_at BIGINT NOT NULL
+    );",
+    ),
+    (
+        18,
+        // DPoP proof keys, as host/schema/sqlite/0023.sql.
+        "CREATE TABLE tokenkeep_proof_keys (
+        provider TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        sealed BYTEA NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (provider, user_id)
     );",
     ),
 ];
@@ -1175,6 +1187,73 @@ impl super::Backend for PgStore {
             Ok(())
         }))
     }
+    fn proof_key<'a>(
+        &'a self,
+        provider: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<SealedProofKey>, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            let row = c
+                .query_opt(proof_keys::GET, &[&provider, &user_id])
+                .await
+                .map_err(error)?;
+            row.map(|r| sealed_proof_key(&r)).transpose()
+        }))
+    }
+    fn put_proof_key<'a>(
+        &'a self,
+        key: &'a SealedProofKey,
+        now: i64,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            c.execute(
+                proof_keys::PUT,
+                &[&key.provider, &key.user_id, &key.key_id, &key.sealed, &now],
+            )
+            .await
+            .map_err(error)?;
+            Ok(())
+        }))
+    }
+    fn proof_keys_to_reseal<'a>(
+        &'a self,
+        active: &'a str,
+        after: &'a RowKey,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<SealedProofKey>, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            let rows = c
+                .query(
+                    proof_keys::TO_RESEAL,
+                    &[&active, &after.provider, &after.user_id, &i64::from(limit)],
+                )
+                .await
+                .map_err(error)?;
+            rows.iter().map(sealed_proof_key).collect()
+        }))
+    }
+    fn reseal_proof_key<'a>(
+        &'a self,
+        old_key_id: &'a str,
+        key: &'a SealedProofKey,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(self.on_pool(async move |c| {
+            let n = c
+                .execute(
+                    proof_keys::RESEAL,
+                    &[
+                        &key.provider,
+                        &key.user_id,
+                        &old_key_id,
+                        &key.key_id,
+                        &key.sealed,
+                    ],
+                )
+                .await
+                .map_err(error)?;
+            Ok(n == 1)
+        }))
+    }
     fn consume_authorization<'a>(
         &'a self,
         id: &'a str,
@@ -1400,13 +1479,7 @@ impl super::Backend for PgStore {
     }
     fn rows_per_key(&self) -> BoxFuture<'_, Result<Vec<(String, u64)>, StorageError>> {
         Box::pin(self.on_pool(async |c| {
-            let rows = c
-                .query(
-                    "SELECT key_id, count(*) FROM tokenkeep_tokens GROUP BY key_id ORDER BY key_id",
-                    &[],
-                )
-                .await
-                .map_err(error)?;
+            let rows = c.query(super::ROWS_PER_KEY, &[]).await.map_err(error)?;
             rows.iter()
                 .map(|r| {
                     let key: String = r.try_get(0).map_err(error)?;
@@ -2080,4 +2153,14 @@ impl BackendTransaction for PgTransaction {
             }
         })
     }
+}
+
+/// A proof key in [`proof_keys::GET`]'s columns.
+fn sealed_proof_key(r: &Row) -> Result<SealedProofKey, StorageError> {
+    Ok(SealedProofKey {
+        provider: r.try_get(0).map_err(error)?,
+        user_id: r.try_get(1).map_err(error)?,
+        key_id: r.try_get(2).map_err(error)?,
+        sealed: r.try_get(3).map_err(error)?,
+    })
 }

@@ -9,7 +9,7 @@ use super::{
     BackendRead, BackendTransaction, BoxFuture, ConversationEntry, RowKey, SealedRow, StorageError,
     StoreOptions, StoredColumns, refuse_newer,
 };
-use super::{Registration, authorizations, clients};
+use super::{Registration, SealedProofKey, authorizations, clients, proof_keys};
 use crate::audit;
 use crate::clock::SharedClock;
 use crate::events::Event;
@@ -59,6 +59,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     migration!(20, "0020.sql"),
     migration!(21, "0021.sql"),
     migration!(22, "0022.sql"),
+    migration!(23, "0023.sql"),
 ];
 
 /// A pool over one SQLite file.
@@ -318,6 +319,92 @@ impl super::Backend for SqliteStore {
                 .await
                 .map_err(error)?;
             Ok(())
+        })
+    }
+    fn proof_key<'a>(
+        &'a self,
+        provider: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<SealedProofKey>, StorageError>> {
+        Box::pin(async move {
+            let row: Option<(String, String, String, Vec<u8>)> = sqlx::query_as(proof_keys::GET)
+                .bind(provider)
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(error)?;
+            Ok(
+                row.map(|(provider, user_id, key_id, sealed)| SealedProofKey {
+                    provider,
+                    user_id,
+                    key_id,
+                    sealed,
+                }),
+            )
+        })
+    }
+    fn put_proof_key<'a>(
+        &'a self,
+        key: &'a SealedProofKey,
+        now: i64,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(async move {
+            sqlx::query(proof_keys::PUT)
+                .bind(&key.provider)
+                .bind(&key.user_id)
+                .bind(&key.key_id)
+                .bind(&key.sealed)
+                .bind(now)
+                .execute(&self.pool)
+                .await
+                .map_err(error)?;
+            Ok(())
+        })
+    }
+    fn proof_keys_to_reseal<'a>(
+        &'a self,
+        active: &'a str,
+        after: &'a RowKey,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<SealedProofKey>, StorageError>> {
+        Box::pin(async move {
+            let rows: Vec<(String, String, String, Vec<u8>)> =
+                sqlx::query_as(proof_keys::TO_RESEAL)
+                    .bind(active)
+                    .bind(&after.provider)
+                    .bind(&after.user_id)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(error)?;
+            Ok(rows
+                .into_iter()
+                .map(|(provider, user_id, key_id, sealed)| SealedProofKey {
+                    provider,
+                    user_id,
+                    key_id,
+                    sealed,
+                })
+                .collect())
+        })
+    }
+    fn reseal_proof_key<'a>(
+        &'a self,
+        old_key_id: &'a str,
+        key: &'a SealedProofKey,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(async move {
+            let n = sqlx::query(proof_keys::RESEAL)
+                .bind(&key.provider)
+                .bind(&key.user_id)
+                .bind(old_key_id)
+                .bind(&key.key_id)
+                .bind(&key.sealed)
+                .execute(&self.pool)
+                .await
+                .map_err(error)?
+                .rows_affected();
+            Ok(n == 1)
         })
     }
     fn consume_authorization<'a>(

@@ -71,6 +71,7 @@ const PROVIDER_FIELDS = {
   rotates_refresh_tokens: 'bool',
   reuse_leeway_seconds: 'u32',
   bare_4xx_is_refusal: 'bool',
+  dpop: 'bool',
   base_url: 'string',
   tenant: 'string',
   scope: 'string',
@@ -440,6 +441,9 @@ function resolveProvider(name, p, env) {
     unsupported = 'client_auth = "private-key-jwt" is not supported by the Node host';
   } else if (grant !== 'authorization-code') {
     unsupported = `grant = "${grant}" is not supported by the Node host`;
+  } else if (p.dpop === true) {
+    // A refresh without the row's proof would be refused as a bad grant.
+    unsupported = 'dpop = true (proof keys) is not supported by the Node host';
   }
   if (mcpUrl === undefined && p.issuer !== undefined) {
     throw bad("issuer pins an MCP server's authorisation server: set mcp_url");

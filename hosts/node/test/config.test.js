@@ -65,6 +65,12 @@ client_id = "machine"
 client_secret = "s"
 client_auth = "client-secret-basic"
 grant = "client-credentials"
+
+[providers.bound]
+token_url = "https://as.example/token"
+client_id = "public"
+client_auth = "none"
+dpop = true
 `);
     const mcp = c.providers.get('mcp');
     assert.equal(mcp.clientAuth, 'none');
@@ -75,6 +81,9 @@ grant = "client-credentials"
     assert.equal(providerContract(ci).hostGrant, true);
     // The Rust host renews these; this one says so when asked to.
     assert.match(ci.unsupported, /not supported by the Node host/);
+    // A refresh without the row's DPoP proof would be refused as a bad
+    // grant: this host says it cannot, and leaves the row alone.
+    assert.match(c.providers.get('bound').unsupported, /dpop = true .* not supported by the Node host/);
     refused('[providers.x]\ntoken_url = "https://a.example/t"\nclient_id = "a"\nclient_auth = "none"\nclient_secret = "s"\n', /not sent with client_auth = "none"/);
     refused('[providers.x]\ntoken_url = "https://a.example/t"\nclient_id = "a"\nrevocation_url = "http://example.com/r"\n', /revocation_url must use https/);
   });

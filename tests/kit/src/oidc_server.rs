@@ -30,6 +30,8 @@ pub struct Clients {
     pub jwt: Client,
     /// Confidential, `client_secret_basic`, token exchange (RFC 8693) only.
     pub exchange: Client,
+    /// Public, like `public`, whose tokens must be DPoP-bound (RFC 9449).
+    pub dpop: Client,
 }
 
 #[derive(Deserialize)]
@@ -213,16 +215,35 @@ impl OidcServer {
 /// of tokenkeep's): a form POST when `form` is given, else a GET, with a
 /// bearer token if any. The status and the body.
 pub fn http(url: &str, form: Option<&[(&str, &str)]>, bearer: Option<&str>) -> (u16, String) {
+    let authorization = bearer.map(|b| format!("Bearer {b}"));
+    let headers: Vec<(&str, &str)> = authorization
+        .as_deref()
+        .map(|a| ("authorization", a))
+        .into_iter()
+        .collect();
+    request(url, form, &headers)
+}
+
+/// [`http`] with any request headers.
+pub fn request(
+    url: &str,
+    form: Option<&[(&str, &str)]>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     let form: Vec<String> = form
         .unwrap_or_default()
         .iter()
         .flat_map(|(k, v)| [k.to_string(), v.to_string()])
         .collect();
+    let headers: serde_json::Map<String, serde_json::Value> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string().into()))
+        .collect();
     let out = Command::new("node")
         .args([
             "-e",
-            "const [url, bearer, ...pairs] = process.argv.slice(1);
-             const init = { headers: bearer ? { authorization: `Bearer ${bearer}` } : {} };
+            "const [url, headers, ...pairs] = process.argv.slice(1);
+             const init = { headers: JSON.parse(headers) };
              if (pairs.length) {
                const body = new URLSearchParams();
                for (let i = 0; i < pairs.length; i += 2) body.set(pairs[i], pairs[i + 1]);
@@ -231,7 +252,7 @@ pub fn http(url: &str, form: Option<&[(&str, &str)]>, bearer: Option<&str>) -> (
              fetch(url, init).then(async (r) => console.log(JSON.stringify([r.status, await r.text()])));",
         ])
         .arg(url)
-        .arg(bearer.unwrap_or(""))
+        .arg(serde_json::Value::Object(headers).to_string())
         .args(&form)
         .output()
         .expect("node");

@@ -1,0 +1,13 @@
+-- DPoP proof keys (RFC 9449): one per token row of a provider that binds
+-- its tokens, made by the host before the first request that needs it and
+-- never replaced (tokens are bound to it). Sealed like the tokens, under
+-- a label no provider name can be. Kept when the row is deleted: a key
+-- alone opens nothing, and a reconnect may find it.
+CREATE TABLE tokenkeep_proof_keys (
+    provider TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    sealed BLOB NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (provider, user_id)
+);
