@@ -149,10 +149,12 @@ async fn a_connected_token_is_bound_to_the_rows_sealed_proof_key_on_postgres() {
         .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn key_rotation_reseals_proof_keys_and_only_dpop_providers_hand_them_out() {
+async fn key_rotation_reseals_proof_keys_and_a_delete_takes_the_key_along(
+    backend: Backend,
+    name: &str,
+) {
     let server = OidcServer::start(3600, None);
-    let w = connected(Backend::Sqlite, "dpop-rotation", &server).await;
+    let w = connected(backend, name, &server).await;
     let before = w
         .keeper
         .ensure_fresh_bound("oidc", "alice", 0)
@@ -187,4 +189,27 @@ async fn key_rotation_reseals_proof_keys_and_only_dpop_providers_hand_them_out()
         .await
         .unwrap_err();
     assert!(matches!(e, Error::UnknownProvider(_)), "{e}");
+
+    // Deleting the tokens deletes the key: nothing is left sealed.
+    assert!(rotated.delete_tokens("oidc", "alice").await.unwrap());
+    let status = rotated.key_status().await.unwrap();
+    assert!(status.rows_per_key.is_empty(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_rotation_reseals_proof_keys_and_a_delete_takes_the_key_along_on_sqlite() {
+    key_rotation_reseals_proof_keys_and_a_delete_takes_the_key_along(
+        Backend::Sqlite,
+        "dpop-rotation-sqlite",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_rotation_reseals_proof_keys_and_a_delete_takes_the_key_along_on_postgres() {
+    key_rotation_reseals_proof_keys_and_a_delete_takes_the_key_along(
+        Backend::Postgres,
+        "dpop-rotation-postgres",
+    )
+    .await;
 }

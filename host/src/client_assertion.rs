@@ -92,24 +92,34 @@ impl SigningKey {
         let signature = self
             .pair
             .sign(&self.rng, input.as_bytes())
-            .map_err(|_| "the client assertion could not be signed".to_string())?;
+            .map_err(|_| format!("the {typ} could not be signed"))?;
         Ok(format!("{input}.{}", b64(signature.as_ref())))
     }
 
-    /// A client assertion for `client_id` at `audience` (the token URL).
-    pub fn assertion(&self, client_id: &str, audience: &str) -> Result<SecretString, String> {
+    /// What every JWT signed here starts from: `iat` (now, on this
+    /// machine's clock, as the server will judge it) and a random `jti`.
+    pub(crate) fn issued(&self) -> Result<(u64, String), String> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_err(|_| "the system clock is before 1970".to_string())?
             .as_secs();
         let mut jti = [0u8; 16];
         ring::rand::SecureRandom::fill(&self.rng, &mut jti)
-            .map_err(|_| "no randomness for the client assertion".to_string())?;
+            .map_err(|_| "no system randomness for a JWT".to_string())?;
+        Ok((
+            now,
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(jti),
+        ))
+    }
+
+    /// A client assertion for `client_id` at `audience` (the token URL).
+    pub fn assertion(&self, client_id: &str, audience: &str) -> Result<SecretString, String> {
+        let (now, jti) = self.issued()?;
         let claims = serde_json::json!({
             "iss": client_id,
             "sub": client_id,
             "aud": audience,
-            "jti": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(jti),
+            "jti": jti,
             "iat": now,
             "exp": now + ASSERTION_SECONDS,
         });

@@ -22,6 +22,19 @@ use tokenkeep_core::model::SealingError;
 /// runtimes write it in `Authorization` and providers in `token_type`.
 pub const TOKEN_TYPE: &str = "DPoP";
 
+/// Whether a token answer says its token is bound (`token_type` DPoP): a
+/// server that ignored the proof issues a bearer token instead.
+pub(crate) fn is_bound(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        token_type: Option<String>,
+    }
+    serde_json::from_slice::<Answer>(body)
+        .ok()
+        .and_then(|a| a.token_type)
+        .is_some_and(|t| t.eq_ignore_ascii_case(TOKEN_TYPE))
+}
+
 /// What a proof key is sealed as (see [`Keyring::seal_host_secret`]).
 const LABEL_PREFIX: &str = "tokenkeep/dpop-key/";
 
@@ -49,7 +62,12 @@ impl ProofKey {
         Self::from_pkcs8(der.as_ref())
     }
 
+    /// A key in ring's P-256 PKCS#8 layout, the only one made or stored
+    /// here: [`ProofKey::private_jwk`] reads the scalar from its place.
     fn from_pkcs8(der: &[u8]) -> Result<Self, String> {
+        if der.len() != PKCS8_LEN || !der.starts_with(&PKCS8_HEAD) {
+            return Err("the proof key is not a P-256 PKCS#8 document of ring's".into());
+        }
         Ok(Self {
             signing: SigningKey::from_pkcs8(der, None)?,
             pkcs8: SecretSlice::from(der.to_vec()),
@@ -100,11 +118,8 @@ impl ProofKey {
 
     /// The private key as a JWK, for a runtime that signs its own proofs.
     pub fn private_jwk(&self) -> Result<SecretString, String> {
-        let der = self.pkcs8.expose_secret();
-        let d = der
-            .strip_prefix(PKCS8_HEAD.as_slice())
-            .and_then(|rest| rest.get(..32))
-            .ok_or_else(|| "the proof key is not ring's P-256 PKCS#8 document".to_string())?;
+        // Checked when the key was made or opened.
+        let d = &self.pkcs8.expose_secret()[PKCS8_HEAD.len()..PKCS8_HEAD.len() + 32];
         let mut jwk = self.public_jwk();
         jwk["d"] = URL_SAFE_NO_PAD.encode(d).into();
         jwk["alg"] = "ES256".into();
@@ -146,15 +161,12 @@ impl ProofKey {
             url::Url::parse(url).map_err(|_| "the proof's URL is not a URL".to_string())?;
         htu.set_query(None);
         htu.set_fragment(None);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_err(|_| "the system clock is before 1970".to_string())?
-            .as_secs();
-        let mut jti = [0u8; 16];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut jti)
-            .map_err(|_| "no system randomness for a proof".to_string())?;
+        // What the request line and Host carry: never user info.
+        let _ = htu.set_username("");
+        let _ = htu.set_password(None);
+        let (now, jti) = self.signing.issued()?;
         let mut claims = serde_json::json!({
-            "jti": URL_SAFE_NO_PAD.encode(jti),
+            "jti": jti,
             "htm": method,
             "htu": htu.as_str(),
             "iat": now,
@@ -215,6 +227,7 @@ const PKCS8_HEAD: [u8; 36] = [
     0x01, 0x01, 0x04, 0x20,
 ];
 const PKCS8_MID: [u8; 5] = [0xa1, 0x44, 0x03, 0x42, 0x00];
+const PKCS8_LEN: usize = PKCS8_HEAD.len() + 32 + PKCS8_MID.len() + 65;
 
 fn label(provider: &str) -> String {
     format!("{LABEL_PREFIX}{provider}")
@@ -229,18 +242,22 @@ pub struct SealedProofKey {
     pub sealed: Vec<u8>,
 }
 
+/// A key as stored (its ciphertext) and opened.
+type Opened = (Vec<u8>, Arc<ProofKey>);
+
 /// The proof keys this process has opened, and the newest nonce each
-/// provider gave (RFC 9449 section 8). A key never changes once stored,
-/// so a key held here is the one in the database.
+/// provider gave (RFC 9449 section 8). A key is read from the database
+/// each time it is used (it goes with the row, and a deleted row's key is
+/// deleted); the one opened before is reused while the stored ciphertext
+/// is the same.
 #[derive(Debug, Default)]
 pub struct ProofKeys {
-    keys: Mutex<HashMap<(String, String), Arc<ProofKey>>>,
+    keys: Mutex<HashMap<(String, String), Opened>>,
     nonces: Mutex<HashMap<String, String>>,
 }
 
 impl ProofKeys {
-    /// The row's key: held here, or read and opened; none when the row
-    /// has none yet.
+    /// The row's key; none when the row has none.
     pub(crate) async fn find(
         &self,
         store: &Store,
@@ -248,9 +265,6 @@ impl ProofKeys {
         provider: &str,
         user_id: &str,
     ) -> Result<Option<Arc<ProofKey>>, Error> {
-        if let Some(key) = self.cached(provider, user_id) {
-            return Ok(Some(key));
-        }
         let Some(sealed) = store.proof_key(provider, user_id).await? else {
             return Ok(None);
         };
@@ -281,26 +295,21 @@ impl ProofKeys {
     }
 
     fn open(&self, keyring: &Keyring, sealed: &SealedProofKey) -> Result<Arc<ProofKey>, Error> {
+        let row = (sealed.provider.clone(), sealed.user_id.clone());
+        if let Ok(keys) = self.keys.lock()
+            && let Some((ciphertext, key)) = keys.get(&row)
+            && *ciphertext == sealed.sealed
+        {
+            return Ok(key.clone());
+        }
         let key = Arc::new(
             ProofKey::open(keyring, sealed)
                 .map_err(|e| Error::from_refresh(e.into(), &sealed.provider, &sealed.user_id))?,
         );
-        self.remember(&sealed.provider, &sealed.user_id, key.clone());
-        Ok(key)
-    }
-
-    pub(crate) fn cached(&self, provider: &str, user_id: &str) -> Option<Arc<ProofKey>> {
-        self.keys
-            .lock()
-            .ok()?
-            .get(&(provider.to_string(), user_id.to_string()))
-            .cloned()
-    }
-
-    fn remember(&self, provider: &str, user_id: &str, key: Arc<ProofKey>) {
         if let Ok(mut keys) = self.keys.lock() {
-            keys.insert((provider.to_string(), user_id.to_string()), key);
+            keys.insert(row, (sealed.sealed.clone(), key.clone()));
         }
+        Ok(key)
     }
 
     /// The nonce to put in the next proof for `provider`'s server.
@@ -367,20 +376,32 @@ impl crate::Keeper {
     /// Before a call that may refresh these rows: the proof keys of those
     /// whose provider binds tokens, made now, outside any row's lock (the
     /// refresh only reads them). Only for rows that exist: no key is made
-    /// for a user nobody stored.
-    pub(crate) async fn prepare_proof_keys(&self, rows: &[(&str, &str)]) -> Result<(), Error> {
+    /// for a user nobody stored. A failure here is logged, not returned: a
+    /// valid token is still served, and a refresh without a key is refused
+    /// as that row's error.
+    pub(crate) async fn prepare_proof_keys(&self, rows: &[(&str, &str)]) {
         let config = self.config();
         for &(provider, user_id) in rows {
-            if !config.providers.get(provider).is_some_and(|p| p.dpop)
-                || self.proof_keys().cached(provider, user_id).is_some()
-            {
+            if !config.providers.get(provider).is_some_and(|p| p.dpop) {
                 continue;
             }
-            if self.store().read(provider, user_id).await?.row.is_some() {
-                self.proof_key(provider, user_id).await?;
+            let made = async {
+                let (store, keyring) = (self.store(), self.keyring());
+                if self
+                    .proof_keys()
+                    .find(store, keyring, provider, user_id)
+                    .await?
+                    .is_none()
+                    && store.read(provider, user_id).await?.row.is_some()
+                {
+                    self.proof_key(provider, user_id).await?;
+                }
+                Ok::<_, Error>(())
+            };
+            if let Err(e) = made.await {
+                tracing::warn!(provider = %provider, error = %e, "the row's DPoP proof key could not be made");
             }
         }
-        Ok(())
     }
 
     /// Key rotation's part for proof keys: each one sealed with an older

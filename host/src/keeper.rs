@@ -624,7 +624,7 @@ impl Keeper {
         user_id: &str,
         min_remaining: u32,
     ) -> Result<AccessGrant, Error> {
-        self.prepare_proof_keys(&[(provider, user_id)]).await?;
+        self.prepare_proof_keys(&[(provider, user_id)]).await;
         let row = RowKey {
             provider: provider.to_string(),
             user_id: user_id.to_string(),
@@ -936,9 +936,7 @@ impl Keeper {
         conversation_id: &str,
         user_id: &str,
     ) -> Result<ConversationSettings, ConversationError> {
-        self.prepare_proof_keys(&settings.rows(user_id))
-            .await
-            .map_err(ConversationError::whole)?;
+        self.prepare_proof_keys(&settings.rows(user_id)).await;
         let input = settings.to_wit();
         let scope = conversation_scope(conversation_id, settings, user_id);
         let (runtime, conversation, user) = self.owned(conversation_id, user_id);
@@ -1012,7 +1010,7 @@ impl Keeper {
         conversation_id: &str,
         user_id: &str,
     ) -> Result<PartialRefresh, Error> {
-        self.prepare_proof_keys(&settings.rows(user_id)).await?;
+        self.prepare_proof_keys(&settings.rows(user_id)).await;
         let input = settings.to_wit();
         let scope = conversation_scope(conversation_id, settings, user_id);
         let (runtime, conversation, user) = self.owned(conversation_id, user_id);
@@ -1066,9 +1064,7 @@ impl Keeper {
             .iter()
             .map(|(p, u)| (p.as_str(), u.as_str()))
             .collect();
-        self.prepare_proof_keys(&rows)
-            .await
-            .map_err(ConversationError::whole)?;
+        self.prepare_proof_keys(&rows).await;
         let scope = Scope::Rows {
             rows: entries
                 .iter()

@@ -926,6 +926,18 @@ impl token_endpoint::Host for KeeperCtxView<'_> {
             outcome.as_ref().ok().map(|a| a.status),
             sent.elapsed(),
         );
+        // Kept all the same (a rotated refresh token must not be lost), but
+        // said: runtimes are told the token is DPoP-bound.
+        if let Ok(a) = &outcome
+            && provider.dpop
+            && (200..300).contains(&a.status)
+            && !crate::dpop::is_bound(a.body.expose_secret())
+        {
+            tracing::warn!(
+                provider = %provider.name,
+                "a refresh with a DPoP proof got a token that is not DPoP-bound: the server does not bind tokens (set dpop = false)"
+            );
+        }
         if let Ok(a) = &outcome
             && let Some(granted) =
                 salvage_refresh_token(a.status, a.content_type.as_deref(), a.body.expose_secret())

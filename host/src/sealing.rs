@@ -17,21 +17,16 @@ impl Keyring {
         refresh_token: Option<&SecretString>,
     ) -> Result<SealedTokens, SealingError> {
         let key_id = self.active_id();
-        let key = self.key(key_id).ok_or_else(|| {
-            SealingError::UnknownKey(format!("active key {key_id} is not in the keyring"))
-        })?;
         let seal_field = |field, value: &SecretString| {
-            let binding = Binding {
-                provider,
-                user_id,
-                field,
-                key_id,
-            };
-            let mut nonce = [0; NONCE_LEN];
-            rand::rng().fill_bytes(&mut nonce);
-            use secrecy::ExposeSecret;
-            seal::seal(key.expose_secret(), nonce, &binding, value)
-                .map_err(|e| SealingError::Undecryptable(e.to_string()))
+            self.seal_active(
+                &Binding {
+                    provider,
+                    user_id,
+                    field,
+                    key_id,
+                },
+                value,
+            )
         };
         Ok(SealedTokens {
             key_id: key_id.to_string(),
@@ -76,20 +71,26 @@ impl Keyring {
         plain: &SecretString,
     ) -> Result<(String, Vec<u8>), SealingError> {
         let key_id = self.active_id();
+        let sealed = self.seal_active(&host_binding(label, user_id, key_id), plain)?;
+        Ok((key_id.to_string(), sealed))
+    }
+
+    /// Seals `value` with the active key (the one `binding` names) and a
+    /// fresh nonce.
+    fn seal_active(
+        &self,
+        binding: &Binding<'_>,
+        value: &SecretString,
+    ) -> Result<Vec<u8>, SealingError> {
+        let key_id = self.active_id();
         let key = self.key(key_id).ok_or_else(|| {
             SealingError::UnknownKey(format!("active key {key_id} is not in the keyring"))
         })?;
         let mut nonce = [0; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
         use secrecy::ExposeSecret;
-        let sealed = seal::seal(
-            key.expose_secret(),
-            nonce,
-            &host_binding(label, user_id, key_id),
-            plain,
-        )
-        .map_err(|e| SealingError::Undecryptable(e.to_string()))?;
-        Ok((key_id.to_string(), sealed))
+        seal::seal(key.expose_secret(), nonce, binding, value)
+            .map_err(|e| SealingError::Undecryptable(e.to_string()))
     }
 
     /// Opens what [`Keyring::seal_host_secret`] sealed.

@@ -202,8 +202,12 @@ pub async fn send_form(
     form: Form,
     dpop: Option<Dpop<'_>>,
 ) -> Result<HttpAnswer, RequestError> {
+    // One deadline for the request and any repeat: the provider's total
+    // time is what lock waits and retry budgets count on.
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(u64::from(provider.timeout_ms));
     let Some(dpop) = dpop else {
-        return post_form(connections, provider, url, form, None)
+        return post_form(connections, provider, url, form, None, deadline)
             .await
             .map(|(answer, _)| answer);
     };
@@ -214,8 +218,15 @@ pub async fn send_form(
             .key
             .proof("POST", url, None, nonce.as_deref())
             .map_err(RequestError::Misconfigured)?;
-        let (answer, given) =
-            post_form(connections, provider, url, form.clone(), Some(proof)).await?;
+        let (answer, given) = post_form(
+            connections,
+            provider,
+            url,
+            form.clone(),
+            Some(proof),
+            deadline,
+        )
+        .await?;
         if let Some(given) = &given {
             dpop.nonces.set_nonce(&provider.name, given);
         }
@@ -256,13 +267,15 @@ async fn post_form(
     url: &str,
     form: Form,
     proof: Option<String>,
+    deadline: tokio::time::Instant,
 ) -> Result<(HttpAnswer, Option<String>), RequestError> {
     let mut form = form;
     let mut headers = http::HeaderMap::new();
     attach_client_credentials(provider, &mut headers, &mut form)?;
     if let Some(proof) = proof {
-        let value = http::HeaderValue::from_str(&proof)
+        let mut value = http::HeaderValue::from_str(&proof)
             .map_err(|_| RequestError::Misconfigured("the DPoP proof is not a header".into()))?;
+        value.set_sensitive(true);
         headers.insert(DPOP, value);
     }
     let form = form.0.expose_secret().as_bytes().to_vec();
@@ -303,8 +316,7 @@ async fn post_form(
         .map_err(|_| RequestError::Denied("the configured URL is not a valid URI".into()))?;
     request.headers_mut().extend(headers);
 
-    let total = Duration::from_millis(u64::from(provider.timeout_ms));
-    let deadline = tokio::time::Instant::now() + total;
+    let total = deadline.saturating_duration_since(tokio::time::Instant::now());
     let started = std::time::Instant::now();
     let origin = Origin::trusting(&provider.name, scheme, &target, port, &provider.tls);
     let (response, open) = loop {

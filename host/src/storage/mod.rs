@@ -112,7 +112,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         row: &'a SealedRow,
         now: i64,
     ) -> BoxFuture<'a, Result<u64, StorageError>>;
-    /// Deletes a row and its refresh-start record; false when there was no row.
+    /// Deletes a row, its refresh-start record and its proof key; false
+    /// when there was no row.
     fn delete<'a>(
         &'a self,
         provider: &'a str,
@@ -1299,13 +1300,22 @@ macro_rules! rows {
             Ok(())
         }
 
+        /// Deletes the row and its proof key (a reconnect gets a new one).
         pub async fn delete(pool: &sqlx::Pool<Db>, provider: &str, user_id: &str) -> Result<bool, StorageError> {
+            let mut tx = pool.begin().await.map_err($error)?;
+            sqlx::query("DELETE FROM tokenkeep_proof_keys WHERE provider = $1 AND user_id = $2")
+                .bind(provider)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await
+                .map_err($error)?;
             let done = sqlx::query("DELETE FROM tokenkeep_tokens WHERE provider = $1 AND user_id = $2")
                 .bind(provider)
                 .bind(user_id)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await
                 .map_err($error)?;
+            tx.commit().await.map_err($error)?;
             Ok(done.rows_affected() > 0)
         }
     };

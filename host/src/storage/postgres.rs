@@ -598,6 +598,7 @@ const BEGIN_SQL: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
 /// A row, its refresh-start record and its rescue go together.
 const DELETE_SQL: &str = "WITH s AS (DELETE FROM tokenkeep_refresh_starts \
      WHERE provider = $1 AND user_id = $2), r AS (DELETE FROM tokenkeep_rescues \
+     WHERE provider = $1 AND user_id = $2), k AS (DELETE FROM tokenkeep_proof_keys \
      WHERE provider = $1 AND user_id = $2) \
      DELETE FROM tokenkeep_tokens WHERE provider = $1 AND user_id = $2";
 

@@ -327,20 +327,13 @@ impl super::Backend for SqliteStore {
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<SealedProofKey>, StorageError>> {
         Box::pin(async move {
-            let row: Option<(String, String, String, Vec<u8>)> = sqlx::query_as(proof_keys::GET)
+            let row: Option<ProofKeyColumns> = sqlx::query_as(proof_keys::GET)
                 .bind(provider)
                 .bind(user_id)
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(error)?;
-            Ok(
-                row.map(|(provider, user_id, key_id, sealed)| SealedProofKey {
-                    provider,
-                    user_id,
-                    key_id,
-                    sealed,
-                }),
-            )
+            Ok(row.map(sealed_proof_key))
         })
     }
     fn put_proof_key<'a>(
@@ -368,24 +361,15 @@ impl super::Backend for SqliteStore {
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<SealedProofKey>, StorageError>> {
         Box::pin(async move {
-            let rows: Vec<(String, String, String, Vec<u8>)> =
-                sqlx::query_as(proof_keys::TO_RESEAL)
-                    .bind(active)
-                    .bind(&after.provider)
-                    .bind(&after.user_id)
-                    .bind(i64::from(limit))
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(error)?;
-            Ok(rows
-                .into_iter()
-                .map(|(provider, user_id, key_id, sealed)| SealedProofKey {
-                    provider,
-                    user_id,
-                    key_id,
-                    sealed,
-                })
-                .collect())
+            let rows: Vec<ProofKeyColumns> = sqlx::query_as(proof_keys::TO_RESEAL)
+                .bind(active)
+                .bind(&after.provider)
+                .bind(&after.user_id)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(error)?;
+            Ok(rows.into_iter().map(sealed_proof_key).collect())
         })
     }
     fn reseal_proof_key<'a>(
@@ -898,6 +882,18 @@ impl BackendTransaction for SqliteTransaction {
             drop(self.conn.take());
             Ok(())
         })
+    }
+}
+
+/// A proof key in [`proof_keys::GET`]'s columns.
+type ProofKeyColumns = (String, String, String, Vec<u8>);
+
+fn sealed_proof_key((provider, user_id, key_id, sealed): ProofKeyColumns) -> SealedProofKey {
+    SealedProofKey {
+        provider,
+        user_id,
+        key_id,
+        sealed,
     }
 }
 
