@@ -11,19 +11,23 @@ mod common;
 use base64::Engine as _;
 use common::{Backend, KEYS, World};
 use secrecy::{ExposeSecret, SecretString};
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
 use tokenkeep_host::dpop::ProofKey;
 use tokenkeep_host::{Clock, Error};
 use tokenkeep_testkit::devprovider::Behaviour;
-use tokenkeep_testkit::oidc_server::{OidcServer, request};
+use tokenkeep_testkit::oidc_server::{OidcServer, http, request};
 
 /// The user's provider at the server, bound with DPoP.
 fn dpop_provider(server: &OidcServer) -> String {
     format!(
         "\n[providers.oidc]\ntoken_url = \"{token}\"\nauthorization_url = \"{auth}\"\n\
+         device_authorization_url = \"{device}\"\n\
          client_id = \"{client}\"\nclient_auth = \"none\"\n\
          scopes = [\"openid\", \"offline_access\", \"read\"]\ndpop = true\n",
         token = server.url("/token"),
         auth = server.url("/auth"),
+        device = server.url("/device/auth"),
         client = server.clients.dpop.client_id,
     )
 }
@@ -212,4 +216,108 @@ async fn key_rotation_reseals_proof_keys_and_a_delete_takes_the_key_along_on_pos
         "dpop-rotation-postgres",
     )
     .await;
+}
+
+/// The thumbprint of the key the server bound `token` to (`cnf.jkt`, RFC
+/// 7662 introspection as the `client_secret_post` client).
+fn bound_to(server: &OidcServer, token: &SecretString) -> Option<String> {
+    let post = &server.clients.post;
+    let form = [
+        ("client_id", post.client_id.as_str()),
+        ("client_secret", post.client_secret.as_deref().unwrap()),
+        ("token", token.expose_secret()),
+    ];
+    let (status, body) = http(&server.url("/token/introspection"), Some(&form), None);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["active"], true, "{body}");
+    v["cnf"]["jkt"].as_str().map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn machine_tokens_and_device_connections_are_bound_too() {
+    let server = OidcServer::start(3600, None);
+    let machine = &server.clients.machine;
+    let clock = Clock::manual(common::now());
+    let mut w = World::build(
+        Backend::Sqlite,
+        "dpop-machine",
+        Behaviour::default(),
+        "",
+        clock,
+    )
+    .await;
+    w.add_config(&format!(
+        "{}\n[providers.ci]\ntoken_url = \"{}\"\ngrant = \"client-credentials\"\n\
+         client_id = \"{}\"\nclient_secret = \"{}\"\nclient_auth = \"client-secret-basic\"\n\
+         scopes = [\"read\"]\ndpop = true\n",
+        dpop_provider(&server),
+        server.url("/token"),
+        machine.client_id,
+        machine.client_secret.as_deref().unwrap(),
+    ))
+    .await;
+
+    // A machine client's first token (the host's grant) and its renewal
+    // (the component's single flight) are both bound to the row's key.
+    let first = w
+        .keeper
+        .ensure_fresh_bound("ci", "builds", 0)
+        .await
+        .unwrap();
+    let thumbprint = first.proof_key.thumbprint();
+    assert_eq!(
+        bound_to(&server, &first.grant.access_token),
+        Some(thumbprint.clone())
+    );
+    w.clock.advance(3600);
+    let renewed = w
+        .keeper
+        .ensure_fresh_bound("ci", "builds", 0)
+        .await
+        .unwrap();
+    assert_ne!(
+        renewed.grant.access_token.expose_secret(),
+        first.grant.access_token.expose_secret()
+    );
+    assert_eq!(server.grants("client_credentials"), 2, "{:?}", server.log());
+    assert_eq!(
+        bound_to(&server, &renewed.grant.access_token),
+        Some(thumbprint)
+    );
+
+    // The device flow's polls carry proofs too.
+    let mut child = w
+        .cli()
+        .args(["connect", "oidc", "bob", "--device"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first_line = lines.next().unwrap().unwrap();
+    let url = first_line
+        .strip_prefix("tokenkeep: open ")
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("no verification URL in {first_line:?}"));
+    OidcServer::user_approves(url);
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert_eq!(
+        child.wait().unwrap().code(),
+        Some(0),
+        "{rest:?}\n{:?}",
+        server.log()
+    );
+    let bob = w.keeper.ensure_fresh_bound("oidc", "bob", 0).await.unwrap();
+    let (status, body) = userinfo(
+        &server,
+        &bob.grant.access_token,
+        "DPoP",
+        Some(&bob.proof_key),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        bound_to(&server, &bob.grant.access_token),
+        Some(bob.proof_key.thumbprint())
+    );
 }
