@@ -8,8 +8,6 @@ mod common;
 
 use common::{Backend, World};
 use secrecy::ExposeSecret;
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use tokenkeep_host::grants::{Callback, Revocation};
 use tokenkeep_host::{Clock, Error};
 use tokenkeep_testkit::devprovider::Behaviour;
@@ -150,25 +148,9 @@ async fn connect_device_polls_until_the_user_approves_elsewhere() {
     let toml = user_provider(&server, "oidc", "tk-public", "client_auth = \"none\"");
     let w = world_with("connect-device", &toml).await;
 
-    let mut child = w
-        .cli()
-        .args(["connect", "oidc", "bob", "--device"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    // "tokenkeep: open URL and confirm the code CODE (expires in N s)"
-    let url = first
-        .strip_prefix("tokenkeep: open ")
-        .and_then(|rest| rest.split(' ').next())
-        .unwrap_or_else(|| panic!("no verification URL in {first:?}"));
+    let (first, code, rest) = w.connect_on_device("oidc", "bob");
     assert!(first.contains("confirm the code"), "{first}");
-    OidcServer::user_approves(url);
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "{rest:?}\n{:?}", server.log());
+    assert_eq!(code, Some(0), "{rest:?}\n{:?}", server.log());
     assert!(
         rest.iter().any(|l| l.contains("connected oidc/bob")),
         "{rest:?}"

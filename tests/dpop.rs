@@ -11,8 +11,6 @@ mod common;
 use base64::Engine as _;
 use common::{Backend, KEYS, World};
 use secrecy::{ExposeSecret, SecretString};
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use tokenkeep_host::dpop::ProofKey;
 use tokenkeep_host::{Clock, Error};
 use tokenkeep_testkit::devprovider::Behaviour;
@@ -287,27 +285,8 @@ async fn machine_tokens_and_device_connections_are_bound_too() {
     );
 
     // The device flow's polls carry proofs too.
-    let mut child = w
-        .cli()
-        .args(["connect", "oidc", "bob", "--device"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let first_line = lines.next().unwrap().unwrap();
-    let url = first_line
-        .strip_prefix("tokenkeep: open ")
-        .and_then(|rest| rest.split(' ').next())
-        .unwrap_or_else(|| panic!("no verification URL in {first_line:?}"));
-    OidcServer::user_approves(url);
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    assert_eq!(
-        child.wait().unwrap().code(),
-        Some(0),
-        "{rest:?}\n{:?}",
-        server.log()
-    );
+    let (_, code, rest) = w.connect_on_device("oidc", "bob");
+    assert_eq!(code, Some(0), "{rest:?}\n{:?}", server.log());
     let bob = w.keeper.ensure_fresh_bound("oidc", "bob", 0).await.unwrap();
     let (status, body) = userinfo(
         &server,

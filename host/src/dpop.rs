@@ -9,7 +9,7 @@
 use crate::client_assertion::SigningKey;
 use crate::error::Error;
 use crate::keyring::Keyring;
-use crate::storage::Store;
+use crate::storage::{SealedProofKey, Store};
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
@@ -231,15 +231,6 @@ const PKCS8_LEN: usize = PKCS8_HEAD.len() + 32 + PKCS8_MID.len() + 65;
 
 fn label(provider: &str) -> String {
     format!("{LABEL_PREFIX}{provider}")
-}
-
-/// A proof key as stored: sealed, bound to its row.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SealedProofKey {
-    pub provider: String,
-    pub user_id: String,
-    pub key_id: String,
-    pub sealed: Vec<u8>,
 }
 
 /// A key as stored (its ciphertext) and opened.

@@ -211,12 +211,10 @@ pub async fn send_form(
             .await
             .map(|(answer, _)| answer);
     };
-    let mut nonce = dpop.nonces.nonce(&provider.name);
-    let mut asked_once = false;
-    loop {
+    let prove = async |nonce: Option<&str>| {
         let proof = dpop
             .key
-            .proof("POST", url, None, nonce.as_deref())
+            .proof("POST", url, None, nonce)
             .map_err(RequestError::Misconfigured)?;
         let (answer, given) = post_form(
             connections,
@@ -230,13 +228,18 @@ pub async fn send_form(
         if let Some(given) = &given {
             dpop.nonces.set_nonce(&provider.name, given);
         }
-        let asks_nonce = oauth_error(&answer).as_deref() == Some("use_dpop_nonce");
-        if asks_nonce && !asked_once && given.is_some() && given != nonce {
-            asked_once = true;
-            nonce = given;
-            continue;
+        Ok::<_, RequestError>((answer, given))
+    };
+    let nonce = dpop.nonces.nonce(&provider.name);
+    let (answer, given) = prove(nonce.as_deref()).await?;
+    match given {
+        Some(given)
+            if given.as_str() != nonce.as_deref().unwrap_or_default()
+                && oauth_error(&answer).as_deref() == Some("use_dpop_nonce") =>
+        {
+            prove(Some(&given)).await.map(|(answer, _)| answer)
         }
-        return Ok(answer);
+        _ => Ok(answer),
     }
 }
 

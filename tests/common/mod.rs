@@ -283,6 +283,35 @@ impl World {
             .unwrap()
     }
 
+    /// Runs `tokenkeep connect PROVIDER USER --device`, has the oidc-provider
+    /// test server's user confirm the code it prints, and waits: the first
+    /// line (the URL and code), the exit code, and the lines after it.
+    pub fn connect_on_device(
+        &self,
+        provider: &str,
+        user: &str,
+    ) -> (String, Option<i32>, Vec<String>) {
+        use std::io::BufRead;
+        let mut child = self
+            .cli()
+            .args(["connect", provider, user, "--device"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        // "tokenkeep: open URL and confirm the code CODE (expires in N s)"
+        let url = first
+            .strip_prefix("tokenkeep: open ")
+            .and_then(|rest| rest.split(' ').next())
+            .unwrap_or_else(|| panic!("no verification URL in {first:?}"));
+        tokenkeep_testkit::oidc_server::OidcServer::user_approves(url);
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let code = child.wait().unwrap().code();
+        (first, code, rest)
+    }
+
     /// Runs the `tokenkeep` binary against this world.
     pub fn cli(&self) -> std::process::Command {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tokenkeep"));

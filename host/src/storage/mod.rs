@@ -11,7 +11,6 @@ pub mod sqlite;
 
 use crate::audit;
 use crate::clock::{Clock, SharedClock};
-pub use crate::dpop::SealedProofKey;
 use crate::events;
 use crate::grant_cache::GrantCache;
 use std::future::Future;
@@ -261,6 +260,16 @@ pub struct Registration {
     pub metadata: String,
     pub client_id: String,
     pub registered_at: i64,
+}
+
+/// A row's DPoP proof key as stored: sealed by [`crate::dpop::ProofKey`],
+/// bound to its row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedProofKey {
+    pub provider: String,
+    pub user_id: String,
+    pub key_id: String,
+    pub sealed: Vec<u8>,
 }
 
 /// The registrations' SQL, the same for both databases.
